@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+XLA8 := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install demo test bench lint clean system-deps
+
+install: $(STAMP)
+
+# requirements.lock is the one source of truth for versions (the Dockerfile installs it too).
+$(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wandb/pyproject.toml integrations/mlflow/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock -r requirements-test.txt
+	$(BIN)/python -m pip install -q --no-deps -e . -e integrations/wandb -e integrations/mlflow
+	touch $(STAMP)
+
+# Chromium renders the MLflow UI in the browsing test; installed when missing and we may.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the MLflow UI test will say what is missing"; \
+	  else echo "note: chromium missing; install the Debian package 'chromium' for the MLflow UI test"; fi; }
+
+demo: install
+	$(BIN)/tracker-eval demo
+
+test: install system-deps
+	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(XLA8) $(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs bench .pytest_cache

@@ -1,0 +1,1 @@
+"""mlflow logger plug-in for tracker-eval."""

@@ -1,0 +1,1 @@
+"""wandb logger plug-in for tracker-eval."""

@@ -1,0 +1,69 @@
+"""The logger protocol: the seam between the evaluation core and every tracker.
+
+A logger receives the run's config once, then one `EvalResult` per evaluated checkpoint. The core
+never imports a tracker library; trackers implement this protocol (built-ins here, W&B and MLflow
+as plug-ins under ``integrations/``).
+
+    class PrintLogger:
+        name = "print"
+        def log_config(self, config): ...
+        def log_result(self, result): print(result.step, dict(result.metrics))
+        def flush(self): ...
+        def close(self): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from tracker_eval.result import EvalResult
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """A destination for evaluation results.
+
+    Contract:
+      * ``log_result`` may buffer; a result counts as delivered only after a following
+        ``flush`` returned without error (the outbox marks it delivered then, not before).
+      * ``log_result`` for a step the destination already holds must not add a second point:
+        a crash between delivery and the ledger's acknowledgement makes re-sends possible.
+      * ``close`` releases resources and implies ``flush``; it is called exactly once.
+    """
+
+    name: str
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Records the (secret-free) eval config and provenance once per run."""
+
+    def log_result(self, result: EvalResult) -> None:
+        """Sends one evaluation result."""
+
+    def flush(self) -> None:
+        """Blocks until everything sent so far is durable at the destination."""
+
+    def close(self) -> None:
+        """Flushes and releases the destination."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggerContext:
+    """What a logger factory may use besides its own options.
+
+    Attributes:
+      output_dir: tracker-eval's own output directory (default home of local files).
+      prefix: metric key prefix in trackers (``eval`` -> ``eval/loss``).
+      run_key: stable identity of this evaluation stream (checkpoint directory + config hash);
+        loggers derive deterministic run names/ids from it so restarts attach to the same run.
+      run_state: tracker state remembered across restarts (e.g. ``{"run_id": "abc"}``), loaded
+        from the ledger; a logger returns its updated state from ``run_state()`` if it has one.
+      is_primary: False on processes other than 0; loggers are only created where True.
+    """
+
+    output_dir: str
+    prefix: str = "eval"
+    run_key: str = ""
+    run_state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    is_primary: bool = True
