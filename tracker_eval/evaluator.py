@@ -1,0 +1,349 @@
+"""`ExtendedEvaluation`: the sharded, jitted evaluation whose final metrics everything reports.
+
+The surface follows `xlstm_jax.trainer.callbacks.extended_evaluation` (eval_function,
+init_eval_metrics, aggregate_metrics, eval_model, finalize_metrics, on_extended_evaluation_start
+/ _end), minus its known defects: reductions are global (exact under tensor parallelism), the step
+compiles once per shape (short last batch padded and masked), reduced metrics stay on device until
+the end, per-example rows are copied asynchronously and concatenated once, Max/Min start at -inf/
++inf, and sums are compensated so counts stay exact past 2^31.
+
+    evaluation = ExtendedEvaluation(model=adapt_model(make_model()), mesh=mesh, batch_size=64,
+                                    eval_function=eval_fn)
+    result = evaluation.evaluate(EvalState.create(apply_fn=..., params=params, step=100), loader)
+    result.metrics["loss"]
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from tracker_eval import metrics as metric_lib
+from tracker_eval.models import ModelAdapter, adapt_model
+from tracker_eval.prefetch import prefetch
+from tracker_eval.result import EvalResult
+from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, replicated
+from tracker_eval.state import EvalState
+
+LOG = logging.getLogger(__name__)
+
+EvalFunction = Callable[[Any, Callable[..., Any], Mapping[str, Any], jax.Array], tuple[Mapping[str, Any], Any]]
+ResultListener = Callable[[EvalResult], None]
+
+
+class EvalError(RuntimeError):
+    """The evaluation itself failed (user code raised, data was unusable)."""
+
+
+class ExtendedEvaluation:
+    """Evaluates an `EvalState` over a data loader on a device mesh.
+
+    Either pass `eval_function` or subclass and override `eval_function`. Results go to every
+    listener through `on_extended_evaluation_end` (the logger fan-out attaches there).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelAdapter | Callable[..., Any],
+        mesh: jax.sharding.Mesh,
+        batch_size: int,
+        eval_function: EvalFunction | None = None,
+        finalize_fn: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
+        params_sharding: str = "auto",
+        exemplary_batch: Mapping[str, Any] | None = None,
+        listeners: Iterable[ResultListener] = (),
+        progress: bool | None = None,
+        prefetch_depth: int = 2,
+    ) -> None:
+        """Builds the evaluation and its jitted step (compiled on first use, once per shape).
+
+        Args:
+          model: a `ModelAdapter` or anything `adapt_model` accepts (linen/nnx Module, apply_fn).
+          mesh: the (data, fsdp, tensor) mesh.
+          batch_size: global batch size.
+          eval_function: (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable).
+          finalize_fn: adds derived metrics from the scalar ones (e.g. perplexity = exp(loss)).
+          params_sharding: auto | replicated | fsdp placement of params on the mesh.
+          exemplary_batch: a host batch for shape inference; else the first batch is used.
+          listeners: called with each `EvalResult` at `on_extended_evaluation_end`.
+          progress: a progress bar (True), log lines (False) or auto by terminal (None).
+          prefetch_depth: host batches placed ahead of the running step.
+        """
+        self.adapter = model if isinstance(model, ModelAdapter) else adapt_model(model)
+        self.mesh = mesh
+        self.placer = BatchPlacer(mesh, global_batch_size=batch_size)
+        self._eval_fn = eval_function
+        self.finalize_fn = finalize_fn
+        self.params_sharding = params_sharding
+        self.listeners: list[ResultListener] = list(listeners)
+        self.progress = progress
+        self.prefetch_depth = prefetch_depth
+        self.state: EvalState | None = None
+        self.trace_count = 0
+        self.last_result: EvalResult | None = None
+        self._kinds: dict[str, str] | None = None
+        self._eval_metric_shapes: Any = None
+        self._context: dict[str, Any] = {}
+        self.exmp_batch = (
+            None if exemplary_batch is None else self.create_modified_exemplary_batch(exemplary_batch)
+        )
+        self.create_jitted_functions()
+
+    def create_modified_exemplary_batch(self, exmp_batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Hook to add eval-only fields to the exemplary batch; returns it unchanged by default."""
+        return exmp_batch
+
+    def eval_function(
+        self, params: Any, apply_fn: Callable[..., Any], batch: Mapping[str, Any], rng: jax.Array
+    ) -> tuple[Mapping[str, Any], Any]:
+        """Computes the metrics of one batch; override in a subclass or pass `eval_function`.
+
+        Returns:
+          (dict of `tracker_eval.metrics` kinds, mutable variables or None).
+        """
+        if self._eval_fn is None:
+            raise NotImplementedError("pass eval_function=... or override ExtendedEvaluation.eval_function")
+        return self._eval_fn(params, apply_fn, batch, rng)
+
+    def create_jitted_functions(self) -> None:
+        """Jits the eval step once; the accumulator is donated and pinned replicated.
+
+        Pinning the output shardings to the input shardings is what keeps the second batch
+        from compiling again (XLA may otherwise pick another layout for the new accumulator).
+        """
+        rep = replicated(self.mesh)
+        self.eval_step = jax.jit(
+            self.create_evaluation_step_function(),
+            donate_argnames=("metrics",),
+            out_shardings=(rep, batch_sharding(self.mesh)),
+        )
+
+    def create_evaluation_step_function(self) -> Callable[..., Any]:
+        """The (un-jitted) step: one batch's metrics folded into the device accumulator."""
+
+        def eval_step(
+            params: Any,
+            mutable: Any,
+            metrics: dict[str, dict[str, jax.Array]],
+            batch: Mapping[str, jax.Array],
+            mask: jax.Array,
+            rng: jax.Array,
+            batch_index: jax.Array,
+        ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array]]:
+            self.trace_count += 1  # runs at trace time only: counts compilations of the step
+            batch_metrics = self._batch_metrics(params, mutable, batch, jax.random.fold_in(rng, batch_index))
+            new = {name: metric_lib.update_state(metrics[name], m, mask) for name, m in batch_metrics.items()}
+            rows = {name: m.values for name, m in batch_metrics.items() if isinstance(m, metric_lib.PerExample)}
+            return new, rows
+
+        return eval_step
+
+    def _batch_metrics(self, params: Any, mutable: Any, batch: Any, rng: jax.Array) -> Mapping[str, Any]:
+        out = self.eval_function(params, self.adapter.bind(mutable), batch, rng)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("eval_function must return a pair (metrics dict, mutable variables or None)")
+        return metric_lib.check_metrics(out[0])
+
+    def init_eval_metrics(
+        self, batch: Mapping[str, Any] | None = None, alternative_eval_step: Callable[..., Any] | None = None
+    ) -> dict[str, dict[str, jax.Array]]:
+        """Zero accumulators, shapes from `jax.eval_shape` (no compile, no extra step).
+
+        Args:
+          batch: a placed global batch; defaults to the exemplary batch.
+          alternative_eval_step: a function (params, mutable, batch, rng) -> metrics dict to infer
+            the metric structure from instead of `eval_function`.
+        """
+        state = self._require_state()
+        if self._eval_metric_shapes is None:
+            if batch is None:
+                if self.exmp_batch is None:
+                    raise EvalError("no batch to infer metric shapes from: pass exemplary_batch or a batch")
+                batch, _, _ = self.placer.place(self.exmp_batch)
+            fn = alternative_eval_step or self._batch_metrics
+            self._eval_metric_shapes = jax.eval_shape(fn, state.params, state.mutable_variables, batch, state.rng)
+            self._kinds = metric_lib.kinds_of(self._eval_metric_shapes)
+        zeros = {name: metric_lib.init_state(m) for name, m in self._eval_metric_shapes.items()}
+        return jax.device_put(zeros, replicated(self.mesh))
+
+    def aggregate_metrics(
+        self, aggregated_metrics: Mapping[str, Any], eval_metrics: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Host-side merge of a fetched accumulator (and per-example rows) into `aggregated_metrics`.
+
+        Runs once per `eval_model` (not per batch); merging again combines several loaders.
+        """
+        kinds = self._kinds or {}
+        out = {name: dict(value) for name, value in aggregated_metrics.items()}
+        for name, state in metric_lib.host_state(eval_metrics.get("reduced", {})).items():
+            out[name] = metric_lib.merge_host(kinds[name], out.get(name), state)
+        for name, rows in eval_metrics.get("per_example", {}).items():
+            previous = out.get(name, {}).get("rows")
+            out[name] = {"rows": rows if previous is None else np.concatenate([previous, rows])}
+        return out
+
+    def finalize_metrics(self, aggregated_metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Final numbers: scalars as Python numbers, per-example metrics as arrays, derived added."""
+        kinds = self._kinds or {}
+        final: dict[str, Any] = {}
+        for name, state in aggregated_metrics.items():
+            if kinds.get(name) == "PerExample":
+                final[name] = state["rows"]
+            else:
+                final[name] = metric_lib.finalize_value(kinds[name], state)
+        if self.finalize_fn is not None:
+            scalars = {k: v for k, v in final.items() if not isinstance(v, np.ndarray)}
+            final.update(self.finalize_fn(dict(scalars)))
+        return final
+
+    def eval_model(self, data_loader: Iterable[Mapping[str, Any]], mode: str = "test", epoch_idx: int = 0) -> dict[str, Any]:
+        """Evaluates the current state over `data_loader` and returns the final metrics.
+
+        Calls `on_extended_evaluation_start` before and `on_extended_evaluation_end` after.
+
+        Raises:
+          EvalError: the loader yielded nothing.
+        """
+        state = self._require_state()
+        self.on_extended_evaluation_start()
+        start = time.perf_counter()
+        traces_before = self.trace_count
+        accumulator = None
+        pending_rows: list[tuple[dict[str, jax.Array], np.ndarray]] = []
+        batches = prefetch(data_loader, self.placer.place, depth=self.prefetch_depth)
+        count = 0
+        for count, (batch, mask, host_mask) in enumerate(self._progress(batches, mode), start=1):
+            if accumulator is None:
+                accumulator = self.init_eval_metrics(batch)
+            accumulator, rows = self.eval_step(
+                state.params, state.mutable_variables, accumulator, batch, mask, state.rng, np.int32(count - 1)
+            )
+            if rows:
+                for leaf in rows.values():
+                    leaf.copy_to_host_async()  # overlaps with the next batches' compute
+                pending_rows.append((rows, host_mask))
+        if accumulator is None:
+            raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
+        reduced = jax.device_get(accumulator)  # the one device-to-host transfer of reduced metrics
+        per_example = self._collect_rows(pending_rows)
+        aggregated = self.aggregate_metrics({}, {"reduced": reduced, "per_example": per_example})
+        final = self.finalize_metrics(aggregated)
+        self._context["eval_wall_s"] = time.perf_counter() - start
+        self._context["batches"] = count
+        self._context["step_compiles"] = self.trace_count - traces_before
+        self.on_extended_evaluation_end(final)
+        return final
+
+    def evaluate(
+        self,
+        state: EvalState,
+        data_loader: Iterable[Mapping[str, Any]],
+        *,
+        checkpoint: str = "",
+        provenance: Mapping[str, Any] | None = None,
+    ) -> EvalResult:
+        """Sets the state, runs `eval_model`, and returns the `EvalResult` handed to listeners."""
+        self.set_state(state)
+        self._context = {"checkpoint": checkpoint, "provenance": dict(provenance or {})}
+        self.eval_model(data_loader)
+        assert self.last_result is not None  # set by on_extended_evaluation_end
+        return self.last_result
+
+    def set_state(self, state: EvalState) -> None:
+        """Places params and mutable collections on the mesh (no copy where already placed)."""
+        params = place_params(state.params, self.mesh, rule=self.params_sharding)
+        mutable = state.mutable_variables
+        if mutable is not None:
+            mutable = jax.device_put(mutable, replicated(self.mesh))
+        rng = jax.device_put(state.rng, replicated(self.mesh))
+        self.state = state.replace(params=params, mutable_variables=mutable, rng=rng)
+
+    def on_extended_evaluation_start(self) -> None:
+        """Hook called before the first batch."""
+
+    def on_extended_evaluation_end(self, final_metrics: Mapping[str, Any]) -> None:
+        """Builds the `EvalResult` and hands it to every listener.
+
+        A raising listener is logged and does not stop the others; fan-out with deadlines and
+        retries lives in the logger layer, which attaches here as one listener.
+        """
+        state = self._require_state()
+        scalars = {k: v for k, v in final_metrics.items() if not isinstance(v, np.ndarray)}
+        per_example = {k: v for k, v in final_metrics.items() if isinstance(v, np.ndarray)}
+        provenance = {**self.base_provenance(), **self._context.get("provenance", {})}
+        for key in ("eval_wall_s", "batches", "step_compiles"):
+            if key in self._context:
+                provenance[key] = self._context[key]
+        self.last_result = EvalResult(
+            step=int(state.step),
+            checkpoint=self._context.get("checkpoint", ""),
+            metrics=scalars,
+            per_example=per_example,
+            provenance=provenance,
+        )
+        for listener in self.listeners:
+            try:
+                listener(self.last_result)
+            except Exception as error:  # noqa: BLE001 - one listener must not stop the others
+                LOG.warning("result listener %r failed: %s", listener, error)
+
+    def base_provenance(self) -> dict[str, Any]:
+        """Versions, mesh and host: what makes a number reproducible."""
+        import flax  # noqa: PLC0415
+
+        import tracker_eval  # noqa: PLC0415
+
+        return {
+            "tracker_eval_version": tracker_eval.__version__,
+            "jax_version": jax.__version__,
+            "flax_version": flax.__version__,
+            "mesh_shape": dict(self.mesh.shape),
+            "process_count": jax.process_count(),
+            "host": socket.gethostname(),
+            "global_batch_size": self.placer.batch_size,
+        }
+
+    def _collect_rows(self, pending: list[tuple[dict[str, jax.Array], np.ndarray]]) -> dict[str, np.ndarray]:
+        """Concatenates this process's real per-example rows once, in dataset order."""
+        if not pending:
+            return {}
+        names = pending[0][0].keys()
+        return {
+            name: np.concatenate([_local_rows(rows[name])[host_mask] for rows, host_mask in pending])
+            for name in names
+        }
+
+    def _progress(self, batches: Iterable[Any], mode: str) -> Iterable[Any]:
+        interactive = sys.stdout.isatty() if self.progress is None else self.progress
+        if interactive and jax.process_index() == 0:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            return tqdm(batches, desc=mode.capitalize(), unit="batch", leave=False)
+        return batches
+
+    def _require_state(self) -> EvalState:
+        if self.state is None:
+            raise EvalError("no state to evaluate: call set_state(EvalState...) or evaluate(state, loader)")
+        return self.state
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global row order.
+
+    Shards replicated over other mesh axes are taken once. In a single process these are all rows.
+    """
+    seen: dict[int, np.ndarray] = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        if start not in seen:
+            seen[start] = np.asarray(shard.data)
+    return np.concatenate([seen[k] for k in sorted(seen)])
+

@@ -1,0 +1,92 @@
+"""Adapts the user's model factory (linen Module, nnx Module or apply_fn) to one calling shape.
+
+Every eval function calls `apply_fn({"params": params}, *inputs)`, whichever kind the model is:
+
+    adapter = adapt_model(make_model())
+    logits = adapter.bind(mutable)({"params": params}, x)
+
+For nnx the params are a pure dict (`nnx.state(model, nnx.Param).to_pure_dict()`, the form that
+checkpoints hold), merged back into the module's graph inside the traced function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAdapter:
+    """A model as a pure function of its variables.
+
+    Attributes:
+      kind: "linen", "nnx" or "function".
+      apply_fn: (variables, *args, **kwargs) -> outputs.
+      module: the original module (None for plain functions).
+    """
+
+    kind: str
+    apply_fn: Callable[..., Any]
+    module: Any = None
+
+    def bind(self, mutable: Mapping[str, Any] | None) -> Callable[..., Any]:
+        """apply_fn with the mutable collections (e.g. batch_stats) merged into its variables.
+
+        Called inside the jitted step, so `mutable` is traced, never baked in as a constant.
+        """
+        if not mutable:
+            return self.apply_fn
+
+        def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+            return self.apply_fn({**mutable, **variables}, *args, **kwargs)
+
+        return apply
+
+
+def adapt_model(model: Any) -> ModelAdapter:
+    """Wraps what the model factory returned.
+
+    Raises:
+      TypeError: for anything that is not a linen Module, an nnx Module or a callable.
+    """
+    from flax import linen as nn, nnx  # noqa: PLC0415
+
+    if isinstance(model, nn.Module):
+        return ModelAdapter(kind="linen", apply_fn=model.apply, module=model)
+    if isinstance(model, nnx.Module):
+        return ModelAdapter(kind="nnx", apply_fn=_nnx_apply(model), module=model)
+    if callable(model):
+        return ModelAdapter(kind="function", apply_fn=model)
+    raise TypeError(
+        f"model factory returned a {type(model).__name__}; return a flax.linen Module, a flax.nnx "
+        "Module or an apply_fn(variables, *inputs)"
+    )
+
+
+def _nnx_apply(model: Any) -> Callable[..., Any]:
+    from flax import nnx  # noqa: PLC0415
+
+    graphdef, params_template, rest_template = nnx.split(model, nnx.Param, ...)
+
+    def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        params = jax.tree.map(lambda x: x, params_template)
+        params.replace_by_pure_dict(variables["params"])
+        rest = jax.tree.map(lambda x: x, rest_template)
+        others = {k: v for k, v in variables.items() if k != "params"}
+        for collection in others.values():
+            rest.replace_by_pure_dict(collection)
+        module = nnx.merge(graphdef, params, rest)
+        module.eval()
+        return module(*args, **kwargs)
+
+    return apply
+
+
+def nnx_params(model: Any) -> dict[str, Any]:
+    """The pure-dict params of an nnx module (what to save in a checkpoint)."""
+    from flax import nnx  # noqa: PLC0415
+
+    return nnx.state(model, nnx.Param).to_pure_dict()

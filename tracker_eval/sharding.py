@@ -1,0 +1,184 @@
+"""Device mesh from the config, batch placement with padding and mask, and params placement.
+
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2))
+    placer = BatchPlacer(mesh, global_batch_size=64)
+    batch, mask, host_mask = placer.place({"x": x_np, "y": y_np})  # short batches padded, masked
+    params = place_params(params, mesh, rule="fsdp")
+
+The global batch is split over (data, fsdp); a batch size not divisible by that is padded up to
+the next multiple instead of failing, and the padding rows are masked out of every metric.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tracker_eval.config import MeshConfig
+from tracker_eval.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(config: MeshConfig, *, device_count: int) -> tuple[int, int, int]:
+    """Resolves -1 in the mesh config against `device_count`.
+
+    Raises:
+      ConfigError: when the sizes do not fit the available devices.
+    """
+    sizes = [config.data, config.fsdp, config.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % fixed:
+            raise ConfigError(
+                f"mesh {dict(zip(AXES, sizes))} cannot fill {device_count} devices: "
+                f"{device_count} is not divisible by {fixed}; change the mesh sizes"
+            )
+        sizes[sizes.index(-1)] = device_count // fixed
+    if math.prod(sizes) > device_count:
+        raise ConfigError(
+            f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but only {device_count} "
+            "are available; make the mesh smaller or use -1 for one axis"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(config: MeshConfig, *, devices: list[Any] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh; a mesh smaller than the device count uses the first devices.
+
+    Auto axis types are used on purpose: Explicit ones (jax's default in 0.10) break ordinary
+    GSPMD model code such as nnx.Embed.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(config, device_count=len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+    if math.prod(shape) == len(devices):
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), AXES, axis_types=auto)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp, replicated over tensor."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, *, rule: str) -> NamedSharding:
+    """Sharding of one parameter under `rule`.
+
+    `fsdp` shards the largest axis divisible by the fsdp size (small or indivisible params stay
+    replicated); `replicated` copies every param to every device.
+    """
+    fsdp = mesh.shape["fsdp"]
+    if rule == "auto":
+        rule = "fsdp" if fsdp > 1 else "replicated"
+    if rule == "replicated" or fsdp == 1:
+        return replicated(mesh)
+    if rule != "fsdp":
+        raise ConfigError(f"params_sharding {rule!r} is not one of auto, replicated, fsdp")
+    candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
+    if not candidates:
+        return replicated(mesh)
+    _, axis = max(candidates)
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return NamedSharding(mesh, P(*spec))
+
+
+def shardings_for(tree: Any, mesh: Mesh, *, rule: str) -> Any:
+    """Tree of shardings for a tree of arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda leaf: param_sharding(tuple(leaf.shape), mesh, rule=rule), tree)
+
+
+def place_params(tree: Any, mesh: Mesh, *, rule: str) -> Any:
+    """Places params on the mesh; leaves already there with the right sharding are not copied."""
+    shardings = shardings_for(tree, mesh, rule=rule)
+
+    def place(leaf: Any, sharding: NamedSharding) -> Any:
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(place, tree, shardings)
+
+
+class BatchPlacer:
+    """Turns host batches (this process's slice) into global, padded, masked device arrays."""
+
+    def __init__(self, mesh: Mesh, *, global_batch_size: int) -> None:
+        self.mesh = mesh
+        self.sharding = batch_sharding(mesh)
+        self.mask_sharding = self.sharding
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        # Pad the global batch up to a multiple of the batch shards (and of the process count),
+        # so every batch, the short last one included, has one shape: one compile.
+        unit = math.lcm(shards, jax.process_count())
+        self.global_rows = -(-global_batch_size // unit) * unit
+        self.local_rows = self.global_rows // jax.process_count()
+        self.batch_size = global_batch_size
+        self._full_mask: jax.Array | None = None
+
+    def place(self, batch: Mapping[str, Any]) -> tuple[dict[str, jax.Array], jax.Array, np.ndarray]:
+        """Returns (global batch, device example mask, this process's host mask) for one batch.
+
+        Raises:
+          ValueError: when the batch has more rows than this process's slice, or ragged arrays.
+        """
+        if not isinstance(batch, Mapping) or not batch:
+            raise ValueError(f"data must yield non-empty dicts of arrays, got {type(batch).__name__}")
+        if all(isinstance(v, jax.Array) and v.shape[:1] == (self.global_rows,) for v in batch.values()):
+            # Already global and full: placed by the caller, nothing to copy or mask.
+            placed = {k: v if v.sharding.is_equivalent_to(self.sharding, v.ndim) else jax.device_put(v, self.sharding)
+                      for k, v in batch.items()}
+            return placed, self.full_mask(), np.ones(self.local_rows, bool)
+        arrays = {k: np.asarray(v) for k, v in batch.items()}
+        rows = {k: a.shape[0] if a.ndim else None for k, a in arrays.items()}
+        counts = set(rows.values())
+        if len(counts) != 1 or None in counts:
+            raise ValueError(f"batch arrays must share their leading (batch) axis, got leading sizes {rows}")
+        n = counts.pop()
+        if n > self.local_rows:
+            raise ValueError(
+                f"data yielded a batch of {n} rows but this process's slice of batch_size="
+                f"{self.batch_size} is at most {self.local_rows}; yield batch_size // process_count rows"
+            )
+        mask = np.arange(self.local_rows) < n
+        padded = {k: _pad_rows(a, self.local_rows) for k, a in arrays.items()}
+        return self._to_global(padded), self._to_global_one(mask), mask
+
+    def full_mask(self) -> jax.Array:
+        if self._full_mask is None:
+            self._full_mask = self._to_global_one(np.ones(self.local_rows, bool))
+        return self._full_mask
+
+    def _to_global(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: self._to_global_one(a) for k, a in arrays.items()}
+
+    def _to_global_one(self, local: np.ndarray) -> jax.Array:
+        if jax.process_count() == 1:
+            return jax.device_put(local, self.sharding)
+        global_shape = (self.global_rows,) + local.shape[1:]
+        return jax.make_array_from_process_local_data(self.sharding, local, global_shape)
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """Pads the leading axis to `rows` by repeating the last real row (zeros if there is none).
+
+    Repeating a real row keeps padding inputs in-distribution, so eval functions that take logs
+    or divide do not produce NaN/Inf on padding (which the mask would drop anyway).
+    """
+    n = array.shape[0]
+    if n == rows:
+        return array
+    if n == 0:
+        return np.zeros((rows,) + array.shape[1:], array.dtype)
+    return np.concatenate([array, np.repeat(array[-1:], rows - n, axis=0)], axis=0)
