@@ -1,0 +1,78 @@
+"""JSONL logger: whole lines, npz references, idempotency, tolerance of a torn last line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.loggers.console import ConsoleLogger
+from tracker_eval.loggers.jsonl import JsonlLogger, load_per_example, read_jsonl
+from tracker_eval.result import EvalResult
+
+
+def _result(step: int, checkpoint: str | None = None) -> EvalResult:
+    return EvalResult(
+        step=step,
+        checkpoint=checkpoint or f"/ckpt/{step}",
+        metrics={"loss": step / 8, "acc": float("nan")},
+        per_example={"loss": np.arange(5, dtype=np.float32) + step},
+        provenance={"config_hash": "abc"},
+        time=1000.0 + step,
+    )
+
+
+def test_lines_and_npz_reference(tmp_path):
+    logger = JsonlLogger(context=LoggerContext(output_dir=str(tmp_path)))
+    logger.log_result(_result(300))
+    logger.log_result(_result(100))
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert set(first) == {"step", "checkpoint", "metrics", "provenance", "time", "per_example"}
+    assert first["step"] == 300 and first["metrics"]["loss"] == 37.5 and first["metrics"]["acc"] is None
+    arrays = load_per_example(tmp_path / "metrics.jsonl", first)
+    np.testing.assert_array_equal(arrays["loss"], np.array([300, 301, 302, 303, 304], dtype=np.float32))
+    assert (tmp_path / first["per_example"]).exists()
+
+
+def test_idempotent_across_reopen(tmp_path):
+    context = LoggerContext(output_dir=str(tmp_path))
+    logger = JsonlLogger(context=context)
+    logger.log_result(_result(1))
+    logger.log_result(_result(1))
+    logger.close()
+    logger = JsonlLogger(context=context)
+    logger.log_result(_result(1))
+    logger.log_result(_result(1, checkpoint="in-training"))
+    logger.log_result(_result(2))
+    logger.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["checkpoint"]) for r in records] == [(1, "/ckpt/1"), (1, "in-training"), (2, "/ckpt/2")]
+
+
+def test_torn_last_line_is_tolerated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"step": 5, "checkpoint": "/ckpt/5", "metrics": {}, "provenance": {}, "time": 1.0})
+    path.write_text(good + "\n" + '{"step": 6, "checkpoint": "/ck')  # a crash mid-line
+    assert [r["step"] for r in read_jsonl(path)] == [5]
+    logger = JsonlLogger(context=LoggerContext(output_dir=str(tmp_path)))
+    logger.log_result(_result(5))  # already present: not written again
+    logger.log_result(_result(6))
+    logger.close()
+    records = read_jsonl(path)
+    assert [r["step"] for r in records] == [5, 6]
+    assert path.read_bytes().endswith(b"\n")
+
+
+def test_console_table(capsys):
+    logger = ConsoleLogger(context=LoggerContext(output_dir="."))
+    logger.log_result(_result(300))
+    out = capsys.readouterr().out
+    assert "eval step 300 (/ckpt/300)" in out
+    assert "37.5" in out and "nan" in out
+    assert "per_example/loss" in out and "n=5" in out and f"mean={302.0:.4g}" in out
+    assert not math.isnan(302.0)

@@ -1,0 +1,354 @@
+"""Fan-out of evaluation results to several loggers, each isolated on its own worker thread.
+
+One worker per logger keeps that logger's order; every call is bounded by a deadline; a raising or
+hanging logger never blocks the others or the caller. Two uses:
+
+    fanout = FanOut(loggers, deadline_s=60)
+    fanout.submit(result)              # returns at once: evaluation never waits on trackers
+    outcomes = fanout.wait(timeout=30)   # {name: None | LoggerError}
+    # or, for the outbox: log_result + flush per logger, success only after flush succeeded
+    outcomes = fanout.deliver(result, logger_names=["mlflow"], deadline_s=60)
+    fanout.close()                     # closes every logger, then raises the first error
+
+A logger whose call ran past its deadline is *busy*: further calls to it are skipped and reported
+as failed until its worker returns, so a hung tracker costs one thread, not the evaluation.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from tracker_eval.loggers.base import Logger
+from tracker_eval.result import EvalResult
+
+_log = logging.getLogger(__name__)
+
+
+class LoggerError(RuntimeError):
+    """One logger call that failed, timed out or was skipped.
+
+    Attributes:
+      logger: the logger's name.
+      operation: ``log_config``, ``log_result``, ``flush``, ``deliver``, ``set_summary`` or ``close``.
+      step: the result's step where there is one.
+      reason: a one-line reason (never contains secrets we hold; trackers' own messages pass through).
+    """
+
+    def __init__(self, logger: str, operation: str, reason: str, *, step: int | None = None) -> None:
+        where = f" of step {step}" if step is not None else ""
+        super().__init__(f"logger {logger!r}: {operation}{where} failed: {reason}")
+        self.logger = logger
+        self.operation = operation
+        self.step = step
+        self.reason = reason
+
+
+class FanOutError(RuntimeError):
+    """Raised by `FanOut.close` after every logger was closed, when at least one failed.
+
+    Attributes:
+      failures: every failure by logger name; the first one is also the ``__cause__``.
+    """
+
+    def __init__(self, failures: Mapping[str, Exception]) -> None:
+        listed = "; ".join(str(e) for e in failures.values())
+        super().__init__(f"{len(failures)} logger(s) failed to close: {listed}")
+        self.failures = dict(failures)
+
+
+@dataclasses.dataclass
+class _Task:
+    operation: str
+    fn: Callable[[], Any]
+    step: int | None
+    deadline_s: float
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    started: float | None = None
+
+
+class _Worker:
+    """A thread that runs one logger's calls in order."""
+
+    def __init__(self, logger: Logger, *, max_queue: int) -> None:
+        self.logger = logger
+        self.name = str(logger.name)
+        self._queue: queue.Queue[_Task | None] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self._current: _Task | None = None
+        self._timed_out: _Task | None = None
+        self._thread = threading.Thread(target=self._run, name=f"tracker-eval-logger-{self.name}", daemon=True)
+        self._thread.start()
+
+    def busy_reason(self, now: float) -> str | None:
+        """Why this worker must be skipped now, or None if it may take calls."""
+        with self._lock:
+            task = self._timed_out or self._current
+            if task is None or task.started is None:
+                return None
+            running = now - task.started
+            if self._timed_out is not None or running > task.deadline_s:
+                self._timed_out = task
+                return f"busy: its {task.operation} has been running {running:.1f} s (deadline {task.deadline_s:g} s)"
+        return None
+
+    def mark_timed_out(self, task: _Task) -> None:
+        """Marks the worker busy because ``task`` did not finish in time; drops it if not started."""
+        if task.future.cancel():
+            return
+        with self._lock:
+            if not task.future.done():
+                self._timed_out = task
+
+    def put(self, task: _Task) -> None:
+        reason = self.busy_reason(time.monotonic())
+        if reason is not None:
+            task.future.set_exception(LoggerError(self.name, task.operation, reason, step=task.step))
+            return
+        try:
+            self._queue.put_nowait(task)
+        except queue.Full:
+            task.future.set_exception(
+                LoggerError(self.name, task.operation, f"queue full ({self._queue.maxsize} calls waiting)", step=task.step)
+            )
+
+    def stop(self) -> None:
+        """Asks the thread to end after the calls already queued (non-blocking)."""
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # a thread that far behind is a daemon; it dies with the process
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                task.started = time.monotonic()
+                self._current = task
+            try:
+                value = task.fn()
+            except BaseException as e:  # a logger must never kill its worker
+                task.future.set_exception(
+                    LoggerError(self.name, task.operation, f"{type(e).__name__}: {e}", step=task.step)
+                )
+            else:
+                task.future.set_result(value)
+            finally:
+                with self._lock:
+                    self._current = None
+                    if self._timed_out is task:
+                        self._timed_out = None
+
+
+class FanOut:
+    """Sends results to several loggers concurrently, one ordered worker per logger.
+
+    Args:
+      loggers: loggers with unique ``name`` attributes.
+      deadline_s: default bound on each logger call (and on ``deliver``).
+      max_queue: calls that may wait per logger before further submits are reported as failed.
+      on_error: called (on the caller's thread, inside ``wait``/``flush``/``deliver``) with each
+        failure; by default failures are logged as warnings.
+
+    Raises:
+      ValueError: two loggers share a name.
+    """
+
+    def __init__(
+        self,
+        loggers: Sequence[Logger],
+        *,
+        deadline_s: float = 60.0,
+        max_queue: int = 1000,
+        on_error: Callable[[LoggerError], None] | None = None,
+    ) -> None:
+        names = [str(logger.name) for logger in loggers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"logger names must be unique, got {duplicates} more than once; set 'name:' in the spec")
+        self.deadline_s = float(deadline_s)
+        self._workers = {w.name: w for w in (_Worker(logger, max_queue=max_queue) for logger in loggers)}
+        self._pending: dict[str, collections.deque[_Task]] = {name: collections.deque() for name in self._workers}
+        self._pending_lock = threading.Lock()
+        self._on_error = on_error or (lambda e: _log.warning("%s", e))
+        self._closed = False
+
+    @property
+    def names(self) -> list[str]:
+        """Logger names in construction order."""
+        return list(self._workers)
+
+    @property
+    def loggers(self) -> dict[str, Logger]:
+        """Loggers by name."""
+        return {name: w.logger for name, w in self._workers.items()}
+
+    def busy(self) -> dict[str, str]:
+        """Loggers currently skipped because a call ran past its deadline, with the reason."""
+        now = time.monotonic()
+        return {n: r for n, w in self._workers.items() if (r := w.busy_reason(now)) is not None}
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Queues ``log_config`` on every logger (returns at once; outcomes come with ``wait``)."""
+        for worker in self._workers.values():
+            self._enqueue(worker, "log_config", lambda lg=worker.logger: lg.log_config(config), step=None)
+
+    def submit(self, result: EvalResult) -> None:
+        """Queues ``log_result`` on every logger and returns at once."""
+        self._check_open()
+        for worker in self._workers.values():
+            self._enqueue(worker, "log_result", lambda lg=worker.logger: lg.log_result(result), step=result.step)
+
+    def set_summary(self, values: Mapping[str, Any]) -> None:
+        """Queues ``set_summary(values)`` on loggers that have it (best-checkpoint tracking)."""
+        for worker in self._workers.values():
+            method = getattr(worker.logger, "set_summary", None)
+            if callable(method):
+                self._enqueue(worker, "set_summary", lambda m=method: m(dict(values)), step=None)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Exception | None]:
+        """Waits for every queued call and reports each logger's first failure since the last wait.
+
+        Args:
+          timeout: overall seconds to wait; None waits for each call's own deadline at most.
+
+        Returns:
+          ``{name: None}`` when all its calls succeeded, else the first `LoggerError` (a call
+          still running when the time is up counts as a timeout and marks the logger busy).
+        """
+        with self._pending_lock:
+            pending = {name: list(tasks) for name, tasks in self._pending.items()}
+            for tasks in self._pending.values():
+                tasks.clear()
+        return self._collect(pending, timeout=timeout)
+
+    def flush(self, timeout: float | None = None) -> dict[str, Exception | None]:
+        """Queues ``flush`` on every logger after what is queued, then waits like `wait`."""
+        for worker in self._workers.values():
+            self._enqueue(worker, "flush", worker.logger.flush, step=None)
+        return self.wait(timeout)
+
+    def deliver(
+        self,
+        result: EvalResult,
+        logger_names: Iterable[str] | None = None,
+        *,
+        deadline_s: float | None = None,
+    ) -> dict[str, Exception | None]:
+        """Sends one result synchronously: ``log_result`` then ``flush`` on each logger, concurrently.
+
+        Args:
+          result: the result to deliver.
+          logger_names: the loggers to deliver to (default all); unknown names are an error.
+          deadline_s: overall bound for this call (default the fan-out's ``deadline_s``).
+
+        Returns:
+          ``{name: None}`` for each logger whose flush succeeded, else the `LoggerError`.
+
+        Raises:
+          ValueError: a name that is not one of this fan-out's loggers.
+        """
+        self._check_open()
+        names = list(self._workers) if logger_names is None else list(logger_names)
+        unknown = [n for n in names if n not in self._workers]
+        if unknown:
+            raise ValueError(f"unknown logger name(s) {unknown}; loggers here: {', '.join(self._workers)}")
+        deadline = self.deadline_s if deadline_s is None else float(deadline_s)
+
+        def log_and_flush(logger: Logger) -> None:
+            logger.log_result(result)
+            logger.flush()
+
+        tasks = {}
+        for name in names:
+            task = _Task("deliver", lambda lg=self._workers[name].logger: log_and_flush(lg), result.step, deadline)
+            self._workers[name].put(task)
+            tasks[name] = [task]
+        return self._collect(tasks, timeout=deadline)
+
+    def run_states(self) -> dict[str, dict[str, Any]]:
+        """Tracker state to persist (e.g. ``{"wandb": {"run_id": ...}}``) from loggers that have it."""
+        states = {}
+        for name, worker in self._workers.items():
+            method = getattr(worker.logger, "run_state", None)
+            if callable(method):
+                try:
+                    states[name] = dict(method())
+                except Exception as e:  # state is advisory; a broken logger must not stop the caller
+                    self._on_error(LoggerError(name, "run_state", f"{type(e).__name__}: {e}"))
+        return states
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flushes and closes every logger (busy ones are skipped), then raises the first failure.
+
+        Args:
+          timeout: overall seconds for all closes (default the fan-out's ``deadline_s``).
+
+        Raises:
+          FanOutError: listing every logger whose close (or an earlier uncollected call) failed.
+        """
+        if self._closed:
+            return
+        close_tasks = {}
+        for name, worker in self._workers.items():
+            task = self._enqueue(worker, "close", worker.logger.close, step=None)
+            close_tasks[name] = task
+            worker.stop()
+        self._closed = True
+        outcomes = self.wait(self.deadline_s if timeout is None else timeout)
+        for worker in self._workers.values():
+            worker.join(0.5)
+        failures = {name: e for name, e in outcomes.items() if e is not None}
+        if failures:
+            raise FanOutError(failures) from next(iter(failures.values()))
+
+    def _enqueue(self, worker: _Worker, operation: str, fn: Callable[[], Any], *, step: int | None) -> _Task:
+        task = _Task(operation, fn, step, self.deadline_s)
+        with self._pending_lock:
+            self._pending[worker.name].append(task)
+        worker.put(task)
+        return task
+
+    def _collect(self, tasks: Mapping[str, list[_Task]], *, timeout: float | None) -> dict[str, Exception | None]:
+        start = time.monotonic()
+        outcomes: dict[str, Exception | None] = {}
+        for name, name_tasks in tasks.items():
+            worker = self._workers[name]
+            outcomes[name] = None
+            for task in name_tasks:
+                budget = task.deadline_s if timeout is None else timeout
+                remaining = max(0.0, start + budget - time.monotonic())
+                try:
+                    task.future.result(timeout=remaining)
+                except concurrent.futures.TimeoutError:
+                    worker.mark_timed_out(task)
+                    error: Exception = LoggerError(name, task.operation, f"no answer within {budget:g} s", step=task.step)
+                except concurrent.futures.CancelledError:
+                    error = LoggerError(name, task.operation, "cancelled before it started", step=task.step)
+                except LoggerError as e:
+                    error = e
+                else:
+                    continue
+                self._on_error(error)
+                if outcomes[name] is None:
+                    outcomes[name] = error
+        return outcomes
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this FanOut is closed; build a new one (registry.build_loggers + FanOut)")

@@ -1,0 +1,149 @@
+"""JSONL logger: one line per evaluation in ``metrics.jsonl``, per-example arrays in ``.npz`` beside it.
+
+Each line is written with one ``os.write`` on an ``O_APPEND`` descriptor and fsynced on flush, so a
+reader sees whole lines only (a crash can leave at most one unterminated last line, which
+`read_jsonl` skips). A (step, checkpoint) already in the file is not written again.
+
+    logger = JsonlLogger(JsonlLogger.Config(), context=LoggerContext(output_dir="runs/demo"), name="jsonl")
+    logger.log_result(result); logger.flush()
+    records = read_jsonl("runs/demo/metrics.jsonl")
+    arrays = load_per_example("runs/demo/metrics.jsonl", records[0])  # {"loss": array([...])}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.result import EvalResult
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlConfig:
+    """Options of ``type: jsonl``."""
+
+    path: str | None = None
+    """File to append to; null = ``<output_dir>/metrics.jsonl``; relative paths are under output_dir."""
+    per_example: bool = True
+    """Write per-example arrays to ``<stem>.per_example/step_<step>_<id>.npz`` and reference them."""
+
+
+class JsonlLogger:
+    """Appends one JSON line per result; idempotent on (step, checkpoint)."""
+
+    Config = JsonlConfig
+
+    def __init__(self, config: JsonlConfig | None = None, *, context: LoggerContext, name: str = "jsonl") -> None:
+        self.config = config or JsonlConfig()
+        self.name = name
+        path = pathlib.Path(self.config.path or "metrics.jsonl")
+        self.path = path if path.is_absolute() else pathlib.Path(context.output_dir) / path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._seen = {(r["step"], r["checkpoint"]) for r in read_jsonl(self.path)}
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # A crash mid-write can leave an unterminated last line; start ours on a fresh line.
+        self._needs_newline = _ends_without_newline(self.path)
+        self._dirty = False
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Nothing to do: the config belongs to the ledger and the run directory, not the metrics file."""
+
+    def log_result(self, result: EvalResult) -> None:
+        """Appends the result's line (and writes its .npz first); skips a (step, checkpoint) already there."""
+        key = (int(result.step), result.checkpoint)
+        if key in self._seen:
+            return
+        record = result.to_json()
+        record["per_example"] = self._write_npz(result) if self.config.per_example and result.per_example else None
+        line = json.dumps(record, sort_keys=True, allow_nan=False, default=_json_default) + "\n"
+        if self._needs_newline:
+            line = "\n" + line
+        data = line.encode()
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes); check free disk space")
+        self._needs_newline = False
+        self._dirty = True
+        self._seen.add(key)
+
+    def flush(self) -> None:
+        """Fsyncs the file, making every written line durable."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def close(self) -> None:
+        """Fsyncs and closes the file."""
+        if self._fd >= 0:
+            self.flush()
+            os.close(self._fd)
+            self._fd = -1
+
+    def _write_npz(self, result: EvalResult) -> str:
+        folder = self.path.with_name(self.path.stem + ".per_example")
+        folder.mkdir(exist_ok=True)
+        tag = hashlib.sha256(result.checkpoint.encode()).hexdigest()[:8]
+        target = folder / f"step_{int(result.step)}_{tag}.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in result.per_example.items()})
+        tmp = target.with_suffix(".npz.tmp")
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return str(target.relative_to(self.path.parent))
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads every complete record of a metrics file (missing file: empty list).
+
+    Lines that are not terminated or not valid JSON (a crash mid-write) are skipped.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for raw in path.read_bytes().split(b"\n")[:-1]:  # the part after the last newline is incomplete
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record and "checkpoint" in record:
+            records.append(record)
+    return records
+
+
+def load_per_example(path: str | os.PathLike[str], record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Loads the per-example arrays a record refers to (empty dict when it has none)."""
+    reference = record.get("per_example")
+    if not reference:
+        return {}
+    with np.load(pathlib.Path(path).parent / reference) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _ends_without_newline(path: pathlib.Path) -> bool:
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
