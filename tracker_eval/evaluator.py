@@ -169,7 +169,10 @@ class ExtendedEvaluation:
                     raise EvalError("no batch to infer metric shapes from: pass exemplary_batch or a batch")
                 batch, _, _ = self.placer.place(self.exmp_batch)
             fn = alternative_eval_step or self._batch_metrics
-            self._eval_metric_shapes = jax.eval_shape(fn, state.params, state.mutable_variables, batch, state.rng)
+            with jax.set_mesh(self.mesh):
+                self._eval_metric_shapes = jax.eval_shape(
+                    fn, state.params, state.mutable_variables, batch, state.rng
+                )
             self._kinds = metric_lib.kinds_of(self._eval_metric_shapes)
         zeros = {name: metric_lib.init_state(m) for name, m in self._eval_metric_shapes.items()}
         return jax.device_put(zeros, replicated(self.mesh))
@@ -212,8 +215,16 @@ class ExtendedEvaluation:
         Raises:
           EvalError: the loader yielded nothing.
         """
-        state = self._require_state()
         self.on_extended_evaluation_start()
+        # The mesh is in context so eval functions may constrain activations with bare
+        # PartitionSpecs (tensor parallelism), as they would inside a training step.
+        with jax.set_mesh(self.mesh):
+            final = self._eval_batches(data_loader, mode=mode, epoch_idx=epoch_idx)
+        self.on_extended_evaluation_end(final)
+        return final
+
+    def _eval_batches(self, data_loader: Iterable[Mapping[str, Any]], *, mode: str, epoch_idx: int) -> dict[str, Any]:
+        state = self._require_state()
         start = time.perf_counter()
         traces_before = self.trace_count
         accumulator = None
@@ -239,7 +250,6 @@ class ExtendedEvaluation:
         self._context["eval_wall_s"] = time.perf_counter() - start
         self._context["batches"] = count
         self._context["step_compiles"] = self.trace_count - traces_before
-        self.on_extended_evaluation_end(final)
         return final
 
     def evaluate(

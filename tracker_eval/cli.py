@@ -1,0 +1,181 @@
+"""The `tracker-eval` command line: eval, watch, status, demo.
+
+    tracker-eval eval --config eval.yaml [--step N] [--output result.json] [key=value ...]
+    tracker-eval watch --config watch.yaml [key=value ...]
+    tracker-eval status --config watch.yaml [--json]
+    tracker-eval demo
+
+Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors print one line
+(`tracker-eval: error: ...`) and no traceback (`--verbose` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tracker_eval.errors import ConfigError
+from tracker_eval.logs import configure_logging, quiet_environment
+
+LOG = logging.getLogger("tracker_eval")
+
+
+class UsageError(ConfigError):
+    """A command-line mistake (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracker-eval",
+        description="Evaluate JAX/Flax Orbax checkpoints and log the results to W&B, MLflow and friends.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show library logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,demo}")
+
+    ev = sub.add_parser("eval", help="evaluate one checkpoint (the latest finalized one by default)")
+    ev.add_argument("--config", required=True, help="YAML config file")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest finalized)")
+    ev.add_argument("--output", default=None, help="write the result as JSON to this file")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, nested keys with dots")
+
+    wa = sub.add_parser("watch", help="evaluate every new finalized checkpoint as it appears")
+    wa.add_argument("--config", required=True, help="YAML config file")
+    wa.add_argument("overrides", nargs="*", metavar="key=value")
+
+    st = sub.add_parser("status", help="per-step state of the watcher's ledger")
+    st.add_argument("--config", required=True, help="YAML config file")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--health", action="store_true", help="exit 0 only if a watcher is alive (container HEALTHCHECK)")
+    st.add_argument("overrides", nargs="*", metavar="key=value")
+
+    de = sub.add_parser("demo", help="train a small model, watch its checkpoints, log everywhere")
+    de.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
+    de.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
+    de.add_argument("--no-wandb", action="store_true", help="skip the W&B logger")
+    de.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logger")
+    de.add_argument("--in-training", action="store_true", help="evaluate every other checkpoint inside training")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        return _dispatch(args)
+    except ConfigError as error:
+        if args.verbose:
+            LOG.exception("config error")
+        print(f"tracker-eval: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tracker-eval: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence prints one line
+        if args.verbose:
+            LOG.exception("failed")
+        print(f"tracker-eval: failed: {type(error).__name__}: {_one_line(error)}"
+              + ("" if args.verbose else " (run with --verbose for details)"), file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "watch":
+        from tracker_eval.watcher import run_watch  # noqa: PLC0415
+
+        return run_watch(args.config, overrides=args.overrides)
+    if args.command == "status":
+        from tracker_eval.status import run_status  # noqa: PLC0415
+
+        return run_status(args.config, overrides=args.overrides, as_json=args.json, health=args.health)
+    if args.command == "demo":
+        from tracker_eval.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(
+            output_dir=args.output_dir,
+            steps=args.steps,
+            wandb=not args.no_wandb,
+            mlflow=not args.no_mlflow,
+            in_training=args.in_training,
+        )
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`tracker-eval eval`: one checkpoint, a table, optional JSON, fan-out to the loggers."""
+    from tracker_eval.config import load_config  # noqa: PLC0415
+
+    config = load_config(args.config, overrides=args.overrides)
+    from tracker_eval import distributed  # noqa: PLC0415
+
+    distributed.initialize(config.distributed)
+    from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
+    from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+    from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+
+    components = Components.resolve(config)
+    session = LoggerSession.open(config) if distributed.is_primary() else None
+    try:
+        step = args.step
+        if distributed.is_primary():
+            steps = finalized_steps(config.checkpoint_dir)
+            if step is None:
+                if not steps:
+                    raise UsageError(
+                        f"no finalized checkpoint in checkpoint_dir={config.checkpoint_dir!r}; "
+                        "point it at an Orbax CheckpointManager directory"
+                    )
+                step = steps[-1]
+            elif step not in steps:
+                raise UsageError(
+                    f"--step {step} is not a finalized checkpoint in {config.checkpoint_dir!r}; "
+                    f"finalized steps: {_short(steps)}"
+                )
+        step = distributed.broadcast_from_primary(step if step is not None else -1)
+        pipeline = Pipeline(config, components=components)
+        result = pipeline.evaluate_step(step)
+        if session is None:
+            return 0
+        if not session.has_console:
+            session.print_table(result)
+        if args.output:
+            _write_json(args.output, result.to_json(per_example_lists=True))
+        failures = session.deliver(result)
+        for name, error in failures.items():
+            print(f"tracker-eval: warning: logger {name!r} failed: {_one_line(error)}", file=sys.stderr)
+        return 0
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    out = {k: payload[k] for k in ("step", "checkpoint", "metrics")}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _short(steps: Sequence[int]) -> str:
+    return str(list(steps)) if len(steps) <= 10 else f"{list(steps[:5])} ... {list(steps[-5:])} ({len(steps)} in all)"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

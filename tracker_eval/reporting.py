@@ -1,0 +1,107 @@
+"""The loggers of one evaluation stream, opened from the config on process 0.
+
+    session = LoggerSession.open(config)
+    failures = session.deliver(result)      # {logger name: error} for those that failed
+    session.close()
+
+A logger that cannot even be constructed (tracker unreachable, bad credentials) is reported like
+any failing logger and left out; the others and the evaluation go on. Spec mistakes (unknown type,
+unknown option) are `ConfigError`s before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from tracker_eval.config import EvalConfig
+from tracker_eval.loggers.base import Logger, LoggerContext
+from tracker_eval.loggers.console import ConsoleLogger
+from tracker_eval.loggers.fanout import FanOut
+from tracker_eval.loggers.registry import parse_logger_specs
+from tracker_eval.result import EvalResult
+
+LOG = logging.getLogger(__name__)
+
+
+def run_key(config: EvalConfig) -> str:
+    """Identity of an evaluation stream: checkpoint directory and eval-config hash."""
+    return f"{os.path.abspath(config.checkpoint_dir)}@{config.config_hash()}"
+
+
+class LoggerSession:
+    """Constructed loggers behind one isolating fan-out, plus construction failures."""
+
+    def __init__(self, fanout: FanOut, *, failed: Mapping[str, Exception], prefix: str) -> None:
+        self.fanout = fanout
+        self.construction_failures = dict(failed)
+        self.prefix = prefix
+
+    @classmethod
+    def open(
+        cls,
+        config: EvalConfig,
+        *,
+        run_state: Mapping[str, Mapping[str, Any]] | None = None,
+        only: set[str] | None = None,
+    ) -> LoggerSession:
+        """Builds every configured logger (or those named in `only`).
+
+        Raises:
+          ConfigError: an invalid `loggers:` entry.
+        """
+        specs = parse_logger_specs(config.loggers)
+        loggers: list[Logger] = []
+        failed: dict[str, Exception] = {}
+        key = run_key(config)
+        for spec in specs:
+            if only is not None and spec.name not in only:
+                continue
+            context = LoggerContext(
+                output_dir=config.output_dir,
+                prefix=config.metric_prefix,
+                run_key=key,
+                run_state=dict((run_state or {}).get(spec.name, {})),
+            )
+            try:
+                loggers.append(spec.cls(spec.config, context=context, name=spec.name))
+            except Exception as error:  # noqa: BLE001 - one unreachable tracker must not stop the rest
+                failed[spec.name] = error
+                LOG.warning("tracker-eval: logger %r could not start: %s", spec.name, error)
+        fanout = FanOut(loggers, deadline_s=config.watch.delivery_deadline_s)
+        session = cls(fanout, failed=failed, prefix=config.metric_prefix)
+        session.fanout.log_config(config.to_dict())
+        return session
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the loggers that started."""
+        return self.fanout.names
+
+    @property
+    def has_console(self) -> bool:
+        return any(isinstance(lg, ConsoleLogger) for lg in self.fanout.loggers.values())
+
+    def print_table(self, result: EvalResult) -> None:
+        """The console table, for commands that print a result whether or not a console logger is on."""
+        ConsoleLogger(context=LoggerContext(output_dir="", prefix=self.prefix)).log_result(result)
+        sys.stdout.flush()
+
+    def deliver(self, result: EvalResult, names: list[str] | None = None) -> dict[str, Exception]:
+        """Delivers synchronously (log + flush, bounded); returns the failures by logger name."""
+        failures = {n: e for n, e in self.construction_failures.items() if names is None or n in names}
+        names = [n for n in (names or self.fanout.names) if n in self.fanout.names]
+        if names:
+            outcomes = self.fanout.deliver(result, names)
+            failures.update({n: e for n, e in outcomes.items() if e is not None})
+        return failures
+
+    def close(self) -> None:
+        """Closes every logger; close failures are warnings (results were already delivered or queued)."""
+        try:
+            self.fanout.close()
+        except Exception as error:  # noqa: BLE001
+            LOG.warning("tracker-eval: warning: closing loggers: %s", error)

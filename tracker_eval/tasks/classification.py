@@ -1,0 +1,113 @@
+"""Classification task: a small MLP on scikit-learn's bundled 8x8 digits (no download).
+
+    model: tracker_eval.tasks.classification:make_model         # flax.linen
+    model: tracker_eval.tasks.classification:make_nnx_model     # flax.nnx, same eval function
+    eval_function: tracker_eval.tasks.classification:eval_function
+    data: tracker_eval.tasks.classification:make_eval_data
+
+Metrics: loss (mean cross-entropy), accuracy, per-example loss (`example_loss`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn, nnx
+
+from tracker_eval.metrics import Mean, PerExample
+from tracker_eval.tasks.batching import process_batches
+
+NUM_CLASSES = 10
+FEATURES = 64
+
+
+class MLP(nn.Module):
+    """Two-layer perceptron."""
+
+    hidden: int = 64
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+        return nn.Dense(self.num_classes, name="out")(x)
+
+
+class NnxMLP(nnx.Module):
+    """The same perceptron in flax.nnx."""
+
+    def __init__(self, *, hidden: int = 64, num_classes: int = NUM_CLASSES, rngs: nnx.Rngs) -> None:
+        self.hidden = nnx.Linear(FEATURES, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(nnx.relu(self.hidden(x)))
+
+
+def make_model(hidden: int = 64) -> MLP:
+    """Zero-arg factory (the config's `model:`) for the linen MLP."""
+    return MLP(hidden=hidden)
+
+
+def make_nnx_model(hidden: int = 64, seed: int = 0) -> NnxMLP:
+    """Zero-arg factory for the nnx MLP; its params come from the checkpoint."""
+    return NnxMLP(hidden=hidden, rngs=nnx.Rngs(seed))
+
+
+def init_params(model: MLP, *, seed: int = 0) -> Any:
+    """Fresh params of the linen MLP (for training and tests)."""
+    return model.init(jax.random.key(seed), jnp.zeros((1, FEATURES)))["params"]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def eval_function(
+    params: Any, apply_fn: Callable[..., Any], batch: Mapping[str, jax.Array], rng: jax.Array
+) -> tuple[dict[str, Any], None]:
+    """Loss, accuracy and per-example loss of one batch."""
+    del rng
+    logits = apply_fn({"params": params}, batch["x"])
+    loss = cross_entropy(logits, batch["y"])
+    correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+    return {"loss": Mean(loss), "accuracy": Mean(correct), "example_loss": PerExample(loss)}, None
+
+
+@functools.cache
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as float32 features in [0, 1] and int32 labels, fixed shuffled order."""
+    from sklearn.datasets import load_digits as sk_load  # noqa: PLC0415 - only the tasks need sklearn
+
+    data = sk_load()
+    order = np.random.RandomState(0).permutation(len(data.target))
+    return (data.data[order] / 16.0).astype(np.float32), data.target[order].astype(np.int32)
+
+
+def split_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """train: the first 1,400 examples; validation: the remaining 397."""
+    x, y = load_digits()
+    if split == "train":
+        return x[:1400], y[:1400]
+    if split in ("validation", "test"):
+        return x[1400:], y[1400:]
+    raise ValueError(f"split {split!r} is not one of train, validation, test")
+
+
+def make_eval_data(
+    *, split: str, batch_size: int, process_index: int = 0, process_count: int = 1, limit: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """The data factory: this process's slice of each global batch of the split."""
+    x, y = split_digits(split)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return process_batches(
+        {"x": x, "y": y}, batch_size=batch_size, process_index=process_index, process_count=process_count
+    )
