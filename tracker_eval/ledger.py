@@ -1,0 +1,459 @@
+"""The durable ledger: what happened to each checkpoint step, and which logger has seen its result.
+
+One SQLite file in ``output_dir`` holds, for each evaluation stream (checkpoint directory + eval
+config hash), every step's state, its stored result, one outbox row per logger, leases, tracker run
+state and a heartbeat. Every change is one transaction, so a process killed at any instant leaves a
+consistent ledger; a crash replays delivery or (for an unfinished step) evaluation, never a stored
+result. States of a step::
+
+    pending -> evaluating -> evaluated -> delivered      (delivered: every configured logger has it)
+                        \\-> failed -> (claimed again) ... -> given_up      skipped (from any unfinished)
+
+Usage:
+
+    ledger = Ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", loggers=["console", "wandb"])
+    ledger.register([100, 200])
+    owner = make_owner_id()
+    if ledger.claim(100, owner=owner):
+        ledger.record_metrics(result, owner=owner)        # result: EvalResult of step 100
+    if ledger.claim_logger("wandb", owner=owner):
+        for step in ledger.due_deliveries("wandb"):
+            send(ledger.result(step))
+            ledger.mark_delivered(step, "wandb", owner=owner)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tracker_eval.errors import ConfigError
+from tracker_eval.lease import lease_reclaimable
+from tracker_eval.ledger_db import (
+    IllegalTransitionError,
+    LeaseLostError,
+    LedgerError,
+    read_snapshot,
+    write_transaction,
+)
+from tracker_eval.ledger_files import decode_result, decoded_metrics, encode_result, read_arrays, write_arrays
+from tracker_eval.outbox import Outbox
+from tracker_eval.result import EvalResult
+
+__all__ = ["IllegalTransitionError", "Ledger", "LedgerError", "LeaseLostError", "StepState"]
+
+_BEST_MODES = ("min", "max")
+
+
+class StepState(enum.StrEnum):
+    """The state of one checkpoint step in the ledger."""
+
+    PENDING = "pending"
+    EVALUATING = "evaluating"
+    EVALUATED = "evaluated"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retryable: claim() takes it again
+    GIVEN_UP = "given_up"  # failed max_attempts times; terminal
+    SKIPPED = "skipped"  # terminal
+
+
+_CLAIMABLE = (StepState.PENDING, StepState.FAILED)
+_STORED = (StepState.EVALUATED, StepState.DELIVERED)
+
+
+class Ledger(Outbox):
+    """Durable per-step state, stored results and per-logger outbox of one evaluation stream.
+
+    Safe to share between threads (one SQLite connection per thread) and between processes (SQLite
+    locking; claims decide who evaluates or delivers what). Delivery methods (`claim_logger`,
+    `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.outbox.Outbox`; run state and
+    heartbeat from `tracker_eval.ledger_db.LedgerStore`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        checkpoint_dir: str | os.PathLike[str],
+        config_hash: str,
+        loggers: Sequence[str] = (),
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        max_attempts: int = 3,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+        busy_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Opens (creating if needed) the ledger in `output_dir` and binds it to one stream.
+
+        Opening adds outbox rows for loggers that are new since the last run (for steps already
+        evaluated), and moves steps between evaluated and delivered to match the logger set.
+
+        Args:
+          output_dir: directory for ``ledger.sqlite`` and ``results/``; created if missing.
+          checkpoint_dir: the watched checkpoint directory (local paths are made absolute).
+          config_hash: hash of the eval config; a changed config is a new stream.
+          loggers: names of the configured loggers; a step is delivered once each of them has it.
+          best_metric: scalar metric whose best step is tracked, or None.
+          best_mode: "min" or "max": which value of `best_metric` is best.
+          max_attempts: evaluation attempts of one step (claims, including crashed ones) before it
+            is given up.
+          backoff_base_s: delay after a logger's first failed delivery; doubles per failure.
+          backoff_cap_s: longest delay between delivery attempts.
+          busy_timeout_s: how long a write waits for another process's write.
+          clock: source of unix time (tests pass a fake one).
+
+        Raises:
+          LedgerError: `output_dir` is not writable, or the ledger file cannot be opened.
+          ConfigError: an argument is out of range.
+        """
+        if best_mode not in _BEST_MODES:
+            raise ConfigError(f"best_mode={best_mode!r} is not one of {_BEST_MODES}")
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts={max_attempts} must be at least 1")
+        if not 0 < backoff_base_s <= backoff_cap_s:
+            raise ConfigError(
+                f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s} and {backoff_cap_s}"
+            )
+        super().__init__(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash,
+                         loggers=loggers, busy_timeout_s=busy_timeout_s, clock=clock)
+        self._best = (best_metric, best_mode)
+        self._max_attempts = max_attempts
+        self._backoff = (backoff_base_s, backoff_cap_s)
+        conn = self._conn()
+        with write_transaction(conn):
+            self._reconcile_loggers(conn)
+            self._reconcile_best(conn, self._stream)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def _insert_pending(self, conn: sqlite3.Connection, step: int) -> bool:
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO steps (stream_id, step, state, updated_at) VALUES (?, ?, 'pending', ?)",
+            (self._stream, int(step), self._clock()),
+        )
+        return cursor.rowcount == 1
+
+    # Evaluation: register, claim, record, fail, skip.
+
+    def register(self, steps: Iterable[int]) -> list[int]:
+        """Adds steps not yet known as pending; known steps keep their state.
+
+        Args:
+          steps: checkpoint steps, in any order (a late, lower step is simply added).
+
+        Returns:
+          The newly added steps, ascending.
+        """
+        conn = self._conn()
+        with write_transaction(conn):
+            added = [step for step in sorted({int(s) for s in steps}) if self._insert_pending(conn, step)]
+        return added
+
+    def state(self, step: int) -> StepState | None:
+        """The step's state, or None when the step is unknown."""
+        row = self._row(self._conn(), step)
+        return None if row is None else StepState(row["state"])
+
+    def steps(self, *states: StepState | str) -> list[int]:
+        """Known steps in ascending order, only those in `states` when any are given."""
+        wanted = [StepState(s).value for s in states] or [s.value for s in StepState]
+        marks = ", ".join("?" * len(wanted))
+        rows = self._conn().execute(
+            f"SELECT step FROM steps WHERE stream_id = ? AND state IN ({marks}) ORDER BY step",
+            (self._stream, *wanted),
+        )
+        return [step for (step,) in rows]
+
+    def newest_step(self) -> int | None:
+        """The highest known step, whatever its state, or None when no step is known."""
+        (newest,) = self._conn().execute(
+            "SELECT MAX(step) FROM steps WHERE stream_id = ?", (self._stream,)
+        ).fetchone()
+        return newest
+
+    def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
+        """Takes the step for evaluation: pending, retryable-failed or stale-evaluating -> evaluating.
+
+        An evaluating step is stale when its lease expired or its owner is a dead process of this
+        host. Each claim counts as an attempt; a stale step that has used up `max_attempts` (its
+        evaluations keep dying) is given up instead. An unknown step is registered first.
+
+        Args:
+          step: the checkpoint step.
+          owner: the claimant's id (`tracker_eval.lease.make_owner_id`).
+          ttl_s: lease length; `renew` before it runs out.
+
+        Returns:
+          True when `owner` now holds the step (also when it already did), False otherwise.
+        """
+        conn = self._conn()
+        now = self._clock()
+        with write_transaction(conn):
+            self._insert_pending(conn, step)
+            row = self._row(conn, step)
+            state, attempts, holder = StepState(row["state"]), row["attempts"], row["owner"]
+            if state is StepState.EVALUATING and holder == owner:
+                self._set(conn, step, lease_expires_at=now + ttl_s)
+                return True
+            stale = state is StepState.EVALUATING and lease_reclaimable(
+                holder, expires_at=row["lease_expires_at"], now=now
+            )
+            if not (state in _CLAIMABLE or stale):
+                return False
+            reason = row["reason"]
+            if stale:
+                how = "expired" if row["lease_expires_at"] <= now else "its owner died"
+                reason = f"took over from {holder}: lease {how}"
+            if state is not StepState.PENDING and attempts >= self._max_attempts:
+                self._set(conn, step, state=StepState.GIVEN_UP.value, owner=None, lease_expires_at=None,
+                          reason=f"gave up after {attempts} attempts; last: {reason}")
+                return False
+            self._set(conn, step, state=StepState.EVALUATING.value, owner=owner,
+                      lease_expires_at=now + ttl_s, attempts=attempts + 1, reason=reason)
+            return True
+
+    def renew(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
+        """Extends `owner`'s evaluation lease by `ttl_s` from now.
+
+        Returns:
+          False when `owner` no longer holds the step (stop evaluating it).
+        """
+        conn = self._conn()
+        with write_transaction(conn):
+            if not self._holds(conn, step, owner):
+                return False
+            self._set(conn, step, lease_expires_at=self._clock() + ttl_s)
+            return True
+
+    def release(self, step: int, *, owner: str) -> bool:
+        """Gives an unfinished evaluation back (e.g. on SIGTERM): evaluating -> pending.
+
+        The abandoned attempt is not counted against `max_attempts`.
+
+        Returns:
+          False when `owner` did not hold the step.
+        """
+        conn = self._conn()
+        with write_transaction(conn):
+            if not self._holds(conn, step, owner):
+                return False
+            attempts = self._row(conn, step)["attempts"]
+            self._set(conn, step, state=StepState.PENDING.value, owner=None, lease_expires_at=None,
+                      attempts=max(attempts - 1, 0))
+            return True
+
+    def _holds(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
+        # An expired lease still counts as held until someone else takes it over.
+        row = self._row(conn, step)
+        return row is not None and row["state"] == StepState.EVALUATING and row["owner"] == owner
+
+    def record_metrics(self, result: EvalResult, *, owner: str) -> bool:
+        """Stores a step's result and queues it for every configured logger, exactly once.
+
+        The per-example arrays are written durably to ``results/`` before the ledger commit.
+
+        Args:
+          result: the finalized result; `result.step` names the step.
+          owner: the claim holder.
+
+        Returns:
+          True when stored now; False when the step already had a stored result (it is kept,
+          `result(step)` returns it).
+
+        Raises:
+          LeaseLostError: `owner` does not hold the step's claim and no result is stored.
+          ValueError: the result cannot be stored (unserializable provenance, object arrays).
+        """
+        step = int(result.step)
+        conn = self._conn()
+        if not self._may_record(conn, step, owner):  # saves writing arrays that would be dropped
+            return False
+        payload = encode_result(result)
+        path = None
+        if result.per_example:
+            path = write_arrays(self._results_dir, stem=f"{step:012d}", arrays=result.per_example)
+        try:
+            with write_transaction(conn):
+                if not self._may_record(conn, step, owner):
+                    stored = False
+                else:
+                    self._store(conn, result, payload, path)
+                    stored = True
+        except BaseException:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise
+        if not stored and path is not None:
+            path.unlink(missing_ok=True)
+        return stored
+
+    def _may_record(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
+        row = self._row(conn, step)
+        if row is not None and row["state"] in _STORED:
+            return False
+        if not self._holds(conn, step, owner):
+            state = None if row is None else f"{row['state']} (holder {row['owner']})"
+            raise LeaseLostError(
+                f"step {step}: {owner} does not hold the evaluation claim (step is {state}); "
+                "claim the step before recording, and renew the lease while evaluating"
+            )
+        return True
+
+    def _store(self, conn: sqlite3.Connection, result: EvalResult, payload: str, path: Path | None) -> None:
+        step = int(result.step)
+        relative = None if path is None else os.path.relpath(path, self.output_dir)
+        state = StepState.EVALUATED if self.loggers else StepState.DELIVERED
+        self._set(conn, step, state=state.value, owner=None, lease_expires_at=None, reason=None,
+                  result_json=payload, arrays_path=relative)
+        self._queue(conn, step)
+        metric, mode = self._best
+        if metric is not None and metric in result.metrics:
+            self._offer_best(conn, self._stream, step, float(result.metrics[metric]), mode)
+
+    def mark_failed(self, step: int, reason: str, *, owner: str, max_attempts: int | None = None) -> StepState:
+        """Ends `owner`'s evaluation attempt in failure: failed (retryable) or, out of attempts, given_up.
+
+        Args:
+          step: the checkpoint step.
+          reason: what went wrong (kept for the status view).
+          owner: the claim holder.
+          max_attempts: overrides the ledger's `max_attempts` for this decision.
+
+        Returns:
+          The new state, `StepState.FAILED` or `StepState.GIVEN_UP`.
+
+        Raises:
+          LeaseLostError: `owner` does not hold the step's claim.
+        """
+        limit = self._max_attempts if max_attempts is None else max_attempts
+        conn = self._conn()
+        with write_transaction(conn):
+            if not self._holds(conn, step, owner):
+                raise LeaseLostError(f"step {step}: {owner} does not hold the claim; cannot mark it failed")
+            attempts = self._row(conn, step)["attempts"]
+            state = StepState.FAILED if attempts < limit else StepState.GIVEN_UP
+            self._set(conn, step, state=state.value, owner=None, lease_expires_at=None, reason=reason)
+            return state
+
+    def mark_skipped(self, step: int, reason: str, *, owner: str | None = None) -> None:
+        """Marks a step not to be evaluated (registering it if unknown).
+
+        Args:
+          step: the checkpoint step.
+          reason: why (kept for the status view).
+          owner: required when the step is being evaluated: only its holder may skip it.
+
+        Raises:
+          IllegalTransitionError: the step already has a stored result.
+          LeaseLostError: the step is being evaluated by someone other than `owner`.
+        """
+        conn = self._conn()
+        with write_transaction(conn):
+            self._insert_pending(conn, step)
+            row = self._row(conn, step)
+            if row["state"] in _STORED:
+                raise IllegalTransitionError(
+                    f"step {step} is {row['state']}: a stored result cannot be skipped"
+                )
+            if row["state"] == StepState.EVALUATING and row["owner"] != owner:
+                raise LeaseLostError(
+                    f"step {step} is being evaluated by {row['owner']}; only that owner may skip it"
+                )
+            self._set(conn, step, state=StepState.SKIPPED.value, owner=None, lease_expires_at=None,
+                      reason=reason)
+
+    def result(self, step: int) -> EvalResult | None:
+        """The stored result of a step, per-example arrays included, or None when none is stored."""
+        row = self._row(self._conn(), step)
+        if row is None or row["result_json"] is None:
+            return None
+        arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
+        return decode_result(row["result_json"], per_example=arrays)
+
+    # Best checkpoint.
+
+    def _offer_best(self, conn: sqlite3.Connection, stream: int, step: int, value: float, mode: str) -> None:
+        if math.isnan(value):
+            return
+        best_step, best_value = conn.execute(
+            "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (stream,)
+        ).fetchone()
+        if best_step is not None:
+            better = value < best_value if mode == "min" else value > best_value
+            # Ties go to the lower step, so the answer does not depend on evaluation order.
+            if not (better or (value == best_value and step < best_step)):
+                return
+        conn.execute(
+            "UPDATE streams SET best_step = ?, best_value = ? WHERE stream_id = ?", (step, value, stream)
+        )
+
+    def _reconcile_best(self, conn: sqlite3.Connection, stream: int) -> None:
+        metric, mode = self._best
+        stored = conn.execute(
+            "SELECT best_metric, best_mode FROM streams WHERE stream_id = ?", (stream,)
+        ).fetchone()
+        if tuple(stored) == (metric, mode if metric else None):
+            return
+        # The tracked metric changed since the last run: recompute from every stored result.
+        conn.execute(
+            "UPDATE streams SET best_metric = ?, best_mode = ?, best_step = NULL, best_value = NULL "
+            "WHERE stream_id = ?",
+            (metric, mode if metric else None, stream),
+        )
+        if metric is None:
+            return
+        rows = conn.execute(
+            "SELECT step, result_json FROM steps WHERE stream_id = ? AND result_json IS NOT NULL",
+            (stream,),
+        ).fetchall()
+        for step, payload in rows:
+            metrics = decoded_metrics(payload)
+            if metric in metrics:
+                self._offer_best(conn, stream, step, metrics[metric], mode)
+
+    def best(self) -> tuple[int, float] | None:
+        """The best step so far and its value of `best_metric` (NaN ignored), or None."""
+        best_step, best_value = self._conn().execute(
+            "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (self._stream,)
+        ).fetchone()
+        return None if best_step is None else (best_step, best_value)
+
+    # Status.
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars)
+        and deliveries (``{logger: "pending" | "delivered"}``)."""
+        conn = self._conn()
+        with read_snapshot(conn):
+            steps = conn.execute(
+                "SELECT step, state, reason, attempts, owner, result_json FROM steps "
+                "WHERE stream_id = ? ORDER BY step",
+                (self._stream,),
+            ).fetchall()
+            outbox = conn.execute(
+                "SELECT step, logger, state FROM outbox WHERE stream_id = ? ORDER BY logger", (self._stream,)
+            ).fetchall()
+        deliveries: dict[int, dict[str, str]] = {}
+        for step, logger, state in outbox:
+            deliveries.setdefault(step, {})[logger] = state
+        return [
+            {
+                "step": step,
+                "state": StepState(state),
+                "reason": reason,
+                "attempts": attempts,
+                "owner": owner,
+                "metrics": {} if payload is None else decoded_metrics(payload),
+                "deliveries": deliveries.get(step, {}),
+            }
+            for step, state, reason, attempts, owner, payload in steps
+        ]
