@@ -25,7 +25,6 @@ Usage:
 from __future__ import annotations
 
 import enum
-import math
 import os
 import sqlite3
 import time
@@ -42,6 +41,7 @@ from tracker_eval.ledger_db import (
     read_snapshot,
     write_transaction,
 )
+from tracker_eval.ledger_best import offer_best, read_best, reconcile_best
 from tracker_eval.ledger_files import decode_result, decoded_metrics, encode_result, read_arrays, write_arrays
 from tracker_eval.outbox import Outbox
 from tracker_eval.result import EvalResult
@@ -130,7 +130,7 @@ class Ledger(Outbox):
         conn = self._conn()
         with write_transaction(conn):
             self._reconcile_loggers(conn)
-            self._reconcile_best(conn, self._stream)
+            reconcile_best(conn, self._stream, metric=best_metric, mode=best_mode)
 
     def __enter__(self) -> Ledger:
         return self
@@ -317,7 +317,7 @@ class Ledger(Outbox):
         self._queue(conn, step)
         metric, mode = self._best
         if metric is not None and metric in result.metrics:
-            self._offer_best(conn, self._stream, step, float(result.metrics[metric]), mode)
+            offer_best(conn, self._stream, step=step, value=float(result.metrics[metric]), mode=mode)
 
     def mark_failed(self, step: int, reason: str, *, owner: str, max_attempts: int | None = None) -> StepState:
         """Ends `owner`'s evaluation attempt in failure: failed (retryable) or, out of attempts, given_up.
@@ -379,53 +379,9 @@ class Ledger(Outbox):
         arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
         return decode_result(row["result_json"], per_example=arrays)
 
-    # Best checkpoint.
-
-    def _offer_best(self, conn: sqlite3.Connection, stream: int, step: int, value: float, mode: str) -> None:
-        if math.isnan(value):
-            return
-        best_step, best_value = conn.execute(
-            "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (stream,)
-        ).fetchone()
-        if best_step is not None:
-            better = value < best_value if mode == "min" else value > best_value
-            # Ties go to the lower step, so the answer does not depend on evaluation order.
-            if not (better or (value == best_value and step < best_step)):
-                return
-        conn.execute(
-            "UPDATE streams SET best_step = ?, best_value = ? WHERE stream_id = ?", (step, value, stream)
-        )
-
-    def _reconcile_best(self, conn: sqlite3.Connection, stream: int) -> None:
-        metric, mode = self._best
-        stored = conn.execute(
-            "SELECT best_metric, best_mode FROM streams WHERE stream_id = ?", (stream,)
-        ).fetchone()
-        if tuple(stored) == (metric, mode if metric else None):
-            return
-        # The tracked metric changed since the last run: recompute from every stored result.
-        conn.execute(
-            "UPDATE streams SET best_metric = ?, best_mode = ?, best_step = NULL, best_value = NULL "
-            "WHERE stream_id = ?",
-            (metric, mode if metric else None, stream),
-        )
-        if metric is None:
-            return
-        rows = conn.execute(
-            "SELECT step, result_json FROM steps WHERE stream_id = ? AND result_json IS NOT NULL",
-            (stream,),
-        ).fetchall()
-        for step, payload in rows:
-            metrics = decoded_metrics(payload)
-            if metric in metrics:
-                self._offer_best(conn, stream, step, metrics[metric], mode)
-
     def best(self) -> tuple[int, float] | None:
         """The best step so far and its value of `best_metric` (NaN ignored), or None."""
-        best_step, best_value = self._conn().execute(
-            "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (self._stream,)
-        ).fetchone()
-        return None if best_step is None else (best_step, best_value)
+        return read_best(self._conn(), self._stream)
 
     # Status.
 

@@ -1,0 +1,420 @@
+"""The ledger on a real SQLite file: state machine, results, outbox, leases, best step, status."""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracker_eval.errors import ConfigError
+from tracker_eval.lease import make_owner_id, owner_is_dead
+from tracker_eval.ledger import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
+from tracker_eval.result import EvalResult
+
+
+class FakeClock:
+    """Unix time that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_ledger(out: Path, **kwargs: object) -> Ledger:
+    options: dict[object, object] = {"checkpoint_dir": "/ckpt", "config_hash": "cfg", "loggers": ("a", "b")}
+    options.update(kwargs)
+    return Ledger(out, **options)  # type: ignore[arg-type]
+
+
+def result_of(step: int, **metrics: float) -> EvalResult:
+    return EvalResult(step=step, checkpoint=f"/ckpt/{step}", metrics=metrics or {"loss": float(step)},
+                      per_example={"loss": np.full(3, step, np.float32)})
+
+
+def evaluate(ledger: Ledger, step: int, owner: str = "w", **metrics: float) -> None:
+    assert ledger.claim(step, owner=owner)
+    assert ledger.record_metrics(result_of(step, **metrics), owner=owner)
+
+
+def deliver(ledger: Ledger, step: int, logger: str, owner: str = "d") -> None:
+    assert ledger.claim_logger(logger, owner=owner)
+    ledger.mark_delivered(step, logger, owner=owner)
+
+
+def dead_owner() -> str:
+    """An owner id naming a process of this host that has exited."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    owner = make_owner_id(pid=int(proc.stdout))
+    assert owner_is_dead(owner)
+    return owner
+
+
+def test_register_is_idempotent_and_lists_by_step(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    assert ledger.register([300, 100]) == [100, 300]
+    assert ledger.register([200, 100]) == [200]  # a late, lower step is simply added
+    assert ledger.steps() == [100, 200, 300]
+    assert ledger.steps(StepState.PENDING) == [100, 200, 300]
+    assert ledger.newest_step() == 300
+    assert [row["step"] for row in ledger.rows()] == [100, 200, 300]
+
+
+def test_happy_path_pending_evaluating_evaluated_delivered(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register([10])
+    assert ledger.claim(10, owner="w")
+    assert ledger.state(10) is StepState.EVALUATING
+    assert ledger.record_metrics(result_of(10), owner="w")
+    assert ledger.state(10) is StepState.EVALUATED
+    deliver(ledger, 10, "a")
+    assert ledger.state(10) is StepState.EVALUATED  # "b" still lacks it
+    deliver(ledger, 10, "b")
+    assert ledger.state(10) is StepState.DELIVERED
+    assert ledger.rows()[0]["attempts"] == 1
+
+
+def test_without_loggers_a_stored_step_is_delivered(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, loggers=())
+    evaluate(ledger, 5)
+    assert ledger.state(5) is StepState.DELIVERED
+
+
+def test_illegal_transitions_are_rejected(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    evaluate(ledger, 1)
+    ledger.register([2])
+    assert not ledger.claim(1, owner="w")  # stored: never evaluated again
+    with pytest.raises(IllegalTransitionError, match="stored result cannot be skipped"):
+        ledger.mark_skipped(1, "late")
+    with pytest.raises(LeaseLostError):
+        ledger.mark_failed(2, "boom", owner="w")  # never claimed
+    assert ledger.claim(2, owner="w")
+    assert not ledger.renew(2, owner="other")
+    assert not ledger.release(2, owner="other")
+    with pytest.raises(LeaseLostError, match="only that owner may skip"):
+        ledger.mark_skipped(2, "why", owner="other")
+    with pytest.raises(LeaseLostError, match="does not hold the delivery lease"):
+        ledger.mark_delivered(1, "a", owner="nobody")
+    assert ledger.claim_logger("a", owner="d")
+    with pytest.raises(IllegalTransitionError, match="no result queued"):
+        ledger.mark_delivered(2, "a", owner="d")
+    ledger.mark_delivered(1, "a", owner="d")
+    with pytest.raises(IllegalTransitionError, match="already delivered"):
+        ledger.mark_delivery_failed(1, "a", "late error", owner="d")
+    with pytest.raises(ValueError, match="not configured"):
+        ledger.due_deliveries("wandb")
+    ledger.mark_skipped(3, "before start_step")
+    assert ledger.state(3) is StepState.SKIPPED and not ledger.claim(3, owner="w")
+
+
+def test_failed_is_retried_until_max_attempts_then_given_up(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, max_attempts=2)
+    assert ledger.claim(7, owner="w")
+    assert ledger.mark_failed(7, "OOM", owner="w") is StepState.FAILED
+    assert ledger.claim(7, owner="w")
+    assert ledger.mark_failed(7, "OOM again", owner="w") is StepState.GIVEN_UP
+    assert not ledger.claim(7, owner="w")
+    row = ledger.rows()[0]
+    assert (row["state"], row["reason"], row["attempts"]) == (StepState.GIVEN_UP, "OOM again", 2)
+
+
+def test_release_returns_to_pending_without_using_an_attempt(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, max_attempts=1)
+    assert ledger.claim(4, owner="w")
+    assert ledger.release(4, owner="w")
+    assert ledger.state(4) is StepState.PENDING and ledger.rows()[0]["attempts"] == 0
+    assert ledger.claim(4, owner="w2")
+    assert ledger.mark_failed(4, "x", owner="w2") is StepState.GIVEN_UP
+
+
+def test_result_round_trip_keeps_dtypes_order_and_non_finite_metrics(tmp_path: Path) -> None:
+    arrays = {
+        "zeta": np.array([0.1, -2.5, 3e-8], dtype=np.float32),
+        "ids": np.array([9, 3, 7], dtype=np.int64),
+        "small": np.array([-1, 0, 1], dtype=np.int8),
+        "correct": np.array([True, False, True]),
+        "file": np.array(["a", "bb", "ccc"]),  # a name np.savez would reject
+    }
+    original = EvalResult(step=42, checkpoint="/ckpt/42",
+                          metrics={"loss": 0.1 + 0.2, "nan": math.nan, "inf": math.inf, "ninf": -math.inf},
+                          per_example=arrays, provenance={"config_hash": "cfg", "mesh": [2, 4]},
+                          time=1234.5678901234)
+    ledger = make_ledger(tmp_path)
+    assert ledger.claim(42, owner="w")
+    assert ledger.record_metrics(original, owner="w")
+    ledger.close()
+    back = make_ledger(tmp_path).result(42)
+    assert back is not None
+    assert (back.step, back.checkpoint, back.time, back.provenance) == (42, "/ckpt/42", 1234.5678901234,
+                                                                        {"config_hash": "cfg", "mesh": [2, 4]})
+    assert back.metrics["loss"] == 0.1 + 0.2 and math.isnan(back.metrics["nan"])
+    assert back.metrics["inf"] == math.inf and back.metrics["ninf"] == -math.inf
+    assert list(back.per_example) == list(arrays)
+    for name, want in arrays.items():
+        assert back.per_example[name].dtype == want.dtype
+        np.testing.assert_array_equal(back.per_example[name], want)
+
+
+def test_result_without_arrays_writes_no_file_and_unknown_step_is_none(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    assert ledger.claim(1, owner="w")
+    assert ledger.record_metrics(EvalResult(step=1, checkpoint="c", metrics={"acc": 0.5}), owner="w")
+    assert ledger.result(1) == EvalResult(step=1, checkpoint="c", metrics={"acc": 0.5},
+                                          time=ledger.result(1).time)  # type: ignore[union-attr]
+    assert not list((tmp_path / "results").rglob("*.npz"))
+    assert ledger.result(2) is None
+
+
+def test_record_by_non_holder_is_refused_and_stored_result_is_kept(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register([5])
+    with pytest.raises(LeaseLostError, match="does not hold the evaluation claim"):
+        ledger.record_metrics(result_of(5), owner="w")
+    assert ledger.claim(5, owner="w")
+    with pytest.raises(LeaseLostError):
+        ledger.record_metrics(result_of(5), owner="intruder")
+    assert ledger.record_metrics(result_of(5, loss=1.0), owner="w")
+    assert not ledger.record_metrics(result_of(5, loss=2.0), owner="w")
+    assert not ledger.record_metrics(result_of(5, loss=3.0), owner="intruder")
+    assert ledger.result(5).metrics == {"loss": 1.0}  # type: ignore[union-attr]
+    assert len(list((tmp_path / "results").rglob("*.npz"))) == 1  # refused writes left no files
+
+
+def test_unstorable_result_is_refused_and_claim_kept(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    assert ledger.claim(3, owner="w")
+    bad = EvalResult(step=3, checkpoint="c", metrics={}, per_example={"x": np.array([object()])})
+    with pytest.raises(ValueError, match="dtype object"):
+        ledger.record_metrics(bad, owner="w")
+    with pytest.raises(ValueError, match="cannot be stored as JSON"):
+        ledger.record_metrics(EvalResult(step=3, checkpoint="c", metrics={}, provenance={"f": print}), owner="w")
+    assert ledger.state(3) is StepState.EVALUATING
+    assert not list(tmp_path.rglob("*.npz")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_due_deliveries_in_step_order_whatever_the_evaluation_order(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    for step in (300, 100, 200):
+        evaluate(ledger, step)
+    assert ledger.due_deliveries("a") == [100, 200, 300]
+    deliver(ledger, 200, "a")
+    assert ledger.due_deliveries("a") == [100, 300]
+    assert ledger.due_deliveries("b") == [100, 200, 300]
+
+
+@pytest.mark.parametrize(
+    ("base", "cap", "delays"),
+    [(1.0, 60.0, [1.0, 2.0, 4.0, 8.0, 16.0]), (1.0, 5.0, [1.0, 2.0, 4.0, 5.0, 5.0]), (0.5, 0.5, [0.5] * 5)],
+)
+def test_failed_delivery_backs_off_exponentially(tmp_path: Path, base: float, cap: float, delays: list[float]) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(tmp_path, backoff_base_s=base, backoff_cap_s=cap, clock=clock)
+    evaluate(ledger, 1)
+    assert ledger.claim_logger("a", owner="d", ttl_s=1e6)
+    for delay in delays:
+        assert ledger.due_deliveries("a") == [1]
+        assert ledger.mark_delivery_failed(1, "a", "HTTP 503", owner="d") == delay
+        assert ledger.next_delivery_at("a") == clock.now + delay
+        clock.now += delay - 0.01
+        assert ledger.due_deliveries("a") == []
+        clock.now += 0.01
+    ledger.mark_delivered(1, "a", owner="d")
+    assert ledger.next_delivery_at("a") is None
+
+
+def test_new_logger_gets_backfilled_and_removed_logger_stops_holding_back(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, loggers=("a",))
+    evaluate(ledger, 1)
+    evaluate(ledger, 2)
+    deliver(ledger, 1, "a")
+    deliver(ledger, 2, "a")
+    assert ledger.steps(StepState.DELIVERED) == [1, 2]
+    ledger.close()
+    ledger = make_ledger(tmp_path, loggers=("a", "wandb"))
+    assert ledger.steps(StepState.EVALUATED) == [1, 2]
+    assert ledger.due_deliveries("wandb") == [1, 2] and ledger.due_deliveries("a") == []
+    deliver(ledger, 1, "wandb")
+    assert ledger.state(1) is StepState.DELIVERED and ledger.state(2) is StepState.EVALUATED
+    ledger.close()
+    ledger = make_ledger(tmp_path, loggers=("a",))
+    assert ledger.steps(StepState.DELIVERED) == [1, 2]
+
+
+def test_two_ledgers_compete_for_a_step_and_exactly_one_wins(tmp_path: Path) -> None:
+    first, second = make_ledger(tmp_path), make_ledger(tmp_path)
+    first.register([1])
+    assert first.claim(1, owner="p1") and not second.claim(1, owner="p2")
+    assert first.claim(1, owner="p1")  # the holder claiming again just renews
+
+
+def test_expired_lease_is_taken_over_and_the_old_holder_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    first, second = make_ledger(tmp_path, clock=clock), make_ledger(tmp_path, clock=clock)
+    assert first.claim(1, owner="p1", ttl_s=30)
+    clock.now += 29
+    assert first.renew(1, owner="p1", ttl_s=30)
+    clock.now += 29
+    assert not second.claim(1, owner="p2")  # renewed, still valid
+    clock.now += 2
+    assert second.claim(1, owner="p2")
+    assert "lease expired" in second.rows()[0]["reason"]
+    assert not first.renew(1, owner="p1")
+    with pytest.raises(LeaseLostError):
+        first.record_metrics(result_of(1), owner="p1")
+    assert second.record_metrics(result_of(1), owner="p2")
+    assert first.rows()[0]["attempts"] == 2
+
+
+def test_dead_owner_lease_is_taken_over_at_once_and_live_one_is_not(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    dead, alive = dead_owner(), make_owner_id()
+    assert ledger.claim(1, owner=dead, ttl_s=3600) and ledger.claim(2, owner=alive, ttl_s=3600)
+    assert ledger.claim(1, owner="new") and not ledger.claim(2, owner="new")
+    assert "its owner died" in ledger.rows()[0]["reason"]
+    assert ledger.claim_logger("a", owner=dead, ttl_s=3600)
+    assert ledger.claim_logger("a", owner="new")
+
+
+def test_step_whose_evaluations_keep_dying_is_given_up(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, max_attempts=2)
+    assert ledger.claim(1, owner=dead_owner())
+    assert ledger.claim(1, owner=dead_owner())
+    assert not ledger.claim(1, owner="w")
+    row = ledger.rows()[0]
+    assert row["state"] is StepState.GIVEN_UP and row["reason"].startswith("gave up after 2 attempts")
+
+
+def test_logger_lease_excludes_a_second_deliverer_until_it_expires(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(tmp_path, clock=clock)
+    evaluate(ledger, 1)
+    assert ledger.claim_logger("a", owner="d1", ttl_s=10)
+    assert not ledger.claim_logger("a", owner="d2", ttl_s=10)
+    assert ledger.claim_logger("b", owner="d2", ttl_s=10)  # leases are per logger
+    clock.now += 11
+    assert ledger.claim_logger("a", owner="d2", ttl_s=10)
+    with pytest.raises(LeaseLostError):
+        ledger.mark_delivered(1, "a", owner="d1")
+    assert ledger.mark_delivered(1, "a", owner="d2") and not ledger.mark_delivered(1, "a", owner="d2")
+    assert ledger.release_logger("a", owner="d2") and not ledger.release_logger("a", owner="d2")
+
+
+def test_threads_sharing_one_ledger_win_each_step_once(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register(range(30))
+    won: list[list[int]] = [[] for _ in range(4)]
+
+    def worker(index: int) -> None:
+        for step in range(30):
+            if ledger.claim(step, owner=f"t{index}"):
+                won[index].append(step)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(s for steps in won for s in steps) == list(range(30))
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "best"),
+    [
+        ("min", {1: 3.0, 2: math.nan, 3: 1.0, 4: 2.0}, (3, 1.0)),
+        ("max", {1: 3.0, 2: math.nan, 3: 1.0, 4: 2.0}, (1, 3.0)),
+        ("min", {5: 1.0, 2: 1.0}, (2, 1.0)),  # a tie goes to the lower step
+        ("max", {1: math.nan}, None),
+    ],
+)
+def test_best_step_ignores_nan(tmp_path: Path, mode: str, values: dict[int, float],
+                               best: tuple[int, float] | None) -> None:
+    ledger = make_ledger(tmp_path, best_metric="loss", best_mode=mode)
+    for step, value in values.items():
+        evaluate(ledger, step, loss=value, acc=-value)
+    assert ledger.best() == best
+
+
+def test_best_is_recomputed_when_the_tracked_metric_changes(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path, best_metric="loss", best_mode="min")
+    evaluate(ledger, 1, loss=2.0, acc=0.9)
+    evaluate(ledger, 2, loss=1.0, acc=0.8)
+    assert ledger.best() == (2, 1.0)
+    ledger.close()
+    assert make_ledger(tmp_path, best_metric="acc", best_mode="max").best() == (1, 0.9)
+    assert make_ledger(tmp_path).best() is None
+
+
+def test_run_state_heartbeat_and_rows_persist_per_stream(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(tmp_path, clock=clock)
+    other = make_ledger(tmp_path, config_hash="other-config")
+    assert ledger.get_run_state("wandb") == {} and ledger.last_heartbeat() is None
+    ledger.set_run_state("wandb", {"run_id": "abc", "resumed": 2})
+    ledger.touch_heartbeat("watcher-1")
+    evaluate(ledger, 10, loss=0.5)
+    deliver(ledger, 10, "a")
+    ledger.mark_skipped(20, "corrupt checkpoint")
+    ledger.close()
+    again = make_ledger(tmp_path)
+    assert again.get_run_state("wandb") == {"run_id": "abc", "resumed": 2}
+    assert again.last_heartbeat() == ("watcher-1", clock.now)
+    assert again.rows() == [
+        {"step": 10, "state": StepState.EVALUATED, "reason": None, "attempts": 1, "owner": None,
+         "metrics": {"loss": 0.5}, "deliveries": {"a": "delivered", "b": "pending"}},
+        {"step": 20, "state": StepState.SKIPPED, "reason": "corrupt checkpoint", "attempts": 0, "owner": None,
+         "metrics": {}, "deliveries": {}},
+    ]
+    assert other.rows() == [] and other.get_run_state("wandb") == {} and other.last_heartbeat() is None
+
+
+def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: Path) -> None:
+    make_ledger(tmp_path).close()
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(LedgerError, match="schema version 99, newer"):
+        make_ledger(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"best_mode": "lowest"}, "best_mode='lowest' is not one of"),
+        ({"max_attempts": 0}, "max_attempts=0"),
+        ({"backoff_base_s": 10.0, "backoff_cap_s": 1.0}, "backoff_base_s <= backoff_cap_s"),
+        ({"loggers": ("a", "a")}, "distinct"),
+    ],
+)
+def test_bad_arguments_are_config_errors(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_ledger(tmp_path, **kwargs)
+
+
+def test_output_dir_under_a_file_fails_naming_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LedgerError, match=r"output_dir '.*/file/out' is not writable.*choose another"):
+        make_ledger(tmp_path / "file" / "out")
+
+
+def test_existing_unwritable_output_dir_fails_naming_the_directory(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # Root ignores permission bits; sysfs refuses new files even to root.
+        unwritable = Path("/sys")
+    else:
+        unwritable = tmp_path / "ro"
+        unwritable.mkdir(mode=0o555)
+    with pytest.raises(LedgerError, match=rf"output_dir '{unwritable}' is not writable \(.+\).*"
+                                          r"Make it writable by this user \(uid \d+\)"):
+        make_ledger(unwritable)
+    assert not (unwritable / "ledger.sqlite").exists()
