@@ -69,7 +69,9 @@ def run() -> dict[str, float]:
         item_dir = root / "100" / "state"
 
         def params_only() -> Any:
-            return restore_eval_variables(root, 100, item="state", mutable=("batch_stats",), shardings_for=shardings_for)
+            return restore_eval_variables(
+                root, 100, item="state", mutable=("batch_stats",), shardings_for=shardings_for
+            )
 
         def full() -> Any:
             # What a restore of the whole train state costs: the same metadata-driven targets for
@@ -79,11 +81,10 @@ def run() -> dict[str, float]:
             target = jax.tree.map(
                 lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), tree, target
             )
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
             with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-                return checkpointer.restore(
-                    item_dir,
-                    args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-                )
+                args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+                return checkpointer.restore(item_dir, args=args)
 
         # Warm-up: page cache, tensorstore and compilation caches, for both alike.
         _measure(params_only)

@@ -77,7 +77,9 @@ class SavedStep:
     opt_state: Any
 
 
-def make_mesh(shape: Sequence[int], axis_names: Sequence[str], *, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Sequence[int], axis_names: Sequence[str], *, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     """Builds a mesh with Auto axis types over the first `prod(shape)` devices (or `devices`).
 
     Args:

@@ -9,27 +9,27 @@ import shutil
 import time
 from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from ckpt_factory import SavedStep, fsdp_sharding, make_mesh, save_train_states
+from jax.sharding import NamedSharding, PartitionSpec
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-import pytest  # noqa: E402
-from ckpt_factory import SavedStep, fsdp_sharding, make_mesh, save_train_states  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-
-from tracker_eval.checkpoints import (  # noqa: E402
+from tracker_eval.checkpoints import (
     CheckpointVanishedError,
     CorruptCheckpointError,
     describe_checkpoint,
     finalized_steps,
     restore_eval_variables,
 )
-from tracker_eval.errors import ConfigError  # noqa: E402
+from tracker_eval.errors import ConfigError
 
+TOP_KEYS = "top-level keys are: batch_stats, opt_state, params, step"
 
 @pytest.fixture(scope="module", autouse=True)
 def _eight_devices() -> None:
+    # tests/conftest.py asks for 8 fake CPU devices before JAX starts.
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
 
@@ -105,7 +105,11 @@ def test_late_lower_step_renamed_in_appears(composite: dict[int, SavedStep], tmp
 
 @pytest.mark.parametrize(
     ("relative", "hint"),
-    [("20", "looks like one checkpoint step"), ("20/state", "looks like one checkpoint item"), ("20/_CHECKPOINT_METADATA", "is a file")],
+    [
+        ("20", "looks like one checkpoint step"),
+        ("20/state", "looks like one checkpoint item"),
+        ("20/_CHECKPOINT_METADATA", "is a file"),
+    ],
 )
 def test_not_a_checkpoint_root(composite: dict[int, SavedStep], relative: str, hint: str) -> None:
     with pytest.raises(ConfigError, match=hint) as info:
@@ -201,16 +205,21 @@ def test_params_only_never_reads_optimizer_state(per_array: dict[int, SavedStep]
 @pytest.mark.parametrize(
     ("kwargs", "config_key", "bad", "listed"),
     [
-        ({"item": "sate"}, "checkpoint.item", "'sate'", ["metadata (JsonCheckpointHandler)", "state (StandardCheckpointHandler)"]),
+        (
+            {"item": "sate"},
+            "checkpoint.item",
+            "'sate'",
+            ["metadata (JsonCheckpointHandler)", "state (StandardCheckpointHandler)"],
+        ),
         ({"item": "metadata"}, "checkpoint.item", "'metadata'", ["state (StandardCheckpointHandler)"]),
-        ({"item": "state", "params_path": "parms"}, "checkpoint.params", "'parms'", ["batch_stats, opt_state, params, step"]),
+        ({"item": "state", "params_path": "parms"}, "checkpoint.params", "'parms'", [TOP_KEYS]),
         (
             {"item": "state", "params_path": "params.Dense_9"},
             "checkpoint.params",
             "'params.Dense_9'",
-            ["batch_stats, opt_state, params, step", "'params' holds: BatchNorm_0, BatchNorm_1, Dense_0, Dense_1, Dense_2"],
+            [TOP_KEYS, "'params' holds: BatchNorm_0, BatchNorm_1, Dense_0, Dense_1, Dense_2"],
         ),
-        ({"item": "state", "mutable": ("batch_stat",)}, "checkpoint.mutable", "'batch_stat'", ["batch_stats, opt_state, params, step"]),
+        ({"item": "state", "mutable": ("batch_stat",)}, "checkpoint.mutable", "'batch_stat'", [TOP_KEYS]),
     ],
 )
 def test_wrong_names_list_what_the_checkpoint_holds(
@@ -227,7 +236,9 @@ def test_wrong_names_list_what_the_checkpoint_holds(
         assert text in message
 
 
-def test_item_none_with_two_pytree_items_asks_to_choose(composite: dict[int, SavedStep], tmp_path: pathlib.Path) -> None:
+def test_item_none_with_two_pytree_items_asks_to_choose(
+    composite: dict[int, SavedStep], tmp_path: pathlib.Path
+) -> None:
     root = _copy(composite, tmp_path)
     shutil.copytree(root / "20" / "state", root / "20" / "ema_state")
     meta_file = root / "20" / "_CHECKPOINT_METADATA"

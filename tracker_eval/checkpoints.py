@@ -115,7 +115,8 @@ def finalized_steps(checkpoint_dir: str | os.PathLike[str]) -> list[int]:
         steps = sorted(int(p.name) for p in ocp.step.checkpoint_steps_paths(root) if p.name.isdigit())
     if not steps and (_STEP_METADATA_FILE in names or _PYTREE_METADATA_FILE in names):
         is_step = _STEP_METADATA_FILE in names
-        kind, likely_root = ("one checkpoint step", root.parent) if is_step else ("one checkpoint item", root.parent.parent)
+        kind = "one checkpoint step" if is_step else "one checkpoint item"
+        likely_root = root.parent if is_step else root.parent.parent
         raise ConfigError(
             f"checkpoint_dir {os.fspath(root)!r} looks like {kind}, not a CheckpointManager root; set "
             f"checkpoint_dir to the directory that holds the <step>/ directories (likely {os.fspath(likely_root)!r})"
@@ -294,13 +295,16 @@ def _with_shardings(abstract: Any, shardings: Any, *, name: str) -> Any:
 
 
 def _nest(keys: Sequence[str], value: Any, into: dict[str, Any]) -> None:
+    overlap = ConfigError(
+        f"checkpoint.params and checkpoint.mutable overlap at {'/'.join(keys)!r}; name each subtree once"
+    )
     node = into
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"checkpoint.params and checkpoint.mutable overlap at {'/'.join(keys)!r}; list each subtree once")
+            raise overlap
     if keys[-1] in node:
-        raise ConfigError(f"checkpoint.params and checkpoint.mutable overlap at {'/'.join(keys)!r}; list each subtree once")
+        raise overlap
     node[keys[-1]] = value
 
 
@@ -358,9 +362,9 @@ def restore_eval_variables(
     mutable_meta = {name: _find_subtree(tree, name, config_key="checkpoint.mutable", **where) for name in mutable}
 
     target: dict[str, Any] = {}
-    _nest(_split_path(params_path), _with_shardings(_abstract(params_meta), shardings_for(_abstract(params_meta)), name="params"), target)
-    for name, meta in mutable_meta.items():
-        _nest(_split_path(name), _with_shardings(_abstract(meta), shardings_for(_abstract(meta)), name=name), target)
+    for name, path, meta in [("params", params_path, params_meta), *((n, n, m) for n, m in mutable_meta.items())]:
+        abstract = _abstract(meta)
+        _nest(_split_path(path), _with_shardings(abstract, shardings_for(abstract), name=name), target)
 
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     # A fresh Checkpointer on the item directory: no per-manager handler registry to clash with
