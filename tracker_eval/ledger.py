@@ -11,6 +11,7 @@ result. States of a step::
 
 Usage:
 
+    from tracker_eval.lease import make_owner_id
     ledger = Ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", loggers=["console", "wandb"])
     ledger.register([100, 200])
     owner = make_owner_id()
