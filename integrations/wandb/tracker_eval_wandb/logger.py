@@ -1,0 +1,211 @@
+"""W&B logger plug-in: one row per checkpoint, plotted against ``checkpoint_step``, durable on flush.
+
+Registered as ``type: wandb`` in the ``tracker_eval.loggers`` entry-point group; ``wandb`` is
+imported on first use only. Rows carry ``checkpoint_step`` as a value (never ``step=``), so
+out-of-order checkpoints are all kept. wandb 0.31 has no public flush: `flush` finishes the run
+(everything is then in the ``.wandb`` file) and the next call resumes the same run id.
+
+    logger = WandbLogger(WandbLogger.Config(project="my-eval", mode="offline"),
+                         context=LoggerContext(output_dir="runs/demo", run_key="ckpts@1a2b"), name="wandb")
+    logger.log_result(result); logger.flush()   # delivered: on disk in runs/demo/wandb/
+    logger.set_summary({"best/loss": 0.12, "best/step": 300})
+    logger.run_state()                            # {"run_id": "eval-..."}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tracker_eval.errors import ConfigError
+from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.result import EvalResult
+from tracker_eval_wandb import reader
+
+MODES = ("online", "offline")
+_RESUME_RETRY_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Options of ``type: wandb``. The API key is read by wandb from WANDB_API_KEY only."""
+
+    project: str = "tracker-eval"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null = the key's default."""
+    group: str | None = None
+    """Run group, e.g. the training run's group so the eval run sits beside it."""
+    name: str | None = None
+    """Display name of a new eval run; null = W&B's default."""
+    tags: tuple[str, ...] = ()
+    """Run tags."""
+    mode: str | None = None
+    """online or offline; null = $WANDB_MODE if set, else online with WANDB_API_KEY, else offline."""
+    dir: str | None = None
+    """Directory holding ``wandb/``; null = the output directory."""
+    run_id: str | None = None
+    """Attach to this run (e.g. the training run, resume="allow"); null = a separate eval run whose
+    id is derived from the run key, so restarts attach to the same run."""
+    table_max_rows: int = 10000
+    """Rows of the per-example table per checkpoint (the histogram always covers every example)."""
+
+
+class WandbLogger:
+    """Logs each result as one W&B row; idempotent on checkpoint step; durable after `flush`."""
+
+    Config = WandbConfig
+
+    def __init__(self, config: WandbConfig | None = None, *, context: LoggerContext, name: str = "wandb") -> None:
+        self.config = config or WandbConfig()
+        mode = self.config.mode or _default_mode()
+        if mode not in MODES:
+            raise ConfigError(f"wandb mode {mode!r} is not one of {', '.join(MODES)}; set mode: offline or online")
+        self.mode = mode
+        self.name = name
+        self.prefix = context.prefix
+        self.dir = pathlib.Path(self.config.dir or context.output_dir).absolute()
+        run_key = context.run_key or str(pathlib.Path(context.output_dir).absolute())
+        self.run_id: str = self.config.run_id or context.run_state.get("run_id") or derive_run_id(run_key)
+        self._run: Any = None
+        self._config: dict[str, Any] = {}
+        self._held: set[int] | None = None  # checkpoint steps on disk (read once, then tracked)
+        self._pending: set[int] = set()  # logged since the last finish
+        self._dirty = False
+        self.finish_seconds: list[float] = []  # cost of each flush (finish), for benchmarks
+
+    @property
+    def wandb_dir(self) -> pathlib.Path:
+        """The ``wandb/`` directory holding this run's local files."""
+        return self.dir / "wandb"
+
+    def run_state(self) -> dict[str, Any]:
+        """State to persist across restarts: ``{"run_id": ...}``."""
+        return {"run_id": self.run_id}
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Puts the config under ``tracker_eval`` in the run config (sent with the next row)."""
+        self._config["tracker_eval"] = dict(config)
+        if self._run is not None:
+            self._run.config.update({"tracker_eval": dict(config)}, allow_val_change=True)
+            self._dirty = True
+
+    def log_result(self, result: EvalResult) -> None:
+        """Logs one row ``{checkpoint_step, <prefix>/<metric>..., per-example table and histograms}``.
+
+        A checkpoint step the run already holds (on disk or sent by this logger) is skipped.
+        """
+        step = int(result.step)
+        if step in self._held_steps() or step in self._pending:
+            return
+        run = self._ensure_run()
+        import wandb
+
+        key = (lambda n: f"{self.prefix}/{n}") if self.prefix else (lambda n: n)
+        row: dict[str, Any] = {reader.STEP_KEY: step}
+        row.update({key(n): float(v) for n, v in result.metrics.items()})
+        columns = {}
+        for n, values in result.per_example.items():
+            array = np.asarray(values)
+            finite = array.reshape(-1).astype(np.float64)
+            finite = finite[np.isfinite(finite)]
+            if finite.size:
+                row[key(f"per_example/{n}")] = wandb.Histogram(finite)
+            if array.ndim == 1:
+                columns[n] = array
+        lengths = {len(v) for v in columns.values()}
+        if columns and len(lengths) == 1:
+            rows = min(lengths.pop(), self.config.table_max_rows)
+            names = sorted(columns)
+            data = [[i, *(columns[n][i].item() for n in names)] for i in range(rows)]
+            row[key("per_example_table")] = wandb.Table(columns=["index", *names], data=data)
+        run.config.update({"tracker_eval_provenance": dict(result.provenance),
+                           "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
+        run.log(row)
+        self._pending.add(step)
+        self._dirty = True
+
+    def set_summary(self, values: Mapping[str, Any]) -> None:
+        """Sets run summary values (e.g. best checkpoint); durable after the next `flush`."""
+        run = self._ensure_run()
+        run.summary.update({k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()})
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Finishes the run so everything logged is in the ``.wandb`` file; the next call resumes it."""
+        if self._run is None or not self._dirty:
+            return
+        start = time.perf_counter()
+        run, self._run = self._run, None
+        run.finish()
+        self.finish_seconds.append(time.perf_counter() - start)
+        self._held_steps().update(self._pending)
+        self._pending.clear()
+        self._dirty = False
+
+    def close(self) -> None:
+        """Flushes (finishes the run)."""
+        self.flush()
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.finish()
+
+    def _held_steps(self) -> set[int]:
+        if self._held is None:
+            self._held = reader.held_steps(self.wandb_dir, self.run_id, prefix=self.prefix)
+        return self._held
+
+    def _ensure_run(self) -> Any:
+        if self._run is not None:
+            return self._run
+        import wandb
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            silent=True, console="off", x_disable_stats=True, x_disable_meta=True, save_code=False,
+            disable_git=True, x_save_requirements=False,
+        )
+        kwargs = dict(
+            project=self.config.project, entity=self.config.entity, group=self.config.group,
+            name=self.config.name, tags=list(self.config.tags) or None, job_type="eval",
+            dir=str(self.dir), id=self.run_id, resume="allow", mode=self.mode,
+            config=self._config or None, reinit="create_new", settings=settings,
+        )
+        # wandb-core releases a finished run id shortly after finish() returns; resuming it at once
+        # can be refused with "run ID ... is in use". Retry briefly instead of failing the delivery.
+        deadline = time.monotonic() + _RESUME_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                run = wandb.init(**kwargs)
+                break
+            except Exception as e:
+                if "is in use" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        step_glob = f"{self.prefix}/*" if self.prefix else "*"
+        run.define_metric(reader.STEP_KEY)
+        run.define_metric(step_glob, step_metric=reader.STEP_KEY)
+        self._run = run
+        return run
+
+
+def derive_run_id(run_key: str) -> str:
+    """A deterministic W&B run id for a run key (letters and digits, stable across restarts)."""
+    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:16]
+
+
+def _default_mode() -> str:
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in MODES:
+        return env_mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"

@@ -1,0 +1,113 @@
+"""MLflow logger against a real ``mlflow server`` on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.loggers.fanout import FanOut
+from tracker_eval.loggers.jsonl import JsonlLogger, read_jsonl
+from tracker_eval.result import EvalResult
+from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
+
+pytest_plugins = ["fixtures_mlflow"]
+
+
+def _logger(url: str, tmp_path, run_key: str, **options) -> MlflowLogger:
+    context = LoggerContext(output_dir=str(tmp_path), run_key=run_key)
+    return MlflowLogger(MlflowConfig(tracking_uri=url, **options), context=context, name="mlflow")
+
+
+def _result(step: int, metrics: dict[str, float], **kwargs) -> EvalResult:
+    return EvalResult(step=step, checkpoint=f"/ckpt/{step}", metrics=metrics, **kwargs)
+
+
+def test_out_of_order_steps_kept_and_resend_not_duplicated(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    logger = _logger(mlflow_server.url, tmp_path, "order-test")
+    logger.log_config({"model": "mlp", "data": {"split": "test"}})
+    logger.log_result(_result(300, {"loss": 0.25, "bad": float("nan")},
+                              per_example={"loss": np.array([0.5, 0.0])}, provenance={"host": "h"}))
+    logger.log_result(_result(100, {"loss": 0.75}))
+    logger.set_summary({"best_step": 300, "best/loss": 0.25})
+    logger.flush()
+    run_id = logger.run_state()["run_id"]
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss"))
+    assert history == [(100, 0.75), (300, 0.25)]
+    assert client.get_metric_history(run_id, "eval/bad") == []  # nan_policy: skip
+    run = client.get_run(run_id)
+    assert run.data.params["data.split"] == "test"
+    assert run.data.tags["tracker_eval.summary.best_step"] == "300"
+    artifacts = [a.path for a in client.list_artifacts(run_id, "per_example")]
+    assert artifacts == ["per_example/step_300.npz"]
+
+    # A restarted logger (same run key, no remembered state) finds the same run and does not re-send.
+    again = _logger(mlflow_server.url, tmp_path, "order-test")
+    again.log_result(_result(300, {"loss": 0.25}))
+    again.log_result(_result(100, {"loss": 0.75, "acc": 0.5}))
+    again.close()
+    assert again.run_state()["run_id"] == run_id
+    assert len(client.get_metric_history(run_id, "eval/loss")) == 2
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/acc")] == [(100, 0.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_more_than_1000_metrics_are_chunked(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    logger = _logger(mlflow_server.url, tmp_path, "chunk-test")
+    metrics = {f"m{i:04d}": float(i) for i in range(2100)}
+    logger.log_result(_result(5, metrics))
+    run_id = logger.run_state()["run_id"]
+    held = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).data.metrics
+    assert len(held) == 2100 and held["eval/m2099"] == 2099.0
+
+
+def test_nan_policy_error_and_key_sanitizing(mlflow_server, tmp_path):
+    logger = _logger(mlflow_server.url, tmp_path, "nan-test", nan_policy="error")
+    with pytest.raises(ValueError, match="'loss' at step 1 is nan"):
+        logger.log_result(_result(1, {"loss": float("nan")}))
+    assert sanitize_key("eval/acc@top-1 (%)") == "eval/acc_top-1 ___"
+    assert len(sanitize_key("x" * 400)) == 250
+
+
+def test_dead_server_fails_fast_and_others_get_every_result(tmp_path):
+    from fixtures_mlflow import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    mlflow_logger = _logger(dead, tmp_path, "dead", timeout_s=2, max_retries=1)
+    jsonl = JsonlLogger(context=LoggerContext(output_dir=str(tmp_path)))
+    fanout = FanOut([mlflow_logger, jsonl], deadline_s=30, on_error=lambda e: None)
+    start = time.monotonic()
+    outcomes = [fanout.deliver(_result(step, {"loss": step / 10})) for step in (1, 2, 3)]
+    elapsed = time.monotonic() - start
+    assert all(o["jsonl"] is None for o in outcomes)
+    assert all(o["mlflow"] is not None for o in outcomes)
+    assert "Connection refused" in str(outcomes[0]["mlflow"]) or "Max retries" in str(outcomes[0]["mlflow"])
+    assert elapsed < 30, f"three deliveries to a dead server took {elapsed:.1f} s"
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    fanout.close()
+
+
+def test_server_stopped_then_restarted_resumes_delivery(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    logger = _logger(mlflow_server.url, tmp_path, "restart-test", timeout_s=2, max_retries=1)
+    logger.log_result(_result(1, {"loss": 1.0}))
+    mlflow_server.stop()
+    try:
+        start = time.monotonic()
+        with pytest.raises(Exception):
+            logger.log_result(_result(2, {"loss": 2.0}))
+        down_cost = time.monotonic() - start
+    finally:
+        mlflow_server.start()
+    assert down_cost < 15, f"a call to a stopped server took {down_cost:.1f} s"
+    logger.log_result(_result(2, {"loss": 2.0}))
+    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(logger.run_id, "eval/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]

@@ -1,0 +1,108 @@
+"""W&B logger in offline mode, read back from the run's own .wandb files with wandb's inspector."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.result import EvalResult
+from tracker_eval_wandb import reader
+from tracker_eval_wandb.logger import WandbConfig, WandbLogger, derive_run_id
+
+SECRET = "fake-secret-0123456789abcdef0123456789abcdef"
+
+
+def _result(step: int, loss: float) -> EvalResult:
+    return EvalResult(step=step, checkpoint=f"/ckpt/{step}", metrics={"loss": loss},
+                      per_example={"loss": np.array([loss, 2 * loss])})
+
+
+def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
+    context = LoggerContext(output_dir=str(tmp_path), run_key="wandb-order")
+    logger = WandbLogger(WandbConfig(mode="offline"), context=context)
+    logger.log_config({"model": "mlp"})
+    logger.log_result(_result(300, 0.25))
+    logger.log_result(_result(100, 0.75))
+    logger.set_summary({"best/loss": 0.25, "best/step": 300})
+    logger.flush()
+    assert logger.run_state() == {"run_id": derive_run_id("wandb-order")}
+    rows = reader.read_history(logger.wandb_dir, logger.run_id)
+    assert [(r["checkpoint_step"], r["eval/loss"]) for r in rows] == [(300, 0.25), (100, 0.75)]
+    assert rows[0]["eval/per_example_table.nrows"] == 2
+
+    # A new logger instance (a restarted process) on the same run key resumes the same run.
+    again = WandbLogger(WandbConfig(mode="offline"), context=context)
+    again.log_result(_result(300, 0.25))
+    again.log_result(_result(200, 0.5))
+    again.close()
+    assert again.run_id == logger.run_id
+    assert len(reader.run_dirs(logger.wandb_dir, logger.run_id)) == 2
+    rows = reader.read_history(logger.wandb_dir, logger.run_id)
+    steps = sorted(r["checkpoint_step"] for r in rows)
+    assert steps == [100, 200, 300]
+    summary = reader.read_summary_updates(logger.wandb_dir, logger.run_id)
+    assert summary["best/step"] == 300 and summary["best/loss"] == 0.25
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from tracker_eval.loggers.base import LoggerContext
+    from tracker_eval.result import EvalResult
+    from tracker_eval_wandb.logger import WandbConfig, WandbLogger
+    out = sys.argv[1]
+    logger = WandbLogger(WandbConfig(mode="offline"), context=LoggerContext(output_dir=out, run_key="kill"))
+    logger.log_config({"model": "mlp", "note": "config"})
+    for step in (300, 100):
+        logger.log_result(EvalResult(step=step, checkpoint=f"/ckpt/{step}", metrics={"loss": step / 1000},
+                                     per_example={"loss": np.ones(3)}))
+    logger.flush()
+    print("flushed", flush=True)
+    # Not delivered: logged but never flushed before the kill.
+    logger.log_result(EvalResult(step=500, checkpoint="/ckpt/500", metrics={"loss": 0.5}))
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_flushed_rows_survive_sigkill_and_secret_is_never_written(tmp_path):
+    # The child must own its wandb-core: an inherited WANDB_SERVICE would make it share this
+    # process's service, which then keeps the killed child's run id "in use".
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env["WANDB_API_KEY"] = SECRET
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert "flushed" in child.stdout
+    wandb_dir = tmp_path / "wandb"
+    run_id = derive_run_id("kill")
+    assert {100, 300} <= reader.held_steps(wandb_dir, run_id)
+    rows = {r["checkpoint_step"]: r["eval/loss"] for r in reader.read_history(wandb_dir, run_id)}
+    assert rows[300] == 0.3 and rows[100] == 0.1
+    # The unflushed step is re-sent by the next process: delivery is at-least-once, then idempotent.
+    logger = WandbLogger(WandbConfig(mode="offline"), context=LoggerContext(output_dir=str(tmp_path), run_key="kill"))
+    for step in (100, 300, 500):
+        logger.log_result(_result(step, step / 1000))
+    logger.close()
+    steps = sorted(r["checkpoint_step"] for r in reader.read_history(wandb_dir, run_id))
+    assert steps.count(100) == 1 and steps.count(300) == 1 and steps.count(500) == 1
+
+    secret = SECRET.encode()
+    assert secret not in child.stdout.encode() and secret not in child.stderr.encode()
+    checked = 0
+    for root, _dirs, files in os.walk(tmp_path):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                assert secret not in f.read(), f"the API key was written to {path}"
+            checked += 1
+    assert checked > 5
