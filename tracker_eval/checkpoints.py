@@ -222,7 +222,11 @@ def _read_tree_metadata(item_dir: epath.Path, *, step: int, step_dir: epath.Path
         if not (item_dir / _PYTREE_METADATA_FILE).exists():
             # Checked here: Orbax's own failure path for it leaves a stray event-loop callback.
             raise FileNotFoundError(f"{os.fspath(item_dir / _PYTREE_METADATA_FILE)} is missing")
-        metadata = ocp.PyTreeCheckpointHandler().metadata(item_dir)
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            metadata = handler.metadata(item_dir)
+        finally:
+            handler.close()
     except Exception as e:  # noqa: BLE001 - any read failure means missing or damaged files
         raise _read_failure(e, step=step, step_dir=step_dir, what="metadata") from e
     return getattr(metadata, "tree", metadata)

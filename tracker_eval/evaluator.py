@@ -15,6 +15,7 @@ the end, per-example rows are copied asynchronously and concatenated once, Max/M
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import sys
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tracker_eval import metrics as metric_lib
@@ -62,6 +64,7 @@ class ExtendedEvaluation:
         listeners: Iterable[ResultListener] = (),
         progress: bool | None = None,
         prefetch_depth: int = 2,
+        max_in_flight: int = 2,
     ) -> None:
         """Builds the evaluation and its jitted step (compiled on first use, once per shape).
 
@@ -76,6 +79,9 @@ class ExtendedEvaluation:
           listeners: called with each `EvalResult` at `on_extended_evaluation_end`.
           progress: a progress bar (True), log lines (False) or auto by terminal (None).
           prefetch_depth: host batches placed ahead of the running step.
+          max_in_flight: eval steps dispatched but not finished before the loop waits for the
+            oldest (a wait, no transfer). Unbounded dispatch of collective programs deadlocks
+            XLA's CPU runtime with several fake devices on few cores; 2 keeps the device busy.
         """
         self.adapter = model if isinstance(model, ModelAdapter) else adapt_model(model)
         self.mesh = mesh
@@ -86,6 +92,7 @@ class ExtendedEvaluation:
         self.listeners: list[ResultListener] = list(listeners)
         self.progress = progress
         self.prefetch_depth = prefetch_depth
+        self.max_in_flight = max(1, max_in_flight)
         self.state: EvalState | None = None
         self.trace_count = 0
         self.last_result: EvalResult | None = None
@@ -123,7 +130,7 @@ class ExtendedEvaluation:
         self.eval_step = jax.jit(
             self.create_evaluation_step_function(),
             donate_argnames=("metrics",),
-            out_shardings=(rep, batch_sharding(self.mesh)),
+            out_shardings=(rep, batch_sharding(self.mesh), rep),
         )
 
     def create_evaluation_step_function(self) -> Callable[..., Any]:
@@ -142,7 +149,10 @@ class ExtendedEvaluation:
             batch_metrics = self._batch_metrics(params, mutable, batch, jax.random.fold_in(rng, batch_index))
             new = {name: metric_lib.update_state(metrics[name], m, mask) for name, m in batch_metrics.items()}
             rows = {name: m.values for name, m in batch_metrics.items() if isinstance(m, metric_lib.PerExample)}
-            return new, rows
+            # A small output that is ready when this step is: the loop waits on it to bound the
+            # dispatch queue (the accumulator itself is donated to the next step).
+            done = jnp.sum(mask.astype(jnp.int32))
+            return new, rows, done
 
         return eval_step
 
@@ -230,13 +240,17 @@ class ExtendedEvaluation:
         accumulator = None
         pending_rows: list[tuple[dict[str, jax.Array], np.ndarray]] = []
         batches = prefetch(data_loader, self.placer.place, depth=self.prefetch_depth)
+        in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
         for count, (batch, mask, host_mask) in enumerate(self._progress(batches, mode), start=1):
             if accumulator is None:
                 accumulator = self.init_eval_metrics(batch)
-            accumulator, rows = self.eval_step(
+            accumulator, rows, done = self.eval_step(
                 state.params, state.mutable_variables, accumulator, batch, mask, state.rng, np.int32(count - 1)
             )
+            in_flight.append(done)
+            if len(in_flight) > self.max_in_flight:
+                in_flight.popleft().block_until_ready()
             if rows:
                 for leaf in rows.values():
                     leaf.copy_to_host_async()  # overlaps with the next batches' compute

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from typing import Any
 
 NOISY = ("absl", "jax", "jax._src", "orbax", "orbax.checkpoint", "etils", "wandb", "mlflow", "alembic",
          "urllib3", "git", "matplotlib", "PIL", "tensorstore")
@@ -23,6 +25,22 @@ def quiet_environment() -> None:
     os.environ.setdefault("ALEMBIC_LOG_LEVEL", "WARNING")
 
 
+def _quiet_unraisable(info: Any) -> None:
+    """Drops Orbax/TensorStore's late callbacks into an already-closed event loop.
+
+    After a failed read, TensorStore completes its futures from its own threads and Orbax's
+    asyncio glue then calls into a loop that is gone; Python reports that as an unraisable
+    traceback on stderr. It carries no information the user's error line lacks.
+    """
+    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+        logging.getLogger("tracker_eval").debug("ignored late event-loop callback: %s", info.exc_value)
+        return
+    _DEFAULT_UNRAISABLE(info)
+
+
+_DEFAULT_UNRAISABLE = sys.unraisablehook
+
+
 def configure_logging(*, verbose: bool = False) -> None:
     """Our logger prints `tracker-eval: message`; libraries log warnings+ only unless verbose."""
     root = logging.getLogger()
@@ -36,6 +54,7 @@ def configure_logging(*, verbose: bool = False) -> None:
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
+        sys.unraisablehook = _quiet_unraisable
         try:
             from absl import logging as absl_logging  # noqa: PLC0415
 

@@ -73,11 +73,11 @@ def _nnx_apply(model: Any) -> Callable[..., Any]:
 
     def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         params = jax.tree.map(lambda x: x, params_template)
-        params.replace_by_pure_dict(variables["params"])
+        nnx.replace_by_pure_dict(params, variables["params"])
         rest = jax.tree.map(lambda x: x, rest_template)
         others = {k: v for k, v in variables.items() if k != "params"}
         for collection in others.values():
-            rest.replace_by_pure_dict(collection)
+            nnx.replace_by_pure_dict(rest, collection)
         module = nnx.merge(graphdef, params, rest)
         module.eval()
         return module(*args, **kwargs)
@@ -89,4 +89,4 @@ def nnx_params(model: Any) -> dict[str, Any]:
     """The pure-dict params of an nnx module (what to save in a checkpoint)."""
     from flax import nnx  # noqa: PLC0415
 
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

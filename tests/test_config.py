@@ -1,0 +1,99 @@
+"""Config: every file in configs/ loads; mistakes are one-line errors naming key and choices."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.errors import ConfigError
+from tracker_eval.loggers.registry import parse_logger_specs
+from tracker_eval.pipeline import Components
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MINIMAL = """
+checkpoint_dir: /tmp/ckpts
+model: tracker_eval.tasks.classification:make_model
+eval_function: tracker_eval.tasks.classification:eval_function
+data: tracker_eval.tasks.classification:make_eval_data
+batch_size: 32
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_resolves(path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config(path)
+    assert isinstance(config, EvalConfig)
+    Components.resolve(config)  # every import path in it imports
+    specs = parse_logger_specs(config.loggers)  # every logger type exists and its options are valid
+    assert specs
+
+
+def test_defaults_match_the_documented_contract(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL))
+    assert config.split == "validation"
+    assert config.checkpoint.item is None and config.checkpoint.params == "params"
+    assert config.checkpoint.mutable == ()
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (-1, 1, 1)
+    assert config.output_dir == "runs/eval"
+    assert [dict(s) for s in config.loggers] == [{"type": "console"}]
+
+
+def test_overrides_with_nested_keys_and_yaml_values(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL),
+                         overrides=["mesh.data=4", "checkpoint.mutable=[batch_stats]", "watch.policy={every_n_steps: 2}"])
+    assert config.mesh.data == 4
+    assert config.checkpoint.mutable == ("batch_stats",)
+    assert config.watch.policy == {"every_n_steps": 2}
+
+
+def test_environment_interpolation_for_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_SPLIT_FROM_ENV", "test")
+    config = load_config(_write(tmp_path, MINIMAL + "split: ${oc.env:EVAL_SPLIT_FROM_ENV}\n"))
+    assert config.split == "test"
+
+
+@pytest.mark.parametrize(
+    "extra, overrides, message",
+    [
+        ("batch_sise: 3\n", [], r"unknown config key batch_sise; valid keys: checkpoint_dir, model"),
+        ("", ["mesh.dta=2"], r"unknown config key mesh.dta in 'mesh'; valid keys: data, fsdp, tensor"),
+        ("", ["batch_size=abc"], r"'batch_size' must be an integer, got 'abc'"),
+        ("", ["watch.policy=sometimes"], r"watch.policy 'sometimes' is not valid; use all, latest"),
+        ("", ["mesh.data=-1", "mesh.fsdp=-1"], r"at most one mesh axis may be -1"),
+        ("", ["params_sharding=diagonal"], r"params_sharding 'diagonal' is not one of auto, replicated, fsdp"),
+        ("", ["nonsense"], r"override 'nonsense' is not key=value"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_naming_key_and_choices(tmp_path, extra, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(_write(tmp_path, MINIMAL + extra), overrides=overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_required_key(tmp_path):
+    text = "\n".join(line for line in MINIMAL.splitlines() if not line.startswith("data:"))
+    with pytest.raises(ConfigError, match=r"missing required config key\(s\) \['data'\]"):
+        load_config(_write(tmp_path, text))
+
+
+def test_import_path_typo_fails_at_load_naming_the_path(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL),
+                         overrides=["eval_function=tracker_eval.tasks.classification:eval_fucntion"])
+    with pytest.raises(ConfigError, match=r"eval_function='tracker_eval.tasks.classification:eval_fucntion'.*no attribute"):
+        Components.resolve(config)
+
+
+def test_config_hash_ignores_mesh_and_batch_but_not_the_model(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    base = load_config(path).config_hash()
+    assert load_config(path, overrides=["mesh.data=2", "batch_size=8"]).config_hash() == base
+    assert load_config(path, overrides=["split=test"]).config_hash() != base
