@@ -96,7 +96,7 @@ def test_flushed_rows_survive_sigkill_and_secret_is_never_written(tmp_path):
 
     secret = SECRET.encode()
     assert secret not in child.stdout.encode() and secret not in child.stderr.encode()
-    checked = 0
+    checked = 0  # files under the output dir, wandb/ included
     for root, _dirs, files in os.walk(tmp_path):
         for name in files:
             path = os.path.join(root, name)
