@@ -65,3 +65,88 @@ def broadcast_from_primary(value: int) -> int:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def _client() -> Any:
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the runtime's key-value store
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("the JAX distributed runtime is not initialized")
+    return client
+
+
+class DecisionChannel:
+    """Process 0's decisions (which step to evaluate, or stop) reaching every process, in order.
+
+    Uses the distributed runtime's key-value store rather than a device collective: followers may
+    wait for minutes between checkpoints, and a blocking key lookup has no collective timeout.
+    In a single process it only passes values through.
+    """
+
+    def __init__(self, *, namespace: str = "tracker_eval/decision") -> None:
+        self.namespace = namespace
+        self.seq = 0
+
+    def exchange(self, value: int | None = None, *, poll_s: float = 1.0, alive: Any = None) -> int:
+        """Process 0 passes its `value`; every process returns process 0's value.
+
+        Args:
+          value: the decision on process 0 (ignored elsewhere).
+          poll_s: how often a follower re-checks `alive` while waiting.
+          alive: optional callable; a follower stops waiting and raises when it returns False.
+        """
+        self.seq += 1
+        if jax.process_count() == 1:
+            return int(value if value is not None else 0)
+        key = f"{self.namespace}/{self.seq}"
+        client = _client()
+        if is_primary():
+            client.key_value_set(key, str(int(value if value is not None else 0)))
+            return int(value if value is not None else 0)
+        while True:
+            try:
+                return int(client.blocking_key_value_get(key, int(poll_s * 1000)))
+            except Exception as error:  # noqa: BLE001 - a timeout of this poll, or a lost coordinator
+                if "DEADLINE_EXCEEDED" not in str(error) and "timed out" not in str(error).lower():
+                    raise
+                if alive is not None and not alive():
+                    raise RuntimeError("stopped while waiting for process 0") from None
+
+
+def gather_to_primary(
+    arrays: dict[str, np.ndarray], *, counts: np.ndarray, tag: str
+) -> dict[str, np.ndarray] | None:
+    """Every process's per-example rows on process 0 only, in dataset order; None elsewhere.
+
+    Args:
+      arrays: this process's real rows, batch after batch.
+      counts: this process's number of real rows in each batch.
+      tag: unique name of this gather (e.g. the step), so consecutive gathers never mix.
+
+    Rows travel through the runtime's key-value store, so only process 0 ever holds them all; the
+    global batch order (process 0's slice, then process 1's, ...) is restored batch by batch.
+    """
+    if jax.process_count() == 1:
+        return arrays
+    import io  # noqa: PLC0415
+
+    client = _client()
+    buffer = io.BytesIO()
+    np.savez(buffer, __counts__=np.asarray(counts, np.int64), **arrays)
+    client.key_value_set_bytes(f"tracker_eval/rows/{tag}/{jax.process_index()}", buffer.getvalue())
+    if not is_primary():
+        return None
+    per_process = []
+    for index in range(jax.process_count()):
+        key = f"tracker_eval/rows/{tag}/{index}"
+        data = client.blocking_key_value_get_bytes(key, 600_000)
+        with np.load(io.BytesIO(data)) as loaded:
+            bounds = np.cumsum(loaded["__counts__"])[:-1]
+            per_process.append({name: np.split(loaded[name], bounds) for name in arrays})
+        client.key_value_delete(key)
+    batches = len(per_process[0][next(iter(arrays))]) if arrays else 0
+    return {
+        name: np.concatenate([part[name][b] for b in range(batches) for part in per_process])
+        for name in arrays
+    }

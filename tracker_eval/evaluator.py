@@ -44,6 +44,10 @@ class EvalError(RuntimeError):
     """The evaluation itself failed (user code raised, data was unusable)."""
 
 
+class EvalAborted(RuntimeError):
+    """`should_abort` asked the evaluation to stop between batches (e.g. on SIGTERM)."""
+
+
 class ExtendedEvaluation:
     """Evaluates an `EvalState` over a data loader on a device mesh.
 
@@ -93,6 +97,7 @@ class ExtendedEvaluation:
         self.progress = progress
         self.prefetch_depth = prefetch_depth
         self.max_in_flight = max(1, max_in_flight)
+        self.should_abort: Callable[[], bool] | None = None
         self.state: EvalState | None = None
         self.trace_count = 0
         self.last_result: EvalResult | None = None
@@ -243,6 +248,8 @@ class ExtendedEvaluation:
         in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
         for count, (batch, mask, host_mask) in enumerate(self._progress(batches, mode), start=1):
+            if self.should_abort is not None and self.should_abort():
+                raise EvalAborted(f"evaluation abandoned after {count - 1} batches")
             if accumulator is None:
                 accumulator = self.init_eval_metrics(batch)
             accumulator, rows, done = self.eval_step(

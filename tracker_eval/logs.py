@@ -23,6 +23,7 @@ def quiet_environment() -> None:
     os.environ.setdefault("WANDB_CONSOLE", "off")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("ALEMBIC_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
 
 
 def _quiet_unraisable(info: Any) -> None:
@@ -43,6 +44,8 @@ _DEFAULT_UNRAISABLE = sys.unraisablehook
 
 def configure_logging(*, verbose: bool = False) -> None:
     """Our logger prints `tracker-eval: message`; libraries log warnings+ only unless verbose."""
+    if verbose:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
     root = logging.getLogger()
     if not any(getattr(h, "_tracker_eval", False) for h in root.handlers):
         handler = logging.StreamHandler()

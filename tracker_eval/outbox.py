@@ -123,6 +123,23 @@ class Outbox(LedgerStore):
         )
         return [step for (step,) in rows]
 
+    def pending_deliveries(self, logger: str) -> list[tuple[int, float]]:
+        """Every step `logger` still lacks with its next attempt time, ascending by step.
+
+        A deliverer that keeps step order waits for the lowest one even while later steps are
+        due, so a tracker that comes back receives its backlog in step order.
+
+        Raises:
+          ValueError: `logger` is not configured.
+        """
+        self._check_logger(logger)
+        rows = self._conn().execute(
+            "SELECT step, next_attempt_at FROM outbox WHERE stream_id = ? AND logger = ? AND state = 'pending' "
+            "ORDER BY step",
+            (self._stream, logger),
+        )
+        return [(int(step), float(when)) for step, when in rows]
+
     def next_delivery_at(self, logger: str) -> float | None:
         """Unix time of `logger`'s earliest pending delivery attempt (a deliverer sleeps until then)."""
         self._check_logger(logger)

@@ -99,9 +99,9 @@ class LoggerSession:
             failures.update({n: e for n, e in outcomes.items() if e is not None})
         return failures
 
-    def close(self) -> None:
-        """Closes every logger; close failures are warnings (results were already delivered or queued)."""
+    def close(self, timeout: float | None = None) -> None:
+        """Closes every logger within `timeout`; failures are warnings (results are in the ledger)."""
         try:
-            self.fanout.close()
+            self.fanout.close(timeout)
         except Exception as error:  # noqa: BLE001
             LOG.warning("tracker-eval: warning: closing loggers: %s", error)

@@ -1,0 +1,115 @@
+"""`tracker-eval status`: what the ledger says about each checkpoint step, and whether a watcher lives.
+
+    tracker-eval status --config watch.yaml            # a table
+    tracker-eval status --config watch.yaml --json     # {"steps": [...], "newest_step": N, "lag_steps": K}
+    tracker-eval status --config watch.yaml --health   # exit 0 only with a recent watcher heartbeat
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.errors import ConfigError
+
+_HEALTHY_WITHIN_S = 120.0
+
+
+def collect_status(config: EvalConfig) -> dict[str, Any]:
+    """The status document (the `--json` output)."""
+    from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
+    from tracker_eval.ledger import Ledger  # noqa: PLC0415
+    from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
+
+    ledger_file = os.path.join(config.output_dir, "ledger.sqlite")
+    listed = finalized_steps(config.checkpoint_dir)
+    newest = listed[-1] if listed else None
+    if not os.path.exists(ledger_file):
+        return {"steps": [], "newest_step": newest, "lag_steps": newest, "best": None, "heartbeat": None}
+    names = [spec.name for spec in parse_logger_specs(config.loggers)]
+    best_cfg = config.watch.best
+    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
+                loggers=names, best_metric=best_cfg.metric if best_cfg else None,
+                best_mode=best_cfg.mode if best_cfg else "min") as ledger:
+        rows = ledger.rows()
+        best = ledger.best()
+        heartbeat = ledger.last_heartbeat()
+    steps = [
+        {
+            "step": row["step"],
+            "state": str(row["state"]),
+            "reason": row["reason"],
+            "attempts": row["attempts"],
+            "metrics": row["metrics"],
+            "deliveries": dict(row["deliveries"]),
+        }
+        for row in rows
+    ]
+    stored = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered")]
+    done = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered", "skipped", "given_up")]
+    lag = None if newest is None else newest - max(done) if done else newest
+    return {
+        "steps": steps,
+        "newest_step": newest,
+        "lag_steps": lag,
+        "newest_evaluated_step": max(stored) if stored else None,
+        "best": None if best is None else {"step": best[0], "value": best[1]},
+        "heartbeat": None if heartbeat is None else {"owner": heartbeat[0], "age_s": round(time.time() - heartbeat[1], 1)},
+    }
+
+
+def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool = False, health: bool = False) -> int:
+    """Entry point of `tracker-eval status`; returns the exit code."""
+    config = load_config(config_path, overrides=overrides)
+    doc = collect_status(config)
+    if health:
+        beat = doc["heartbeat"]
+        limit = max(_HEALTHY_WITHIN_S, 3 * config.watch.poll_interval_s)
+        healthy = beat is not None and beat["age_s"] <= limit
+        print(f"{'healthy' if healthy else 'unhealthy'}: last watcher heartbeat "
+              + ("never" if beat is None else f"{beat['age_s']:.0f} s ago"))
+        return 0 if healthy else 1
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    print(format_table(doc, prefix=config.metric_prefix))
+    return 0
+
+
+def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
+    """A readable table: step, state, headline metrics, delivery per logger."""
+    steps = doc["steps"]
+    if not steps:
+        return f"no evaluations recorded yet; newest checkpoint: {doc['newest_step']}"
+    metric_names = sorted({k for s in steps for k in s["metrics"]})[:4]
+    loggers = sorted({k for s in steps for k in s["deliveries"]})
+    header = ["step", "state", *metric_names, *loggers]
+    lines = [header]
+    for s in steps:
+        metrics = [_fmt(s["metrics"].get(name)) for name in metric_names]
+        deliveries = [s["deliveries"].get(name, "-") for name in loggers]
+        state = s["state"] + (f" ({s['reason']})" if s["reason"] and s["state"] in ("failed", "given_up", "skipped") else "")
+        lines.append([str(s["step"]), state[:60], *metrics, *deliveries])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+    best = doc.get("best")
+    footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
+    if best:
+        footer += f", best: step {best['step']} ({_fmt(best['value'])})"
+    return text + footer
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+__all__ = ["ConfigError", "collect_status", "format_table", "run_status"]

@@ -1,0 +1,329 @@
+"""`tracker-eval watch`: evaluate every new finalized checkpoint once and deliver every result once.
+
+    watcher = Watcher(load_config("configs/watch.yaml"))
+    exit_code = watcher.run()     # until watch.until_step, watch.idle_timeout_s or SIGTERM/SIGINT
+
+Process 0 lists checkpoints, applies the ordering policy, claims a step in the ledger and tells
+every process which step to evaluate; all processes restore and evaluate it; process 0 records
+the metrics in the ledger before any logger sees them, and per-logger delivery threads empty the
+outbox in step order, through tracker outages and restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tracker_eval import distributed
+from tracker_eval.config import EvalConfig, load_config, policy_name
+from tracker_eval.errors import ConfigError
+
+LOG = logging.getLogger("tracker_eval")
+
+IDLE, STOP = -1, -2
+_UNTIL_STEP_OUTBOX_WAIT_S = 60.0
+_STOP_DRAIN_S = 3.0
+
+
+def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
+    """Entry point of `tracker-eval watch`; returns the exit code."""
+    config = load_config(config_path, overrides=overrides)
+    distributed.initialize(config.distributed)
+    watcher = Watcher(config)
+    watcher.install_signal_handlers()
+    return watcher.run()
+
+
+class Watcher:
+    """The watch loop over one checkpoint directory and eval config."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+
+        self.config = config
+        self.watch = config.watch
+        self.policy, self.every_n = policy_name(config.watch.policy)
+        self.stop_requested = threading.Event()
+        self.stop_reason = ""
+        self.primary = distributed.is_primary()
+        self.channel = distributed.DecisionChannel()
+        components = Components.resolve(config)
+        self.ledger: Any = None
+        self.session: Any = None
+        self.delivery: Any = None
+        self.events: Any = None
+        self._retry_after: dict[int, float] = {}
+        self._best: tuple[int, float] | None = None
+        self._evaluated_seen: dict[int, float] = {}
+        if self.primary:
+            self._open_primary()
+        self.pipeline = Pipeline(config, components=components)
+        self.pipeline.evaluation.should_abort = self.stop_requested.is_set
+
+    def _open_primary(self) -> None:
+        from tracker_eval.delivery import Delivery  # noqa: PLC0415
+        from tracker_eval.fswatch import DirectoryEvents  # noqa: PLC0415
+        from tracker_eval.lease import make_owner_id  # noqa: PLC0415
+        from tracker_eval.ledger import Ledger, LedgerError  # noqa: PLC0415
+        from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
+        from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+
+        names = [spec.name for spec in parse_logger_specs(self.config.loggers)]
+        best = self.watch.best
+        try:
+            self.ledger = Ledger(
+                self.config.output_dir,
+                checkpoint_dir=self.config.checkpoint_dir,
+                config_hash=self.config.config_hash(),
+                loggers=names,
+                best_metric=best.metric if best else None,
+                best_mode=best.mode if best else "min",
+                max_attempts=self.watch.max_attempts,
+            )
+        except LedgerError as error:
+            raise ConfigError(
+                f"output_dir={self.config.output_dir!r} cannot hold the ledger ({error}); "
+                "point output_dir at a writable directory"
+            ) from None
+        self.owner = make_owner_id()
+        run_state = {name: self.ledger.get_run_state(name) for name in names}
+        self.session = LoggerSession.open(self.config, run_state=run_state)
+        self.delivery = Delivery(self.ledger, self.session, owner=self.owner)
+        self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
+        self._best = self.ledger.best()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the loop; the current evaluation is abandoned between batches."""
+
+        def handler(signum: int, frame: Any) -> None:
+            del frame
+            self.request_stop(f"signal {signal.Signals(signum).name}")
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+    def run(self) -> int:
+        """Runs until a stop condition; returns the exit code (0 for every orderly stop)."""
+        self._last_new = time.monotonic()  # idle time counts from the start
+        if self.primary:
+            self.delivery.start()
+            LOG.info("tracker-eval: watching %s (policy %s, every %.3g s%s)", self.config.checkpoint_dir,
+                     self.policy if self.policy != "every_n_steps" else f"every {self.every_n} steps",
+                     self.watch.poll_interval_s, ", fast path on" if self.events.active else "")
+        try:
+            while True:
+                decision = self._decide() if self.primary else None
+                decision = self.channel.exchange(decision, alive=lambda: not self.stop_requested.is_set())
+                if decision == STOP:
+                    break
+                if decision >= 0:
+                    self._evaluate(decision)
+                elif self.primary:
+                    self._wait()
+        finally:
+            if self.primary:
+                self._shutdown()
+        return 0
+
+    def _decide(self) -> int:
+        from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
+
+        ledger = self.ledger
+        ledger.touch_heartbeat(self.owner)
+        if self.stop_requested.is_set():
+            return STOP
+        listed = finalized_steps(self.config.checkpoint_dir)
+        new = ledger.register(listed)
+        if new:
+            self._last_new = time.monotonic()
+            LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
+        self._apply_policy()
+        step = self._next_claimable()
+        if step is not None and ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
+            return step
+        reason = self._finished()
+        if reason:
+            self.request_stop(reason)
+            return STOP
+        return IDLE
+
+    def _apply_policy(self) -> None:
+        from tracker_eval.ledger import StepState  # noqa: PLC0415
+
+        pending = self.ledger.steps(StepState.PENDING)
+        if self.policy == "every_n_steps":
+            for step in pending:
+                if step % self.every_n:
+                    self.ledger.mark_skipped(step, f"policy every_n_steps={self.every_n}")
+        elif self.policy == "latest" and pending:
+            newest = self.ledger.newest_step()
+            for step in pending:
+                if step < newest:
+                    self.ledger.mark_skipped(step, f"policy latest: newer step {newest} was found")
+
+    def _next_claimable(self) -> int | None:
+        from tracker_eval.ledger import StepState  # noqa: PLC0415
+
+        now = time.monotonic()
+        for step in self.ledger.steps(StepState.PENDING, StepState.FAILED):
+            if self._retry_after.get(step, 0.0) <= now:
+                return step
+        return None
+
+    def _finished(self) -> str:
+        """A stop reason when `until_step` or `idle_timeout_s` is reached, else ''."""
+        from tracker_eval.ledger import StepState  # noqa: PLC0415
+
+        until = self.watch.until_step
+        if until is not None:
+            known = [row for row in self.ledger.rows()]
+            relevant = [r for r in known if r["step"] <= until]
+            reached = any(r["step"] >= until for r in known)
+            if reached and relevant and all(self._settled(r, StepState) for r in relevant):
+                return f"until_step {until} reached"
+        idle = self.watch.idle_timeout_s
+        if idle is not None and time.monotonic() - self._last_new >= idle:
+            if not self.ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING):
+                return f"no new checkpoint for {idle:g} s"
+        return ""
+
+    def _settled(self, row: dict[str, Any], states: Any) -> bool:
+        state = row["state"]
+        if state in (states.DELIVERED, states.SKIPPED, states.GIVEN_UP):
+            return True
+        if state == states.EVALUATED:
+            seen = self._evaluated_seen.setdefault(row["step"], time.monotonic())
+            return time.monotonic() - seen >= _UNTIL_STEP_OUTBOX_WAIT_S
+        return False
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.watch.poll_interval_s
+        while not self.stop_requested.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            # Short slices so a signal or a finished delivery is noticed quickly.
+            if self.events.wait(min(left, 0.5)):
+                return
+            if self.watch.until_step is not None and self._finished():
+                return
+
+    def _evaluate(self, step: int) -> None:
+        from tracker_eval.checkpoints import CheckpointVanishedError  # noqa: PLC0415
+        from tracker_eval.evaluator import EvalAborted  # noqa: PLC0415
+
+        LOG.info("tracker-eval: evaluating step %d", step)
+        renewer = _LeaseRenewer(self, step) if self.primary else None
+        try:
+            result = self.pipeline.evaluate_step(step)
+        except EvalAborted:
+            if self.primary:
+                self.ledger.release(step, owner=self.owner)
+            LOG.info("tracker-eval: evaluation of step %d abandoned (%s)", step, self.stop_reason or "stop")
+            return
+        except CheckpointVanishedError as error:
+            if self.primary:
+                self.ledger.mark_skipped(step, _one_line(error), owner=self.owner)
+            LOG.warning("tracker-eval: step %d skipped: %s", step, _one_line(error))
+            return
+        except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
+            if self.primary:
+                self._record_failure(step, error)
+            return
+        finally:
+            if renewer is not None:
+                renewer.stop()
+        if not self.primary:
+            return
+        self.ledger.record_metrics(result, owner=self.owner)
+        self._update_best()
+        self.delivery.notify()
+        LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
+                 _headline(result.metrics))
+
+    def _record_failure(self, step: int, error: Exception) -> None:
+        from tracker_eval.ledger import StepState  # noqa: PLC0415
+
+        reason = f"{type(error).__name__}: {_one_line(error)}"
+        state = self.ledger.mark_failed(step, reason, owner=self.owner)
+        self._retry_after[step] = time.monotonic() + self.watch.poll_interval_s
+        if state == StepState.GIVEN_UP:
+            LOG.warning("tracker-eval: step %d given up after %d attempts: %s", step, self.watch.max_attempts, reason)
+        else:
+            LOG.warning("tracker-eval: step %d failed (will retry): %s", step, reason)
+
+    def _update_best(self) -> None:
+        best = self.ledger.best()
+        if best is None or best == self._best or self.watch.best is None:
+            return
+        self._best = best
+        step, value = best
+        metric = self.watch.best.metric
+        payload = {"step": step, "metric": metric, "mode": self.watch.best.mode, "value": value,
+                   "checkpoint": os.path.join(self.config.checkpoint_dir, str(step))}
+        path = os.path.join(self.config.output_dir, "best.json")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+        self.session.fanout.set_summary({"best_step": step, f"best_{metric}": value})
+        LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, metric, value)
+
+    def _shutdown(self) -> None:
+        signalled = self.stop_reason.startswith("signal")
+        drain_s = _STOP_DRAIN_S if signalled else _UNTIL_STEP_OUTBOX_WAIT_S
+        drained = self.delivery.drain(drain_s)
+        self.delivery.stop(timeout=2.0)
+        for name, state in self.session.fanout.run_states().items():
+            self.ledger.set_run_state(name, state)
+        self.session.close(timeout=3.0 if signalled else 30.0)
+        self.events.close()
+        waiting = {k: v for k, v in self.delivery.pending().items() if v}
+        LOG.info("tracker-eval: stopped (%s)%s", self.stop_reason or "done",
+                 "" if drained else f"; undelivered results wait in the outbox: {waiting}")
+        self.ledger.close()
+
+
+class _LeaseRenewer:
+    """Keeps a step's claim (and the watcher's heartbeat) alive during a long evaluation."""
+
+    def __init__(self, watcher: Watcher, step: int) -> None:
+        self._stop = threading.Event()
+        ttl = watcher.watch.lease_ttl_s
+
+        def renew() -> None:
+            while not self._stop.wait(ttl / 3):
+                try:
+                    watcher.ledger.renew(step, owner=watcher.owner, ttl_s=ttl)
+                    watcher.ledger.touch_heartbeat(watcher.owner)
+                except Exception as error:  # noqa: BLE001
+                    LOG.debug("lease renewal failed: %s", error)
+
+        self._thread = threading.Thread(target=renew, name=f"lease-{step}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]} ... {steps[-1]} ({len(steps)})"
+
+
+def _headline(metrics: Any) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in list(sorted(metrics.items()))[:4])
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:400] or type(error).__name__
