@@ -51,6 +51,65 @@ def initialize(config: DistributedConfig | None) -> None:
         )
     jax.distributed.initialize(**kwargs)
     LOG.info("process %d of %d joined the JAX distributed runtime", jax.process_index(), jax.process_count())
+    if jax.process_count() > 1:
+        PeerMonitor(timeout_s=max(2.0, config.heartbeat_timeout_s / 2)).start()
+
+
+class PeerMonitor:
+    """Ends this process with one clear line when a peer process is lost.
+
+    JAX notices a dead peer only after its heartbeat timeout and then aborts the survivors from
+    C++ (SIGABRT and a stack dump, no Python exception). Each process here writes a heartbeat key
+    every second and watches the others' keys; a peer silent for `timeout_s` (half of JAX's
+    heartbeat timeout), or a coordinator that stops answering, ends the process first, with exit
+    code 1 and a line saying which peer was lost. Unfinished ledger claims are taken over on the
+    next start because their owner is then dead.
+    """
+
+    def __init__(self, *, timeout_s: float, interval_s: float = 1.0) -> None:
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+
+    def start(self) -> None:
+        import threading  # noqa: PLC0415
+
+        threading.Thread(target=self._run, name="tracker-eval-peers", daemon=True).start()
+
+    def _run(self) -> None:
+        import time  # noqa: PLC0415
+
+        me, count = jax.process_index(), jax.process_count()
+        last_seen = {p: (None, time.monotonic()) for p in range(count) if p != me}
+        beat = 0
+        coordinator_errors_since: float | None = None
+        while True:
+            now = time.monotonic()
+            try:
+                client = _client()
+                beat += 1
+                client.key_value_set(f"tracker_eval/alive/{me}", str(beat), allow_overwrite=True)
+                for peer, (value, since) in list(last_seen.items()):
+                    current = _try_get(client, f"tracker_eval/alive/{peer}")
+                    if current != value:
+                        last_seen[peer] = (current, now)
+                    elif now - since > self.timeout_s:
+                        self._die(f"lost contact with peer process {peer} (no heartbeat for {now - since:.0f} s)")
+                coordinator_errors_since = None
+            except Exception as error:  # noqa: BLE001 - a coordinator that is gone answers with errors
+                coordinator_errors_since = coordinator_errors_since or now
+                if now - coordinator_errors_since > self.timeout_s / 2:
+                    self._die(f"lost contact with the coordinator (process 0): {' '.join(str(error).split())[:200]}")
+            time.sleep(self.interval_s)
+
+    @staticmethod
+    def _die(message: str) -> None:
+        import os  # noqa: PLC0415
+        import sys  # noqa: PLC0415
+
+        sys.stdout.flush()
+        print(f"tracker-eval: error: {message}; stopping this process (restart the job to resume: "
+              "finished checkpoints are kept in the ledger)", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def is_primary() -> bool:
@@ -74,6 +133,15 @@ def _client() -> Any:
     if client is None:
         raise RuntimeError("the JAX distributed runtime is not initialized")
     return client
+
+
+def _try_get(client: Any, key: str) -> str | None:
+    try:
+        return client.key_value_try_get(key)
+    except Exception as error:  # noqa: BLE001
+        if "NOT_FOUND" in str(error):
+            return None
+        raise
 
 
 class DecisionChannel:

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracker_eval import metrics as metric_lib
+from tracker_eval import distributed, metrics as metric_lib
 from tracker_eval.models import ModelAdapter, adapt_model
 from tracker_eval.prefetch import prefetch
 from tracker_eval.result import EvalResult
-from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, replicated
+from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, put_replicated, replicated
 from tracker_eval.state import EvalState
 
 LOG = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class ExtendedEvaluation:
         self.prefetch_depth = prefetch_depth
         self.max_in_flight = max(1, max_in_flight)
         self.should_abort: Callable[[], bool] | None = None
+        self._gathers = 0
         self.state: EvalState | None = None
         self.trace_count = 0
         self.last_result: EvalResult | None = None
@@ -190,7 +191,7 @@ class ExtendedEvaluation:
                 )
             self._kinds = metric_lib.kinds_of(self._eval_metric_shapes)
         zeros = {name: metric_lib.init_state(m) for name, m in self._eval_metric_shapes.items()}
-        return jax.device_put(zeros, replicated(self.mesh))
+        return put_replicated(zeros, self.mesh)
 
     def aggregate_metrics(
         self, aggregated_metrics: Mapping[str, Any], eval_metrics: Mapping[str, Any]
@@ -214,7 +215,8 @@ class ExtendedEvaluation:
         final: dict[str, Any] = {}
         for name, state in aggregated_metrics.items():
             if kinds.get(name) == "PerExample":
-                final[name] = state["rows"]
+                if "rows" in state:  # absent on processes other than 0, which receive no rows
+                    final[name] = state["rows"]
             else:
                 final[name] = metric_lib.finalize_value(kinds[name], state)
         if self.finalize_fn is not None:
@@ -264,8 +266,14 @@ class ExtendedEvaluation:
                 pending_rows.append((rows, host_mask))
         if accumulator is None:
             raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
-        reduced = jax.device_get(accumulator)  # the one device-to-host transfer of reduced metrics
+        reduced = _fetch_replicated(accumulator)  # the one device-to-host transfer of reduced metrics
         per_example = self._collect_rows(pending_rows)
+        if jax.process_count() > 1:
+            # Only process 0 receives the other processes' rows; the rest keep none.
+            counts = np.asarray([int(host_mask.sum()) for _, host_mask in pending_rows])
+            gathered = distributed.gather_to_primary(per_example, counts=counts, tag=f"eval-{self._gathers}")
+            self._gathers += 1
+            per_example = gathered if gathered is not None else {}
         aggregated = self.aggregate_metrics({}, {"reduced": reduced, "per_example": per_example})
         final = self.finalize_metrics(aggregated)
         self._context["eval_wall_s"] = time.perf_counter() - start
@@ -293,8 +301,8 @@ class ExtendedEvaluation:
         params = place_params(state.params, self.mesh, rule=self.params_sharding)
         mutable = state.mutable_variables
         if mutable is not None:
-            mutable = jax.device_put(mutable, replicated(self.mesh))
-        rng = jax.device_put(state.rng, replicated(self.mesh))
+            mutable = put_replicated(mutable, self.mesh)
+        rng = put_replicated(state.rng, self.mesh)
         self.state = state.replace(params=params, mutable_variables=mutable, rng=rng)
 
     def on_extended_evaluation_start(self) -> None:
@@ -344,7 +352,7 @@ class ExtendedEvaluation:
 
     def _collect_rows(self, pending: list[tuple[dict[str, jax.Array], np.ndarray]]) -> dict[str, np.ndarray]:
         """Concatenates this process's real per-example rows once, in dataset order."""
-        if not pending:
+        if not pending or not pending[0][0]:
             return {}
         names = pending[0][0].keys()
         return {
@@ -364,6 +372,13 @@ class ExtendedEvaluation:
         if self.state is None:
             raise EvalError("no state to evaluate: call set_state(EvalState...) or evaluate(state, loader)")
         return self.state
+
+
+def _fetch_replicated(tree: Any) -> Any:
+    """Host copy of replicated arrays; with several processes each reads its own local replica."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:

@@ -101,14 +101,36 @@ def shardings_for(tree: Any, mesh: Mesh, *, rule: str) -> Any:
 
 def place_params(tree: Any, mesh: Mesh, *, rule: str) -> Any:
     """Places params on the mesh; leaves already there with the right sharding are not copied."""
-    shardings = shardings_for(tree, mesh, rule=rule)
+    return jax.tree.map(put, tree, shardings_for(tree, mesh, rule=rule))
 
-    def place(leaf: Any, sharding: NamedSharding) -> Any:
-        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+
+def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    """`leaf` with `sharding`: no copy when it already has it; works across processes too.
+
+    Host values (identical on every process) become global arrays through a callback, because
+    `jax.device_put` only reaches this process's devices.
+    """
+    if isinstance(leaf, jax.Array):
+        if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
             return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) and not sharding.is_fully_addressable:
+            # Typed keys cannot pass through numpy: move their raw data and wrap it again.
+            data = put(jax.random.key_data(leaf), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        if leaf.is_fully_addressable and not sharding.is_fully_addressable:
+            leaf = np.asarray(leaf)
+        else:
+            return jax.device_put(leaf, sharding)
+    if sharding.is_fully_addressable:
         return jax.device_put(leaf, sharding)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree.map(place, tree, shardings)
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf replicated on the mesh (host values must be equal on all processes)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda leaf: put(leaf, sharding), tree)
 
 
 class BatchPlacer:

@@ -149,9 +149,10 @@ class Watcher:
             self._last_new = time.monotonic()
             LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
         self._apply_policy()
-        step = self._next_claimable()
-        if step is not None and ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
-            return step
+        for step in self._claimable():
+            # Another live watcher may hold a step: try the next one instead of waiting.
+            if ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
+                return step
         reason = self._finished()
         if reason:
             self.request_stop(reason)
@@ -172,14 +173,13 @@ class Watcher:
                 if step < newest:
                     self.ledger.mark_skipped(step, f"policy latest: newer step {newest} was found")
 
-    def _next_claimable(self) -> int | None:
+    def _claimable(self) -> list[int]:
+        """Steps worth a claim, ascending; EVALUATING too, since claim() takes over a dead holder's."""
         from tracker_eval.ledger import StepState  # noqa: PLC0415
 
         now = time.monotonic()
-        for step in self.ledger.steps(StepState.PENDING, StepState.FAILED):
-            if self._retry_after.get(step, 0.0) <= now:
-                return step
-        return None
+        steps = self.ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING)
+        return [step for step in steps if self._retry_after.get(step, 0.0) <= now]
 
     def _finished(self) -> str:
         """A stop reason when `until_step` or `idle_timeout_s` is reached, else ''."""
