@@ -72,7 +72,8 @@ STAGES = parse_dockerfile(DOCKERFILE.read_text())
 def _stage(name: str | None) -> list[Instruction]:
     for stage in STAGES[1:]:
         words = stage[0].value.split()
-        if (name is None and stage is STAGES[-1]) or (len(words) == 3 and words[1].upper() == "AS" and words[2] == name):
+        named = len(words) == 3 and words[1].upper() == "AS" and words[2] == name
+        if named or (name is None and stage is STAGES[-1]):
             return stage
     raise AssertionError(f"no stage {name!r} in the Dockerfile")
 
@@ -241,7 +242,8 @@ class BuildStage:
         for source in sources:
             src = ROOT / source
             assert src.exists(), f"COPY {source}: not in the repository"
-            assert not dockerignore_excludes(source.strip("./"), self.patterns), f"COPY {source}: .dockerignore drops it"
+            kept = not dockerignore_excludes(source.strip("./"), self.patterns)
+            assert kept, f"COPY {source}: .dockerignore drops it"
             for path in _context_files(src, self.patterns):
                 rel = path.relative_to(src) if src.is_dir() else pathlib.Path(path.name)
                 out = target / rel if (src.is_dir() or dest.endswith("/")) else target
