@@ -76,6 +76,16 @@ class LoggerSession:
         session.fanout.log_config(config.to_dict())
         return session
 
+    def persist_run_states(self, ledger: Any) -> None:
+        """Stores each logger's tracker run (e.g. its MLflow run id) in the ledger.
+
+        Done right after opening, so a watcher or training process started later attaches to the
+        same tracker runs instead of creating its own.
+        """
+        for name, state in self.fanout.run_states().items():
+            if state:
+                ledger.set_run_state(name, state)
+
     @property
     def names(self) -> list[str]:
         """Names of the loggers that started."""

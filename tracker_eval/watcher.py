@@ -94,6 +94,7 @@ class Watcher:
         self.owner = make_owner_id()
         run_state = {name: self.ledger.get_run_state(name) for name in names}
         self.session = LoggerSession.open(self.config, run_state=run_state)
+        self.session.persist_run_states(self.ledger)
         self.delivery = Delivery(self.ledger, self.session, owner=self.owner)
         self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
         self._best = self.ledger.best()
@@ -285,8 +286,7 @@ class Watcher:
         drain_s = _STOP_DRAIN_S if signalled else _UNTIL_STEP_OUTBOX_WAIT_S
         drained = self.delivery.drain(drain_s)
         self.delivery.stop(timeout=2.0)
-        for name, state in self.session.fanout.run_states().items():
-            self.ledger.set_run_state(name, state)
+        self.session.persist_run_states(self.ledger)
         self.session.close(timeout=3.0 if signalled else 30.0)
         self.events.close()
         waiting = {k: v for k, v in self.delivery.pending().items() if v}

@@ -1,0 +1,124 @@
+"""In-training evaluation next to a real watcher subprocess: one ledger, one point per step everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest_plugins = ["fixtures_mlflow"]
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
+STEPS = [10, 20, 30, 40, 50, 60]
+
+
+def _numpy_loss(params) -> float:
+    from tracker_eval.tasks import classification
+
+    p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
+    x, y = classification.split_digits("validation")
+    logits = np.maximum(x @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0) @ p["out"]["kernel"] + p["out"]["bias"]
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from tracker_eval import InTrainingEvaluation
+    from tracker_eval.config import load_config
+    from tracker_eval.ledger import StepState
+    from tracker_eval.reporting import run_key
+    from tracker_eval.tasks.train import train_classifier
+    from tracker_eval_wandb import reader
+    from tracker_eval_wandb.logger import derive_run_id
+
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"checkpoint_dir: {ckpts}\n"
+        "model: tracker_eval.tasks.classification:make_model\n"
+        "eval_function: tracker_eval.tasks.classification:eval_function\n"
+        "data: tracker_eval.tasks.classification:make_eval_data\n"
+        "batch_size: 64\n"
+        f"output_dir: {out}\n"
+        "watch: {poll_interval_s: 0.3, until_step: 60}\n"
+        "loggers:\n"
+        "  - {type: jsonl}\n"
+        f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: in-training}}\n"
+        "  - {type: wandb, mode: offline}\n"
+    )
+    evaluation = InTrainingEvaluation.from_config(str(config_path))
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    watcher = subprocess.Popen([EXE, "watch", "--config", str(config_path)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    in_process: dict[int, tuple[float, float]] = {}
+
+    def after_save(step, state):
+        if step % 20 == 0:  # every other checkpoint here; the watcher takes the rest
+            result = evaluation.after_checkpoint(step=step, train_state=state)
+            if result is not None:
+                in_process[step] = (result.metrics["loss"], _numpy_loss(state.params))
+
+    try:
+        train_classifier(ckpts, steps=60, save_every=10, learning_rate=0.01, after_save=after_save)
+        # A step the watcher already holds comes back from the ledger, not from a new evaluation.
+        deadline = time.monotonic() + 60
+        while evaluation.ledger.state(10) not in (StepState.EVALUATED, StepState.DELIVERED):
+            assert time.monotonic() < deadline, "the watcher never evaluated step 10"
+            time.sleep(0.2)
+        compiles = evaluation.compile_count
+        stored = evaluation.after_checkpoint(step=10, params={"unused": np.zeros(1)})
+        assert stored is not None and stored.step == 10
+        assert evaluation.compile_count == compiles
+        evaluation.close()
+        _, err = watcher.communicate(timeout=180)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        evaluation.close()
+    assert watcher.returncode == 0, err[-3000:]
+    assert evaluation.compile_count == 1  # one compile for the whole training run
+    assert in_process, "no step was evaluated in-process"
+    for step, (ours, reference) in in_process.items():
+        assert ours == pytest.approx(reference, rel=1e-5), step
+
+    config = load_config(config_path)
+    from tracker_eval.ledger import Ledger
+
+    with Ledger(out, checkpoint_dir=ckpts, config_hash=config.config_hash(),
+                loggers=["jsonl", "mlflow", "wandb"]) as ledger:
+        rows = ledger.rows()
+        expected = {step: ledger.result(step).metrics["loss"] for step in STEPS}
+    assert [(r["step"], str(r["state"]), r["attempts"]) for r in rows] == [(s, "delivered", 1) for s in STEPS]
+    sources = {r["step"] for r in rows}
+    assert sources == set(STEPS)
+
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in jsonl) == STEPS
+    in_training_steps = {r["step"] for r in jsonl if r["provenance"].get("source") == "in-training"}
+    assert in_training_steps == set(in_process)
+    assert all(r["provenance"]["training_time_in_after_checkpoint_s"] > 0
+               for r in jsonl if r["step"] in in_training_steps)
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.get_experiment_by_name("in-training")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # training and watcher attached to the same run
+    history = client.get_metric_history(runs[0].info.run_id, "eval/loss")
+    assert sorted(m.step for m in history) == STEPS
+    assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
+
+    rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))
+    points = sorted((int(r["checkpoint_step"]), r["eval/loss"]) for r in rows if "eval/loss" in r)
+    assert [s for s, _ in points] == STEPS
+    assert dict(points) == pytest.approx(expected, rel=1e-6)

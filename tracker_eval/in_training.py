@@ -1,0 +1,183 @@
+"""`InTrainingEvaluation`: the watcher's evaluation and loggers, called from a training loop.
+
+    from tracker_eval import InTrainingEvaluation
+
+    with InTrainingEvaluation.from_config("eval.yaml", overrides=["output_dir=runs/eval"]) as evaluation:
+        for step in ...:
+            ...
+            checkpoint_manager.save(step, args=...)
+            evaluation.after_checkpoint(step=step, train_state=state)
+
+It evaluates the live params (no restore, one compile for the whole run) and records each step in
+the same ledger as `tracker-eval watch` (same output_dir, checkpoint_dir and eval config), so a
+watcher beside training skips steps evaluated here, and a step the watcher already evaluated is
+returned from the ledger without evaluating again. Delivery follows the outbox rules: a tracker
+outage never stops training; undelivered results are sent later by either side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from tracker_eval import distributed
+from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.result import EvalResult
+from tracker_eval.state import EvalState
+
+LOG = logging.getLogger("tracker_eval")
+
+_SKIP, _STORED = -1, -2
+
+
+class InTrainingEvaluation:
+    """Evaluates live train states after checkpoints and shares the watcher's ledger.
+
+    Args:
+      config: the same config a `tracker-eval watch` of this run uses.
+      raise_on_error: re-raise evaluation failures instead of recording and warning.
+      close_drain_s: how long `close()` waits for deliveries before leaving them in the outbox.
+    """
+
+    def __init__(self, config: EvalConfig, *, raise_on_error: bool = False, close_drain_s: float = 30.0) -> None:
+        from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+
+        self.config = config
+        self.raise_on_error = raise_on_error
+        self.close_drain_s = close_drain_s
+        self.primary = distributed.is_primary()
+        self.channel = distributed.DecisionChannel(namespace="tracker_eval/in_training")
+        self.pipeline = Pipeline(config, components=Components.resolve(config), progress=False)
+        self.ledger: Any = None
+        self.delivery: Any = None
+        self.session: Any = None
+        if self.primary:
+            self._open_primary()
+        self._closed = False
+
+    @classmethod
+    def from_config(
+        cls, path: str, *, overrides: Sequence[str] = (), **kwargs: Any
+    ) -> InTrainingEvaluation:
+        """Loads the YAML config (with `key=value` overrides) and builds the evaluation."""
+        return cls(load_config(path, overrides=overrides), **kwargs)
+
+    def _open_primary(self) -> None:
+        from tracker_eval.delivery import Delivery  # noqa: PLC0415
+        from tracker_eval.lease import make_owner_id  # noqa: PLC0415
+        from tracker_eval.ledger import Ledger  # noqa: PLC0415
+        from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
+        from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+
+        names = [spec.name for spec in parse_logger_specs(self.config.loggers)]
+        best = self.config.watch.best
+        self.ledger = Ledger(
+            self.config.output_dir,
+            checkpoint_dir=self.config.checkpoint_dir,
+            config_hash=self.config.config_hash(),
+            loggers=names,
+            best_metric=best.metric if best else None,
+            best_mode=best.mode if best else "min",
+            max_attempts=self.config.watch.max_attempts,
+        )
+        self.owner = make_owner_id()
+        run_state = {name: self.ledger.get_run_state(name) for name in names}
+        self.session = LoggerSession.open(self.config, run_state=run_state)
+        self.session.persist_run_states(self.ledger)
+        self.delivery = Delivery(self.ledger, self.session, owner=self.owner)
+        self.delivery.start()
+
+    @property
+    def compile_count(self) -> int:
+        """Compilations of the eval step in this process so far (1 for a whole training run)."""
+        return self.pipeline.evaluation.trace_count
+
+    def after_checkpoint(
+        self,
+        *,
+        step: int,
+        train_state: Any = None,
+        params: Any = None,
+        mutable_variables: Any = None,
+    ) -> EvalResult | None:
+        """Evaluates `step` now, unless the ledger already holds (or another process is evaluating) it.
+
+        Every process of a multi-process job calls this; process 0 decides and records.
+
+        Args:
+          step: the training step just checkpointed.
+          train_state: a flax TrainState-like object (params, optional batch_stats/mutable_variables).
+          params: the params, when no train_state is given.
+          mutable_variables: other collections, with `params`.
+
+        Returns:
+          The step's result (stored earlier or just evaluated); None when another process is
+          evaluating it right now, or the evaluation failed (recorded in the ledger).
+        """
+        started = time.perf_counter()
+        decision = self._decide(step) if self.primary else None
+        decision = self.channel.exchange(decision)
+        if decision == _STORED:
+            return self.ledger.result(step) if self.primary else None
+        if decision == _SKIP:
+            return None
+        if train_state is not None:
+            state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
+        else:
+            state = EvalState.create(apply_fn=None, params=params, mutable_variables=mutable_variables,
+                                     rng=jax.random.key(self.config.seed))
+        state = state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
+        try:
+            result = self.pipeline.evaluate_state(state, checkpoint=self.pipeline.checkpoint_path(step),
+                                                  source="in-training")
+        except Exception as error:
+            if self.primary:
+                self.ledger.mark_failed(step, f"{type(error).__name__}: {error}", owner=self.owner)
+            if self.raise_on_error:
+                raise
+            LOG.warning("tracker-eval: in-training evaluation of step %d failed: %s", step, error)
+            return None
+        if not self.primary:
+            return result
+        spent = time.perf_counter() - started
+        result = EvalResult(
+            step=result.step, checkpoint=result.checkpoint, metrics=result.metrics,
+            per_example=result.per_example, time=result.time,
+            provenance={**result.provenance, "training_time_in_after_checkpoint_s": round(spent, 4)},
+        )
+        self.ledger.record_metrics(result, owner=self.owner)
+        self.delivery.notify()
+        return result
+
+    def _decide(self, step: int) -> int:
+        from tracker_eval.ledger import StepState  # noqa: PLC0415
+
+        self.ledger.register([step])
+        if self.ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED):
+            return _STORED
+        if self.ledger.claim(step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s):
+            return step
+        return _STORED if self.ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED) else _SKIP
+
+    def close(self) -> None:
+        """Waits up to `close_drain_s` for deliveries, then closes the loggers (the rest stays queued)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.primary:
+            return
+        self.delivery.drain(self.close_drain_s)
+        self.delivery.stop(timeout=2.0)
+        self.session.persist_run_states(self.ledger)
+        self.session.close(timeout=30.0)
+        self.ledger.close()
+
+    def __enter__(self) -> InTrainingEvaluation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
