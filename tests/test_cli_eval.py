@@ -125,7 +125,7 @@ def test_corrupt_checkpoint_exits_1_with_one_line(tmp_path, checkpoints):
 
 def test_failing_logger_warns_and_still_exits_0(tmp_path, checkpoints):
     out = tmp_path / "r.json"
-    extra = "loggers: [{type: 'failing_logger:FailingLogger', name: flaky}, {type: jsonl}]\n"
+    extra = "loggers: [{type: 'failing_logger:FailingLogger', id: flaky}, {type: jsonl}]\n"
     proc = _run("eval", "--config", _config(tmp_path, checkpoints, extra), "--output", out)
     assert proc.returncode == 0, proc.stderr
     assert "logger 'flaky' failed" in proc.stderr and "tracker rejected the request" in proc.stderr

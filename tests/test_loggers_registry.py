@@ -51,7 +51,7 @@ def test_names_default_to_type_and_must_be_unique(tmp_path):
     with pytest.raises(ConfigError, match="'jsonl' is already used"):
         build_loggers([{"type": "jsonl"}, {"type": "jsonl", "path": "b.jsonl"}], context)
     loggers = build_loggers(
-        [{"type": "console", "precision": 3}, {"type": "jsonl"}, {"type": "jsonl", "name": "b", "path": "b.jsonl"}],
+        [{"type": "console", "precision": 3}, {"type": "jsonl"}, {"type": "jsonl", "id": "b", "path": "b.jsonl"}],
         context,
     )
     try:

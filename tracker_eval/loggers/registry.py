@@ -24,7 +24,9 @@ from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import Logger, LoggerContext
 
 ENTRY_POINT_GROUP = "tracker_eval.loggers"
-_RESERVED_KEYS = ("type", "name")
+# `id` names the logger instance (ledger outbox, warnings); `name` stays free for trackers'
+# own options such as the W&B run name.
+_RESERVED_KEYS = ("type", "id")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -108,13 +110,13 @@ def parse_logger_specs(specs: Sequence[Mapping[str, Any]]) -> list[LoggerSpec]:
                 f"{where} needs a 'type'; installed types: {', '.join(available_logger_types())}"
             )
         cls = load_logger_class(type_name)
-        name = spec.get("name", type_name.rpartition(":")[2].lower() if ":" in type_name else type_name)
+        name = spec.get("id", type_name.rpartition(":")[2].lower() if ":" in type_name else type_name)
         if not isinstance(name, str) or not _NAME_PATTERN.match(name):
-            raise ConfigError(f"{where}.name must be letters, digits, '_', '-' or '.', got {name!r}")
+            raise ConfigError(f"{where}.id must be letters, digits, '_', '-' or '.', got {name!r}")
         if name in seen:
             raise ConfigError(
                 f"{where}: logger name {name!r} is already used by loggers[{seen[name]}]; "
-                f"add a distinct 'name:' to one of them (e.g. name: {name}-2)"
+                f"add a distinct 'id:' to one of them (e.g. id: {name}-2)"
             )
         seen[name] = index
         options = {k: v for k, v in spec.items() if k not in _RESERVED_KEYS}
@@ -171,7 +173,7 @@ def make_config(cls: type, options: Mapping[str, Any], *, where: str = "logger")
     for key in options:
         if key not in fields:
             raise ConfigError(
-                f"{where}: unknown option {key!r}; valid options: {', '.join(['name', *fields])}"
+                f"{where}: unknown option {key!r}; valid options: {', '.join(['id', *fields])}"
             )
     hints = typing.get_type_hints(config_cls)
     values = {key: _coerce(value, hints.get(key, Any), where=f"{where}: option {key!r}") for key, value in options.items()}

@@ -1,0 +1,142 @@
+"""`tracker-eval demo`: the whole product on a laptop, no account and no server.
+
+A training process trains the built-in digits classifier and writes Orbax checkpoints every few
+steps; the watcher beside it evaluates each one as it appears and logs to the console, JSONL,
+MLflow (an embedded sqlite store) and W&B (offline). At the end: a table per checkpoint, the best
+checkpoint, a PNG plot, and the commands to browse the results.
+
+    tracker-eval demo                       # runs/demo, ~1-2 minutes after install
+    tracker-eval demo --in-training         # every other checkpoint evaluated inside training
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from tracker_eval.errors import ConfigError
+
+_MARKER = ".tracker-eval-demo"
+DEFAULT_STEPS = 200
+SAVE_EVERY = 20
+
+
+def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool) -> dict[str, Any]:
+    """The embedded defaults of the demo (written to <output_dir>/demo.yaml for later commands)."""
+    loggers: list[dict[str, Any]] = [{"type": "console"}, {"type": "jsonl"}]
+    if mlflow:
+        loggers.append({"type": "mlflow", "experiment": "tracker-eval-demo", "run_name": "demo-eval"})
+    if wandb:
+        loggers.append({"type": "wandb", "project": "tracker-eval-demo", "mode": "offline", "name": "demo-eval"})
+    return {
+        "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
+        "model": "tracker_eval.tasks.classification:make_model",
+        "eval_function": "tracker_eval.tasks.classification:eval_function",
+        "data": "tracker_eval.tasks.classification:make_eval_data",
+        "split": "validation",
+        "batch_size": 64,
+        "output_dir": output_dir,
+        "watch": {"poll_interval_s": 1.0, "until_step": steps, "idle_timeout_s": 120,
+                  "best": {"metric": "loss", "mode": "min"}},
+        "loggers": loggers,
+    }
+
+
+def run_demo(
+    *, output_dir: str = "runs/demo", steps: int | None = None, wandb: bool = True, mlflow: bool = True,
+    in_training: bool = False,
+) -> int:
+    """Runs training and the watcher side by side; returns the exit code."""
+    steps = steps or DEFAULT_STEPS
+    if steps < SAVE_EVERY:
+        raise ConfigError(f"--steps {steps} is below the checkpoint interval {SAVE_EVERY}; use --steps {SAVE_EVERY} or more")
+    output_dir = os.path.abspath(output_dir)
+    _fresh_dir(output_dir)
+    config_path = os.path.join(output_dir, "demo.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(demo_config(output_dir, steps=steps, wandb=wandb, mlflow=mlflow), f, sort_keys=False)
+    print(f"tracker-eval demo: training the digits classifier for {steps} steps, a checkpoint every "
+          f"{SAVE_EVERY}; the watcher evaluates each one as it appears.\n  output: {output_dir}", flush=True)
+
+    from tracker_eval.config import load_config  # noqa: PLC0415
+    from tracker_eval.watcher import Watcher  # noqa: PLC0415
+
+    config = load_config(config_path)
+    watcher = Watcher(config)
+    watcher.install_signal_handlers()
+    trainer = _start_training(config.checkpoint_dir, steps=steps,
+                              in_training_config=config_path if in_training else None)
+    start = time.monotonic()
+    try:
+        code = watcher.run()
+    finally:
+        # Training ends on its own (it may still be delivering in-training results); a signal
+        # or a failed watcher stops it.
+        try:
+            trainer.wait(timeout=0.1 if watcher.stop_reason.startswith("signal") else 120)
+        except subprocess.TimeoutExpired:
+            pass
+        if trainer.poll() is None:
+            trainer.terminate()
+            trainer.wait(timeout=30)
+    if trainer.returncode not in (0, None) and not watcher.stop_reason.startswith("signal"):
+        print(f"tracker-eval demo: the training process failed (exit {trainer.returncode})", file=sys.stderr)
+        return 1
+    _summary(config, config_path, seconds=time.monotonic() - start)
+    return code
+
+
+def _fresh_dir(output_dir: str) -> None:
+    """Starts from an empty directory; only a previous demo's directory is ever removed."""
+    if os.path.exists(output_dir):
+        if not os.path.exists(os.path.join(output_dir, _MARKER)):
+            if os.listdir(output_dir):
+                raise ConfigError(f"--output-dir {output_dir!r} exists and is not a demo directory; "
+                                  "choose another --output-dir (the demo starts from an empty one)")
+        else:
+            shutil.rmtree(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    open(os.path.join(output_dir, _MARKER), "w").close()
+
+
+def _start_training(checkpoint_dir: str, *, steps: int, in_training_config: str | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "tracker_eval.demo_train", "--checkpoint-dir", checkpoint_dir,
+               "--steps", str(steps), "--save-every", str(SAVE_EVERY)]
+    if in_training_config:
+        command += ["--in-training-config", in_training_config]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return subprocess.Popen(command, env=env)
+
+
+def _summary(config: Any, config_path: str, *, seconds: float) -> None:
+    from tracker_eval.plot import plot_metrics  # noqa: PLC0415
+    from tracker_eval.status import collect_status, format_table  # noqa: PLC0415
+
+    doc = collect_status(config)
+    best = doc["best"]
+    plot = plot_metrics(doc["steps"], os.path.join(config.output_dir, "eval_metrics.png"),
+                        title="tracker-eval demo: digits classifier, validation split",
+                        best_step=best["step"] if best else None)
+    bin_dir = os.path.dirname(sys.executable)
+    out = config.output_dir
+    lines = ["", f"tracker-eval demo finished in {seconds:.0f} s. Metrics per checkpoint:", "",
+             format_table(doc, prefix=config.metric_prefix), ""]
+    if best:
+        lines.append(f"best checkpoint: step {best['step']} (loss {best['value']:.4f}), "
+                     f"{os.path.join(config.checkpoint_dir, str(best['step']))}")
+    lines += [f"plot:            {plot}", f"metrics (JSONL): {os.path.join(out, 'metrics.jsonl')}", "",
+              "browse the results:"]
+    types = {spec.get("type") for spec in config.loggers}
+    if "mlflow" in types:
+        lines.append(f"  {bin_dir}/mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db --port 5000"
+                     "   # then open http://127.0.0.1:5000")
+    if "wandb" in types:
+        lines.append(f"  {bin_dir}/wandb sync {out}/wandb/offline-run-*   # after `wandb login`")
+    lines.append(f"  {bin_dir}/tracker-eval status --config {config_path}")
+    print("\n".join(lines), flush=True)
