@@ -1,0 +1,139 @@
+"""Faults around the watcher: tracker outage, bad and vanished checkpoints, unwritable output, SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+pytest.register_assert_rewrite("watcher_harness")
+
+from watcher_harness import (  # noqa: E402 - after register_assert_rewrite
+    EXE,
+    WatcherProcess,
+    assert_exactly_once,
+    child_env,
+    ledger_rows,
+    publish,
+    states,
+    stored_metrics,
+    wait_for,
+    wandb_rows,
+    write_config,
+)
+
+pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+
+
+def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path, source_checkpoints, mlflow_server):
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    experiment = f"watch-outage-{uuid.uuid4().hex[:8]}"
+    loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment,
+                                   "timeout_s": 2, "max_retries": 0}]
+    config = write_config(tmp_path, loggers=loggers, watch={"poll_interval_s": 0.3, "until_step": 80})
+    publish(source_checkpoints, ckpts, 20)
+    with WatcherProcess(config) as watcher:
+        wait_for(lambda: states(out).get(20) == "delivered", timeout=60, what="step 20 delivered", watchers=[watcher])
+        mlflow_server.stop()
+        try:
+            for step in (40, 60, 80):
+                publish(source_checkpoints, ckpts, step)
+            # Evaluation goes on while the tracker is down; MLflow's copies wait in the outbox.
+            wait_for(lambda: all(r["metrics"] for s, r in ledger_rows(out).items()) and len(states(out)) == 4,
+                     timeout=60, what="steps 40-80 evaluated during the outage", watchers=[watcher])
+            rows = ledger_rows(out)
+            for step in (40, 60, 80):
+                assert rows[step]["deliveries"]["mlflow"]["state"] == "pending", rows[step]
+                assert rows[step]["deliveries"]["jsonl"]["state"] == "delivered", rows[step]
+            assert "logger 'mlflow' failed" in watcher.text
+        finally:
+            mlflow_server.start()
+        code = watcher.wait_exit(timeout=90)
+    assert code == 0, watcher.tail()
+    assert "logger 'mlflow' is back" in watcher.text
+    rows = ledger_rows(out)
+    assert {s: r["state"] for s, r in rows.items()} == {20: "delivered", 40: "delivered", 60: "delivered", 80: "delivered"}
+    arrivals = [rows[s]["deliveries"]["mlflow"]["delivered_at"] for s in (20, 40, 60, 80)]
+    assert arrivals == sorted(arrivals), f"MLflow backlog not delivered in step order: {arrivals}"
+    assert_exactly_once(out, stored_metrics(out), mlflow=(mlflow_server.url, experiment))
+
+
+def _truncate_arrays(step_dir) -> None:
+    data_files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data_files, f"no array data files under {step_dir}"
+    for path in data_files:
+        with open(path, "r+b") as f:
+            f.truncate(max(0, path.stat().st_size // 3))
+
+
+def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tmp_path, source_checkpoints):
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    broken = tmp_path / "broken"
+    shutil.copytree(source_checkpoints / "40", broken / "40")
+    _truncate_arrays(broken / "40")
+    config = write_config(tmp_path, delay_s=0.3, watch={"poll_interval_s": 0.3, "until_step": 80, "max_attempts": 2})
+    publish(source_checkpoints, ckpts, 20)
+    publish(source_checkpoints, ckpts, 60)
+    with WatcherProcess(config) as watcher:
+        # Step 60 is found, then deleted (e.g. by checkpoint retention) while step 20 is evaluated.
+        wait_for(lambda: states(out) == {20: "evaluating", 60: "pending"}, timeout=60,
+                 what="step 20 evaluating, step 60 waiting", watchers=[watcher], interval=0.02)
+        shutil.rmtree(ckpts / "60")
+        publish(broken, ckpts, 40)
+        publish(source_checkpoints, ckpts, 80)
+        code = watcher.wait_exit(timeout=90)
+    assert code == 0, watcher.tail()
+    rows = ledger_rows(out)
+    assert {s: r["state"] for s, r in rows.items()} == {20: "delivered", 40: "given_up", 60: "skipped", 80: "delivered"}
+    assert rows[40]["attempts"] == 2 and "Corrupt" in rows[40]["reason"] and "40" in rows[40]["reason"], rows[40]
+    assert "step 40 failed (will retry)" in watcher.text and "step 40 given up after 2 attempts" in watcher.text
+    assert rows[60]["reason"], rows[60]
+    assert watcher.evaluated_steps().count(40) == 2
+    assert_exactly_once(out, stored_metrics(out))
+
+
+def test_unwritable_output_dir_is_one_line_exit_2(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a directory should be\n")
+    config = write_config(tmp_path, output_dir=blocker / "out", watch={"idle_timeout_s": 5})
+    (tmp_path / "ckpts").mkdir()
+    proc = subprocess.run([EXE, "watch", "--config", str(config)], capture_output=True, text=True, timeout=120,
+                          env=child_env())
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("tracker-eval: error:") and "output_dir" in lines[0] and str(blocker) in lines[0]
+
+
+def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path, source_checkpoints):
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    config = write_config(tmp_path, loggers=[{"type": "jsonl"}, {"type": "wandb"}], delay_s=0.5,
+                          watch={"poll_interval_s": 0.3, "idle_timeout_s": 4})
+    publish(source_checkpoints, ckpts, 20)
+    publish(source_checkpoints, ckpts, 40)
+    with WatcherProcess(config) as watcher:
+        wait_for(lambda: states(out).get(20) == "delivered" and states(out).get(40) == "evaluating", timeout=90,
+                 what="step 20 delivered and step 40 evaluating", watchers=[watcher], interval=0.02)
+        time.sleep(0.5)  # into step 40's batches (each takes 0.5 s)
+        signalled = time.monotonic()
+        watcher.signal(signal.SIGTERM)
+        code = watcher.wait_exit(timeout=30)
+        stop_s = time.monotonic() - signalled
+    assert code == 0, watcher.tail()
+    assert stop_s < 10, f"SIGTERM took {stop_s:.1f} s to stop the watcher"
+    assert "evaluation of step 40 abandoned" in watcher.text and "stopped (signal SIGTERM)" in watcher.text
+    rows = ledger_rows(out)
+    assert rows[40]["state"] == "pending" and rows[40]["attempts"] == 0 and not rows[40]["metrics"], rows[40]
+    assert [int(r["checkpoint_step"]) for r in wandb_rows(out) if "checkpoint_step" in r] == [20]
+
+    with WatcherProcess(config) as again:
+        code = again.wait_exit(timeout=90)
+    assert code == 0, again.tail()
+    assert again.evaluated_steps() == [40]
+    rows = ledger_rows(out)
+    assert {s: (r["state"], r["attempts"]) for s, r in rows.items()} == {20: ("delivered", 1), 40: ("delivered", 1)}
+    assert_exactly_once(out, stored_metrics(out), wandb=True)
