@@ -180,3 +180,19 @@ def test_from_train_state_takes_params_batch_stats_and_step():
     state = EvalState.from_train_state(train_state=ts.replace(step=42))
     assert int(state.step) == 42 and state.apply_fn is apply_fn
     assert state.params is params and state.mutable_variables is None
+
+
+def test_live_params_already_on_the_mesh_are_used_where_they_are():
+    from jax.sharding import NamedSharding
+
+    data, params = _data(), _params()
+    mesh = make_mesh(MeshConfig(4, 2, 1))
+    # Sharded the way a training step might have left them, not the eval rule (replicated).
+    live = {k: jax.device_put(v, NamedSharding(mesh, P("fsdp"))) for k, v in params.items()}
+    evaluation = ExtendedEvaluation(model=apply_fn, mesh=mesh, batch_size=24, eval_function=eval_fn,
+                                    params_sharding="replicated", progress=False)
+    result = evaluation.evaluate(EvalState.create(apply_fn=apply_fn, params=live), _loader(data, 24))
+    assert all(evaluation.state.params[k] is live[k] for k in live)  # no copy
+    assert result.metrics["mse"] == pytest.approx(_reference(data, params)["mse"], rel=1e-5)
+    host = evaluation.evaluate(EvalState.create(apply_fn=apply_fn, params=params), _loader(data, 24))
+    assert host.metrics["mse"] == pytest.approx(result.metrics["mse"], rel=1e-6)

@@ -366,12 +366,20 @@ class ExtendedEvaluation:
             from tqdm import tqdm  # noqa: PLC0415
 
             return tqdm(batches, desc=mode.capitalize(), unit="batch", leave=False)
-        return batches
+        return _log_every(batches, every=100, mode=mode)
 
     def _require_state(self) -> EvalState:
         if self.state is None:
             raise EvalError("no state to evaluate: call set_state(EvalState...) or evaluate(state, loader)")
         return self.state
+
+
+def _log_every(batches: Iterable[Any], *, every: int, mode: str) -> Iterable[Any]:
+    """Plain progress lines for logs (no terminal): one per `every` batches, none for short runs."""
+    for count, item in enumerate(batches, start=1):
+        if count % every == 0 and jax.process_index() == 0:
+            LOG.info("tracker-eval: %s: %d batches evaluated", mode, count)
+        yield item
 
 
 def _fetch_replicated(tree: Any) -> Any:

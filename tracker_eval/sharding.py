@@ -99,9 +99,21 @@ def shardings_for(tree: Any, mesh: Mesh, *, rule: str) -> Any:
     return jax.tree.map(lambda leaf: param_sharding(tuple(leaf.shape), mesh, rule=rule), tree)
 
 
-def place_params(tree: Any, mesh: Mesh, *, rule: str) -> Any:
-    """Places params on the mesh; leaves already there with the right sharding are not copied."""
-    return jax.tree.map(put, tree, shardings_for(tree, mesh, rule=rule))
+def place_params(tree: Any, mesh: Mesh, *, rule: str, keep_placed: bool = True) -> Any:
+    """Places params on the mesh by `rule`.
+
+    With `keep_placed`, leaves that already live on exactly the mesh's devices (e.g. live params
+    of a training step, sharded however training chose) are used where they are: no copy, no
+    host round-trip; XLA adapts the eval step to their layout.
+    """
+    devices = set(mesh.devices.flat)
+
+    def place(leaf: Any, sharding: NamedSharding) -> Any:
+        if keep_placed and isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == devices:
+            return leaf
+        return put(leaf, sharding)
+
+    return jax.tree.map(place, tree, shardings_for(tree, mesh, rule=rule))
 
 
 def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
