@@ -91,7 +91,7 @@ def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tm
     assert {s: r["state"] for s, r in rows.items()} == {20: "delivered", 40: "given_up", 60: "skipped", 80: "delivered"}
     assert rows[40]["attempts"] == 2 and "Corrupt" in rows[40]["reason"] and "40" in rows[40]["reason"], rows[40]
     assert "step 40 failed (will retry)" in watcher.text and "step 40 given up after 2 attempts" in watcher.text
-    assert rows[60]["reason"], rows[60]
+    assert "no longer exists" in rows[60]["reason"] and rows[60]["attempts"] == 1, rows[60]
     assert watcher.evaluated_steps().count(40) == 2
     assert_exactly_once(out, stored_metrics(out))
 
