@@ -126,7 +126,8 @@ def test_two_watchers_share_the_work_and_one_takes_over_from_a_killed_one(tmp_pa
         first.kill9()
         killed_at = time.monotonic()
         # The takeover reason is visible while the second watcher evaluates (storing clears it).
-        taken = wait_for(lambda: next((r for r in [ledger_rows(out)[step]] if owner_pid(r["owner"]) == second.pid), None),
+        taken = wait_for(lambda: next((r for r in [ledger_rows(out)[step]] if owner_pid(r["owner"]) == second.pid),
+                                      None),
                          timeout=40, what=f"second watcher taking over step {step}", watchers=[second], interval=0.02)
         takeover_s = time.monotonic() - killed_at
         code = second.wait_exit(timeout=120)

@@ -429,7 +429,8 @@ def assert_exactly_once(
             points = history.get(f"{prefix}/{metric}", [])
             counts = collections.Counter(step for step, _ in points)
             assert sorted(counts) == steps and set(counts.values()) == {1}, (
-                f"MLflow {prefix}/{metric}: points per step {dict(sorted(counts.items()))}, want one for each of {steps}")
+                f"MLflow {prefix}/{metric}: points per step {dict(sorted(counts.items()))}, "
+                f"want one for each of {steps}")
             for step, value in points:
                 assert value == _pytest.approx(expected[step][metric], rel=1e-12), (metric, step)
     if wandb:
@@ -439,7 +440,8 @@ def assert_exactly_once(
             f"W&B rows per checkpoint_step {dict(sorted(counts.items()))}, want one for each of {steps}")
         for row in rows:
             for metric in METRICS:
-                assert row[f"{prefix}/{metric}"] == _pytest.approx(expected[int(row["checkpoint_step"])][metric], rel=1e-12)
+                want = expected[int(row["checkpoint_step"])][metric]
+                assert row[f"{prefix}/{metric}"] == _pytest.approx(want, rel=1e-12)
 
 
 @pytest.fixture(scope="session")
