@@ -35,25 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate JAX/Flax Orbax checkpoints and log the results to W&B, MLflow and friends.",
     )
     parser.add_argument("--verbose", action="store_true", help="show library logs and tracebacks")
+    # Accepted after the subcommand too (`tracker-eval eval --verbose ...`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show library logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,demo}")
 
-    ev = sub.add_parser("eval", help="evaluate one checkpoint (the latest finalized one by default)")
+    ev = sub.add_parser("eval", parents=[common], help="evaluate one checkpoint (the latest finalized one by default)")
     ev.add_argument("--config", required=True, help="YAML config file")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest finalized)")
     ev.add_argument("--output", default=None, help="write the result as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, nested keys with dots")
 
-    wa = sub.add_parser("watch", help="evaluate every new finalized checkpoint as it appears")
+    wa = sub.add_parser("watch", parents=[common], help="evaluate every new finalized checkpoint as it appears")
     wa.add_argument("--config", required=True, help="YAML config file")
     wa.add_argument("overrides", nargs="*", metavar="key=value")
 
-    st = sub.add_parser("status", help="per-step state of the watcher's ledger")
+    st = sub.add_parser("status", parents=[common], help="per-step state of the watcher's ledger")
     st.add_argument("--config", required=True, help="YAML config file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--health", action="store_true", help="exit 0 only if a watcher is alive (container HEALTHCHECK)")
     st.add_argument("overrides", nargs="*", metavar="key=value")
 
-    de = sub.add_parser("demo", help="train a small model, watch its checkpoints, log everywhere")
+    de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
     de.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
     de.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     de.add_argument("--no-wandb", action="store_true", help="skip the W&B logger")

@@ -23,13 +23,14 @@ from tracker_eval.reporting import LoggerSession
 
 LOG = logging.getLogger("tracker_eval")
 
-_LEASE_TTL_S = 30.0
-
 
 class Delivery:
     """Per-logger outbox workers over one ledger stream."""
 
-    def __init__(self, ledger: Ledger, session: LoggerSession, *, owner: str, idle_wait_s: float = 1.0) -> None:
+    def __init__(
+        self, ledger: Ledger, session: LoggerSession, *, owner: str, idle_wait_s: float = 1.0, lease_ttl_s: float = 30.0
+    ) -> None:
+        self.lease_ttl_s = lease_ttl_s
         self.ledger = ledger
         self.session = session
         self.owner = owner
@@ -99,7 +100,7 @@ class Delivery:
 
     def _deliver_next(self, name: str) -> bool:
         """Delivers the lowest pending step of `name` if due. Returns True when work was done."""
-        if not self.ledger.claim_logger(name, owner=self.owner, ttl_s=_LEASE_TTL_S):
+        if not self.ledger.claim_logger(name, owner=self.owner, ttl_s=self.lease_ttl_s):
             return False  # another process delivers to this logger
         pending = self.ledger.pending_deliveries(name)
         if not pending:

@@ -67,29 +67,11 @@ class InTrainingEvaluation:
         return cls(load_config(path, overrides=overrides), **kwargs)
 
     def _open_primary(self) -> None:
-        from tracker_eval.delivery import Delivery  # noqa: PLC0415
-        from tracker_eval.lease import make_owner_id  # noqa: PLC0415
-        from tracker_eval.ledger import Ledger  # noqa: PLC0415
-        from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
-        from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+        from tracker_eval.stream import PrimaryStream  # noqa: PLC0415
 
-        names = [spec.name for spec in parse_logger_specs(self.config.loggers)]
-        best = self.config.watch.best
-        self.ledger = Ledger(
-            self.config.output_dir,
-            checkpoint_dir=self.config.checkpoint_dir,
-            config_hash=self.config.config_hash(),
-            loggers=names,
-            best_metric=best.metric if best else None,
-            best_mode=best.mode if best else "min",
-            max_attempts=self.config.watch.max_attempts,
-        )
-        self.owner = make_owner_id()
-        run_state = {name: self.ledger.get_run_state(name) for name in names}
-        self.session = LoggerSession.open(self.config, run_state=run_state)
-        self.session.persist_run_states(self.ledger)
-        self.delivery = Delivery(self.ledger, self.session, owner=self.owner)
-        self.delivery.start()
+        self.stream = PrimaryStream.open(self.config)
+        self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
+        self.owner = self.stream.owner
 
     @property
     def compile_count(self) -> int:
@@ -170,10 +152,7 @@ class InTrainingEvaluation:
         self._closed = True
         if not self.primary:
             return
-        self.delivery.drain(self.close_drain_s)
-        self.delivery.stop(timeout=2.0)
-        self.session.persist_run_states(self.ledger)
-        self.session.close(timeout=30.0)
+        self.stream.close(drain_s=self.close_drain_s, close_timeout_s=30.0)
         self.ledger.close()
 
     def __enter__(self) -> InTrainingEvaluation:

@@ -22,19 +22,15 @@ _HEALTHY_WITHIN_S = 120.0
 def collect_status(config: EvalConfig) -> dict[str, Any]:
     """The status document (the `--json` output)."""
     from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
-    from tracker_eval.ledger import Ledger  # noqa: PLC0415
-    from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
+    from tracker_eval.stream import logger_names, open_ledger  # noqa: PLC0415
 
     ledger_file = os.path.join(config.output_dir, "ledger.sqlite")
     listed = finalized_steps(config.checkpoint_dir)
     newest = listed[-1] if listed else None
     if not os.path.exists(ledger_file):
-        return {"steps": [], "newest_step": newest, "lag_steps": newest, "best": None, "heartbeat": None}
-    names = [spec.name for spec in parse_logger_specs(config.loggers)]
-    best_cfg = config.watch.best
-    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
-                loggers=names, best_metric=best_cfg.metric if best_cfg else None,
-                best_mode=best_cfg.mode if best_cfg else "min") as ledger:
+        return {"steps": [], "newest_step": newest, "lag_steps": newest, "newest_evaluated_step": None,
+                "best": None, "heartbeat": None}
+    with open_ledger(config, loggers=logger_names(config)) as ledger:
         rows = ledger.rows()
         best = ledger.best()
         heartbeat = ledger.last_heartbeat()

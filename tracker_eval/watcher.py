@@ -22,7 +22,6 @@ from typing import Any
 
 from tracker_eval import distributed
 from tracker_eval.config import EvalConfig, load_config, policy_name
-from tracker_eval.errors import ConfigError
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -67,35 +66,12 @@ class Watcher:
         self.pipeline.evaluation.should_abort = self.stop_requested.is_set
 
     def _open_primary(self) -> None:
-        from tracker_eval.delivery import Delivery  # noqa: PLC0415
         from tracker_eval.fswatch import DirectoryEvents  # noqa: PLC0415
-        from tracker_eval.lease import make_owner_id  # noqa: PLC0415
-        from tracker_eval.ledger import Ledger, LedgerError  # noqa: PLC0415
-        from tracker_eval.loggers.registry import parse_logger_specs  # noqa: PLC0415
-        from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+        from tracker_eval.stream import PrimaryStream  # noqa: PLC0415
 
-        names = [spec.name for spec in parse_logger_specs(self.config.loggers)]
-        best = self.watch.best
-        try:
-            self.ledger = Ledger(
-                self.config.output_dir,
-                checkpoint_dir=self.config.checkpoint_dir,
-                config_hash=self.config.config_hash(),
-                loggers=names,
-                best_metric=best.metric if best else None,
-                best_mode=best.mode if best else "min",
-                max_attempts=self.watch.max_attempts,
-            )
-        except LedgerError as error:
-            raise ConfigError(
-                f"output_dir={self.config.output_dir!r} cannot hold the ledger ({error}); "
-                "point output_dir at a writable directory"
-            ) from None
-        self.owner = make_owner_id()
-        run_state = {name: self.ledger.get_run_state(name) for name in names}
-        self.session = LoggerSession.open(self.config, run_state=run_state)
-        self.session.persist_run_states(self.ledger)
-        self.delivery = Delivery(self.ledger, self.session, owner=self.owner)
+        self.stream = PrimaryStream.open(self.config)
+        self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
+        self.owner = self.stream.owner
         self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
         self._best = self.ledger.best()
 
@@ -118,7 +94,6 @@ class Watcher:
         """Runs until a stop condition; returns the exit code (0 for every orderly stop)."""
         self._last_new = time.monotonic()  # idle time counts from the start
         if self.primary:
-            self.delivery.start()
             LOG.info("tracker-eval: watching %s (policy %s, every %.3g s%s)", self.config.checkpoint_dir,
                      self.policy if self.policy != "every_n_steps" else f"every {self.every_n} steps",
                      self.watch.poll_interval_s, ", fast path on" if self.events.active else "")
@@ -284,10 +259,7 @@ class Watcher:
     def _shutdown(self) -> None:
         signalled = self.stop_reason.startswith("signal")
         drain_s = _STOP_DRAIN_S if signalled else _UNTIL_STEP_OUTBOX_WAIT_S
-        drained = self.delivery.drain(drain_s)
-        self.delivery.stop(timeout=2.0)
-        self.session.persist_run_states(self.ledger)
-        self.session.close(timeout=3.0 if signalled else 30.0)
+        drained = self.stream.close(drain_s=drain_s, close_timeout_s=3.0 if signalled else 30.0)
         self.events.close()
         waiting = {k: v for k, v in self.delivery.pending().items() if v}
         LOG.info("tracker-eval: stopped (%s)%s", self.stop_reason or "done",

@@ -61,7 +61,11 @@ class ConsoleLogger:
         width = max((len(name) for name, _ in rows), default=0)
         lines = [f"{self.prefix} step {result.step} ({result.checkpoint})"]
         lines += [f"  {name:<{width}}  {text}" for name, text in rows] or ["  (no metrics)"]
-        print("\n".join(lines), file=self._stream(), flush=True)
+        # One write per table: print() writes text and newline separately, and a log line from
+        # another thread could land between them.
+        stream = self._stream()
+        stream.write("\n".join(lines) + "\n")
+        stream.flush()
 
     def flush(self) -> None:
         """Flushes the stream."""

@@ -180,7 +180,7 @@ class FanOut:
         names = [str(logger.name) for logger in loggers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"logger names must be unique, got {duplicates} more than once; set 'name:' in the spec")
+            raise ValueError(f"logger names must be unique, got {duplicates} more than once; set 'id:' in the spec")
         self.deadline_s = float(deadline_s)
         self._workers = {w.name: w for w in (_Worker(logger, max_queue=max_queue) for logger in loggers)}
         self._pending: dict[str, collections.deque[_Task]] = {name: collections.deque() for name in self._workers}

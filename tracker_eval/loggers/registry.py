@@ -76,7 +76,8 @@ def load_logger_class(type_name: str) -> type:
     if not matches:
         raise ConfigError(
             f"unknown logger type {type_name!r}; installed types: {', '.join(installed) or '(none)'}. "
-            f"Fix the spelling, or install the plug-in (e.g. pip install -e integrations/{type_name})"
+            "Fix the spelling, install the plug-in package that registers it, or give an import path "
+            "pkg.module:Class"
         )
     try:
         return matches[0].load()
@@ -90,7 +91,7 @@ def parse_logger_specs(specs: Sequence[Mapping[str, Any]]) -> list[LoggerSpec]:
     """Validates every `loggers:` entry without constructing any logger.
 
     Args:
-      specs: mappings ``{type: NAME, name?: str, **options}``.
+      specs: mappings ``{type: NAME, id?: str, **options}``.
 
     Returns:
       One `LoggerSpec` per entry, in order.

@@ -35,7 +35,7 @@ def train_classifier(
     on_step: Callable[[int, float], None] | None = None,
     save_steps: list[int] | None = None,
 ) -> train_state.TrainState:
-    """Trains the MLP with SGD+momentum and saves a checkpoint every `save_every` steps.
+    """Trains the MLP with Adam and saves a checkpoint every `save_every` steps.
 
     Args:
       checkpoint_dir: the CheckpointManager root to write.

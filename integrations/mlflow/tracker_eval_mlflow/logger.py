@@ -71,6 +71,10 @@ class MlflowLogger:
 
     def __init__(self, config: MlflowConfig | None = None, *, context: LoggerContext, name: str = "mlflow") -> None:
         self.config = config or MlflowConfig()
+        # Import the library here, on the constructing (main) thread: importing it first from a
+        # fan-out worker while the main thread imports JAX/Orbax can fail half-way on Python 3.11
+        # ("AST constructor recursion depth mismatch") and leave a broken module for the process.
+        import mlflow.tracking  # noqa: F401, PLC0415
         if self.config.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"mlflow nan_policy {self.config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
         if self.config.timeout_s <= 0 or self.config.max_retries < 0:

@@ -66,6 +66,10 @@ class WandbLogger:
 
     def __init__(self, config: WandbConfig | None = None, *, context: LoggerContext, name: str = "wandb") -> None:
         self.config = config or WandbConfig()
+        # Import the library here, on the constructing (main) thread: importing it first from a
+        # fan-out worker while the main thread imports JAX/Orbax can fail half-way on Python 3.11
+        # ("AST constructor recursion depth mismatch") and leave a broken module for the process.
+        import wandb  # noqa: F401, PLC0415
         mode = self.config.mode or _default_mode()
         if mode not in MODES:
             raise ConfigError(f"wandb mode {mode!r} is not one of {', '.join(MODES)}; set mode: offline or online")
