@@ -22,7 +22,7 @@ from tracker_eval.sharding import batch_sharding, make_mesh, place_params
 from tracker_eval.state import EvalState
 from tracker_eval.tasks import language_model as lm
 
-BATCH, SEQ, BATCHES, REPEATS, WINDOW = 64, 128, 60, 7, 2
+BATCH, SEQ, BATCHES, REPEATS, WINDOW = 64, 128, 60, 11, 2
 
 
 def _batches() -> list[dict[str, np.ndarray]]:

@@ -16,6 +16,7 @@ the end, per-example rows are copied asynchronously and concatenated once, Max/M
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import socket
 import sys
@@ -31,13 +32,16 @@ from tracker_eval import distributed, metrics as metric_lib
 from tracker_eval.models import ModelAdapter, adapt_model
 from tracker_eval.prefetch import prefetch
 from tracker_eval.result import EvalResult
-from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, put_replicated, replicated
+from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, put, put_replicated
 from tracker_eval.state import EvalState
 
 LOG = logging.getLogger(__name__)
 
 EvalFunction = Callable[[Any, Callable[..., Any], Mapping[str, Any], jax.Array], tuple[Mapping[str, Any], Any]]
 ResultListener = Callable[[EvalResult], None]
+
+
+_BATCH_INDEX = "__batch_index__"  # accumulator entry holding the device-side batch counter
 
 
 class EvalError(RuntimeError):
@@ -132,15 +136,12 @@ class ExtendedEvaluation:
         Pinning the output shardings to the input shardings is what keeps the second batch
         from compiling again (XLA may otherwise pick another layout for the new accumulator).
         """
-        rep = replicated(self.mesh)
-        self.eval_step = jax.jit(
-            self.create_evaluation_step_function(),
-            donate_argnames=("metrics",),
-            out_shardings=(rep, batch_sharding(self.mesh), rep),
-        )
+        self.eval_step = jax.jit(self.create_evaluation_step_function(), donate_argnames=("metrics",))
 
     def create_evaluation_step_function(self) -> Callable[..., Any]:
         """The (un-jitted) step: one batch's metrics folded into the device accumulator."""
+        shards = self.placer.shards
+        shard_partials = batch_sharding(self.mesh)
 
         def eval_step(
             params: Any,
@@ -149,15 +150,20 @@ class ExtendedEvaluation:
             batch: Mapping[str, jax.Array],
             mask: jax.Array,
             rng: jax.Array,
-            batch_index: jax.Array,
-        ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array]]:
+        ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array], jax.Array]:
             self.trace_count += 1  # runs at trace time only: counts compilations of the step
-            batch_metrics = self._batch_metrics(params, mutable, batch, jax.random.fold_in(rng, batch_index))
+            # The batch index lives on device with the accumulator: no host transfer per step.
+            index = metrics[_BATCH_INDEX]["index"]
+            batch_metrics = self._batch_metrics(params, mutable, batch, jax.random.fold_in(rng, index))
             new = {name: metric_lib.update_state(metrics[name], m, mask) for name, m in batch_metrics.items()}
+            # Pin the layout: per-shard partials stay on their devices, so the next call sees
+            # exactly the input shardings of this one (no second compile, no collective).
+            new = jax.lax.with_sharding_constraint(new, shard_partials)
+            new[_BATCH_INDEX] = {"index": index + 1}
             rows = {name: m.values for name, m in batch_metrics.items() if isinstance(m, metric_lib.PerExample)}
             # A small output that is ready when this step is: the loop waits on it to bound the
             # dispatch queue (the accumulator itself is donated to the next step).
-            done = jnp.sum(mask.astype(jnp.int32))
+            done = mask.astype(jnp.int32).reshape(shards, -1).sum(axis=1)
             return new, rows, done
 
         return eval_step
@@ -190,8 +196,11 @@ class ExtendedEvaluation:
                     fn, state.params, state.mutable_variables, batch, state.rng
                 )
             self._kinds = metric_lib.kinds_of(self._eval_metric_shapes)
-        zeros = {name: metric_lib.init_state(m) for name, m in self._eval_metric_shapes.items()}
-        return put_replicated(zeros, self.mesh)
+        zeros = {name: metric_lib.init_state(m, shards=self.placer.shards)
+                 for name, m in self._eval_metric_shapes.items()}
+        partials = jax.tree.map(lambda leaf: put(leaf, batch_sharding(self.mesh)), zeros)
+        partials[_BATCH_INDEX] = put_replicated({"index": np.zeros((), np.int32)}, self.mesh)
+        return partials
 
     def aggregate_metrics(
         self, aggregated_metrics: Mapping[str, Any], eval_metrics: Mapping[str, Any]
@@ -246,7 +255,7 @@ class ExtendedEvaluation:
         traces_before = self.trace_count
         accumulator = None
         pending_rows: list[tuple[dict[str, jax.Array], np.ndarray]] = []
-        batches = prefetch(data_loader, self.placer.place, depth=self.prefetch_depth)
+        batches = self._placed_batches(data_loader)
         in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
         for count, (batch, mask, host_mask) in enumerate(self._progress(batches, mode), start=1):
@@ -255,18 +264,19 @@ class ExtendedEvaluation:
             if accumulator is None:
                 accumulator = self.init_eval_metrics(batch)
             accumulator, rows, done = self.eval_step(
-                state.params, state.mutable_variables, accumulator, batch, mask, state.rng, np.int32(count - 1)
+                state.params, state.mutable_variables, accumulator, batch, mask, state.rng
             )
             in_flight.append(done)
             if len(in_flight) > self.max_in_flight:
                 in_flight.popleft().block_until_ready()
             if rows:
-                for leaf in rows.values():
-                    leaf.copy_to_host_async()  # overlaps with the next batches' compute
+                # Stays on device until the end: one batched transfer beats a copy call per batch
+                # (measured ~0.5 ms a batch of Python overhead for copy_to_host_async here).
                 pending_rows.append((rows, host_mask))
         if accumulator is None:
             raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
-        reduced = _fetch_replicated(accumulator)  # the one device-to-host transfer of reduced metrics
+        reduced = _fetch_accumulator(accumulator)  # the one device-to-host transfer of reduced metrics
+        reduced.pop(_BATCH_INDEX)
         per_example = self._collect_rows(pending_rows)
         if jax.process_count() > 1:
             # Only process 0 receives the other processes' rows; the rest keep none.
@@ -350,13 +360,33 @@ class ExtendedEvaluation:
             "global_batch_size": self.placer.batch_size,
         }
 
+    def _placed_batches(self, data_loader: Iterable[Mapping[str, Any]]) -> Iterable[Any]:
+        """Placed batches: host data through the prefetch thread, device data inline.
+
+        Batches already on the devices need no copy, and a thread handing them over would only
+        compete with the dispatch loop for the interpreter (measured: ~1 ms a batch on 2 cores).
+        """
+        iterator = iter(data_loader)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return iter(())
+        chained = itertools.chain([first], iterator)
+        if isinstance(first, Mapping) and first and all(isinstance(v, jax.Array) for v in first.values()):
+            return map(self.placer.place, chained)
+        return prefetch(chained, self.placer.place, depth=self.prefetch_depth)
+
     def _collect_rows(self, pending: list[tuple[dict[str, jax.Array], np.ndarray]]) -> dict[str, np.ndarray]:
         """Concatenates this process's real per-example rows once, in dataset order."""
         if not pending or not pending[0][0]:
             return {}
-        names = pending[0][0].keys()
+        names = list(pending[0][0])
+        if jax.process_count() == 1:
+            fetched = jax.device_get([rows for rows, _ in pending])  # one call, transfers in parallel
+        else:
+            fetched = [{name: _local_rows(rows[name]) for name in names} for rows, _ in pending]
         return {
-            name: np.concatenate([_local_rows(rows[name])[host_mask] for rows, host_mask in pending])
+            name: np.concatenate([rows[name][host_mask] for rows, (_, host_mask) in zip(fetched, pending)])
             for name in names
         }
 
@@ -382,11 +412,14 @@ def _log_every(batches: Iterable[Any], *, every: int, mode: str) -> Iterable[Any
         yield item
 
 
-def _fetch_replicated(tree: Any) -> Any:
-    """Host copy of replicated arrays; with several processes each reads its own local replica."""
+def _fetch_accumulator(tree: Any) -> Any:
+    """Host copy of the accumulator; with several processes the per-shard partials are gathered
+    (a few numbers per metric) so every process finalizes the same reduced metrics."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:

@@ -16,6 +16,8 @@ the batch axis; the framework masks padding rows itself, so users never see them
 Why compensated sums: float32 running sums lose digits after ~10^7 values and int32 counts wrap
 at 2^31. Each batch's partial sum is added with a TwoSum error term kept in a second float32, so
 an accumulator carries ~48 significant bits (counts exact to 2^48) without enabling x64 globally.
+Why per-shard partials: each device accumulates its own rows, so the eval step has no
+cross-device reduction at all; the host adds the partials once, in float64.
 """
 
 from __future__ import annotations
@@ -67,19 +69,19 @@ class PerExample(Metric):
 
 
 def two_sum_add(acc: jax.Array, value: jax.Array) -> jax.Array:
-    """Adds `value` to a compensated accumulator `acc` of shape (2,) = (high, low).
+    """Adds `value` to compensated accumulators `acc` of shape (..., 2) = (high, low).
 
     Knuth's TwoSum gives the exact rounding error of `high + value`; it is folded into `low`
     and renormalized, so the pair keeps about twice float32's precision.
     """
-    high, low = acc[0], acc[1]
+    high, low = acc[..., 0], acc[..., 1]
     total = high + value
     back = total - high
     error = (high - (total - back)) + (value - back)
     low = low + error
     new_high = total + low
     new_low = low - (new_high - total)
-    return jnp.stack([new_high, new_low])
+    return jnp.stack([new_high, new_low], axis=-1)
 
 
 def _real_mask(mask: jax.Array, values: jax.Array) -> jax.Array:
@@ -97,17 +99,32 @@ def _extreme(dtype: Any, *, largest: bool) -> Any:
     return info.max if largest else info.min
 
 
-def init_state(metric: Metric) -> dict[str, jax.Array]:
-    """Zero accumulator for one metric (works on ShapeDtypeStructs from `jax.eval_shape`)."""
+def _per_shard(values: jax.Array, shards: int, reduce: Any) -> jax.Array:
+    """Reduces everything but the batch shards: shape (shards,), one partial per batch shard.
+
+    The batch axis is split into `shards` contiguous blocks, exactly as the mesh splits it, so
+    each device reduces only its own rows: the step needs no cross-device collective, and the
+    host combines the partials once at the end.
+    """
+    return reduce(values.reshape(shards, -1), axis=1)
+
+
+def init_state(metric: Metric, *, shards: int = 1) -> dict[str, np.ndarray]:
+    """Zero accumulator for one metric (works on ShapeDtypeStructs from `jax.eval_shape`).
+
+    Args:
+      metric: the metric (only its kind and dtype matter).
+      shards: batch shards of the mesh (data x fsdp); every part keeps one partial per shard.
+    """
     # Distinct arrays per part: the accumulator is donated, and one buffer may be donated once.
     if isinstance(metric, Mean):
-        return {"sum": np.zeros((2,), np.float32), "weight": np.zeros((2,), np.float32)}
+        return {"sum": np.zeros((shards, 2), np.float32), "weight": np.zeros((shards, 2), np.float32)}
     if isinstance(metric, Sum):
-        return {"sum": np.zeros((2,), np.float32)}
+        return {"sum": np.zeros((shards, 2), np.float32)}
     if isinstance(metric, Max):
-        return {"max": np.asarray(_extreme(metric.values.dtype, largest=False), metric.values.dtype)}
+        return {"max": np.full((shards,), _extreme(metric.values.dtype, largest=False), metric.values.dtype)}
     if isinstance(metric, Min):
-        return {"min": np.asarray(_extreme(metric.values.dtype, largest=True), metric.values.dtype)}
+        return {"min": np.full((shards,), _extreme(metric.values.dtype, largest=True), metric.values.dtype)}
     if isinstance(metric, PerExample):
         return {}
     raise TypeError(
@@ -118,11 +135,13 @@ def init_state(metric: Metric) -> dict[str, jax.Array]:
 def update_state(state: dict[str, jax.Array], metric: Metric, mask: jax.Array) -> dict[str, jax.Array]:
     """Folds one batch into the accumulator; padding rows (mask False) never count.
 
-    Masking uses `where`, not multiplication, so NaN/Inf in padding rows cannot leak in.
+    Masking uses `where`, not multiplication, so NaN/Inf in padding rows cannot leak in. The
+    number of shards is the accumulator's leading size.
     """
     values = jnp.asarray(metric.values)
     if isinstance(metric, PerExample):
         return state
+    shards = next(iter(state.values())).shape[0]
     real = _real_mask(mask, values)
     if isinstance(metric, Mean):
         weights = jnp.ones_like(values, jnp.float32) if metric.weights is None else metric.weights
@@ -130,17 +149,18 @@ def update_state(state: dict[str, jax.Array], metric: Metric, mask: jax.Array) -
         weights = jnp.where(real, weights, 0.0)
         weighted = jnp.where(real, values.astype(jnp.float32) * weights, 0.0)
         return {
-            "sum": two_sum_add(state["sum"], jnp.sum(weighted)),
-            "weight": two_sum_add(state["weight"], jnp.sum(weights)),
+            "sum": two_sum_add(state["sum"], _per_shard(weighted, shards, jnp.sum)),
+            "weight": two_sum_add(state["weight"], _per_shard(weights, shards, jnp.sum)),
         }
     if isinstance(metric, Sum):
-        return {"sum": two_sum_add(state["sum"], jnp.sum(jnp.where(real, values.astype(jnp.float32), 0.0)))}
+        summed = _per_shard(jnp.where(real, values.astype(jnp.float32), 0.0), shards, jnp.sum)
+        return {"sum": two_sum_add(state["sum"], summed)}
     if isinstance(metric, Max):
         low = _extreme(values.dtype, largest=False)
-        return {"max": jnp.maximum(state["max"], jnp.max(jnp.where(real, values, low)))}
+        return {"max": jnp.maximum(state["max"], _per_shard(jnp.where(real, values, low), shards, jnp.max))}
     if isinstance(metric, Min):
         high = _extreme(values.dtype, largest=True)
-        return {"min": jnp.minimum(state["min"], jnp.min(jnp.where(real, values, high)))}
+        return {"min": jnp.minimum(state["min"], _per_shard(jnp.where(real, values, high), shards, jnp.min))}
     raise TypeError(f"unknown metric kind {type(metric).__name__}")
 
 
@@ -169,16 +189,24 @@ def kinds_of(metrics: Mapping[str, Metric]) -> dict[str, str]:
 
 
 def host_state(device_state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Converts a fetched accumulator to exact float64 host values (high + low)."""
+    """Combines a fetched accumulator's per-shard partials into exact host values.
+
+    Compensated pairs become float64 `high + low`, summed over shards; extremes take the extreme
+    over shards.
+    """
     out: dict[str, dict[str, Any]] = {}
     for name, parts in device_state.items():
         out[name] = {}
         for part, value in parts.items():
             arr = np.asarray(value)
-            out[name][part] = float(arr[0].astype(np.float64) + arr[1].astype(np.float64)) if part in (
-                "sum",
-                "weight",
-            ) else arr[()]
+            if part in ("sum", "weight"):
+                out[name][part] = float(np.sum(arr[..., 0].astype(np.float64) + arr[..., 1].astype(np.float64)))
+            elif part == "max":
+                out[name][part] = np.max(arr)
+            elif part == "min":
+                out[name][part] = np.min(arr)
+            else:
+                out[name][part] = arr[()]
     return out
 
 

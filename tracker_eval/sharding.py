@@ -153,6 +153,7 @@ class BatchPlacer:
         self.sharding = batch_sharding(mesh)
         self.mask_sharding = self.sharding
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.shards = shards
         # Pad the global batch up to a multiple of the batch shards (and of the process count),
         # so every batch, the short last one included, has one shape: one compile.
         unit = math.lcm(shards, jax.process_count())
