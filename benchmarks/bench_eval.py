@@ -37,6 +37,31 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+def make_bound(params, model, rng, sharded):
+    """The bare loop: the same model and eval function under plain `jax.jit`, sums on device.
+
+    It keeps at most WINDOW steps in flight: unbounded dispatch of collective programs deadlocks
+    XLA's CPU runtime with 8 fake devices on 2 cores (the evaluator bounds it the same way).
+    """
+
+    @jax.jit
+    def bound_step(acc, batch):
+        metrics, _ = lm.eval_function(params, model.apply, batch, rng)
+        w = batch["mask"].astype(jnp.float32)
+        return acc + jnp.stack([jnp.sum(metrics["loss"].values * w), jnp.sum(w),
+                                jnp.sum(metrics["token_accuracy"].values * w)])
+
+    def bound() -> None:
+        accs = [jnp.zeros(3)]
+        for i, b in enumerate(sharded):
+            if i >= WINDOW:
+                accs[i - WINDOW].block_until_ready()
+            accs.append(bound_step(accs[-1], b))
+        jax.block_until_ready(accs[-1])
+
+    return bound
+
+
 def run() -> dict[str, float]:
     mesh = make_mesh(MeshConfig(data=-1))
     model = lm.make_model()
@@ -45,14 +70,9 @@ def run() -> dict[str, float]:
     sharded = [jax.device_put(b, batch_sharding(mesh)) for b in host]
     rng = jax.random.key(0)
 
-    def bound_step(acc, batch):
-        metrics, _ = lm.eval_function(params, model.apply, batch, rng)
-        w = batch["mask"].astype(jnp.float32)
-        return acc + jnp.stack([jnp.sum(metrics["loss"].values * w), jnp.sum(w),
-                                jnp.sum(metrics["token_accuracy"].values * w)])
-
-    bound_jit = jax.jit(bound_step)
+    bound = make_bound(params, model, rng, sharded)
     forward_jit = jax.jit(lambda batch: jnp.sum(model.apply({"params": params}, batch["inputs"])))
+
     def naive_step(batch):
         metrics, _ = lm.eval_function(params, model.apply, batch, rng)
         w = batch["mask"].astype(jnp.float32)
@@ -61,16 +81,6 @@ def run() -> dict[str, float]:
                 "sequence_loss": metrics["sequence_loss"].values}
 
     naive_jit = jax.jit(naive_step)
-
-    # Every loop keeps at most WINDOW steps in flight: unbounded dispatch of collective programs
-    # deadlocks XLA's CPU runtime with 8 fake devices on 2 cores (the evaluator does the same).
-    def bound():
-        accs = [jnp.zeros(3)]
-        for i, b in enumerate(sharded):
-            if i >= WINDOW:
-                accs[i - WINDOW].block_until_ready()
-            accs.append(bound_jit(accs[-1], b))
-        jax.block_until_ready(accs[-1])
 
     def forward():
         out = []

@@ -13,13 +13,13 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import yaml
 
 from tracker_eval.sharding import batch_sharding, place_params
+from benchmarks.bench_eval import make_bound
 from tracker_eval.tasks import language_model as lm
 
-BATCH, SEQ, REPEAT, REPEATS, WINDOW = 64, 128, 113, 7, 2
+BATCH, SEQ, REPEAT, REPEATS = 64, 128, 113, 7
 
 
 def run() -> dict[str, float]:
@@ -49,19 +49,7 @@ def run() -> dict[str, float]:
         sharded = [jax.device_put(b, batch_sharding(mesh)) for b in full]
         rng = jax.random.key(0)
 
-        @jax.jit
-        def bound_step(acc, batch):
-            metrics, _ = lm.eval_function(params, model.apply, batch, rng)
-            w = batch["mask"].astype(jnp.float32)
-            return acc + jnp.stack([jnp.sum(metrics["loss"].values * w), jnp.sum(w)])
-
-        def bound() -> None:
-            accs = [jnp.zeros(2)]
-            for i, b in enumerate(sharded):
-                if i >= WINDOW:
-                    accs[i - WINDOW].block_until_ready()
-                accs.append(bound_step(accs[-1], b))
-            jax.block_until_ready(accs[-1])
+        bound = make_bound(params, model, rng, sharded)
 
         step = 0
 
