@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracker_eval import distributed, metrics as metric_lib
+from tracker_eval import activity, distributed, metrics as metric_lib
 from tracker_eval.models import ModelAdapter, adapt_model
 from tracker_eval.prefetch import prefetch
 from tracker_eval.result import EvalResult
@@ -244,7 +244,7 @@ class ExtendedEvaluation:
         self.on_extended_evaluation_start()
         # The mesh is in context so eval functions may constrain activations with bare
         # PartitionSpecs (tensor parallelism), as they would inside a training step.
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), activity.evaluating():
             final = self._eval_batches(data_loader, mode=mode, epoch_idx=epoch_idx)
         self.on_extended_evaluation_end(final)
         return final

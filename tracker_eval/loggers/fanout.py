@@ -17,6 +17,7 @@ as failed until its worker returns, so a hung tracker costs one thread, not the 
 from __future__ import annotations
 
 import collections
+import os
 import concurrent.futures
 import dataclasses
 import logging
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from tracker_eval.activity import wait_until_idle
 from tracker_eval.loggers.base import Logger
 from tracker_eval.result import EvalResult
 
@@ -72,6 +74,19 @@ class _Task:
     deadline_s: float
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     started: float | None = None
+
+
+def _lower_thread_priority(increment: int = 10) -> None:
+    """Makes this logger thread (and processes it starts, e.g. wandb-core) yield to evaluation.
+
+    Tracker work (serialising tables, a tracker's own service process) otherwise competes with
+    the XLA compute threads for the same cores; on Linux a thread has its own nice value, which
+    child processes it spawns inherit. Best effort: other platforms keep the default priority.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment))
+    except (AttributeError, OSError):
+        pass
 
 
 class _Worker:
@@ -131,6 +146,7 @@ class _Worker:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        _lower_thread_priority()
         while True:
             task = self._queue.get()
             if task is None:
@@ -141,6 +157,8 @@ class _Worker:
                 task.started = time.monotonic()
                 self._current = task
             try:
+                # Trackers yield to a running evaluation (bounded well inside the deadline).
+                wait_until_idle(max_wait_s=min(20.0, task.deadline_s / 3))
                 value = task.fn()
             except BaseException as e:  # a logger must never kill its worker
                 task.future.set_exception(
@@ -208,11 +226,18 @@ class FanOut:
         for worker in self._workers.values():
             self._enqueue(worker, "log_config", lambda lg=worker.logger: lg.log_config(config), step=None)
 
-    def submit(self, result: EvalResult) -> None:
-        """Queues ``log_result`` on every logger and returns at once."""
+    def submit(self, result: EvalResult, *, flush: bool = False) -> None:
+        """Queues ``log_result`` (and with `flush`, a ``flush`` after it) on every logger; returns at once.
+
+        `flush=True` is what a watcher's delivery does per result: each tracker makes the result
+        durable (W&B finishes its run) before the next one, so no tracker keeps a session busy
+        in the background while the next evaluation runs.
+        """
         self._check_open()
         for worker in self._workers.values():
             self._enqueue(worker, "log_result", lambda lg=worker.logger: lg.log_result(result), step=result.step)
+            if flush:
+                self._enqueue(worker, "flush", worker.logger.flush, step=result.step)
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
         """Queues ``set_summary(values)`` on loggers that have it (best-checkpoint tracking)."""
