@@ -16,10 +16,10 @@ import pytest
 from ckpt_factory import SavedStep, fsdp_sharding, make_mesh, save_train_states
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tracker_eval.checkpoint_describe import describe_checkpoint
 from tracker_eval.checkpoints import (
     CheckpointVanishedError,
     CorruptCheckpointError,
-    describe_checkpoint,
     finalized_steps,
     restore_eval_variables,
 )

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from reference import restored_params, validation_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
@@ -44,20 +45,7 @@ def _run(*args, timeout=120):
 
 def _reference(checkpoints, step):
     """Independent: plain Orbax restore of the whole state, float64 numpy forward pass."""
-    import orbax.checkpoint as ocp
-
-    from tracker_eval.tasks import classification
-
-    with ocp.CheckpointManager(os.fspath(checkpoints)) as manager:
-        restored = manager.restore(step)
-    p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in restored["params"].items()}
-    x, y = classification.split_digits("validation")
-    h = np.maximum(x @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
-    logits = h @ p["out"]["kernel"] + p["out"]["bias"]
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    losses = -logp[np.arange(len(y)), y]
-    return losses, (logits.argmax(-1) == y).mean()
+    return validation_metrics(restored_params(checkpoints, step))
 
 
 def test_eval_latest_prints_table_and_writes_json(tmp_path, checkpoints):

@@ -323,20 +323,10 @@ def start_writer(checkpoint_dir: pathlib.Path, *, save_steps: Sequence[int], pau
 
 def reference_metrics(checkpoint_dir: pathlib.Path, step: int) -> dict[str, float]:
     """Independent evaluation: a plain Orbax restore of the whole state and a float64 numpy forward pass."""
-    import numpy as np  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
+    from reference import restored_params, validation_metrics  # noqa: PLC0415
 
-    from tracker_eval.tasks import classification  # noqa: PLC0415
-
-    with ocp.CheckpointManager(os.fspath(checkpoint_dir)) as manager:
-        restored = manager.restore(step)
-    p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in restored["params"].items()}
-    x, y = classification.split_digits("validation")
-    h = np.maximum(x @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
-    logits = h @ p["out"]["kernel"] + p["out"]["bias"]
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return {"loss": float(-logp[np.arange(len(y)), y].mean()), "accuracy": float((logits.argmax(-1) == y).mean())}
+    losses, accuracy = validation_metrics(restored_params(checkpoint_dir, step))
+    return {"loss": float(losses.mean()), "accuracy": accuracy}
 
 
 def jsonl_points(output_dir: pathlib.Path) -> dict[int, list[dict[str, float]]]:

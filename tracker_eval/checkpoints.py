@@ -15,7 +15,6 @@ named mutable collections and never the optimizer state, straight into the eval 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -386,60 +385,3 @@ def restore_eval_variables(
     params, _ = _lookup(restored, _split_path(params_path))
     collections = {name: _lookup(restored, _split_path(name))[0] for name in mutable}
     return params, collections
-
-
-def _summarize(node: Any) -> str:
-    leaves = jax.tree.leaves(node)
-    if _children(node) is None and len(leaves) == 1:
-        return f"{leaves[0].dtype}{list(leaves[0].shape)}"
-    nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in leaves if hasattr(m, "shape"))
-    size = f"{nbytes / 1e3:.1f} kB" if nbytes < 1e6 else f"{nbytes / 1e6:.1f} MB"
-    return f"{len(leaves)} arrays, {size}"
-
-
-def describe_checkpoint(checkpoint_dir: str | os.PathLike[str], step: int, *, depth: int = 2) -> str:
-    """Lists a step's items and, for pytree items, their subtrees, for error messages and logs.
-
-    Reads only metadata files. Example output with depth=1:
-
-        /ckpts/run1/20
-          metadata [JsonCheckpointHandler]
-          state [StandardCheckpointHandler]
-            batch_stats: 4 arrays, 0.8 kB
-            opt_state: 21 arrays, 35.2 kB
-            params: 10 arrays, 17.6 kB
-            step: int32[]
-
-    Args:
-        checkpoint_dir: The CheckpointManager root.
-        step: The step to describe.
-        depth: How many levels of each pytree item to list (1: only its top-level keys).
-
-    Returns:
-        A multi-line listing.
-
-    Raises:
-        CheckpointVanishedError: The step directory does not exist.
-        CorruptCheckpointError: A pytree item's metadata cannot be read.
-    """
-    step_dir = _step_dir(checkpoint_dir, step)
-    _require_step(step_dir, step)
-    lines = [os.fspath(step_dir)]
-    for name, handler in sorted(_item_handlers(step_dir).items()):
-        lines.append(f"  {name} [{handler}]")
-        if _is_pytree(handler):
-            tree = _read_tree_metadata(step_dir / name, step=step, step_dir=step_dir)
-            _describe_node(tree, indent=4, depth=depth, lines=lines)
-    return "\n".join(lines)
-
-
-def _describe_node(node: Any, *, indent: int, depth: int, lines: list[str]) -> None:
-    children = _children(node) or {}
-    for key in sorted(children):
-        child = children[key]
-        grandchildren = _children(child)
-        if depth > 1 and grandchildren:
-            lines.append(f"{' ' * indent}{key}/")
-            _describe_node(child, indent=indent + 2, depth=depth - 1, lines=lines)
-        else:
-            lines.append(f"{' ' * indent}{key}: {_summarize(child)}")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracker_eval import activity, distributed, metrics as metric_lib
+from tracker_eval import activity, metrics as metric_lib, transfer
 from tracker_eval.models import ModelAdapter, adapt_model
 from tracker_eval.prefetch import prefetch
 from tracker_eval.result import EvalResult
@@ -275,15 +275,10 @@ class ExtendedEvaluation:
                 pending_rows.append((rows, host_mask))
         if accumulator is None:
             raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
-        reduced = _fetch_accumulator(accumulator)  # the one device-to-host transfer of reduced metrics
+        reduced = transfer.fetch_accumulator(accumulator)  # the one device-to-host transfer of reduced metrics
         reduced.pop(_BATCH_INDEX)
-        per_example = self._collect_rows(pending_rows)
-        if jax.process_count() > 1:
-            # Only process 0 receives the other processes' rows; the rest keep none.
-            counts = np.asarray([int(host_mask.sum()) for _, host_mask in pending_rows])
-            gathered = distributed.gather_to_primary(per_example, counts=counts, tag=f"eval-{self._gathers}")
-            self._gathers += 1
-            per_example = gathered if gathered is not None else {}
+        per_example = transfer.collect_rows(pending_rows, tag=f"eval-{self._gathers}")
+        self._gathers += 1
         aggregated = self.aggregate_metrics({}, {"reduced": reduced, "per_example": per_example})
         final = self.finalize_metrics(aggregated)
         self._context["eval_wall_s"] = time.perf_counter() - start
@@ -376,61 +371,15 @@ class ExtendedEvaluation:
             return map(self.placer.place, chained)
         return prefetch(chained, self.placer.place, depth=self.prefetch_depth)
 
-    def _collect_rows(self, pending: list[tuple[dict[str, jax.Array], np.ndarray]]) -> dict[str, np.ndarray]:
-        """Concatenates this process's real per-example rows once, in dataset order."""
-        if not pending or not pending[0][0]:
-            return {}
-        names = list(pending[0][0])
-        if jax.process_count() == 1:
-            fetched = jax.device_get([rows for rows, _ in pending])  # one call, transfers in parallel
-        else:
-            fetched = [{name: _local_rows(rows[name]) for name in names} for rows, _ in pending]
-        return {
-            name: np.concatenate([rows[name][host_mask] for rows, (_, host_mask) in zip(fetched, pending)])
-            for name in names
-        }
-
     def _progress(self, batches: Iterable[Any], mode: str) -> Iterable[Any]:
         interactive = sys.stdout.isatty() if self.progress is None else self.progress
         if interactive and jax.process_index() == 0:
             from tqdm import tqdm  # noqa: PLC0415
 
             return tqdm(batches, desc=mode.capitalize(), unit="batch", leave=False)
-        return _log_every(batches, every=100, mode=mode)
+        return transfer.log_every(batches, every=100, mode=mode)
 
     def _require_state(self) -> EvalState:
         if self.state is None:
             raise EvalError("no state to evaluate: call set_state(EvalState...) or evaluate(state, loader)")
         return self.state
-
-
-def _log_every(batches: Iterable[Any], *, every: int, mode: str) -> Iterable[Any]:
-    """Plain progress lines for logs (no terminal): one per `every` batches, none for short runs."""
-    for count, item in enumerate(batches, start=1):
-        if count % every == 0 and jax.process_index() == 0:
-            LOG.info("tracker-eval: %s: %d batches evaluated", mode, count)
-        yield item
-
-
-def _fetch_accumulator(tree: Any) -> Any:
-    """Host copy of the accumulator; with several processes the per-shard partials are gathered
-    (a few numbers per metric) so every process finalizes the same reduced metrics."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-def _local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in global row order.
-
-    Shards replicated over other mesh axes are taken once. In a single process these are all rows.
-    """
-    seen: dict[int, np.ndarray] = {}
-    for shard in array.addressable_shards:
-        start = shard.index[0].start or 0
-        if start not in seen:
-            seen[start] = np.asarray(shard.data)
-    return np.concatenate([seen[k] for k in sorted(seen)])
-
