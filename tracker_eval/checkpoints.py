@@ -231,6 +231,91 @@ def _read_tree_metadata(item_dir: epath.Path, *, step: int, step_dir: epath.Path
     return getattr(metadata, "tree", metadata)
 
 
+class _Leaf:
+    """A leaf of the light tree: only its array name, until its shape and dtype are needed."""
+
+    def __init__(self, name: str, value_type: str | None) -> None:
+        self.name = name
+        self.value_type = value_type
+
+
+def _light_tree(item_dir: epath.Path) -> tuple[Any, dict[str, Any]]:
+    """The item's tree structure from its `_METADATA` file alone (one small JSON read).
+
+    Orbax's own `metadata()` opens every array of the item (the optimizer state's too) to learn
+    shapes and dtypes; evaluation needs them for the params subtree only. Sequence nodes stay
+    lists, so a restore target built from this tree matches the saved structure.
+    """
+    meta = json.loads((item_dir / _PYTREE_METADATA_FILE).read_text())
+    root: dict[str, Any] = {}
+    sequences: set[int] = set()
+    for entry in meta["tree_metadata"].values():
+        keys = entry["key_metadata"]
+        value_type = entry["value_metadata"].get("value_type")
+        node = root
+        for depth, key in enumerate(keys):
+            if key["key_type"] == 1:
+                sequences.add(id(node))
+            last = depth == len(keys) - 1
+            leaf = _Leaf(".".join(str(k["key"]) for k in keys), value_type) if last else {}
+            node = node.setdefault(str(key["key"]), leaf)
+    return _with_sequences(root, sequences), meta
+
+
+def _with_sequences(node: Any, sequences: set[int]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    children = {k: _with_sequences(v, sequences) for k, v in node.items()}
+    if id(node) in sequences:
+        return [children[str(i)] for i in range(len(children))]
+    return children
+
+
+def _fill_shapes(subtree: Any, *, item_dir: epath.Path, meta: Mapping[str, Any]) -> Any:
+    """Shapes and dtypes of just this subtree's arrays, opened concurrently with TensorStore."""
+    import tensorstore as ts  # noqa: PLC0415 - Orbax's own storage layer
+
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    base = os.fspath(item_dir)
+    leaves, treedef = jax.tree.flatten(subtree, is_leaf=lambda x: isinstance(x, _Leaf))
+    if not all(isinstance(leaf, _Leaf) and leaf.value_type in ("jax.Array", "np.ndarray") for leaf in leaves):
+        raise ValueError("non-array leaves need Orbax's own reader")
+
+    def spec(name: str) -> dict[str, Any]:
+        if meta.get("use_ocdbt", True):
+            return {"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{base}/", "path": name}}
+        return {"driver": driver, "kvstore": {"driver": "file", "path": f"{base}/{name}"}}
+
+    opened = [ts.open(spec(leaf.name), open=True, read=True) for leaf in leaves]
+    structs = []
+    for future in opened:
+        store = future.result()
+        structs.append(jax.ShapeDtypeStruct(tuple(store.shape), store.dtype.numpy_dtype))
+    return jax.tree.unflatten(treedef, structs)
+
+
+def _light_abstract(
+    item_dir: epath.Path, wanted: Sequence[tuple[str, str]], *, where: dict[str, Any]
+) -> dict[str, Any] | None:
+    """ShapeDtypeStructs of the wanted subtrees, reading only their own arrays' metadata.
+
+    Returns None when the light path cannot serve (missing or unusual metadata, non-array leaves,
+    unreadable arrays, a remote path): the caller then uses Orbax's full reader, which also gives
+    the precise corrupt/vanished errors. A wrong path is a `ConfigError` listing the keys either way.
+    """
+    if not _is_local(item_dir):
+        return None
+    try:
+        tree, meta = _light_tree(item_dir)
+    except Exception:  # noqa: BLE001 - anything unexpected: let Orbax's reader decide
+        return None
+    found = {path: _find_subtree(tree, path, config_key=key, **where) for path, key in wanted}
+    try:
+        return {path: _fill_shapes(subtree, item_dir=item_dir, meta=meta) for path, subtree in found.items()}
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: str) -> CheckpointError:
     path = os.fspath(step_dir)
     # Retention deletes a whole step directory: its absence afterwards explains any read error.
@@ -358,15 +443,16 @@ def restore_eval_variables(
     except OSError as e:
         raise _read_failure(e, step=step, step_dir=step_dir, what="item list") from e
     item_dir = step_dir / item_name
-    tree = _read_tree_metadata(item_dir, step=step, step_dir=step_dir)
-
     where = {"item": item_name, "step": step, "step_dir": step_dir}
-    params_meta = _find_subtree(tree, params_path, config_key="checkpoint.params", **where)
-    mutable_meta = {name: _find_subtree(tree, name, config_key="checkpoint.mutable", **where) for name in mutable}
+    wanted = [("params", params_path, "checkpoint.params"), *((n, n, "checkpoint.mutable") for n in mutable)]
+    abstracts = _light_abstract(item_dir, [(path, key) for _, path, key in wanted], where=where)
+    if abstracts is None:  # a layout the light path does not know: Orbax's full metadata read
+        tree = _read_tree_metadata(item_dir, step=step, step_dir=step_dir)
+        abstracts = {path: _abstract(_find_subtree(tree, path, config_key=key, **where)) for _, path, key in wanted}
 
     target: dict[str, Any] = {}
-    for name, path, meta in [("params", params_path, params_meta), *((n, n, m) for n, m in mutable_meta.items())]:
-        abstract = _abstract(meta)
+    for name, path, _ in wanted:
+        abstract = abstracts[path]
         _nest(_split_path(path), _with_shardings(abstract, shardings_for(abstract), name=name), target)
 
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
