@@ -14,14 +14,8 @@ from typing import Any
 
 import jax
 
-from tracker_eval.checkpoints import (
-    _children,
-    _is_pytree,
-    _item_handlers,
-    _read_tree_metadata,
-    _require_step,
-    _step_dir,
-)
+from tracker_eval.checkpoint_tree import _children, _read_tree_metadata
+from tracker_eval.checkpoints import _is_pytree, _item_handlers, _require_step, _step_dir
 
 
 def _summarize(node: Any) -> str:

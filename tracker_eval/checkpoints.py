@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,38 +23,33 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tracker_eval.checkpoint_tree import (  # noqa: F401 - the errors are part of this module's API
+    CheckpointError,
+    CheckpointVanishedError,
+    CorruptCheckpointError,
+    _abstract,
+    _find_subtree,
+    _is_local,
+    _light_abstract,
+    _lookup,
+    _read_failure,
+    _read_tree_metadata,
+    _split_path,
+)
 from tracker_eval.errors import ConfigError
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointVanishedError",
+    "CorruptCheckpointError",
+    "finalized_steps",
+    "restore_eval_variables",
+]
 
 # Written by every CheckpointManager save; names each item and the handler that wrote it.
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 # Written by the PyTree/Standard handlers into each pytree item.
 _PYTREE_METADATA_FILE = "_METADATA"
-
-
-class CheckpointError(Exception):
-    """A checkpoint step could not be read; not the user's configuration (that is `ConfigError`).
-
-    Attributes:
-        step: The checkpoint step.
-        path: The step directory.
-    """
-
-    def __init__(self, message: str, *, step: int, path: str) -> None:
-        super().__init__(message)
-        self.step = step
-        self.path = path
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The step directory exists but its files are missing, truncated or unreadable: mark it failed."""
-
-
-class CheckpointVanishedError(CheckpointError):
-    """The step directory was deleted (e.g. by checkpoint retention) before or during the restore: skip it."""
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
 
 
 def _finalized_by_rename(root: epath.Path) -> bool:
@@ -186,175 +180,6 @@ def _resolve_item(item: str | None, step_dir: epath.Path, step: int) -> str:
             "to the item saved with StandardSave/PyTreeSave"
         )
     return item
-
-
-def _split_path(path: str) -> tuple[str, ...]:
-    return tuple(part for part in re.split(r"[./]", path) if part)
-
-
-def _children(node: Any) -> dict[str, Any] | None:
-    if isinstance(node, Mapping):
-        return {str(k): v for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return {str(i): v for i, v in enumerate(node)}
-    return None
-
-
-def _keys(node: Any) -> str:
-    children = _children(node)
-    return ", ".join(sorted(children)) if children else "no keys"
-
-
-def _lookup(tree: Any, keys: Sequence[str]) -> tuple[Any, int]:
-    """Returns (subtree, -1) if found, else (deepest node reached, index of the missing key)."""
-    node = tree
-    for depth, key in enumerate(keys):
-        children = _children(node)
-        if children is None or key not in children:
-            return node, depth
-        node = children[key]
-    return node, -1
-
-
-def _read_tree_metadata(item_dir: epath.Path, *, step: int, step_dir: epath.Path) -> Any:
-    try:
-        if not (item_dir / _PYTREE_METADATA_FILE).exists():
-            # Checked here: Orbax's own failure path for it leaves a stray event-loop callback.
-            raise FileNotFoundError(f"{os.fspath(item_dir / _PYTREE_METADATA_FILE)} is missing")
-        handler = ocp.PyTreeCheckpointHandler()
-        try:
-            metadata = handler.metadata(item_dir)
-        finally:
-            handler.close()
-    except Exception as e:  # noqa: BLE001 - any read failure means missing or damaged files
-        raise _read_failure(e, step=step, step_dir=step_dir, what="metadata") from e
-    return getattr(metadata, "tree", metadata)
-
-
-class _Leaf:
-    """A leaf of the light tree: only its array name, until its shape and dtype are needed."""
-
-    def __init__(self, name: str, value_type: str | None) -> None:
-        self.name = name
-        self.value_type = value_type
-
-
-def _light_tree(item_dir: epath.Path) -> tuple[Any, dict[str, Any]]:
-    """The item's tree structure from its `_METADATA` file alone (one small JSON read).
-
-    Orbax's own `metadata()` opens every array of the item (the optimizer state's too) to learn
-    shapes and dtypes; evaluation needs them for the params subtree only. Sequence nodes stay
-    lists, so a restore target built from this tree matches the saved structure.
-    """
-    meta = json.loads((item_dir / _PYTREE_METADATA_FILE).read_text())
-    root: dict[str, Any] = {}
-    sequences: set[int] = set()
-    for entry in meta["tree_metadata"].values():
-        keys = entry["key_metadata"]
-        value_type = entry["value_metadata"].get("value_type")
-        node = root
-        for depth, key in enumerate(keys):
-            if key["key_type"] == 1:
-                sequences.add(id(node))
-            last = depth == len(keys) - 1
-            leaf = _Leaf(".".join(str(k["key"]) for k in keys), value_type) if last else {}
-            node = node.setdefault(str(key["key"]), leaf)
-    return _with_sequences(root, sequences), meta
-
-
-def _with_sequences(node: Any, sequences: set[int]) -> Any:
-    if not isinstance(node, dict):
-        return node
-    children = {k: _with_sequences(v, sequences) for k, v in node.items()}
-    if id(node) in sequences:
-        return [children[str(i)] for i in range(len(children))]
-    return children
-
-
-def _fill_shapes(subtree: Any, *, item_dir: epath.Path, meta: Mapping[str, Any]) -> Any:
-    """Shapes and dtypes of just this subtree's arrays, opened concurrently with TensorStore."""
-    import tensorstore as ts  # noqa: PLC0415 - Orbax's own storage layer
-
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    base = os.fspath(item_dir)
-    leaves, treedef = jax.tree.flatten(subtree, is_leaf=lambda x: isinstance(x, _Leaf))
-    if not all(isinstance(leaf, _Leaf) and leaf.value_type in ("jax.Array", "np.ndarray") for leaf in leaves):
-        raise ValueError("non-array leaves need Orbax's own reader")
-
-    def spec(name: str) -> dict[str, Any]:
-        if meta.get("use_ocdbt", True):
-            return {"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{base}/", "path": name}}
-        return {"driver": driver, "kvstore": {"driver": "file", "path": f"{base}/{name}"}}
-
-    opened = [ts.open(spec(leaf.name), open=True, read=True) for leaf in leaves]
-    structs = []
-    for future in opened:
-        store = future.result()
-        structs.append(jax.ShapeDtypeStruct(tuple(store.shape), store.dtype.numpy_dtype))
-    return jax.tree.unflatten(treedef, structs)
-
-
-def _light_abstract(
-    item_dir: epath.Path, wanted: Sequence[tuple[str, str]], *, where: dict[str, Any]
-) -> dict[str, Any] | None:
-    """ShapeDtypeStructs of the wanted subtrees, reading only their own arrays' metadata.
-
-    Returns None when the light path cannot serve (missing or unusual metadata, non-array leaves,
-    unreadable arrays, a remote path): the caller then uses Orbax's full reader, which also gives
-    the precise corrupt/vanished errors. A wrong path is a `ConfigError` listing the keys either way.
-    """
-    if not _is_local(item_dir):
-        return None
-    try:
-        tree, meta = _light_tree(item_dir)
-    except Exception:  # noqa: BLE001 - anything unexpected: let Orbax's reader decide
-        return None
-    found = {path: _find_subtree(tree, path, config_key=key, **where) for path, key in wanted}
-    try:
-        return {path: _fill_shapes(subtree, item_dir=item_dir, meta=meta) for path, subtree in found.items()}
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: str) -> CheckpointError:
-    path = os.fspath(step_dir)
-    # Retention deletes a whole step directory: its absence afterwards explains any read error.
-    if not step_dir.exists():
-        return CheckpointVanishedError(
-            f"checkpoint step {step} at {path} was deleted while its {what} was being read", step=step, path=path
-        )
-    detail = " ".join(str(error).split())[:300]
-    return CorruptCheckpointError(
-        f"checkpoint step {step} at {path} is corrupt or incomplete: reading its {what} failed with "
-        f"{type(error).__name__}: {detail}",
-        step=step,
-        path=path,
-    )
-
-
-def _find_subtree(tree: Any, path: str, *, config_key: str, item: str, step: int, step_dir: epath.Path) -> Any:
-    keys = _split_path(path)
-    node, missing = _lookup(tree, keys)
-    if keys and missing < 0:
-        return node
-    found_at = "/".join(keys[:missing]) if missing > 0 else ""
-    deeper = f"; {found_at!r} holds: {_keys(node)}" if found_at else ""
-    remedy = (
-        "set checkpoint.mutable to a subset of those collections, or [] for none"
-        if config_key == "checkpoint.mutable"
-        else "set checkpoint.params to the path of the params subtree (dots or slashes)"
-    )
-    raise ConfigError(
-        f"{config_key} {path!r} not found in item {item!r} of step {step} at {os.fspath(step_dir)}: "
-        f"the item's top-level keys are: {_keys(tree)}{deeper}; {remedy}"
-    )
-
-
-def _abstract(subtree: Any) -> Any:
-    def leaf(meta: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
-
-    return jax.tree.map(leaf, subtree)
 
 
 def _with_shardings(abstract: Any, shardings: Any, *, name: str) -> Any:

@@ -115,13 +115,8 @@ class Outbox(LedgerStore):
         Raises:
           ValueError: `logger` is not configured.
         """
-        self._check_logger(logger)
-        rows = self._conn().execute(
-            "SELECT step FROM outbox WHERE stream_id = ? AND logger = ? AND state = 'pending' "
-            "AND next_attempt_at <= ? ORDER BY step",
-            (self._stream, logger, self._clock()),
-        )
-        return [step for (step,) in rows]
+        now = self._clock()
+        return [step for step, due_at in self.pending_deliveries(logger) if due_at <= now]
 
     def pending_deliveries(self, logger: str) -> list[tuple[int, float]]:
         """Every step `logger` still lacks with its next attempt time, ascending by step.

@@ -1,7 +1,7 @@
 """One evaluation stream built from a config: resolve user code, build the mesh and the jitted
 evaluation once, then evaluate checkpoints (or live states) one after another.
 
-    pipeline = Pipeline.from_config(load_config("configs/demo.yaml"))
+    pipeline = Pipeline(load_config("configs/demo.yaml"))
     result = pipeline.evaluate_step(300)          # restore params only, onto the mesh, evaluate
     result = pipeline.evaluate_state(state, checkpoint="in-training")   # no restore
 
@@ -78,10 +78,6 @@ class Pipeline:
             progress=progress,
         )
         self.config_hash = config.config_hash()
-
-    @classmethod
-    def from_config(cls, config: EvalConfig, **kwargs: Any) -> Pipeline:
-        return cls(config, **kwargs)
 
     def data(self) -> Iterable[Mapping[str, Any]]:
         """This process's slice of the eval split."""

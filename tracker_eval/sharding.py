@@ -151,7 +151,6 @@ class BatchPlacer:
     def __init__(self, mesh: Mesh, *, global_batch_size: int) -> None:
         self.mesh = mesh
         self.sharding = batch_sharding(mesh)
-        self.mask_sharding = self.sharding
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.shards = shards
         # Pad the global batch up to a multiple of the batch shards (and of the process count),

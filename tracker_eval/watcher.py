@@ -163,7 +163,7 @@ class Watcher:
 
         until = self.watch.until_step
         if until is not None:
-            known = [row for row in self.ledger.rows()]
+            known = self.ledger.rows()
             relevant = [r for r in known if r["step"] <= until]
             reached = any(r["step"] >= until for r in known)
             if reached and relevant and all(self._settled(r, StepState) for r in relevant):
