@@ -10,3 +10,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402 - after the environment above, which must precede any JAX import
+
+# Helpers shared by several test files; their asserts get pytest's rewriting like the tests'.
+pytest.register_assert_rewrite("watcher_harness")

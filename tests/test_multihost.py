@@ -7,13 +7,13 @@ import os
 import pathlib
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from watcher_harness import ledger_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
@@ -104,8 +104,8 @@ def test_two_processes_equal_one_process_eight_devices(tmp_path, checkpoints):
 
 
 def _ledger_rows(out_dir):
-    with sqlite3.connect(out_dir / "ledger.sqlite") as conn:
-        return conn.execute("SELECT step, state, attempts FROM steps ORDER BY step").fetchall()
+    # The shared reader returns {} while the file or its schema is still being created.
+    return [(step, row["state"], row["attempts"]) for step, row in sorted(ledger_rows(out_dir).items())]
 
 
 def test_two_process_watch_evaluates_and_delivers_each_checkpoint_once(tmp_path, checkpoints):
@@ -126,9 +126,7 @@ def test_a_dead_peer_stops_the_other_with_one_clear_line_and_restart_resumes(tmp
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # wait until step 10 is being evaluated
-            if (tmp_path / "out" / "ledger.sqlite").exists() and any(
-                state == "evaluating" for _, state, _ in _ledger_rows(tmp_path / "out")
-            ):
+            if any(state == "evaluating" for _, state, _ in _ledger_rows(tmp_path / "out")):
                 break
             time.sleep(0.2)
         else:

@@ -10,9 +10,7 @@ import uuid
 
 import pytest
 
-pytest.register_assert_rewrite("watcher_harness")
-
-from watcher_harness import (  # noqa: E402 - after register_assert_rewrite
+from watcher_harness import (
     EXE,
     WatcherProcess,
     assert_exactly_once,

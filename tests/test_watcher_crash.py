@@ -9,9 +9,7 @@ import uuid
 
 import pytest
 
-pytest.register_assert_rewrite("watcher_harness")
-
-from watcher_harness import (  # noqa: E402 - after register_assert_rewrite
+from watcher_harness import (
     SOURCE_STEPS,
     WatcherProcess,
     assert_exactly_once,
