@@ -108,7 +108,9 @@ def test_corrupt_checkpoint_exits_1_with_one_line(tmp_path, checkpoints):
     assert data_files
     proc = _run("eval", "--config", _config(tmp_path, broken))
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr and "40" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tracker-eval: failed:")]
+    assert len(errors) == 1 and "step 40" in errors[0] and "corrupt" in errors[0], proc.stderr
 
 
 def test_failing_logger_warns_and_still_exits_0(tmp_path, checkpoints):
