@@ -28,8 +28,12 @@ system-deps:
 demo: install
 	$(BIN)/tracker-eval demo
 
-test: install system-deps
+# Lint first: it takes a second and fails before the 6-minute suite starts.
+test: install system-deps lint
 	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: install
+	$(BIN)/ruff check --no-cache .
 
 bench: install
 	$(XLA8) $(BIN)/python -m benchmarks

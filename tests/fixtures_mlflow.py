@@ -81,7 +81,9 @@ class MlflowServer:
                 time.sleep(0.25)
         tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
         self.stop()
-        raise RuntimeError(f"mlflow server on port {self.port} did not become healthy in {self.start_timeout_s:g} s:\n{tail}")
+        raise RuntimeError(
+            f"mlflow server on port {self.port} did not become healthy in {self.start_timeout_s:g} s:\n{tail}"
+        )
 
     def stop(self) -> None:
         """Stops the server and its workers (the whole process group we started)."""

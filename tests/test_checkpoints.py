@@ -74,7 +74,8 @@ def _fsdp(mesh: jax.sharding.Mesh) -> Any:
 def _assert_restored(restored: Any, expected: Any, shardings_for: Any) -> None:
     wanted = shardings_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), expected))
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
-    for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(wanted)):
+    leaves = (jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(wanted))
+    for got, want, sharding in zip(*leaves, strict=True):
         assert isinstance(got, jax.Array)
         assert got.sharding == sharding
         assert got.dtype == want.dtype

@@ -49,7 +49,8 @@ def test_defaults_match_the_documented_contract(tmp_path):
 
 def test_overrides_with_nested_keys_and_yaml_values(tmp_path):
     config = load_config(_write(tmp_path, MINIMAL),
-                         overrides=["mesh.data=4", "checkpoint.mutable=[batch_stats]", "watch.policy={every_n_steps: 2}"])
+                         overrides=["mesh.data=4", "checkpoint.mutable=[batch_stats]",
+                                    "watch.policy={every_n_steps: 2}"])
     assert config.mesh.data == 4
     assert config.checkpoint.mutable == ("batch_stats",)
     assert config.watch.policy == {"every_n_steps": 2}
@@ -88,7 +89,8 @@ def test_missing_required_key(tmp_path):
 def test_import_path_typo_fails_at_load_naming_the_path(tmp_path):
     config = load_config(_write(tmp_path, MINIMAL),
                          overrides=["eval_function=tracker_eval.tasks.classification:eval_fucntion"])
-    with pytest.raises(ConfigError, match=r"eval_function='tracker_eval.tasks.classification:eval_fucntion'.*no attribute"):
+    bad = r"eval_function='tracker_eval.tasks.classification:eval_fucntion'.*no attribute"
+    with pytest.raises(ConfigError, match=bad):
         Components.resolve(config)
 
 

@@ -66,10 +66,11 @@ def test_jsonl_mlflow_and_wandb_hold_one_point_per_checkpoint(demo):
     assert {m.step: m.value for m in history} == pytest.approx(loss, rel=1e-6)
     assert run.data.tags.get("tracker_eval.summary.best_step") == "60"
 
-    from tracker_eval.config import load_config
-    from tracker_eval.reporting import run_key
     from tracker_eval_wandb import reader
     from tracker_eval_wandb.logger import derive_run_id
+
+    from tracker_eval.config import load_config
+    from tracker_eval.reporting import run_key
 
     config = load_config(out / "demo.yaml")
     rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))

@@ -93,7 +93,7 @@ def test_metrics_equal_float64_reference_on_every_mesh(mesh_shape, batch_size):
     rows = result.per_example["rows"]
     assert rows.shape == (N_EXAMPLES,)  # nothing dropped or counted twice
     np.testing.assert_allclose(rows, reference["rows"], rtol=1e-5, atol=1e-6)
-    assert result.provenance["mesh_shape"] == dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    assert result.provenance["mesh_shape"] == dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=True))
 
 
 def test_step_compiles_once_per_eval_model_short_last_batch_included():
@@ -172,8 +172,8 @@ def test_empty_loader_and_oversized_batch_are_clear_errors():
 
 
 def test_from_train_state_takes_params_batch_stats_and_step():
-    from flax.training import train_state
     import optax
+    from flax.training import train_state
 
     params = _params()
     ts = train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=optax.adam(1e-3))

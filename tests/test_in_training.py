@@ -26,14 +26,14 @@ def _numpy_loss(params) -> float:
 
 def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
+    from tracker_eval_wandb import reader
+    from tracker_eval_wandb.logger import derive_run_id
 
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
     from tracker_eval.ledger import StepState
     from tracker_eval.reporting import run_key
     from tracker_eval.tasks.train import train_classifier
-    from tracker_eval_wandb import reader
-    from tracker_eval_wandb.logger import derive_run_id
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     config_path = tmp_path / "c.yaml"

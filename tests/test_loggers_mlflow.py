@@ -6,12 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from mlflow.exceptions import MlflowException
+from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
 
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.fanout import FanOut
 from tracker_eval.loggers.jsonl import JsonlLogger, read_jsonl
 from tracker_eval.result import EvalResult
-from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
 
 pytest_plugins = ["fixtures_mlflow"]
 
@@ -102,7 +103,7 @@ def test_server_stopped_then_restarted_resumes_delivery(mlflow_server, tmp_path)
     mlflow_server.stop()
     try:
         start = time.monotonic()
-        with pytest.raises(Exception):
+        with pytest.raises(MlflowException):
             logger.log_result(_result(2, {"loss": 2.0}))
         down_cost = time.monotonic() - start
         print(f"call to a stopped mlflow server failed after {down_cost:.2f} s")

@@ -7,10 +7,10 @@ import shutil
 import subprocess
 
 import pytest
+from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger
 
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.result import EvalResult
-from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger
 
 pytest_plugins = ["fixtures_mlflow"]
 

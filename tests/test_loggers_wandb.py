@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import numpy as np
+from tracker_eval_wandb import reader
+from tracker_eval_wandb.logger import WandbConfig, WandbLogger, derive_run_id
 
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.result import EvalResult
-from tracker_eval_wandb import reader
-from tracker_eval_wandb.logger import WandbConfig, WandbLogger, derive_run_id
 
 SECRET = "fake-secret-0123456789abcdef0123456789abcdef"
 

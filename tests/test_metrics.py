@@ -14,7 +14,7 @@ def _accumulate(metric_cls, batches, masks, **kwargs):
     first = metric_cls(jnp.asarray(batches[0]), **kwargs)
     state = jax.tree.map(jnp.asarray, m.init_state(first))
     update = jax.jit(lambda s, v, mk: m.update_state(s, metric_cls(v, **kwargs), mk))
-    for values, mask in zip(batches, masks):
+    for values, mask in zip(batches, masks, strict=True):
         state = update(state, jnp.asarray(values), jnp.asarray(mask))
     return m.host_state({"x": jax.device_get(state)})["x"]
 
@@ -24,7 +24,7 @@ def test_max_min_of_all_negative_values_ignore_padding():
     batches = [-(rs.rand(8).astype(np.float32) + 1.0) for _ in range(3)]
     masks = [np.ones(8, bool), np.ones(8, bool), np.arange(8) < 3]
     batches[2][3:] = 100.0  # padding rows hold junk that must not win
-    real = np.concatenate([b[mk] for b, mk in zip(batches, masks)]).astype(np.float64)
+    real = np.concatenate([b[mk] for b, mk in zip(batches, masks, strict=True)]).astype(np.float64)
     assert m.finalize_value("Max", _accumulate(m.Max, batches, masks)) == pytest.approx(real.max(), rel=1e-7)
     assert m.finalize_value("Min", _accumulate(m.Min, batches, masks)) == pytest.approx(real.min(), rel=1e-7)
     assert real.max() < 0
@@ -45,11 +45,11 @@ def test_weighted_mean_matches_float64_reference():
     first = m.Mean(jnp.asarray(vals[0]), weights=jnp.asarray(weights[0]))
     state = jax.tree.map(jnp.asarray, m.init_state(first))
     update = jax.jit(lambda s, v, w, mk: m.update_state(s, m.Mean(v, weights=w), mk))
-    for v, w, mk in zip(vals, weights, masks):
+    for v, w, mk in zip(vals, weights, masks, strict=True):
         state = update(state, v, w, mk)
     got = m.finalize_value("Mean", m.host_state({"x": jax.device_get(state)})["x"])
-    num = sum((v.astype(np.float64) * w)[mk].sum() for v, w, mk in zip(vals, weights, masks))
-    den = sum(w.astype(np.float64)[mk].sum() for w, mk in zip(weights, masks))
+    num = sum((v.astype(np.float64) * w)[mk].sum() for v, w, mk in zip(vals, weights, masks, strict=True))
+    den = sum(w.astype(np.float64)[mk].sum() for w, mk in zip(weights, masks, strict=True))
     assert got == pytest.approx(num / den, rel=1e-6)
 
 

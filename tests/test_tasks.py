@@ -11,7 +11,8 @@ from tracker_eval.evaluator import ExtendedEvaluation
 from tracker_eval.models import adapt_model, nnx_params
 from tracker_eval.sharding import make_mesh
 from tracker_eval.state import EvalState
-from tracker_eval.tasks import classification as cls_task, language_model as lm_task
+from tracker_eval.tasks import classification as cls_task
+from tracker_eval.tasks import language_model as lm_task
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])

@@ -9,7 +9,6 @@ import time
 import uuid
 
 import pytest
-
 from watcher_harness import (
     EXE,
     WatcherProcess,

@@ -7,8 +7,6 @@ import random
 import time
 import uuid
 
-import pytest
-
 from watcher_harness import (
     SOURCE_STEPS,
     WatcherProcess,
@@ -72,12 +70,13 @@ def test_kill9_at_several_moments_then_restart_delivers_everything_exactly_once(
         with WatcherProcess(config) as watcher:
             if condition is None:
                 delay = rng.uniform(1.0, 6.0)
-                wait_for(lambda: time.time() - watcher.started_at >= delay, timeout=delay + 1, what=moment)
+                wait_for(lambda delay=delay: time.time() - watcher.started_at >= delay,
+                         timeout=delay + 1, what=moment)
             else:
                 if moment == "during evaluation":
                     time.sleep(rng.uniform(0.0, 1.0))  # a random point of the second or later evaluation
-                wait_for(lambda: condition(watcher), timeout=60, what=f"kill moment {moment!r} (seed {seed})",
-                         watchers=[watcher], interval=0.02)
+                wait_for(lambda condition=condition: condition(watcher), timeout=60,
+                         what=f"kill moment {moment!r} (seed {seed})", watchers=[watcher], interval=0.02)
             watcher.kill9()
         runs.append((moment, watcher, ledger_rows(out)))
         if all(r["state"] == "delivered" for r in runs[-1][2].values()) and len(runs[-1][2]) == len(SOURCE_STEPS):

@@ -8,8 +8,6 @@ import subprocess
 import time
 import uuid
 
-import pytest
-
 from watcher_harness import (
     EXE,
     WatcherProcess,

@@ -56,7 +56,8 @@ def wait_until_idle(*, max_wait_s: float, settle_s: float = 0.3) -> float:
             if quiet_for >= settle_s:
                 break
             seen = _started
-            _condition.wait_for(lambda: _started != seen, timeout=max(0.0, min(settle_s - quiet_for, deadline - time.monotonic())))
+            budget = max(0.0, min(settle_s - quiet_for, deadline - time.monotonic()))
+            _condition.wait_for(lambda seen=seen: _started != seen, timeout=budget)
             if _started == seen or time.monotonic() >= deadline:
                 break
     return time.monotonic() - start

@@ -55,7 +55,9 @@ def run_demo(
     """Runs training and the watcher side by side; returns the exit code."""
     steps = steps or DEFAULT_STEPS
     if steps < SAVE_EVERY:
-        raise ConfigError(f"--steps {steps} is below the checkpoint interval {SAVE_EVERY}; use --steps {SAVE_EVERY} or more")
+        raise ConfigError(
+            f"--steps {steps} is below the checkpoint interval {SAVE_EVERY}; use --steps {SAVE_EVERY} or more"
+        )
     output_dir = os.path.abspath(output_dir)
     _fresh_dir(output_dir)
     config_path = os.path.join(output_dir, "demo.yaml")

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracker_eval import activity, metrics as metric_lib, transfer
+from tracker_eval import activity, transfer
+from tracker_eval import metrics as metric_lib
 from tracker_eval.models import ModelAdapter, adapt_model
 from tracker_eval.prefetch import prefetch
 from tracker_eval.result import EvalResult
@@ -233,7 +234,9 @@ class ExtendedEvaluation:
             final.update(self.finalize_fn(dict(scalars)))
         return final
 
-    def eval_model(self, data_loader: Iterable[Mapping[str, Any]], mode: str = "test", epoch_idx: int = 0) -> dict[str, Any]:
+    def eval_model(
+        self, data_loader: Iterable[Mapping[str, Any]], mode: str = "test", epoch_idx: int = 0
+    ) -> dict[str, Any]:
         """Evaluates the current state over `data_loader` and returns the final metrics.
 
         Calls `on_extended_evaluation_start` before and `on_extended_evaluation_end` after.

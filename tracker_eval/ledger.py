@@ -35,6 +35,7 @@ from typing import Any
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.lease import lease_reclaimable
+from tracker_eval.ledger_best import offer_best, read_best, reconcile_best
 from tracker_eval.ledger_db import (
     IllegalTransitionError,
     LeaseLostError,
@@ -42,7 +43,6 @@ from tracker_eval.ledger_db import (
     read_snapshot,
     write_transaction,
 )
-from tracker_eval.ledger_best import offer_best, read_best, reconcile_best
 from tracker_eval.ledger_files import decode_result, decoded_metrics, encode_result, read_arrays, write_arrays
 from tracker_eval.outbox import Outbox
 from tracker_eval.result import EvalResult

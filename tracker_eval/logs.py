@@ -50,7 +50,8 @@ def configure_logging(*, verbose: bool = False) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_tracker_eval", False) for h in root.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s"))
+        layout = "%(asctime)s %(name)s %(levelname)s %(message)s" if verbose else "%(message)s"
+        handler.setFormatter(logging.Formatter(layout))
         handler._tracker_eval = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

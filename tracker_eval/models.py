@@ -52,7 +52,8 @@ def adapt_model(model: Any) -> ModelAdapter:
     Raises:
       TypeError: for anything that is not a linen Module, an nnx Module or a callable.
     """
-    from flax import linen as nn, nnx  # noqa: PLC0415
+    from flax import linen as nn  # noqa: PLC0415
+    from flax import nnx
 
     if isinstance(model, nn.Module):
         return ModelAdapter(kind="linen", apply_fn=model.apply, module=model)

@@ -25,7 +25,7 @@ def plot_metrics(
     cols = max(1, min(3, len(names)))
     lines = max(1, math.ceil(len(names) / cols))
     fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 3.2 * lines), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         points = [(s["step"], s["metrics"][name]) for s in rows if s["metrics"].get(name) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1.5)
         if best_step is not None:

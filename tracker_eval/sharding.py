@@ -17,7 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tracker_eval.config import MeshConfig
 from tracker_eval.errors import ConfigError
@@ -37,13 +38,13 @@ def mesh_shape(config: MeshConfig, *, device_count: int) -> tuple[int, int, int]
     if -1 in sizes:
         if device_count % fixed:
             raise ConfigError(
-                f"mesh {dict(zip(AXES, sizes))} cannot fill {device_count} devices: "
+                f"mesh {dict(zip(AXES, sizes, strict=True))} cannot fill {device_count} devices: "
                 f"{device_count} is not divisible by {fixed}; change the mesh sizes"
             )
         sizes[sizes.index(-1)] = device_count // fixed
     if math.prod(sizes) > device_count:
         raise ConfigError(
-            f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but only {device_count} "
+            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but only {device_count} "
             "are available; make the mesh smaller or use -1 for one axis"
         )
     return sizes[0], sizes[1], sizes[2]

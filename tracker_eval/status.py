@@ -45,6 +45,7 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
         }
         for row in rows
     ]
+    heartbeat_age_s = None if heartbeat is None else round(time.time() - heartbeat[1], 1)
     stored = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered")]
     done = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered", "skipped", "given_up")]
     lag = None if newest is None else newest - max(done) if done else newest
@@ -54,7 +55,7 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
         "best": None if best is None else {"step": best[0], "value": best[1]},
-        "heartbeat": None if heartbeat is None else {"owner": heartbeat[0], "age_s": round(time.time() - heartbeat[1], 1)},
+        "heartbeat": None if heartbeat is None else {"owner": heartbeat[0], "age_s": heartbeat_age_s},
     }
 
 
@@ -88,10 +89,11 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     for s in steps:
         metrics = [_fmt(s["metrics"].get(name)) for name in metric_names]
         deliveries = [s["deliveries"].get(name, "-") for name in loggers]
-        state = s["state"] + (f" ({s['reason']})" if s["reason"] and s["state"] in ("failed", "given_up", "skipped") else "")
+        explained = s["reason"] and s["state"] in ("failed", "given_up", "skipped")
+        state = s["state"] + (f" ({s['reason']})" if explained else "")
         lines.append([str(s["step"]), state[:60], *metrics, *deliveries])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines)
     best = doc.get("best")
     footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
     if best:

@@ -40,7 +40,7 @@ def collect_rows(pending: list[tuple[dict[str, jax.Array], np.ndarray]], *, tag:
     else:
         fetched = [{name: local_rows(rows[name]) for name in names} for rows, _ in pending]
     rows = {
-        name: np.concatenate([batch[name][host_mask] for batch, (_, host_mask) in zip(fetched, pending)])
+        name: np.concatenate([batch[name][host_mask] for batch, (_, host_mask) in zip(fetched, pending, strict=True)])
         for name in names
     }
     if jax.process_count() == 1:

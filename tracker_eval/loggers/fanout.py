@@ -17,10 +17,10 @@ as failed until its worker returns, so a hung tracker costs one thread, not the 
 from __future__ import annotations
 
 import collections
-import os
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -84,7 +84,8 @@ def _lower_thread_priority(increment: int = 10) -> None:
     child processes it spawns inherit. Best effort: other platforms keep the default priority.
     """
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment))
+        niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError):
         pass
 
@@ -131,7 +132,9 @@ class _Worker:
             self._queue.put_nowait(task)
         except queue.Full:
             task.future.set_exception(
-                LoggerError(self.name, task.operation, f"queue full ({self._queue.maxsize} calls waiting)", step=task.step)
+                LoggerError(
+                    self.name, task.operation, f"queue full ({self._queue.maxsize} calls waiting)", step=task.step
+                )
             )
 
     def stop(self) -> None:
@@ -362,7 +365,8 @@ class FanOut:
                     task.future.result(timeout=remaining)
                 except concurrent.futures.TimeoutError:
                     worker.mark_timed_out(task)
-                    error: Exception = LoggerError(name, task.operation, f"no answer within {budget:g} s", step=task.step)
+                    why = f"no answer within {budget:g} s"
+                    error: Exception = LoggerError(name, task.operation, why, step=task.step)
                 except concurrent.futures.CancelledError:
                     error = LoggerError(name, task.operation, "cancelled before it started", step=task.step)
                 except LoggerError as e:

@@ -177,7 +177,9 @@ def make_config(cls: type, options: Mapping[str, Any], *, where: str = "logger")
                 f"{where}: unknown option {key!r}; valid options: {', '.join(['id', *fields])}"
             )
     hints = typing.get_type_hints(config_cls)
-    values = {key: _coerce(value, hints.get(key, Any), where=f"{where}: option {key!r}") for key, value in options.items()}
+    values = {
+        key: _coerce(value, hints.get(key, Any), where=f"{where}: option {key!r}") for key, value in options.items()
+    }
     return config_cls(**values)
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn, nnx
+from flax import linen as nn
+from flax import nnx
 
 from tracker_eval.metrics import Mean, PerExample
 from tracker_eval.tasks.batching import process_batches

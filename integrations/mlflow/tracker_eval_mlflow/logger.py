@@ -79,7 +79,8 @@ class MlflowLogger:
             raise ConfigError(f"mlflow nan_policy {self.config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
         if self.config.timeout_s <= 0 or self.config.max_retries < 0:
             raise ConfigError(
-                f"mlflow timeout_s must be > 0 and max_retries >= 0, got {self.config.timeout_s}, {self.config.max_retries}"
+                "mlflow timeout_s must be > 0 and max_retries >= 0, "
+                f"got {self.config.timeout_s}, {self.config.max_retries}"
             )
         self.name = name
         self.context = context
@@ -155,7 +156,10 @@ class MlflowLogger:
         client, run_id = self._ensure_run()
         from mlflow.entities import RunTag
 
-        tags = [RunTag(sanitize_key(f"tracker_eval.summary.{k}"), str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in values.items()]
+        tags = [
+            RunTag(sanitize_key(f"tracker_eval.summary.{k}"), str(v)[:MAX_PARAM_VALUE_LENGTH])
+            for k, v in values.items()
+        ]
         if tags:
             client.log_batch(run_id, tags=tags, synchronous=True)
 

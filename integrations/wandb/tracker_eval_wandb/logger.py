@@ -138,7 +138,8 @@ class WandbLogger:
         if columns and len(lengths) == 1:
             rows = min(lengths.pop(), self.config.table_max_rows)
             names = sorted(columns)
-            data = [[i, *values] for i, values in enumerate(zip(*(columns[n][:rows].tolist() for n in names)))]
+            cells = zip(*(columns[n][:rows].tolist() for n in names), strict=True)
+            data = [[i, *values] for i, values in enumerate(cells)]
             row[key("per_example_table")] = wandb.Table(columns=["index", *names], data=data)
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
@@ -149,7 +150,9 @@ class WandbLogger:
     def set_summary(self, values: Mapping[str, Any]) -> None:
         """Sets run summary values (e.g. best checkpoint); durable after the next `flush`."""
         run = self._ensure_run()
-        run.summary.update({k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()})
+        run.summary.update(
+            {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
+        )
         self._dirty = True
 
     def flush(self) -> None:
