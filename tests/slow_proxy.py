@@ -2,6 +2,7 @@
 
     proxy = SlowProxy("http://127.0.0.1:5000", delay_s=2.0).start()
     MlflowClient(tracking_uri=proxy.url)   # every call now takes >= 2 s
+    proxy.answer_late_s = 3.0              # the server stores each request, the answer comes 3 s later
     proxy.stop()
 """
 
@@ -21,15 +22,18 @@ class SlowProxy:
 
     Args:
       upstream: ``http://host:port`` of the real server.
-      delay_s: added latency per request.
+      delay_s: added latency per request, before it reaches the server.
+      answer_late_s: added latency after the server answered (the request took effect, the client
+        does not know yet); may be changed while the proxy runs.
       port: port to listen on (0 = any free port).
     """
 
-    def __init__(self, upstream: str, *, delay_s: float = 2.0, port: int = 0) -> None:
+    def __init__(self, upstream: str, *, delay_s: float = 2.0, answer_late_s: float = 0.0, port: int = 0) -> None:
         parsed = urllib.parse.urlparse(upstream)
         self.upstream_host = parsed.hostname or "127.0.0.1"
         self.upstream_port = parsed.port or 80
         self.delay_s = delay_s
+        self.answer_late_s = answer_late_s
         self.requests = 0
         proxy = self
 
@@ -49,6 +53,7 @@ class SlowProxy:
                     data = response.read()
                 finally:
                     conn.close()
+                time.sleep(proxy.answer_late_s)
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP_HEADERS and key.lower() != "content-length":

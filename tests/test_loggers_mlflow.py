@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
+from slow_proxy import SlowProxy
 from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
 
 from tracker_eval.loggers.base import LoggerContext
@@ -56,6 +57,32 @@ def test_out_of_order_steps_kept_and_resend_not_duplicated(mlflow_server, tmp_pa
     assert len(client.get_metric_history(run_id, "eval/loss")) == 2
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/acc")] == [(100, 0.5)]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_send_stored_but_answered_late_is_not_stored_twice(mlflow_server, tmp_path):
+    """The server stores a batch, its answer misses the client's timeout, MLflow's HTTP layer retries
+    the POST and the delivery is attempted again later: the run still holds one point per step,
+    because a result keeps its own timestamp and MLflow drops an identical (key, step, time, value)."""
+    from mlflow.tracking import MlflowClient
+
+    proxy = SlowProxy(mlflow_server.url, delay_s=0.0).start()
+    try:
+        logger = _logger(proxy.url, tmp_path, "late-answer", timeout_s=1, max_retries=1)
+        logger.log_result(_result(1, {"loss": 1.0}))
+        late = _result(2, {"loss": 0.5})
+        proxy.answer_late_s = 2.5
+        requests_before = proxy.requests
+        with pytest.raises(MlflowException):
+            logger.log_result(late)
+        assert proxy.requests - requests_before >= 2, "the POST was not retried"
+        proxy.answer_late_s = 0.0
+        logger.log_result(late)  # the outbox's next attempt: same result, same timestamp
+        logger.close()
+    finally:
+        proxy.stop()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(logger.run_state()["run_id"], "eval/loss"))
+    assert history == [(1, 1.0), (2, 0.5)]
 
 
 def test_more_than_1000_metrics_are_chunked(mlflow_server, tmp_path):
