@@ -85,6 +85,26 @@ def test_a_send_stored_but_answered_late_is_not_stored_twice(mlflow_server, tmp_
     assert history == [(1, 1.0), (2, 0.5)]
 
 
+def test_default_store_keeps_artifacts_under_output_dir(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's own default would write ./mlruns here
+    out = tmp_path / "out"
+    logger = MlflowLogger(context=LoggerContext(output_dir=str(out), run_key="artifacts"), name="mlflow")
+    logger.log_result(_result(5, {"loss": 0.1}, per_example={"loss": np.array([0.1, 0.2])}, provenance={"h": "x"}))
+    logger.close()
+    assert list(elsewhere.iterdir()) == []
+    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("step_5.*"))
+    assert len(stored) == 2 and all(p.startswith("mlflow-artifacts/") for p in stored), stored
+    client = MlflowClient(tracking_uri=logger.tracking_uri)
+    run_id = logger.run_state()["run_id"]
+    assert [a.path for a in client.list_artifacts(run_id, "per_example")] == ["per_example/step_5.npz"]
+    with np.load(client.download_artifacts(run_id, "per_example/step_5.npz", str(tmp_path))) as arrays:
+        np.testing.assert_array_equal(arrays["loss"], [0.1, 0.2])
+
+
 def test_more_than_1000_metrics_are_chunked(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

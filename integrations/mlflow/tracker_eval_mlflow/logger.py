@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import re
 import tempfile
 import threading
@@ -227,7 +228,10 @@ class MlflowLogger:
 
     def _find_or_create_run(self, client: MlflowClient) -> tuple[str, str]:
         experiment = client.get_experiment_by_name(self.config.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = client.create_experiment(self.config.experiment, artifact_location=self._artifact_root())
         quoted = self.run_key.replace("'", "\\'")
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'", max_results=1)
         if runs:
@@ -236,6 +240,19 @@ class MlflowLogger:
         run_name = self.config.run_name or f"eval-{_short(self.run_key)}"
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id, experiment_id
+
+
+    def _artifact_root(self) -> str | None:
+        """Where a new experiment of a local store keeps artifacts: beside the database file.
+
+        MLflow's default for a sqlite store is ``./mlruns`` of the current directory, which scatters
+        per-example arrays wherever the job happened to start (or fails in a read-only one). A
+        server (http, https, databricks, ...) chooses its own artifact root.
+        """
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        database = pathlib.Path(self.tracking_uri[len("sqlite:///") :])
+        return (database.parent.absolute() / "mlflow-artifacts").as_uri()
 
 
 def sanitize_key(key: str) -> str:
