@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from tracker_eval_wandb import reader
 from tracker_eval_wandb.logger import WandbConfig, WandbLogger, derive_run_id
 
@@ -48,6 +49,27 @@ def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
     assert steps == [100, 200, 300]
     summary = reader.read_summary_updates(logger.wandb_dir, logger.run_id)
     assert summary["best/step"] == 300 and summary["best/loss"] == 0.25
+
+
+def test_failed_finish_is_retried_and_never_reported_as_written(tmp_path):
+    # A unit test of failure handling: wandb's finish is made to fail once (e.g. wandb-core died).
+    logger = WandbLogger(WandbConfig(mode="offline"), context=LoggerContext(output_dir=str(tmp_path), run_key="fin"))
+    result = _result(10, 0.5)
+    logger.log_result(result)
+    run = logger._run
+    real_finish = run.finish
+
+    def broken_finish(*args, **kwargs):
+        raise RuntimeError("wandb-core went away")
+
+    run.finish = broken_finish
+    with pytest.raises(RuntimeError, match="went away"):
+        logger.flush()
+    run.finish = real_finish
+    logger.log_result(result)  # the outbox's next attempt
+    logger.flush()
+    rows = reader.read_history(logger.wandb_dir, logger.run_id)
+    assert [(r["checkpoint_step"], r["eval/loss"]) for r in rows] == [(10, 0.5)]
 
 
 _CHILD = textwrap.dedent(

@@ -53,8 +53,10 @@ class WandbConfig:
     dir: str | None = None
     """Directory holding ``wandb/``; null = the output directory."""
     run_id: str | None = None
-    """Attach to this run (e.g. the training run, resume="allow"); null = a separate eval run whose
-    id is derived from the run key, so restarts attach to the same run."""
+    """Attach to this run (resume="allow"); null = a separate eval run whose id is derived from the
+    run key, so restarts attach to the same run. Each delivery finishes the run (that is what makes
+    it durable) and the next resumes it, so attach only to a run no other process is writing (a
+    finished training run); next to a live training run, share its ``group`` instead."""
     table_max_rows: int = 10000
     """Rows of the per-example table per checkpoint (the histogram always covers every example)."""
 
@@ -160,8 +162,11 @@ class WandbLogger:
         if self._run is None or not self._dirty:
             return
         start = time.perf_counter()
-        run, self._run = self._run, None
-        run.finish()
+        # The run is let go only once finish returned: if it raises, the steps stay pending in this
+        # run (a retry must neither log them twice nor report them written) and the next flush
+        # tries to finish again.
+        self._run.finish()
+        self._run = None
         self.finish_seconds.append(time.perf_counter() - start)
         self._held_steps().update(self._pending)
         self._pending.clear()
