@@ -116,3 +116,55 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     points = sorted((int(r["checkpoint_step"]), r["eval/loss"]) for r in rows if "eval/loss" in r)
     assert [s for s, _ in points] == STEPS
     assert dict(points) == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training(tmp_path, caplog):
+    from tracker_eval_wandb import reader
+    from tracker_eval_wandb.logger import derive_run_id
+
+    from tracker_eval import InTrainingEvaluation
+    from tracker_eval.config import load_config
+    from tracker_eval.ledger import StepState
+    from tracker_eval.reporting import run_key
+    from tracker_eval.tasks.train import train_classifier
+
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"checkpoint_dir: {ckpts}\n"
+        "model: tracker_eval.tasks.classification:make_model\n"
+        "eval_function: tracker_eval.tasks.classification:eval_function\n"
+        "data: tracker_eval.tasks.classification:make_eval_data\n"
+        "batch_size: 64\n"
+        f"output_dir: {out}\n"
+        "watch: {best: {metric: loss, mode: max}}\n"  # max: the best is not simply the last step
+        "loggers: [{type: jsonl}, {type: wandb, mode: offline}]\n"
+    )
+    losses: dict[int, float] = {}
+    trained: list[int] = []
+    with InTrainingEvaluation.from_config(str(config_path)) as evaluation:
+
+        def after_save(step, state):
+            trained.append(step)
+            if step == 20:  # a broken state: recorded and warned, training goes on
+                assert evaluation.after_checkpoint(step=step, params={"wrong": np.zeros(3)}) is None
+                return
+            losses[step] = evaluation.after_checkpoint(step=step, train_state=state).metrics["loss"]
+            assert losses[step] == pytest.approx(_numpy_loss(state.params), rel=1e-5)
+
+        train_classifier(ckpts, steps=40, save_every=10, learning_rate=0.01, after_save=after_save)
+        assert trained == [10, 20, 30, 40]
+        assert evaluation.ledger.state(20) == StepState.FAILED
+        warned = [r.getMessage() for r in caplog.records if "in-training evaluation of step 20" in r.getMessage()]
+        assert len(warned) == 1 and "\n" not in warned[0] and "kernel" in warned[0], warned
+        evaluation.raise_on_error = True
+        with pytest.raises(Exception, match="kernel"):  # flax: no param "kernel" in the given tree
+            evaluation.after_checkpoint(step=20, params={"wrong": np.zeros(3)})
+        assert evaluation.ledger.state(20) == StepState.FAILED
+
+    best_step = max(losses, key=losses.get)
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] == best_step and best["mode"] == "max"
+    assert best["value"] == pytest.approx(losses[best_step], rel=1e-12)
+    summary = reader.read_summary_updates(out / "wandb", derive_run_id(run_key(load_config(config_path))))
+    assert summary["best_step"] == best_step

@@ -85,6 +85,13 @@ def test_writer_and_watcher_every_checkpoint_once_until_step_status_and_best(tmp
     assert summary["best_step"] == best_step
     assert summary["best_loss"] == pytest.approx(expected[best_step]["loss"], rel=1e-12)
 
+    # A crash between the ledger's commit and best.json: the next start writes it from the ledger.
+    (out / "best.json").unlink()
+    with WatcherProcess(config) as again:
+        assert again.wait_exit(timeout=120) == 0, again.tail()
+    assert again.evaluated_steps() == []
+    assert json.loads((out / "best.json").read_text()) == best
+
 
 def test_tmp_dir_never_evaluated_late_lower_step_evaluated_idle_timeout_stops(tmp_path, source_checkpoints):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.logs import configure_logging, quiet_environment
 
 LOG = logging.getLogger("tracker_eval")
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         if args.verbose:
             LOG.exception("config error")
-        print(f"tracker-eval: error: {_one_line(error)}", file=sys.stderr)
+        print(f"tracker-eval: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tracker-eval: interrupted", file=sys.stderr)
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the last line of defence prints one line
         if args.verbose:
             LOG.exception("failed")
-        print(f"tracker-eval: failed: {type(error).__name__}: {_one_line(error)}"
+        print(f"tracker-eval: failed: {type(error).__name__}: {one_line(error)}"
               + ("" if args.verbose else " (run with --verbose for details)"), file=sys.stderr)
         return 1
 
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             _write_json(args.output, result.to_json(per_example_lists=True))
         failures = session.deliver(result)
         for name, error in failures.items():
-            print(f"tracker-eval: warning: logger {name!r} failed: {_one_line(error)}", file=sys.stderr)
+            print(f"tracker-eval: warning: logger {name!r} failed: {one_line(error)}", file=sys.stderr)
         return 0
     finally:
         if session is not None:
@@ -176,9 +176,6 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 def _short(steps: Sequence[int]) -> str:
     return str(list(steps)) if len(steps) <= 10 else f"{list(steps[:5])} ... {list(steps[-5:])} ({len(steps)} in all)"
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

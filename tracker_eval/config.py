@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +208,9 @@ def load_config(
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config could not be read: {_one_line(e)}") from None
+        raise ConfigError(f"config could not be read: {one_line(e)}") from None
     except Exception as e:  # yaml errors and the like
-        raise ConfigError(f"config {str(path)!r} could not be parsed: {_one_line(e)}") from None
+        raise ConfigError(f"config {str(path)!r} could not be parsed: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(raw).__name__}")
     missing = [k for k in REQUIRED_KEYS if raw.get(k) is None]
@@ -344,6 +344,3 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())

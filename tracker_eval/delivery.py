@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 
+from tracker_eval.errors import one_line
 from tracker_eval.ledger import Ledger, LedgerError
 from tracker_eval.reporting import LoggerSession
 
@@ -123,13 +124,10 @@ class Delivery:
                 LOG.warning("tracker-eval: logger %r is back; delivering its backlog in step order", name)
                 del self._failing[name]
             return True
-        delay = self.ledger.mark_delivery_failed(step, name, _one_line(error), owner=self.owner)
+        delay = self.ledger.mark_delivery_failed(step, name, one_line(error, limit=300), owner=self.owner)
         if name not in self._failing:
             LOG.warning("tracker-eval: logger %r failed for step %d (%s); retrying in %.0f s, results wait "
-                        "in the outbox", name, step, _one_line(error), delay)
+                        "in the outbox", name, step, one_line(error, limit=300), delay)
         self._failing[name] = str(error)
         return False
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__

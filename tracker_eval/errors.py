@@ -12,3 +12,16 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """Invalid configuration: the message names the bad value, the valid choices and the fix."""
+
+
+_JAX_TRACEBACK_NOTE = "\n--------------------\n"
+
+
+def one_line(error: BaseException, *, limit: int | None = None) -> str:
+    """The error's message on one line for a log or ledger entry, cut to `limit` characters if given.
+
+    JAX appends a note about its filtered traceback frames to errors raised under tracing; that
+    note says nothing about the error and is dropped.
+    """
+    text = str(error).split(_JAX_TRACEBACK_NOTE, 1)[0]
+    return " ".join(text.split())[:limit] or type(error).__name__

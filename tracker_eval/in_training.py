@@ -26,6 +26,7 @@ import jax
 
 from tracker_eval import distributed
 from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.errors import one_line
 from tracker_eval.result import EvalResult
 from tracker_eval.state import EvalState
 
@@ -98,8 +99,23 @@ class InTrainingEvaluation:
 
         Returns:
           The step's result (stored earlier or just evaluated); None when another process is
-          evaluating it right now, or the evaluation failed (recorded in the ledger).
+          evaluating it right now, or the evaluation failed (recorded in the ledger, warned, and
+          training goes on; with ``raise_on_error`` the error is raised instead).
         """
+        try:
+            return self._after_checkpoint(step, train_state, params, mutable_variables)
+        except Exception as error:
+            # Nothing here may stop training: not the evaluation, not the ledger (disk full, a busy
+            # file), not a bad train state. The step stays unevaluated for the watcher to retry.
+            if self.raise_on_error:
+                raise
+            LOG.warning("tracker-eval: in-training evaluation of step %d failed: %s: %s",
+                        step, type(error).__name__, one_line(error, limit=400))
+            return None
+
+    def _after_checkpoint(
+        self, step: int, train_state: Any, params: Any, mutable_variables: Any
+    ) -> EvalResult | None:
         started = time.perf_counter()
         decision = self._decide(step) if self.primary else None
         decision = self.channel.exchange(decision)
@@ -107,22 +123,19 @@ class InTrainingEvaluation:
             return self.ledger.result(step) if self.primary else None
         if decision == _SKIP:
             return None
-        if train_state is not None:
-            state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
-        else:
-            state = EvalState.create(apply_fn=None, params=params, mutable_variables=mutable_variables,
-                                     rng=jax.random.key(self.config.seed))
-        state = state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
         try:
+            if train_state is not None:
+                state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
+            else:
+                state = EvalState.create(apply_fn=None, params=params, mutable_variables=mutable_variables,
+                                         rng=jax.random.key(self.config.seed))
+            state = state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
             result = self.pipeline.evaluate_state(state, checkpoint=self.pipeline.checkpoint_path(step),
                                                   source="in-training")
         except Exception as error:
             if self.primary:
-                self.ledger.mark_failed(step, f"{type(error).__name__}: {error}", owner=self.owner)
-            if self.raise_on_error:
-                raise
-            LOG.warning("tracker-eval: in-training evaluation of step %d failed: %s", step, error)
-            return None
+                self.ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)
+            raise
         if not self.primary:
             return result
         spent = time.perf_counter() - started
@@ -131,8 +144,7 @@ class InTrainingEvaluation:
             per_example=result.per_example, time=result.time,
             provenance={**result.provenance, "training_time_in_after_checkpoint_s": round(spent, 4)},
         )
-        self.ledger.record_metrics(result, owner=self.owner)
-        self.delivery.notify()
+        self.stream.record(result)
         return result
 
     def _decide(self, step: int) -> int:

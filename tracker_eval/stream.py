@@ -7,17 +7,24 @@ the outbox rules:
     stream = PrimaryStream.open(config)
     stream.ledger.claim(step, owner=stream.owner)
     ...
-    stream.ledger.record_metrics(result, owner=stream.owner); stream.delivery.notify()
+    stream.record(result)   # ledger, best checkpoint, wake delivery
     stream.close(drain_s=60, close_timeout_s=30)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
+import logging
+import os
 from typing import Any
 
 from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
+
+LOG = logging.getLogger("tracker_eval")
+BEST_FILENAME = "best.json"
 
 
 def open_ledger(config: EvalConfig, *, loggers: list[str]) -> Any:
@@ -54,10 +61,12 @@ def logger_names(config: EvalConfig) -> list[str]:
 class PrimaryStream:
     """Ledger, loggers (attached to the runs the ledger remembers) and outbox delivery threads."""
 
+    config: EvalConfig
     ledger: Any
     session: Any
     delivery: Any
     owner: str
+    published_best: tuple[int, float] | None = None
 
     @classmethod
     def open(cls, config: EvalConfig) -> PrimaryStream:
@@ -77,7 +86,44 @@ class PrimaryStream:
         session.persist_run_states(ledger)
         delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=config.watch.lease_ttl_s)
         delivery.start()
-        return cls(ledger=ledger, session=session, delivery=delivery, owner=owner)
+        stream = cls(config=config, ledger=ledger, session=session, delivery=delivery, owner=owner)
+        # Again at every start: a crash between the ledger's commit and best.json, or a tracker
+        # that was down when the best changed, is repaired here.
+        stream.publish_best()
+        return stream
+
+    def record(self, result: Any) -> bool:
+        """Stores an evaluated result (under this process's claim), publishes a new best checkpoint
+        and wakes delivery; False when the claim was lost and the result was not stored."""
+        recorded = self.ledger.record_metrics(result, owner=self.owner)
+        self.publish_best()
+        self.delivery.notify()
+        return recorded
+
+    def publish_best(self) -> None:
+        """Writes ``best.json`` and the trackers' best-step summary when the ledger's best changed.
+
+        The ledger is the truth; the file lock orders processes of one stream (a watcher beside
+        in-training evaluation), so an older best never overwrites a newer one.
+        """
+        best_config = self.config.watch.best
+        if best_config is None:
+            return
+        path = os.path.join(self.config.output_dir, BEST_FILENAME)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            best = self.ledger.best()
+            if best is None or best == self.published_best:
+                return
+            step, value = best
+            payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
+                       "checkpoint": os.path.join(self.config.checkpoint_dir, str(step))}
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(payload, f, indent=2)
+            os.replace(f"{path}.tmp", path)
+        self.published_best = best
+        self.session.fanout.set_summary({"best_step": step, f"best_{best_config.metric}": value})
+        LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, best_config.metric, value)
 
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
         """Waits up to `drain_s` for deliveries, closes the loggers; True when everything was delivered.

@@ -11,9 +11,7 @@ outbox in step order, through tracker outages and restarts.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,6 +20,7 @@ from typing import Any
 
 from tracker_eval import distributed
 from tracker_eval.config import EvalConfig, load_config, policy_name
+from tracker_eval.errors import one_line
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -58,7 +57,6 @@ class Watcher:
         self.delivery: Any = None
         self.events: Any = None
         self._retry_after: dict[int, float] = {}
-        self._best: tuple[int, float] | None = None
         self._evaluated_seen: dict[int, float] = {}
         if self.primary:
             self._open_primary()
@@ -73,7 +71,6 @@ class Watcher:
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
         self.owner = self.stream.owner
         self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
-        self._best = self.ledger.best()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the loop; the current evaluation is abandoned between batches."""
@@ -210,8 +207,8 @@ class Watcher:
             return
         except CheckpointVanishedError as error:
             if self.primary:
-                self.ledger.mark_skipped(step, _one_line(error), owner=self.owner)
-            LOG.warning("tracker-eval: step %d skipped: %s", step, _one_line(error))
+                self.ledger.mark_skipped(step, one_line(error, limit=400), owner=self.owner)
+            LOG.warning("tracker-eval: step %d skipped: %s", step, one_line(error, limit=400))
             return
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
             if self.primary:
@@ -222,39 +219,20 @@ class Watcher:
                 renewer.stop()
         if not self.primary:
             return
-        self.ledger.record_metrics(result, owner=self.owner)
-        self._update_best()
-        self.delivery.notify()
+        self.stream.record(result)
         LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
                  _headline(result.metrics))
 
     def _record_failure(self, step: int, error: Exception) -> None:
         from tracker_eval.ledger import StepState  # noqa: PLC0415
 
-        reason = f"{type(error).__name__}: {_one_line(error)}"
+        reason = f"{type(error).__name__}: {one_line(error, limit=400)}"
         state = self.ledger.mark_failed(step, reason, owner=self.owner)
         self._retry_after[step] = time.monotonic() + self.watch.poll_interval_s
         if state == StepState.GIVEN_UP:
             LOG.warning("tracker-eval: step %d given up after %d attempts: %s", step, self.watch.max_attempts, reason)
         else:
             LOG.warning("tracker-eval: step %d failed (will retry): %s", step, reason)
-
-    def _update_best(self) -> None:
-        best = self.ledger.best()
-        if best is None or best == self._best or self.watch.best is None:
-            return
-        self._best = best
-        step, value = best
-        metric = self.watch.best.metric
-        payload = {"step": step, "metric": metric, "mode": self.watch.best.mode, "value": value,
-                   "checkpoint": os.path.join(self.config.checkpoint_dir, str(step))}
-        path = os.path.join(self.config.output_dir, "best.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-        self.session.fanout.set_summary({"best_step": step, f"best_{metric}": value})
-        LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, metric, value)
 
     def _shutdown(self) -> None:
         signalled = self.stop_reason.startswith("signal")
@@ -296,6 +274,3 @@ def _steps_text(steps: Sequence[int]) -> str:
 def _headline(metrics: Any) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in list(sorted(metrics.items()))[:4])
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:400] or type(error).__name__
