@@ -79,6 +79,10 @@ def test_eval_named_step_with_override(tmp_path, checkpoints):
         (["model=tracker_eval.tasks.classification:make_modle"], "", "no attribute 'make_modle'"),
         (["checkpoint.params=weights"], "", "checkpoint.params"),
         ([], "loggers: [{type: wandbb}]\n", "unknown logger type 'wandbb'; installed types:"),
+        # A typo fails before the distributed runtime waits (here up to 100 s) for a coordinator.
+        (["model=tracker_eval.tasks.classification:make_modle"],
+         "distributed: {coordinator_address: '127.0.0.1:9', num_processes: 2, process_id: 1,"
+         " initialization_timeout_s: 100}\n", "no attribute 'make_modle'"),
     ],
 )
 def test_usage_and_config_errors_exit_2_with_one_line(tmp_path, checkpoints, args, extra, message):

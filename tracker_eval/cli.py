@@ -120,13 +120,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=args.overrides)
     from tracker_eval import distributed  # noqa: PLC0415
+    from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
 
+    components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
     from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
-    from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
     from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
 
-    components = Components.resolve(config)
     session = LoggerSession.open(config) if distributed.is_primary() else None
     try:
         step = args.step
@@ -168,7 +168,7 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(out, f, indent=2, allow_nan=False)  # strict JSON: non-finite values are null
         f.write("\n")
     os.replace(tmp, path)
 

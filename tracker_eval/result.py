@@ -50,9 +50,7 @@ class EvalResult:
             "time": self.time,
         }
         if per_example_lists:
-            out["metrics"].update(
-                {k: np.asarray(v).tolist() for k, v in self.per_example.items()}
-            )
+            out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
 
     @classmethod
@@ -76,3 +74,11 @@ def json_number(value: Any) -> float | int | None:
     if math.isfinite(number):
         return int(number) if isinstance(value, (int, np.integer)) else number
     return None
+
+
+def _json_list(values: Any) -> Any:
+    """Per-example values as (nested) JSON lists, non-finite floats as None like `json_number`."""
+    array = np.asarray(values)
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return array.tolist()
+    return np.where(np.isfinite(array), array, None).tolist()

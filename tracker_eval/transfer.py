@@ -1,7 +1,9 @@
-"""Moving evaluation outputs to the host: once per evaluation, never per batch.
+"""Moving evaluation outputs to the host without a per-batch wait.
 
     reduced = fetch_accumulator(accumulator)              # per-shard partials, one transfer
-    rows = collect_rows(pending, tag="eval-3")            # per-example rows, dataset order
+    rows = RowStream(lag=4)
+    rows.add(batch_rows, host_mask)                       # per batch: starts an async copy
+    per_example = rows.collect(tag="eval-3")              # dataset order, concatenated once
     for batch in log_every(batches, every=100, mode="test"): ...
 
 With several processes, the few per-shard partials are all-gathered (every process finalizes the
@@ -10,6 +12,7 @@ same reduced metrics) while per-example rows go to process 0 only.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -22,32 +25,55 @@ from tracker_eval import distributed
 LOG = logging.getLogger(__name__)
 
 
-def collect_rows(pending: list[tuple[dict[str, jax.Array], np.ndarray]], *, tag: str) -> dict[str, np.ndarray]:
-    """Real per-example rows of every batch, concatenated once in dataset order.
+class RowStream:
+    """Per-example rows of each batch leave the device while later batches run.
+
+    `add` starts an asynchronous device-to-host copy of a batch's rows and returns at once; the
+    rows are taken into host memory `lag` batches later, when that copy has long finished, and the
+    device buffers are dropped. So device memory holds at most `lag` batches of rows however large
+    the eval set, and no batch waits on a transfer. `collect` concatenates once, in dataset order.
 
     Args:
-      pending: (rows by metric name, this process's host mask) per batch, rows still on device.
-      tag: unique name of this gather across processes.
-
-    Returns:
-      The rows on process 0; an empty dict on other processes of a multi-process job.
+      lag: batches whose rows may still be on the device (>= 1).
     """
-    if not pending or not pending[0][0]:
-        return {}
-    names = list(pending[0][0])
-    if jax.process_count() == 1:
-        fetched = jax.device_get([rows for rows, _ in pending])  # one call, transfers in parallel
-    else:
-        fetched = [{name: local_rows(rows[name]) for name in names} for rows, _ in pending]
-    rows = {
-        name: np.concatenate([batch[name][host_mask] for batch, (_, host_mask) in zip(fetched, pending, strict=True)])
-        for name in names
-    }
-    if jax.process_count() == 1:
-        return rows
-    counts = np.asarray([int(host_mask.sum()) for _, host_mask in pending])
-    gathered = distributed.gather_to_primary(rows, counts=counts, tag=tag)
-    return gathered if gathered is not None else {}
+
+    def __init__(self, *, lag: int = 4) -> None:
+        self.lag = max(1, lag)
+        self._on_device: collections.deque[tuple[dict[str, jax.Array], np.ndarray]] = collections.deque()
+        self._on_host: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+
+    def add(self, rows: dict[str, jax.Array], host_mask: np.ndarray) -> None:
+        """Queues one batch's rows (by metric name) with this process's mask of its real examples."""
+        for array in rows.values():
+            array.copy_to_host_async()
+        self._on_device.append((rows, host_mask))
+        while len(self._on_device) > self.lag:
+            self._take_oldest()
+
+    def _take_oldest(self) -> None:
+        rows, host_mask = self._on_device.popleft()
+        self._on_host.append(({name: local_rows(array)[host_mask] for name, array in rows.items()}, host_mask))
+
+    def collect(self, *, tag: str) -> dict[str, np.ndarray]:
+        """Real rows of every batch, in dataset order.
+
+        Args:
+          tag: unique name of this gather across processes.
+
+        Returns:
+          The rows on process 0; an empty dict on other processes of a multi-process job.
+        """
+        while self._on_device:
+            self._take_oldest()
+        batches, self._on_host = self._on_host, []
+        if not batches or not batches[0][0]:
+            return {}
+        rows = {name: np.concatenate([batch[name] for batch, _ in batches]) for name in batches[0][0]}
+        if jax.process_count() == 1:
+            return rows
+        counts = np.asarray([int(host_mask.sum()) for _, host_mask in batches])
+        gathered = distributed.gather_to_primary(rows, counts=counts, tag=tag)
+        return gathered if gathered is not None else {}
 
 
 def log_every(batches: Iterable[Any], *, every: int, mode: str) -> Iterable[Any]:
@@ -73,6 +99,8 @@ def local_rows(array: jax.Array) -> np.ndarray:
 
     Shards replicated over other mesh axes are taken once. In a single process these are all rows.
     """
+    if array.is_fully_addressable:
+        return np.asarray(array)
     seen: dict[int, np.ndarray] = {}
     for shard in array.addressable_shards:
         start = shard.index[0].start or 0

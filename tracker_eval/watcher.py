@@ -31,9 +31,12 @@ _STOP_DRAIN_S = 3.0
 
 def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
     """Entry point of `tracker-eval watch`; returns the exit code."""
+    from tracker_eval.pipeline import Components  # noqa: PLC0415
+
     config = load_config(config_path, overrides=overrides)
+    components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
-    watcher = Watcher(config)
+    watcher = Watcher(config, components=components)
     watcher.install_signal_handlers()
     return watcher.run()
 
@@ -41,7 +44,7 @@ def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
 class Watcher:
     """The watch loop over one checkpoint directory and eval config."""
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: EvalConfig, *, components: Any = None) -> None:
         from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
 
         self.config = config
@@ -51,7 +54,7 @@ class Watcher:
         self.stop_reason = ""
         self.primary = distributed.is_primary()
         self.channel = distributed.DecisionChannel()
-        components = Components.resolve(config)
+        components = components or Components.resolve(config)
         self.ledger: Any = None
         self.session: Any = None
         self.delivery: Any = None
