@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -60,6 +61,30 @@ def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path
     arrivals = [rows[s]["deliveries"]["mlflow"]["delivered_at"] for s in (20, 40, 60, 80)]
     assert arrivals == sorted(arrivals), f"MLflow backlog not delivered in step order: {arrivals}"
     assert_exactly_once(out, stored_metrics(out), mlflow=(mlflow_server.url, experiment))
+
+
+def test_until_step_with_a_dead_tracker_stops_after_the_outbox_wait(tmp_path, source_checkpoints):
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    with socket.socket() as s:  # a port nobody listens on: the tracker is down for the whole run
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": dead, "timeout_s": 1, "max_retries": 0}]
+    config = write_config(tmp_path, loggers=loggers,
+                          watch={"poll_interval_s": 0.3, "until_step": 20, "outbox_wait_s": 4})
+    publish(source_checkpoints, ckpts, 20)
+    with WatcherProcess(config) as watcher:
+        wait_for(lambda: states(out).get(20) == "evaluated", timeout=60, what="step 20 evaluated",
+                 watchers=[watcher], interval=0.05)
+        evaluated_at = time.monotonic()
+        code = watcher.wait_exit(timeout=60)
+        stop_s = time.monotonic() - evaluated_at
+    assert code == 0, watcher.tail()
+    # outbox_wait_s (4 s) once, then at most 5 s to close the dead tracker; a bound, not a speed.
+    assert stop_s < 4 + 5 + 6, f"stopping took {stop_s:.1f} s after step 20 was evaluated"
+    assert "until_step 20 reached" in watcher.text and "wait in the outbox" in watcher.text
+    row = ledger_rows(out)[20]
+    assert row["state"] == "evaluated" and row["deliveries"]["jsonl"]["state"] == "delivered"
+    assert row["deliveries"]["mlflow"]["state"] == "pending", row  # kept for the next run, never lost
 
 
 def _truncate_arrays(step_dir) -> None:

@@ -64,7 +64,7 @@ class WatchConfig:
     policy: Any = "all"
     """all | latest | {every_n_steps: N}: which checkpoints to evaluate."""
     until_step: int | None = None
-    """Stop once this step is evaluated and delivered (or parked in the outbox after <= 60 s)."""
+    """Stop once this step is evaluated and delivered (or parked in the outbox after `outbox_wait_s`)."""
     idle_timeout_s: float | None = None
     """Stop after this many seconds without a new checkpoint; null = never."""
     max_attempts: int = 3
@@ -77,6 +77,9 @@ class WatchConfig:
     """A dead watcher's claim on a checkpoint blocks others for at most this long."""
     delivery_deadline_s: float = 60.0
     """Longest a single logger call may take before it counts as failed and is retried later."""
+    outbox_wait_s: float = 60.0
+    """When stopping on until_step or idle_timeout_s: how long results that trackers have not taken
+    yet are waited for before they are left in the outbox for the next run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +255,8 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"watch.max_attempts must be >= 1, got {config.watch.max_attempts}")
     if config.watch.poll_interval_s <= 0:
         raise ConfigError(f"watch.poll_interval_s must be > 0, got {config.watch.poll_interval_s}")
+    if config.watch.outbox_wait_s < 0:
+        raise ConfigError(f"watch.outbox_wait_s must be >= 0, got {config.watch.outbox_wait_s}")
     for i, spec in enumerate(config.loggers):
         if not isinstance(spec.get("type"), str):
             raise ConfigError(f"loggers[{i}] needs a 'type' (e.g. console, jsonl, wandb, mlflow), got {dict(spec)!r}")

@@ -25,6 +25,7 @@ from tracker_eval.errors import ConfigError
 
 LOG = logging.getLogger("tracker_eval")
 BEST_FILENAME = "best.json"
+_UNDRAINED_CLOSE_S = 5.0
 
 
 def open_ledger(config: EvalConfig, *, loggers: list[str]) -> Any:
@@ -128,10 +129,11 @@ class PrimaryStream:
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
         """Waits up to `drain_s` for deliveries, closes the loggers; True when everything was delivered.
 
-        Whatever is not delivered stays in the outbox for the next process to send.
+        Whatever is not delivered stays in the outbox for the next process to send. A tracker that
+        did not take its backlog is probably down, so closing it is given at most 5 s.
         """
         drained = self.delivery.drain(drain_s)
         self.delivery.stop(timeout=2.0)
         self.session.persist_run_states(self.ledger)
-        self.session.close(timeout=close_timeout_s)
+        self.session.close(timeout=close_timeout_s if drained else min(close_timeout_s, _UNDRAINED_CLOSE_S))
         return drained

@@ -25,7 +25,6 @@ from tracker_eval.errors import one_line
 LOG = logging.getLogger("tracker_eval")
 
 IDLE, STOP = -1, -2
-_UNTIL_STEP_OUTBOX_WAIT_S = 60.0
 _STOP_DRAIN_S = 3.0
 
 
@@ -180,7 +179,7 @@ class Watcher:
             return True
         if state == states.EVALUATED:
             seen = self._evaluated_seen.setdefault(row["step"], time.monotonic())
-            return time.monotonic() - seen >= _UNTIL_STEP_OUTBOX_WAIT_S
+            return time.monotonic() - seen >= self.watch.outbox_wait_s
         return False
 
     def _wait(self) -> None:
@@ -239,7 +238,12 @@ class Watcher:
 
     def _shutdown(self) -> None:
         signalled = self.stop_reason.startswith("signal")
-        drain_s = _STOP_DRAIN_S if signalled else _UNTIL_STEP_OUTBOX_WAIT_S
+        if signalled:
+            drain_s = _STOP_DRAIN_S
+        else:
+            # One wait in all: what until_step's settling already waited counts against it.
+            waited = time.monotonic() - min(self._evaluated_seen.values()) if self._evaluated_seen else 0.0
+            drain_s = max(0.0, self.watch.outbox_wait_s - waited)
         drained = self.stream.close(drain_s=drain_s, close_timeout_s=3.0 if signalled else 30.0)
         self.events.close()
         waiting = {k: v for k, v in self.delivery.pending().items() if v}
