@@ -93,6 +93,15 @@ def test_usage_and_config_errors_exit_2_with_one_line(tmp_path, checkpoints, arg
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_command_shows_the_traceback(tmp_path, checkpoints, where):
+    args = ["eval", "--config", _config(tmp_path, checkpoints), "batch_sise=3"]
+    proc = _run(*(["--verbose", *args] if where == "before" else [*args, "--verbose"]))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("tracker-eval: error: unknown config key batch_sise")
+
+
 def test_empty_checkpoint_dir_exits_2(tmp_path):
     empty = tmp_path / "none"
     empty.mkdir()

@@ -221,9 +221,9 @@ class Watcher:
                 renewer.stop()
         if not self.primary:
             return
-        self.stream.record(result)
         LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
                  _headline(result.metrics))
+        self.stream.record(result)
 
     def _record_failure(self, step: int, error: Exception) -> None:
         from tracker_eval.ledger import StepState  # noqa: PLC0415
