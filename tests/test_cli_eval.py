@@ -71,6 +71,18 @@ def test_eval_named_step_with_override(tmp_path, checkpoints):
     assert json.loads(out.read_text())["metrics"]["loss"] == pytest.approx(losses.mean(), rel=1e-5)
 
 
+def test_nnx_model_evaluates_a_checkpoint_written_by_linen_training(tmp_path, checkpoints):
+    # The nnx module's pure-dict params have the linen tree's shape; its own init values are replaced.
+    out = tmp_path / "r.json"
+    proc = _run("eval", "--config", _config(tmp_path, checkpoints), "--step", 20, "--output", out,
+                "model=tracker_eval.tasks.classification:make_nnx_model", "model_kwargs={seed: 5}")
+    assert proc.returncode == 0, proc.stderr
+    losses, accuracy = _reference(checkpoints, 20)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["loss"] == pytest.approx(losses.mean(), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, extra, message",
     [
