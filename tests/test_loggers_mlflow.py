@@ -105,6 +105,36 @@ def test_default_store_keeps_artifacts_under_output_dir(tmp_path, monkeypatch):
         np.testing.assert_array_equal(arrays["loss"], [0.1, 0.2])
 
 
+def test_credentials_in_the_config_never_reach_the_trackers(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tracker_eval.config import load_config
+    from tracker_eval.reporting import LoggerSession
+
+    secret = "s3cret-0123456789"
+    url = mlflow_server.url.replace("http://", f"http://alice:{secret}@")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "checkpoint_dir: /ckpts\nmodel: m:f\neval_function: m:e\ndata: m:d\nbatch_size: 8\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        f"model_kwargs: {{api_key: {secret}, tokenizer: bytes}}\n"
+        f"loggers: [{{type: mlflow, tracking_uri: '{url}', experiment: redact}}, {{type: wandb, mode: offline}}]\n"
+    )
+    config = load_config(path)
+    session = LoggerSession.open(config)  # records the config as run params / run config
+    session.deliver(_result(1, {"loss": 1.0}))
+    session.close()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run = client.search_runs([client.get_experiment_by_name("redact").experiment_id])[0]
+    params = run.data.params
+    assert params["model_kwargs.tokenizer"] == "bytes" and params["model_kwargs.api_key"] == "***"
+    assert "alice:" not in params["loggers"] and "***@127.0.0.1" in params["loggers"]
+    assert not any(secret in value for value in params.values())
+    for file in (tmp_path / "out").rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), f"{file} holds the secret"
+
+
 def test_more_than_1000_metrics_are_chunked(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -154,8 +154,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.output:
             _write_json(args.output, result.to_json(per_example_lists=True))
         failures = session.deliver(result)
+        from tracker_eval.loggers.fanout import LoggerError  # noqa: PLC0415
+
         for name, error in failures.items():
-            print(f"tracker-eval: warning: logger {name!r} failed: {one_line(error)}", file=sys.stderr)
+            # A LoggerError names its logger and operation already; other errors (a logger that
+            # could not start) get the name here.
+            what = one_line(error) if isinstance(error, LoggerError) else f"logger {name!r} failed: {one_line(error)}"
+            print(f"tracker-eval: warning: {what}", file=sys.stderr)
         return 0
     finally:
         if session is not None:

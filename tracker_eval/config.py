@@ -163,8 +163,10 @@ class EvalConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the config (what trackers record as run config)."""
-        return _plain(dataclasses.asdict(self))
+        """Plain dict of the config as trackers record it (run config), secrets masked."""
+        from tracker_eval.redact import redact  # noqa: PLC0415
+
+        return redact(_plain(dataclasses.asdict(self)))
 
 
 REQUIRED_KEYS = ("checkpoint_dir", "model", "eval_function", "data", "batch_size")

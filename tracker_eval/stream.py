@@ -85,7 +85,12 @@ class PrimaryStream:
         owner = make_owner_id()
         session = LoggerSession.open(config, run_state={name: ledger.get_run_state(name) for name in names})
         session.persist_run_states(ledger)
-        delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=config.watch.lease_ttl_s)
+        # A logger's delivery lease must outlive one delivery (its deadline, plus up to 20 s of
+        # yielding to a running evaluation), or a second process could take the logger over and
+        # send the same step again while the first send is still in flight. A dead holder on this
+        # host is taken over at once whatever the lease says.
+        lease_s = max(config.watch.lease_ttl_s, config.watch.delivery_deadline_s + 30.0)
+        delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=lease_s)
         delivery.start()
         stream = cls(config=config, ledger=ledger, session=session, delivery=delivery, owner=owner)
         # Again at every start: a crash between the ledger's commit and best.json, or a tracker

@@ -215,6 +215,11 @@ class Watcher:
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
             if self.primary:
                 self._record_failure(step, error)
+            else:  # process 0 records it; this process says why its part failed, for the job's logs
+                import jax  # noqa: PLC0415
+
+                LOG.warning("tracker-eval: process %d: step %d failed: %s: %s", jax.process_index(),
+                            step, type(error).__name__, one_line(error, limit=400))
             return
         finally:
             if renewer is not None:

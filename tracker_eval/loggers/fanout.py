@@ -286,7 +286,8 @@ class FanOut:
           deadline_s: overall bound for this call (default the fan-out's ``deadline_s``).
 
         Returns:
-          ``{name: None}`` for each logger whose flush succeeded, else the `LoggerError`.
+          ``{name: None}`` for each logger whose flush succeeded, else the `LoggerError`. Failures
+          are returned, not also passed to ``on_error``: the caller reports each one once.
 
         Raises:
           ValueError: a name that is not one of this fan-out's loggers.
@@ -307,7 +308,7 @@ class FanOut:
             task = _Task("deliver", lambda lg=self._workers[name].logger: log_and_flush(lg), result.step, deadline)
             self._workers[name].put(task)
             tasks[name] = [task]
-        return self._collect(tasks, timeout=deadline)
+        return self._collect(tasks, timeout=deadline, report=False)
 
     def run_states(self) -> dict[str, dict[str, Any]]:
         """Tracker state to persist (e.g. ``{"wandb": {"run_id": ...}}``) from loggers that have it."""
@@ -352,7 +353,9 @@ class FanOut:
         worker.put(task)
         return task
 
-    def _collect(self, tasks: Mapping[str, list[_Task]], *, timeout: float | None) -> dict[str, Exception | None]:
+    def _collect(
+        self, tasks: Mapping[str, list[_Task]], *, timeout: float | None, report: bool = True
+    ) -> dict[str, Exception | None]:
         start = time.monotonic()
         outcomes: dict[str, Exception | None] = {}
         for name, name_tasks in tasks.items():
@@ -373,7 +376,8 @@ class FanOut:
                     error = e
                 else:
                     continue
-                self._on_error(error)
+                if report:
+                    self._on_error(error)
                 if outcomes[name] is None:
                     outcomes[name] = error
         return outcomes
