@@ -118,7 +118,8 @@ def test_two_process_watch_evaluates_and_delivers_each_checkpoint_once(tmp_path,
     assert steps == [10, 20, 30]
 
 
-def test_a_dead_peer_stops_the_other_with_one_clear_line_and_restart_resumes(tmp_path, checkpoints):
+@pytest.mark.parametrize("victim", [1, 0])  # 0 also hosts the coordinator and holds the ledger
+def test_a_dead_peer_stops_the_other_with_one_clear_line_and_restart_resumes(tmp_path, checkpoints, victim):
     config = _config(tmp_path, checkpoints, data="slow_data:make_eval_data",
                      extra="data_kwargs: {delay_s: 0.4}\nwatch: {poll_interval_s: 0.3, until_step: 30}\n")
     procs = _start(["watch", "--config", config], processes=2, port=_free_port(),
@@ -131,18 +132,26 @@ def test_a_dead_peer_stops_the_other_with_one_clear_line_and_restart_resumes(tmp
             time.sleep(0.2)
         else:
             pytest.fail("no evaluation started")
-        procs[1].send_signal(signal.SIGKILL)
+        procs[victim].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        _, err = procs[0].communicate(timeout=120)
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=120)
         survivor_s = time.monotonic() - killed_at
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert procs[0].returncode not in (0, None)
+    assert survivor.returncode not in (0, None)
     assert survivor_s < 120
-    ours = [line for line in err.splitlines() if line.startswith("tracker-eval: error:")]
-    assert len(ours) == 1 and "lost contact with peer process 1" in ours[0], err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    if victim == 1:
+        ours = [line for line in err.splitlines() if line.startswith("tracker-eval: error:")]
+        assert len(ours) == 1 and "lost contact with peer process 1" in ours[0], err[-2000:]
+    else:
+        # Process 0 hosts JAX's coordination service. When it dies, JAX's client sees it within a
+        # second and aborts from C++ before Python can act (the runtime's error callback is not
+        # usable from Python in this jaxlib). Its own line says what happened.
+        assert "another task died" in err, err[-2000:]
     interrupted = [step for step, state, _ in _ledger_rows(tmp_path / "out") if state == "evaluating"]
     assert interrupted, "the interrupted step must not look evaluated"
     outs = _finish(_start(["watch", "--config", config], processes=2, port=_free_port()))
@@ -150,4 +159,4 @@ def test_a_dead_peer_stops_the_other_with_one_clear_line_and_restart_resumes(tmp
     assert [state for _, state, _ in _ledger_rows(tmp_path / "out")] == ["delivered"] * 3
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30]
-    print(f"survivor stopped {survivor_s:.1f} s after its peer was killed")
+    print(f"survivor stopped {survivor_s:.1f} s after process {victim} was killed")
