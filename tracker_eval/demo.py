@@ -11,6 +11,7 @@ checkpoint, a PNG plot, and the commands to browse the results.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -54,6 +55,12 @@ def run_demo(
 ) -> int:
     """Runs training and the watcher side by side; returns the exit code."""
     steps = steps or DEFAULT_STEPS
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"the demo needs {', '.join(missing)} (its dataset and plot); install them with "
+            "pip install 'tracker-eval[demo]', or run `make demo`, which installs everything"
+        )
     if steps < SAVE_EVERY:
         raise ConfigError(
             f"--steps {steps} is below the checkpoint interval {SAVE_EVERY}; use --steps {SAVE_EVERY} or more"
