@@ -196,3 +196,32 @@ def test_live_params_already_on_the_mesh_are_used_where_they_are():
     assert result.metrics["mse"] == pytest.approx(_reference(data, params)["mse"], rel=1e-5)
     host = evaluation.evaluate(EvalState.create(apply_fn=apply_fn, params=params), _loader(data, 24))
     assert host.metrics["mse"] == pytest.approx(result.metrics["mse"], rel=1e-6)
+
+
+def test_exemplary_batch_hook_and_alternative_eval_step_define_the_accumulators():
+    data, params = _data(), _params()
+
+    class WithWeights(ExtendedEvaluation):
+        def create_modified_exemplary_batch(self, exmp_batch):
+            return {**exmp_batch, "w": np.ones_like(exmp_batch["y"])}  # an eval-only field
+
+    exemplary = {k: v[:16] for k, v in data.items() if k != "w"}
+    evaluation = WithWeights(model=apply_fn, mesh=make_mesh(MeshConfig(8, 1, 1)), batch_size=16,
+                             eval_function=eval_fn, exemplary_batch=exemplary, progress=False)
+    evaluation.set_state(EvalState.create(apply_fn=apply_fn, params=params))
+    zeros = jax.device_get(evaluation.init_eval_metrics())  # shapes from the modified exemplary batch
+    assert set(zeros) == {"wmse", "mse", "weight_total", "neg_max", "neg_min", "rows", "__batch_index__"}
+    assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(zeros["wmse"]))
+    assert np.all(np.isneginf(jax.tree.leaves(zeros["neg_max"])[0]))  # Max starts at -inf, not 0
+    # The whole evaluation then uses those accumulators and is exact.
+    final = evaluation.eval_model(_loader(data, 16))
+    assert final["wmse"] == pytest.approx(_reference(data, params)["wmse"], rel=1e-5)
+
+    def alternative(params, mutable, batch, rng):  # the seed's hook: another metric structure
+        return {"only": Sum(batch["x"][:, 0])}
+
+    other = ExtendedEvaluation(model=apply_fn, mesh=make_mesh(MeshConfig(8, 1, 1)), batch_size=16,
+                               eval_function=eval_fn, exemplary_batch={k: v[:16] for k, v in data.items()},
+                               progress=False)
+    other.set_state(EvalState.create(apply_fn=apply_fn, params=params))
+    assert set(other.init_eval_metrics(alternative_eval_step=alternative)) == {"only", "__batch_index__"}
