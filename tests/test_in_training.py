@@ -24,6 +24,20 @@ def _numpy_loss(params) -> float:
     return float(validation_metrics(params)[0].mean())
 
 
+def _write_config(tmp_path, extra: str) -> pathlib.Path:
+    """The digits classifier's config with checkpoints in tmp_path/ckpts and output in tmp_path/out."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"checkpoint_dir: {tmp_path / 'ckpts'}\n"
+        "model: tracker_eval.tasks.classification:make_model\n"
+        "eval_function: tracker_eval.tasks.classification:eval_function\n"
+        "data: tracker_eval.tasks.classification:make_eval_data\n"
+        "batch_size: 64\n"
+        f"output_dir: {tmp_path / 'out'}\n" + extra
+    )
+    return path
+
+
 def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
     from tracker_eval_wandb import reader
@@ -36,19 +50,13 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
-    config_path = tmp_path / "c.yaml"
-    config_path.write_text(
-        f"checkpoint_dir: {ckpts}\n"
-        "model: tracker_eval.tasks.classification:make_model\n"
-        "eval_function: tracker_eval.tasks.classification:eval_function\n"
-        "data: tracker_eval.tasks.classification:make_eval_data\n"
-        "batch_size: 64\n"
-        f"output_dir: {out}\n"
+    config_path = _write_config(
+        tmp_path,
         "watch: {poll_interval_s: 0.3, until_step: 60}\n"
         "loggers:\n"
         "  - {type: jsonl}\n"
         f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: in-training}}\n"
-        "  - {type: wandb, mode: offline}\n"
+        "  - {type: wandb, mode: offline}\n",
     )
     evaluation = InTrainingEvaluation.from_config(str(config_path))
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
@@ -129,16 +137,10 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
-    config_path = tmp_path / "c.yaml"
-    config_path.write_text(
-        f"checkpoint_dir: {ckpts}\n"
-        "model: tracker_eval.tasks.classification:make_model\n"
-        "eval_function: tracker_eval.tasks.classification:eval_function\n"
-        "data: tracker_eval.tasks.classification:make_eval_data\n"
-        "batch_size: 64\n"
-        f"output_dir: {out}\n"
+    config_path = _write_config(
+        tmp_path,
         "watch: {best: {metric: loss, mode: max}}\n"  # max: the best is not simply the last step
-        "loggers: [{type: jsonl}, {type: wandb, mode: offline}]\n"
+        "loggers: [{type: jsonl}, {type: wandb, mode: offline}]\n",
     )
     losses: dict[int, float] = {}
     trained: list[int] = []
