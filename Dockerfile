@@ -5,7 +5,7 @@
 #
 # The Python environment comes from requirements.lock, the same file `make install` reads; the
 # build stage fills a venv that the runtime stage copies, so compilers and pip caches stay behind.
-# Secrets (WANDB_API_KEY, MLFLOW_TRACKING_USERNAME/PASSWORD, ...) are runtime env only: see docs/deployment.md.
+# Secrets (WANDB_API_KEY, MLFLOW_TRACKING_USERNAME/PASSWORD, ...) are runtime env only: see README.md, "Deployment".
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
