@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 
+import pytest
 from watcher_harness import (
     EXE,
     WatcherProcess,
@@ -136,7 +137,8 @@ def test_unwritable_output_dir_is_one_line_exit_2(tmp_path):
     assert lines[0].startswith("tracker-eval: error:") and "output_dir" in lines[0] and str(blocker) in lines[0]
 
 
-def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path, source_checkpoints):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path, source_checkpoints, signum):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     config = write_config(tmp_path, loggers=[{"type": "jsonl"}, {"type": "wandb"}], delay_s=0.5,
                           watch={"poll_interval_s": 0.3, "idle_timeout_s": 4})
@@ -148,12 +150,12 @@ def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path,
                  timeout=90, what="step 20 stored and step 40 evaluating", watchers=[watcher], interval=0.02)
         time.sleep(0.5)  # into step 40's batches (each takes 0.5 s)
         signalled = time.monotonic()
-        watcher.signal(signal.SIGTERM)
+        watcher.signal(signum)
         code = watcher.wait_exit(timeout=30)
         stop_s = time.monotonic() - signalled
     assert code == 0, watcher.tail()
-    assert stop_s < 10, f"SIGTERM took {stop_s:.1f} s to stop the watcher"
-    assert "evaluation of step 40 abandoned" in watcher.text and "stopped (signal SIGTERM)" in watcher.text
+    assert stop_s < 10, f"{signum.name} took {stop_s:.1f} s to stop the watcher"
+    assert "evaluation of step 40 abandoned" in watcher.text and f"stopped (signal {signum.name})" in watcher.text
     rows = ledger_rows(out)
     assert rows[40]["state"] == "pending" and rows[40]["attempts"] == 0 and not rows[40]["metrics"], rows[40]
     # Step 20 was flushed at stop, or waits in the outbox for the next run: never lost, never twice.
