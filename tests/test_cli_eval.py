@@ -91,6 +91,7 @@ def test_nnx_model_evaluates_a_checkpoint_written_by_linen_training(tmp_path, ch
         (["model=tracker_eval.tasks.classification:make_modle"], "", "no attribute 'make_modle'"),
         (["checkpoint.params=weights"], "", "checkpoint.params"),
         ([], "loggers: [{type: wandbb}]\n", "unknown logger type 'wandbb'; installed types:"),
+        ([], "loggers: [{type: mlflow, nan_policy: drop}]\n", "mlflow nan_policy 'drop' is not one of"),
         # A typo fails before the distributed runtime waits (here up to 100 s) for a coordinator.
         (["model=tracker_eval.tasks.classification:make_modle"],
          "distributed: {coordinator_address: '127.0.0.1:9', num_processes: 2, process_id: 1,"

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
 from tracker_eval.loggers.fanout import FanOut
@@ -68,6 +69,8 @@ class LoggerSession:
             )
             try:
                 loggers.append(spec.cls(spec.config, context=context, name=spec.name))
+            except ConfigError:
+                raise  # a bad option value is the user's to fix now, not a tracker outage to wait out
             except Exception as error:  # noqa: BLE001 - one unreachable tracker must not stop the rest
                 failed[spec.name] = error
                 LOG.warning("tracker-eval: logger %r could not start: %s", spec.name, error)
