@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -86,6 +87,24 @@ def test_until_step_with_a_dead_tracker_stops_after_the_outbox_wait(tmp_path, so
     row = ledger_rows(out)[20]
     assert row["state"] == "evaluated" and row["deliveries"]["jsonl"]["state"] == "delivered"
     assert row["deliveries"]["mlflow"]["state"] == "pending", row  # kept for the next run, never lost
+
+
+def test_a_logger_that_could_not_start_is_started_again_and_gets_every_result(tmp_path, source_checkpoints):
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    loggers = [{"type": "jsonl"}, {"type": "failing_logger:FlakyStartLogger", "id": "flaky", "fail_starts": 2}]
+    config = write_config(tmp_path, loggers=loggers, watch={"poll_interval_s": 0.3, "until_step": 40})
+    publish(source_checkpoints, ckpts, 20)
+    publish(source_checkpoints, ckpts, 40)
+    with WatcherProcess(config) as watcher:
+        code = watcher.wait_exit(timeout=120)
+    assert code == 0, watcher.tail()
+    assert "logger 'flaky' could not start" in watcher.text
+    assert "logger 'flaky' started on a later attempt" in watcher.text
+    assert (out / "flaky-start-attempts").read_text() == "3"
+    rows = ledger_rows(out)
+    assert {s: r["deliveries"]["flaky"]["state"] for s, r in rows.items()} == {20: "delivered", 40: "delivered"}
+    lines = (out / "flaky-start.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40]
 
 
 def _truncate_arrays(step_dir) -> None:

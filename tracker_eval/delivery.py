@@ -114,9 +114,8 @@ class Delivery:
         result = self.ledger.result(step)
         if result is None:
             return False
-        if name in self.session.construction_failures:
-            error: Exception | None = self.session.construction_failures[name]
-        else:
+        error: Exception | None = self.session.start_failed(name)  # None when it runs (or always did)
+        if error is None:
             error = self.session.deliver(result, [name]).get(name)
         if error is None:
             self.ledger.mark_delivered(step, name, owner=self.owner)

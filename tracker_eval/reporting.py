@@ -11,6 +11,7 @@ unknown option) are `ConfigError`s before anything starts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -36,10 +37,39 @@ def run_key(config: EvalConfig) -> str:
 class LoggerSession:
     """Constructed loggers behind one isolating fan-out, plus construction failures."""
 
-    def __init__(self, fanout: FanOut, *, failed: Mapping[str, Exception], prefix: str) -> None:
+    def __init__(
+        self,
+        fanout: FanOut,
+        *,
+        failed: Mapping[str, Exception],
+        prefix: str,
+        retry: Mapping[str, Any] | None = None,
+        config_dict: Mapping[str, Any] | None = None,
+    ) -> None:
         self.fanout = fanout
         self.construction_failures = dict(failed)
         self.prefix = prefix
+        self._retry = dict(retry or {})  # name -> zero-arg constructor of a logger that failed to start
+        self._config_dict = dict(config_dict or {})
+
+    def start_failed(self, name: str) -> Exception | None:
+        """Tries again to construct a logger that could not start; None once it runs.
+
+        A tracker library that failed at start-up (a transient import or network error) would
+        otherwise keep its results in the outbox until the process restarts.
+        """
+        if name not in self.construction_failures:
+            return None
+        try:
+            logger = self._retry[name]()
+        except Exception as error:  # noqa: BLE001 - still failing: the caller retries with backoff
+            self.construction_failures[name] = error
+            return error
+        self.fanout.add(logger)
+        self.fanout.log_config(self._config_dict, names=[name])
+        del self.construction_failures[name]
+        LOG.warning("tracker-eval: logger %r started on a later attempt", name)
+        return None
 
     @classmethod
     def open(
@@ -57,6 +87,7 @@ class LoggerSession:
         specs = parse_logger_specs(config.loggers)
         loggers: list[Logger] = []
         failed: dict[str, Exception] = {}
+        retry: dict[str, Any] = {}
         key = run_key(config)
         for spec in specs:
             if only is not None and spec.name not in only:
@@ -67,16 +98,19 @@ class LoggerSession:
                 run_key=key,
                 run_state=dict((run_state or {}).get(spec.name, {})),
             )
+            construct = functools.partial(spec.cls, spec.config, context=context, name=spec.name)
             try:
-                loggers.append(spec.cls(spec.config, context=context, name=spec.name))
+                loggers.append(construct())
             except ConfigError:
                 raise  # a bad option value is the user's to fix now, not a tracker outage to wait out
             except Exception as error:  # noqa: BLE001 - one unreachable tracker must not stop the rest
                 failed[spec.name] = error
+                retry[spec.name] = construct
                 LOG.warning("tracker-eval: logger %r could not start: %s", spec.name, error)
         fanout = FanOut(loggers, deadline_s=config.watch.delivery_deadline_s)
-        session = cls(fanout, failed=failed, prefix=config.metric_prefix)
-        session.fanout.log_config(config.to_dict())
+        config_dict = config.to_dict()
+        session = cls(fanout, failed=failed, prefix=config.metric_prefix, retry=retry, config_dict=config_dict)
+        session.fanout.log_config(config_dict)
         return session
 
     def persist_run_states(self, ledger: Any) -> None:

@@ -203,11 +203,23 @@ class FanOut:
         if duplicates:
             raise ValueError(f"logger names must be unique, got {duplicates} more than once; set 'id:' in the spec")
         self.deadline_s = float(deadline_s)
+        self._max_queue = max_queue
         self._workers = {w.name: w for w in (_Worker(logger, max_queue=max_queue) for logger in loggers)}
         self._pending: dict[str, collections.deque[_Task]] = {name: collections.deque() for name in self._workers}
         self._pending_lock = threading.Lock()
         self._on_error = on_error or (lambda e: _log.warning("%s", e))
         self._closed = False
+
+    def add(self, logger: Logger) -> None:
+        """Adds a logger that started late (after a failed first construction)."""
+        self._check_open()
+        name = str(logger.name)
+        if name in self._workers:
+            raise ValueError(f"a logger named {name!r} is already here")
+        with self._pending_lock:
+            self._pending[name] = collections.deque()
+        # A new dict, not an insertion: other threads may be iterating over the current one.
+        self._workers = {**self._workers, name: _Worker(logger, max_queue=self._max_queue)}
 
     @property
     def names(self) -> list[str]:
@@ -224,9 +236,11 @@ class FanOut:
         now = time.monotonic()
         return {n: r for n, w in self._workers.items() if (r := w.busy_reason(now)) is not None}
 
-    def log_config(self, config: Mapping[str, Any]) -> None:
-        """Queues ``log_config`` on every logger (returns at once; outcomes come with ``wait``)."""
-        for worker in self._workers.values():
+    def log_config(self, config: Mapping[str, Any], *, names: Iterable[str] | None = None) -> None:
+        """Queues ``log_config`` on every logger, or those in `names` (returns at once; outcomes come
+        with ``wait``)."""
+        for name in self._workers if names is None else names:
+            worker = self._workers[name]
             self._enqueue(worker, "log_config", lambda lg=worker.logger: lg.log_config(config), step=None)
 
     def submit(self, result: EvalResult, *, flush: bool = False) -> None:
