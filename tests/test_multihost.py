@@ -100,6 +100,11 @@ def test_two_processes_equal_one_process_eight_devices(tmp_path, checkpoints):
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [30]
     assert "accuracy" in outs[0][1] and "accuracy" not in outs[1][1]
+    # Process 1 finalized the same reduced metrics, to the last bit.
+    marker = "tracker-eval: process 1: step 30 reduced metrics "
+    line = next(line for line in outs[1][2].splitlines() if line.startswith(marker))
+    scalars = {k: v for k, v in b.items() if not isinstance(v, list)}
+    assert json.loads(line[len(marker):]) == scalars
     print(f"2-process eval wall time {elapsed:.1f} s")
 
 

@@ -148,6 +148,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pipeline = Pipeline(config, components=components)
         result = pipeline.evaluate_step(step)
         if session is None:
+            # Every process finalizes the same reduced metrics; saying so in each process's log lets
+            # a job's operator see that the processes agree.
+            LOG.info("tracker-eval: process %d: step %d reduced metrics %s", _process_index(), step,
+                     json.dumps(result.to_json()["metrics"], sort_keys=True))
             return 0
         if not session.has_console:
             session.print_table(result)
@@ -165,6 +169,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         if session is not None:
             session.close()
+
+
+def _process_index() -> int:
+    import jax  # noqa: PLC0415
+
+    return jax.process_index()
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
