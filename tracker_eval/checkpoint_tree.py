@@ -22,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 # Written by the PyTree/Standard handlers into each pytree item.
 _PYTREE_METADATA_FILE = "_METADATA"
@@ -189,7 +189,7 @@ def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: st
         return CheckpointVanishedError(
             f"checkpoint step {step} at {path} was deleted while its {what} was being read", step=step, path=path
         )
-    detail = " ".join(str(error).split())[:300]
+    detail = one_line(error, limit=300)
     return CorruptCheckpointError(
         f"checkpoint step {step} at {path} is corrupt or incomplete: reading its {what} failed with "
         f"{type(error).__name__}: {detail}",

@@ -119,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tracker_eval.config import load_config  # noqa: PLC0415
 
     config = load_config(args.config, overrides=args.overrides)
+    import jax  # noqa: PLC0415
+
     from tracker_eval import distributed  # noqa: PLC0415
     from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
 
@@ -150,31 +152,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if session is None:
             # Every process finalizes the same reduced metrics; saying so in each process's log lets
             # a job's operator see that the processes agree.
-            LOG.info("tracker-eval: process %d: step %d reduced metrics %s", _process_index(), step,
+            LOG.info("tracker-eval: process %d: step %d reduced metrics %s", jax.process_index(), step,
                      json.dumps(result.to_json()["metrics"], sort_keys=True))
             return 0
         if not session.has_console:
             session.print_table(result)
         if args.output:
             _write_json(args.output, result.to_json(per_example_lists=True))
-        failures = session.deliver(result)
-        from tracker_eval.loggers.fanout import LoggerError  # noqa: PLC0415
-
-        for name, error in failures.items():
-            # A LoggerError names its logger and operation already; other errors (a logger that
-            # could not start) get the name here.
-            what = one_line(error) if isinstance(error, LoggerError) else f"logger {name!r} failed: {one_line(error)}"
-            print(f"tracker-eval: warning: {what}", file=sys.stderr)
+        for error in session.deliver(result).values():  # each names its logger and operation
+            print(f"tracker-eval: warning: {one_line(error)}", file=sys.stderr)
         return 0
     finally:
         if session is not None:
             session.close()
-
-
-def _process_index() -> int:
-    import jax  # noqa: PLC0415
-
-    return jax.process_index()
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

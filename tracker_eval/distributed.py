@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from tracker_eval.config import DistributedConfig
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 LOG = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class PeerMonitor:
             except Exception as error:  # noqa: BLE001 - a coordinator that is gone answers with errors
                 coordinator_errors_since = coordinator_errors_since or now
                 if now - coordinator_errors_since > self.timeout_s / 2:
-                    self._die(f"lost contact with the coordinator (process 0): {' '.join(str(error).split())[:200]}")
+                    self._die(f"lost contact with the coordinator (process 0): {one_line(error, limit=200)}")
             time.sleep(self.interval_s)
 
     @staticmethod

@@ -22,11 +22,16 @@ from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
-from tracker_eval.loggers.fanout import FanOut
+from tracker_eval.loggers.fanout import FanOut, LoggerError
 from tracker_eval.loggers.registry import parse_logger_specs
 from tracker_eval.result import EvalResult
 
 LOG = logging.getLogger(__name__)
+
+
+def _start_error(name: str, error: Exception) -> LoggerError:
+    # The same error type as every other logger failure, so callers report all of them one way.
+    return LoggerError(name, "start", f"{type(error).__name__}: {error}")
 
 
 def run_key(config: EvalConfig) -> str:
@@ -63,8 +68,8 @@ class LoggerSession:
         try:
             logger = self._retry[name]()
         except Exception as error:  # noqa: BLE001 - still failing: the caller retries with backoff
-            self.construction_failures[name] = error
-            return error
+            self.construction_failures[name] = _start_error(name, error)
+            return self.construction_failures[name]
         self.fanout.add(logger)
         self.fanout.log_config(self._config_dict, names=[name])
         del self.construction_failures[name]
@@ -104,7 +109,7 @@ class LoggerSession:
             except ConfigError:
                 raise  # a bad option value is the user's to fix now, not a tracker outage to wait out
             except Exception as error:  # noqa: BLE001 - one unreachable tracker must not stop the rest
-                failed[spec.name] = error
+                failed[spec.name] = _start_error(spec.name, error)
                 retry[spec.name] = construct
                 LOG.warning("tracker-eval: logger %r could not start: %s", spec.name, error)
         fanout = FanOut(loggers, deadline_s=config.watch.delivery_deadline_s)
