@@ -27,20 +27,37 @@ def quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-def _quiet_unraisable(info: Any) -> None:
-    """Drops Orbax/TensorStore's late callbacks into an already-closed event loop.
+def is_failed_read_leftover(error: BaseException | None) -> bool:
+    """Whether `error` is a leftover of a failed Orbax/TensorStore read, reported after the fact.
 
-    After a failed read, TensorStore completes its futures from its own threads and Orbax's
-    asyncio glue then calls into a loop that is gone; Python reports that as an unraisable
-    traceback on stderr. It carries no information the user's error line lacks.
+    After a failed read, TensorStore completes its futures from its own threads and Orbax's asyncio
+    glue then calls into a loop that is gone ("Event loop is closed"), and the read's other tasks,
+    when collected, are reported by asyncio ("Task exception was never retrieved") with the
+    TensorStore spec of each array. They carry nothing the user's one-line error about the
+    checkpoint lacks.
     """
-    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
-        logging.getLogger("tracker_eval").debug("ignored late event-loop callback: %s", info.exc_value)
+    if error is None:
+        return False
+    text = str(error)
+    return (isinstance(error, RuntimeError) and "Event loop is closed" in text) or "tensorstore_spec" in text
+
+
+def _quiet_unraisable(info: Any) -> None:
+    if is_failed_read_leftover(info.exc_value):
+        logging.getLogger("tracker_eval").debug("ignored leftover of a failed read: %s", info.exc_value)
         return
     _DEFAULT_UNRAISABLE(info)
 
 
 _DEFAULT_UNRAISABLE = sys.unraisablehook
+
+
+class _AsyncioLeftovers(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports of failed reads (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in record.getMessage() and is_failed_read_leftover(error))
 
 
 def configure_logging(*, verbose: bool = False) -> None:
@@ -60,6 +77,9 @@ def configure_logging(*, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
         sys.unraisablehook = _quiet_unraisable
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _AsyncioLeftovers) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_AsyncioLeftovers())
         try:
             from absl import logging as absl_logging  # noqa: PLC0415
 
