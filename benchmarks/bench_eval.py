@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracker_eval.config import MeshConfig
-from tracker_eval.evaluator import ExtendedEvaluation
-from tracker_eval.sharding import batch_sharding, make_mesh, place_params
-from tracker_eval.state import EvalState
+from tracker_eval.evaluation.evaluator import ExtendedEvaluation
+from tracker_eval.evaluation.sharding import batch_sharding, make_mesh, place_params
+from tracker_eval.evaluation.state import EvalState
 from tracker_eval.tasks import language_model as lm
 
 BATCH, SEQ, BATCHES, REPEATS, WINDOW = 64, 128, 60, 11, 2

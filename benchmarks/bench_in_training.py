@@ -16,7 +16,7 @@ import jax
 import yaml
 
 from benchmarks.bench_eval import make_bound
-from tracker_eval.sharding import batch_sharding, place_params
+from tracker_eval.evaluation.sharding import batch_sharding, place_params
 from tracker_eval.tasks import language_model as lm
 
 BATCH, SEQ, REPEAT, REPEATS = 64, 128, 113, 7

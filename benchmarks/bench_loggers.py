@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.fanout import FanOut
 from tracker_eval.loggers.registry import build_loggers
-from tracker_eval.result import EvalResult
 
 Workload = Callable[[int], EvalResult]
 
@@ -60,9 +60,9 @@ def evaluator_workload() -> Workload:
 
     from benchmarks.bench_eval import BATCH, SEQ, _batches  # noqa: PLC0415
     from tracker_eval.config import MeshConfig  # noqa: PLC0415
-    from tracker_eval.evaluator import ExtendedEvaluation  # noqa: PLC0415
-    from tracker_eval.sharding import make_mesh  # noqa: PLC0415
-    from tracker_eval.state import EvalState  # noqa: PLC0415
+    from tracker_eval.evaluation.evaluator import ExtendedEvaluation  # noqa: PLC0415
+    from tracker_eval.evaluation.sharding import make_mesh  # noqa: PLC0415
+    from tracker_eval.evaluation.state import EvalState  # noqa: PLC0415
     from tracker_eval.tasks import language_model as lm  # noqa: PLC0415
 
     model = lm.make_model()

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from tracker_eval.checkpoints import restore_eval_variables
+from tracker_eval.checkpoints.restore import restore_eval_variables
 
 REPEATS = 7
 # ~42 MB of float32 params: kernels 2048x2048, 2048x2048, 2048x1024, 1024x16.

@@ -125,8 +125,8 @@ def detection_latency(source: pathlib.Path, *, fast_path: bool, seed: int = 0) -
 
 def poll_cost(*, steps: int = FAKE_STEPS, repeats: int = POLL_REPEATS) -> tuple[float, float]:
     """(median seconds of a steady-state poll, seconds of the first poll that registers every step)."""
-    from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
-    from tracker_eval.ledger import Ledger  # noqa: PLC0415
+    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.ledger.steps import Ledger  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="bench-poll-") as tmp:
         root = pathlib.Path(tmp)

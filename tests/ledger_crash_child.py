@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tracker_eval.lease import make_owner_id
-from tracker_eval.ledger import Ledger, StepState
-from tracker_eval.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger.lease import make_owner_id
+from tracker_eval.ledger.steps import Ledger, StepState
 
 LOGGERS = ("a", "b")
 LAST_STEP = 600

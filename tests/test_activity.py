@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tracker_eval import activity
+from tracker_eval.evaluation import activity
 
 
 def test_idle_process_does_not_wait():

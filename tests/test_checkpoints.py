@@ -1,4 +1,4 @@
-"""Tests of tracker_eval.checkpoints against real Orbax checkpoints written on 8 CPU devices."""
+"""tracker_eval.checkpoints (listing, restore, describe) against real Orbax checkpoints on 8 CPU devices."""
 
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ import pytest
 from ckpt_factory import SavedStep, fsdp_sharding, make_mesh, save_train_states
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tracker_eval.checkpoint_describe import describe_checkpoint
-from tracker_eval.checkpoints import (
-    CheckpointVanishedError,
-    CorruptCheckpointError,
-    finalized_steps,
-    restore_eval_variables,
-)
+from tracker_eval.checkpoints.describe import describe_checkpoint
+from tracker_eval.checkpoints.listing import finalized_steps
+from tracker_eval.checkpoints.restore import restore_eval_variables
+from tracker_eval.checkpoints.tree import CheckpointVanishedError, CorruptCheckpointError
 from tracker_eval.errors import ConfigError
 
 TOP_KEYS = "top-level keys are: batch_stats, opt_state, params, step"

@@ -9,7 +9,7 @@ import pytest
 from tracker_eval.config import EvalConfig, load_config
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.registry import parse_logger_specs
-from tracker_eval.pipeline import Components
+from tracker_eval.runners.pipeline import Components
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINIMAL = """

@@ -79,7 +79,7 @@ def test_jsonl_mlflow_and_wandb_hold_one_point_per_checkpoint(demo):
     from tracker_eval_wandb.logger import derive_run_id
 
     from tracker_eval.config import load_config
-    from tracker_eval.reporting import run_key
+    from tracker_eval.loggers.session import run_key
 
     config = load_config(out / "demo.yaml")
     rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))

@@ -9,10 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tracker_eval.config import MeshConfig
-from tracker_eval.evaluator import EvalError, ExtendedEvaluation
+from tracker_eval.evaluation.evaluator import EvalError, ExtendedEvaluation
+from tracker_eval.evaluation.sharding import make_mesh
+from tracker_eval.evaluation.state import EvalState
 from tracker_eval.metrics import Max, Mean, Min, PerExample, Sum
-from tracker_eval.sharding import make_mesh
-from tracker_eval.state import EvalState
 
 N_EXAMPLES = 203  # not a multiple of any global batch below
 FEATURES, HIDDEN, OUT = 6, 8, 4

@@ -45,8 +45,8 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
 
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
-    from tracker_eval.ledger import StepState
-    from tracker_eval.reporting import run_key
+    from tracker_eval.ledger.steps import StepState
+    from tracker_eval.loggers.session import run_key
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
@@ -95,7 +95,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
         assert ours == pytest.approx(reference, rel=1e-5), step
 
     config = load_config(config_path)
-    from tracker_eval.ledger import Ledger
+    from tracker_eval.ledger.steps import Ledger
 
     with Ledger(out, checkpoint_dir=ckpts, config_hash=config.config_hash(),
                 loggers=["jsonl", "mlflow", "wandb"]) as ledger:
@@ -132,8 +132,8 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
 
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
-    from tracker_eval.ledger import StepState
-    from tracker_eval.reporting import run_key
+    from tracker_eval.ledger.steps import StepState
+    from tracker_eval.loggers.session import run_key
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tracker_eval.errors import ConfigError
-from tracker_eval.lease import make_owner_id, owner_is_dead
-from tracker_eval.ledger import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
-from tracker_eval.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger.lease import make_owner_id, owner_is_dead
+from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
 
 
 class FakeClock:

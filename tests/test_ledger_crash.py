@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from ledger_crash_child import LOGGERS, expected_arrays, open_ledger
 
-from tracker_eval.ledger import StepState
+from tracker_eval.ledger.steps import StepState
 
 CHILD = Path(__file__).with_name("ledger_crash_child.py")
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.fanout import FanOut, FanOutError, LoggerError
-from tracker_eval.result import EvalResult
 
 
 class RecordingLogger:

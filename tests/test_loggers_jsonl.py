@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
 from tracker_eval.loggers.jsonl import JsonlLogger, load_per_example, read_jsonl
-from tracker_eval.result import EvalResult
 
 
 def _result(step: int, checkpoint: str | None = None) -> EvalResult:

@@ -10,10 +10,10 @@ from mlflow.exceptions import MlflowException
 from slow_proxy import SlowProxy
 from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.fanout import FanOut
 from tracker_eval.loggers.jsonl import JsonlLogger, read_jsonl
-from tracker_eval.result import EvalResult
 
 pytest_plugins = ["fixtures_mlflow"]
 
@@ -109,7 +109,7 @@ def test_credentials_in_the_config_never_reach_the_trackers(mlflow_server, tmp_p
     from mlflow.tracking import MlflowClient
 
     from tracker_eval.config import load_config
-    from tracker_eval.reporting import LoggerSession
+    from tracker_eval.loggers.session import LoggerSession
 
     secret = "s3cret-0123456789"
     url = mlflow_server.url.replace("http://", f"http://alice:{secret}@")

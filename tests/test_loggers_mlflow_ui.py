@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 
 pytest_plugins = ["fixtures_mlflow"]
 

@@ -71,7 +71,7 @@ def test_missing_type_is_an_error():
 
 def test_core_import_stays_light():
     code = (
-        "import sys, tracker_eval, tracker_eval.errors, tracker_eval.result, tracker_eval.loggers.base, "
+        "import sys, tracker_eval, tracker_eval.errors, tracker_eval.evaluation.result, tracker_eval.loggers.base, "
         "tracker_eval.loggers.registry, tracker_eval.loggers.fanout, tracker_eval.loggers.console, "
         "tracker_eval.loggers.jsonl\n"
         "from tracker_eval.loggers.registry import parse_logger_specs\n"

@@ -13,8 +13,8 @@ import pytest
 from tracker_eval_wandb import reader
 from tracker_eval_wandb.logger import WandbConfig, WandbLogger, derive_run_id
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 
 SECRET = "fake-secret-0123456789abcdef0123456789abcdef"
 
@@ -77,7 +77,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     from tracker_eval.loggers.base import LoggerContext
-    from tracker_eval.result import EvalResult
+    from tracker_eval.evaluation.result import EvalResult
     from tracker_eval_wandb.logger import WandbConfig, WandbLogger
     out = sys.argv[1]
     logger = WandbLogger(WandbConfig(mode="offline"), context=LoggerContext(output_dir=out, run_key="kill"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracker_eval import metrics as m
+from tracker_eval.evaluation import metrics as m
 
 
 def _accumulate(metric_cls, batches, masks, **kwargs):

@@ -9,7 +9,7 @@ import pytest
 from ckpt_factory import save_train_states
 
 from tracker_eval.config import load_config
-from tracker_eval.pipeline import Pipeline
+from tracker_eval.runners.pipeline import Pipeline
 
 STEP = 7
 

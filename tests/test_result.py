@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from tracker_eval.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult
 
 
 def test_non_finite_values_become_null_and_scalars_come_back_as_nan():

@@ -7,10 +7,10 @@ import pytest
 from reference import mlp_losses
 
 from tracker_eval.config import MeshConfig
-from tracker_eval.evaluator import ExtendedEvaluation
-from tracker_eval.models import adapt_model, nnx_params
-from tracker_eval.sharding import make_mesh
-from tracker_eval.state import EvalState
+from tracker_eval.evaluation.evaluator import ExtendedEvaluation
+from tracker_eval.evaluation.models import adapt_model, nnx_params
+from tracker_eval.evaluation.sharding import make_mesh
+from tracker_eval.evaluation.state import EvalState
 from tracker_eval.tasks import classification as cls_task
 from tracker_eval.tasks import language_model as lm_task
 

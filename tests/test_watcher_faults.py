@@ -44,7 +44,7 @@ def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path
             # Evaluation goes on while the tracker is down; MLflow's copies wait in the outbox.
             wait_for(lambda: all(r["metrics"] for s, r in ledger_rows(out).items()) and len(states(out)) == 4,
                      timeout=60, what="steps 40-80 evaluated during the outage", watchers=[watcher])
-            # Tracker work yields to evaluation (tracker_eval/activity.py): JSONL gets its copies
+            # Tracker work yields to evaluation (tracker_eval/evaluation/activity.py): JSONL gets its copies
             # shortly after, MLflow's stay in the outbox.
             wait_for(lambda: all(ledger_rows(out)[s]["deliveries"]["jsonl"]["state"] == "delivered"
                                  for s in (40, 60, 80)),

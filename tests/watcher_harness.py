@@ -245,7 +245,7 @@ def wait_for(
 def ledger_rows(output_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
     """Each known step of the (only) stream in ``output_dir/ledger.sqlite``: state, reason, attempts,
     owner, metrics and ``deliveries`` ({logger: {"state", "delivered_at"}}); {} before the file exists."""
-    from tracker_eval.ledger_files import decoded_metrics  # noqa: PLC0415
+    from tracker_eval.ledger.files import decoded_metrics  # noqa: PLC0415
 
     path = output_dir / "ledger.sqlite"
     if not path.exists():

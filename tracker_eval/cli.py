@@ -94,15 +94,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return cmd_eval(args)
     if args.command == "watch":
-        from tracker_eval.watcher import run_watch  # noqa: PLC0415
+        from tracker_eval.runners.watcher import run_watch  # noqa: PLC0415
 
         return run_watch(args.config, overrides=args.overrides)
     if args.command == "status":
-        from tracker_eval.status import run_status  # noqa: PLC0415
+        from tracker_eval.runners.status import run_status  # noqa: PLC0415
 
         return run_status(args.config, overrides=args.overrides, as_json=args.json, health=args.health)
     if args.command == "demo":
-        from tracker_eval.demo import run_demo  # noqa: PLC0415
+        from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 
         return run_demo(
             output_dir=args.output_dir,
@@ -121,13 +121,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.overrides)
     import jax  # noqa: PLC0415
 
-    from tracker_eval import distributed  # noqa: PLC0415
-    from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+    from tracker_eval.runners import distributed  # noqa: PLC0415
+    from tracker_eval.runners.pipeline import Components, Pipeline  # noqa: PLC0415
 
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
-    from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
-    from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
 
     session = LoggerSession.open(config) if distributed.is_primary() else None
     try:

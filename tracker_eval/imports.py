@@ -1,11 +1,13 @@
-"""Resolves user code named by import path (`pkg.module:attr`) when the config loads.
+"""Resolves user code named by import path (`pkg.module:attr`) when the config loads, and lazy exports.
 
     make_model = resolve("my_pkg.models:make_model", key="model")
+    __getattr__ = lazy_exports(__name__, {"Ledger": "steps"})   # in a package's __init__.py
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tracker_eval.errors import ConfigError
@@ -38,3 +40,22 @@ def resolve(path: str, *, key: str) -> Any:
     if not callable(obj):
         raise ConfigError(f"{key}={path!r} names a {type(obj).__name__}, not a callable")
     return obj
+
+
+def lazy_exports(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module-level `__getattr__` that imports each public name from its submodule on first use.
+
+    Keeps `import tracker_eval.<stage>` light: JAX, Orbax and friends load only when a name that
+    needs them is used.
+
+    Args:
+      package: the package's `__name__`.
+      names: public name -> submodule (relative to `package`) that defines it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

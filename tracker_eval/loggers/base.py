@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from tracker_eval.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult
 
 
 @runtime_checkable

@@ -18,8 +18,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from tracker_eval.errors import ConfigError
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 
 _STREAMS = ("stdout", "stderr")
 

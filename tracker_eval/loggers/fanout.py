@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import Logger
 from tracker_eval.loggers.worker import LoggerError, Task, Worker
-from tracker_eval.result import EvalResult
 
 __all__ = ["FanOut", "FanOutError", "LoggerError"]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tracker_eval.activity import wait_until_idle
+from tracker_eval.evaluation.activity import wait_until_idle
 from tracker_eval.loggers.base import Logger
 
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

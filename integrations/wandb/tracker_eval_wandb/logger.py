@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import LoggerContext
-from tracker_eval.result import EvalResult
 from tracker_eval_wandb import reader
 
 MODES = ("online", "offline")

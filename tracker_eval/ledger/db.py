@@ -4,7 +4,7 @@ One file (``<output_dir>/ledger.sqlite``) may be shared by several processes. Ev
 WAL mode, ``synchronous=FULL`` and a busy timeout; every write is one ``BEGIN IMMEDIATE``
 transaction, so a process killed at any instant leaves the last committed state. `LedgerStore` binds
 the file to one stream (checkpoint directory + config hash) and keeps one connection per thread;
-`tracker_eval.outbox.Outbox` and `tracker_eval.ledger.Ledger` build on it.
+`tracker_eval.ledger.outbox.Outbox` and `tracker_eval.ledger.steps.Ledger` build on it.
 
     conn = connect(Path("out/ledger.sqlite"), busy_timeout_s=30.0)
     with write_transaction(conn):
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tracker_eval.errors import ConfigError
+from tracker_eval.ledger.schema import SchemaError, migrate
 
 LEDGER_FILENAME = "ledger.sqlite"
 RESULTS_DIRNAME = "results"
@@ -40,75 +41,6 @@ class LeaseLostError(LedgerError):
 
 class IllegalTransitionError(LedgerError):
     """The requested change does not lead from the current state (e.g. skipping an evaluated step)."""
-
-
-SCHEMA_VERSION = 1
-
-# Version N's statements turn a version N-1 file into version N; a new version appends here so
-# that an existing ledger file is migrated in place when it is opened.
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE streams (
-      stream_id INTEGER PRIMARY KEY,
-      checkpoint_dir TEXT NOT NULL,
-      config_hash TEXT NOT NULL,
-      best_metric TEXT,
-      best_mode TEXT,
-      best_step INTEGER,
-      best_value REAL,
-      UNIQUE (checkpoint_dir, config_hash)
-    );
-    CREATE TABLE steps (
-      stream_id INTEGER NOT NULL REFERENCES streams (stream_id),
-      step INTEGER NOT NULL,
-      state TEXT NOT NULL CHECK (state IN
-        ('pending', 'evaluating', 'evaluated', 'delivered', 'failed', 'given_up', 'skipped')),
-      reason TEXT,
-      attempts INTEGER NOT NULL DEFAULT 0,
-      owner TEXT,
-      lease_expires_at REAL,
-      result_json TEXT,
-      arrays_path TEXT,
-      updated_at REAL NOT NULL,
-      PRIMARY KEY (stream_id, step),
-      CHECK ((state = 'evaluating') = (owner IS NOT NULL)),
-      CHECK ((state IN ('evaluated', 'delivered')) = (result_json IS NOT NULL))
-    );
-    CREATE TABLE outbox (
-      stream_id INTEGER NOT NULL,
-      step INTEGER NOT NULL,
-      logger TEXT NOT NULL,
-      state TEXT NOT NULL CHECK (state IN ('pending', 'delivered')),
-      attempts INTEGER NOT NULL DEFAULT 0,
-      next_attempt_at REAL NOT NULL,
-      last_error TEXT,
-      delivered_at REAL,
-      PRIMARY KEY (stream_id, step, logger),
-      FOREIGN KEY (stream_id, step) REFERENCES steps (stream_id, step)
-    );
-    CREATE INDEX outbox_due ON outbox (stream_id, logger, state, step);
-    CREATE TABLE leases (
-      stream_id INTEGER NOT NULL,
-      name TEXT NOT NULL,
-      owner TEXT NOT NULL,
-      expires_at REAL NOT NULL,
-      PRIMARY KEY (stream_id, name)
-    );
-    CREATE TABLE run_state (
-      stream_id INTEGER NOT NULL,
-      logger TEXT NOT NULL,
-      state_json TEXT NOT NULL,
-      PRIMARY KEY (stream_id, logger)
-    );
-    CREATE TABLE meta (
-      stream_id INTEGER NOT NULL,
-      key TEXT NOT NULL,
-      value TEXT NOT NULL,
-      updated_at REAL NOT NULL,
-      PRIMARY KEY (stream_id, key)
-    );
-    """,
-}
 
 
 def connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
@@ -145,27 +77,12 @@ def connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
             f"the ledger {path} cannot use WAL mode (got journal_mode={mode!r}); put output_dir on a "
             "local file system (WAL needs shared memory, which network file systems lack)"
         )
-    _migrate(conn, path)
+    try:
+        migrate(conn, path)
+    except SchemaError as error:
+        conn.close()
+        raise LedgerError(str(error)) from None
     return conn
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
-    with write_transaction(conn):
-        # Read again under the write lock: another process may have migrated meanwhile.
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"the ledger {path} has schema version {version}, newer than this tracker-eval "
-                f"understands ({SCHEMA_VERSION}); upgrade tracker-eval or use another output_dir"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target}")
 
 
 @contextlib.contextmanager
@@ -196,7 +113,7 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 class LedgerStore:
     """The ledger file bound to one stream: per-thread connections and stream-level key/values.
 
-    Subclasses add the outbox and the step state machine; construct `tracker_eval.ledger.Ledger`.
+    Subclasses add the outbox and the step state machine; construct `tracker_eval.ledger.steps.Ledger`.
     """
 
     def __init__(

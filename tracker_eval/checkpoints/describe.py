@@ -2,7 +2,7 @@
 
     print(describe_checkpoint("/ckpts/run1", 20, depth=1))
 
-Kept apart from `tracker_eval.checkpoints` (listing and restore) because only people read it: error
+Kept apart from `tracker_eval.checkpoints.items` and `.restore` because only people read it: error
 messages that must say what a checkpoint holds, logs and debugging.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import jax
 
-from tracker_eval.checkpoint_tree import _children, _read_tree_metadata
-from tracker_eval.checkpoints import _is_pytree, _item_handlers, _require_step, _step_dir
+from tracker_eval.checkpoints.items import is_pytree, item_handlers, require_step, step_path
+from tracker_eval.checkpoints.tree import _children, _read_tree_metadata
 
 
 def _summarize(node: Any) -> str:
@@ -52,12 +52,12 @@ def describe_checkpoint(checkpoint_dir: str | os.PathLike[str], step: int, *, de
         CheckpointVanishedError: The step directory does not exist.
         CorruptCheckpointError: A pytree item's metadata cannot be read.
     """
-    step_dir = _step_dir(checkpoint_dir, step)
-    _require_step(step_dir, step)
+    step_dir = step_path(checkpoint_dir, step)
+    require_step(step_dir, step)
     lines = [os.fspath(step_dir)]
-    for name, handler in sorted(_item_handlers(step_dir).items()):
+    for name, handler in sorted(item_handlers(step_dir).items()):
         lines.append(f"  {name} [{handler}]")
-        if _is_pytree(handler):
+        if is_pytree(handler):
             tree = _read_tree_metadata(step_dir / name, step=step, step_dir=step_dir)
             _describe_node(tree, indent=4, depth=depth, lines=lines)
     return "\n".join(lines)

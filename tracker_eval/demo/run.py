@@ -74,7 +74,7 @@ def run_demo(
           f"{SAVE_EVERY}; the watcher evaluates each one as it appears.\n  output: {output_dir}", flush=True)
 
     from tracker_eval.config import load_config  # noqa: PLC0415
-    from tracker_eval.watcher import Watcher  # noqa: PLC0415
+    from tracker_eval.runners.watcher import Watcher  # noqa: PLC0415
 
     config = load_config(config_path)
     watcher = Watcher(config)
@@ -115,7 +115,7 @@ def _fresh_dir(output_dir: str) -> None:
 
 
 def _start_training(checkpoint_dir: str, *, steps: int, in_training_config: str | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tracker_eval.demo_train", "--checkpoint-dir", checkpoint_dir,
+    command = [sys.executable, "-m", "tracker_eval.demo.train", "--checkpoint-dir", checkpoint_dir,
                "--steps", str(steps), "--save-every", str(SAVE_EVERY)]
     if in_training_config:
         command += ["--in-training-config", in_training_config]
@@ -124,8 +124,8 @@ def _start_training(checkpoint_dir: str, *, steps: int, in_training_config: str 
 
 
 def _summary(config: Any, config_path: str, *, seconds: float) -> None:
-    from tracker_eval.plot import plot_metrics  # noqa: PLC0415
-    from tracker_eval.status import collect_status, format_table  # noqa: PLC0415
+    from tracker_eval.demo.plot import plot_metrics  # noqa: PLC0415
+    from tracker_eval.runners.status import collect_status, format_table  # noqa: PLC0415
 
     doc = collect_status(config)
     best = doc["best"]

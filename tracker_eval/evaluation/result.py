@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -82,3 +83,21 @@ def _json_list(values: Any) -> Any:
     if array.dtype.kind != "f" or np.isfinite(array).all():
         return array.tolist()
     return np.where(np.isfinite(array), array, None).tolist()
+
+
+def runtime_provenance(mesh: Any, *, global_batch_size: int) -> dict[str, Any]:
+    """Versions, mesh and host of this process: what makes a number reproducible."""
+    import flax  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+
+    import tracker_eval  # noqa: PLC0415
+
+    return {
+        "tracker_eval_version": tracker_eval.__version__,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "mesh_shape": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "host": socket.gethostname(),
+        "global_batch_size": global_batch_size,
+    }

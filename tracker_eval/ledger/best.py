@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sqlite3
 
-from tracker_eval.ledger_files import decoded_metrics
+from tracker_eval.ledger.files import decoded_metrics
 
 
 def offer_best(conn: sqlite3.Connection, stream: int, *, step: int, value: float, mode: str) -> None:

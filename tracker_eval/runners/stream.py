@@ -34,7 +34,7 @@ def open_ledger(config: EvalConfig, *, loggers: list[str]) -> Any:
     Raises:
       ConfigError: `output_dir` cannot hold it (not writable, not a local file system).
     """
-    from tracker_eval.ledger import Ledger, LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.steps import Ledger, LedgerError  # noqa: PLC0415
 
     best = config.watch.best
     try:
@@ -76,9 +76,9 @@ class PrimaryStream:
         Tracker runs are persisted in the ledger at once, so a process started later (a watcher
         beside training, a restart) attaches to the same runs instead of creating its own.
         """
-        from tracker_eval.delivery import Delivery  # noqa: PLC0415
-        from tracker_eval.lease import make_owner_id  # noqa: PLC0415
-        from tracker_eval.reporting import LoggerSession  # noqa: PLC0415
+        from tracker_eval.ledger.lease import make_owner_id  # noqa: PLC0415
+        from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
+        from tracker_eval.runners.delivery import Delivery  # noqa: PLC0415
 
         names = logger_names(config)
         ledger = open_ledger(config, loggers=names)

@@ -21,8 +21,8 @@ _HEALTHY_WITHIN_S = 120.0
 
 def collect_status(config: EvalConfig) -> dict[str, Any]:
     """The status document (the `--json` output)."""
-    from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
-    from tracker_eval.stream import logger_names, open_ledger  # noqa: PLC0415
+    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.runners.stream import logger_names, open_ledger  # noqa: PLC0415
 
     ledger_file = os.path.join(config.output_dir, "ledger.sqlite")
     listed = finalized_steps(config.checkpoint_dir)

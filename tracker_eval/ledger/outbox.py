@@ -3,7 +3,7 @@
 Storing a result queues one outbox row per configured logger in the same transaction. A deliverer
 takes the logger's lease, sends the due steps in step order and acknowledges each; a failure pushes
 that row's next attempt back exponentially. A step is delivered once every configured logger has it.
-`Outbox` is a base of `tracker_eval.ledger.Ledger`, which is what callers construct.
+`Outbox` is a base of `tracker_eval.ledger.steps.Ledger`, which is what callers construct.
 
     if ledger.claim_logger("wandb", owner=owner):
         for step in ledger.due_deliveries("wandb"):
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from tracker_eval.lease import lease_reclaimable
-from tracker_eval.ledger_db import IllegalTransitionError, LeaseLostError, LedgerStore, write_transaction
+from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerStore, write_transaction
+from tracker_eval.ledger.lease import lease_reclaimable
 
 
 class Outbox(LedgerStore):
@@ -74,7 +74,7 @@ class Outbox(LedgerStore):
 
         Args:
           logger: a configured logger name.
-          owner: the deliverer's id (`tracker_eval.lease.make_owner_id`).
+          owner: the deliverer's id (`tracker_eval.ledger.lease.make_owner_id`).
           ttl_s: lease length; call again before it runs out to renew.
 
         Returns:

@@ -20,11 +20,11 @@ from typing import Any
 
 from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
 from tracker_eval.loggers.fanout import FanOut, LoggerError
 from tracker_eval.loggers.registry import parse_logger_specs
-from tracker_eval.result import EvalResult
 
 LOG = logging.getLogger(__name__)
 

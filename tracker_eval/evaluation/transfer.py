@@ -4,7 +4,6 @@
     rows = RowStream(lag=4)
     rows.add(batch_rows, host_mask)                       # per batch: starts an async copy
     per_example = rows.collect(tag="eval-3")              # dataset order, concatenated once
-    for batch in log_every(batches, every=100, mode="test"): ...
 
 With several processes, the few per-shard partials are all-gathered (every process finalizes the
 same reduced metrics) while per-example rows go to process 0 only.
@@ -14,13 +13,12 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
 
-from tracker_eval import distributed
+from tracker_eval import kvstore
 
 LOG = logging.getLogger(__name__)
 
@@ -72,16 +70,8 @@ class RowStream:
         if jax.process_count() == 1:
             return rows
         counts = np.asarray([int(host_mask.sum()) for _, host_mask in batches])
-        gathered = distributed.gather_to_primary(rows, counts=counts, tag=tag)
+        gathered = gather_to_primary(rows, counts=counts, tag=tag)
         return gathered if gathered is not None else {}
-
-
-def log_every(batches: Iterable[Any], *, every: int, mode: str) -> Iterable[Any]:
-    """Plain progress lines for logs (no terminal): one per `every` batches, none for short runs."""
-    for count, item in enumerate(batches, start=1):
-        if count % every == 0 and jax.process_index() == 0:
-            LOG.info("tracker-eval: %s: %d batches evaluated", mode, count)
-        yield item
 
 
 def fetch_accumulator(tree: Any) -> Any:
@@ -108,3 +98,40 @@ def local_rows(array: jax.Array) -> np.ndarray:
             seen[start] = np.asarray(shard.data)
     return np.concatenate([seen[k] for k in sorted(seen)])
 
+
+def gather_to_primary(
+    arrays: dict[str, np.ndarray], *, counts: np.ndarray, tag: str
+) -> dict[str, np.ndarray] | None:
+    """Every process's per-example rows on process 0 only, in dataset order; None elsewhere.
+
+    Args:
+      arrays: this process's real rows, batch after batch.
+      counts: this process's number of real rows in each batch.
+      tag: unique name of this gather (e.g. the step), so consecutive gathers never mix.
+
+    Rows travel through the runtime's key-value store, so only process 0 ever holds them all; the
+    global batch order (process 0's slice, then process 1's, ...) is restored batch by batch.
+    """
+    if jax.process_count() == 1:
+        return arrays
+    import io  # noqa: PLC0415
+
+    client = kvstore.client()
+    buffer = io.BytesIO()
+    np.savez(buffer, __counts__=np.asarray(counts, np.int64), **arrays)
+    client.key_value_set_bytes(f"tracker_eval/rows/{tag}/{jax.process_index()}", buffer.getvalue())
+    if jax.process_index() != 0:
+        return None
+    per_process = []
+    for index in range(jax.process_count()):
+        key = f"tracker_eval/rows/{tag}/{index}"
+        data = client.blocking_key_value_get_bytes(key, 600_000)
+        with np.load(io.BytesIO(data)) as loaded:
+            bounds = np.cumsum(loaded["__counts__"])[:-1]
+            per_process.append({name: np.split(loaded[name], bounds) for name in arrays})
+        client.key_value_delete(key)
+    batches = len(per_process[0][next(iter(arrays))]) if arrays else 0
+    return {
+        name: np.concatenate([part[name][b] for b in range(batches) for part in per_process])
+        for name in arrays
+    }

@@ -20,12 +20,12 @@ from typing import Any
 import jax
 
 from tracker_eval.config import EvalConfig
-from tracker_eval.evaluator import ExtendedEvaluation, ResultListener
+from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
+from tracker_eval.evaluation.models import adapt_model
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.evaluation.sharding import make_mesh, shardings_for
+from tracker_eval.evaluation.state import EvalState
 from tracker_eval.imports import resolve
-from tracker_eval.models import adapt_model
-from tracker_eval.result import EvalResult
-from tracker_eval.sharding import make_mesh, shardings_for
-from tracker_eval.state import EvalState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Pipeline:
 
     def restore(self, step: int) -> EvalState:
         """Params (and named mutable collections) of `step`, restored straight onto the mesh."""
-        from tracker_eval import checkpoints  # noqa: PLC0415 - orbax is heavy; only restoring needs it
+        from tracker_eval.checkpoints import restore as checkpoints  # noqa: PLC0415 - orbax is heavy
 
         params, mutable = checkpoints.restore_eval_variables(
             self.config.checkpoint_dir,

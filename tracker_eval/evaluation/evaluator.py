@@ -16,33 +16,27 @@ the end, per-example rows are copied asynchronously and concatenated once, Max/M
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from tracker_eval import activity, transfer
-from tracker_eval import metrics as metric_lib
-from tracker_eval.models import ModelAdapter, adapt_model
-from tracker_eval.prefetch import prefetch
-from tracker_eval.result import EvalResult
-from tracker_eval.sharding import BatchPlacer, batch_sharding, place_params, put, put_replicated
-from tracker_eval.state import EvalState
+from tracker_eval.evaluation import activity, transfer
+from tracker_eval.evaluation import batches as batches_lib
+from tracker_eval.evaluation import metrics as metric_lib
+from tracker_eval.evaluation import step as step_lib
+from tracker_eval.evaluation.models import ModelAdapter, adapt_model
+from tracker_eval.evaluation.result import EvalResult, runtime_provenance
+from tracker_eval.evaluation.sharding import BatchPlacer, place_params, put_replicated
+from tracker_eval.evaluation.state import EvalState
 
 LOG = logging.getLogger(__name__)
 
 EvalFunction = Callable[[Any, Callable[..., Any], Mapping[str, Any], jax.Array], tuple[Mapping[str, Any], Any]]
 ResultListener = Callable[[EvalResult], None]
-
-
-_BATCH_INDEX = "__batch_index__"  # accumulator entry holding the device-side batch counter
 
 
 class EvalError(RuntimeError):
@@ -141,33 +135,12 @@ class ExtendedEvaluation:
 
     def create_evaluation_step_function(self) -> Callable[..., Any]:
         """The (un-jitted) step: one batch's metrics folded into the device accumulator."""
-        shards = self.placer.shards
-        shard_partials = batch_sharding(self.mesh)
 
-        def eval_step(
-            params: Any,
-            mutable: Any,
-            metrics: dict[str, dict[str, jax.Array]],
-            batch: Mapping[str, jax.Array],
-            mask: jax.Array,
-            rng: jax.Array,
-        ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array], jax.Array]:
+        def traced() -> None:
             self.trace_count += 1  # runs at trace time only: counts compilations of the step
-            # The batch index lives on device with the accumulator: no host transfer per step.
-            index = metrics[_BATCH_INDEX]["index"]
-            batch_metrics = self._batch_metrics(params, mutable, batch, jax.random.fold_in(rng, index))
-            new = {name: metric_lib.update_state(metrics[name], m, mask) for name, m in batch_metrics.items()}
-            # Pin the layout: per-shard partials stay on their devices, so the next call sees
-            # exactly the input shardings of this one (no second compile, no collective).
-            new = jax.lax.with_sharding_constraint(new, shard_partials)
-            new[_BATCH_INDEX] = {"index": index + 1}
-            rows = {name: m.values for name, m in batch_metrics.items() if isinstance(m, metric_lib.PerExample)}
-            # A small output that is ready when this step is: the loop waits on it to bound the
-            # dispatch queue (the accumulator itself is donated to the next step).
-            done = mask.astype(jnp.int32).reshape(shards, -1).sum(axis=1)
-            return new, rows, done
 
-        return eval_step
+        return step_lib.build_eval_step(self._batch_metrics, mesh=self.mesh, shards=self.placer.shards,
+                                        on_trace=traced)
 
     def _batch_metrics(self, params: Any, mutable: Any, batch: Any, rng: jax.Array) -> Mapping[str, Any]:
         out = self.eval_function(params, self.adapter.bind(mutable), batch, rng)
@@ -197,11 +170,7 @@ class ExtendedEvaluation:
                     fn, state.params, state.mutable_variables, batch, state.rng
                 )
             self._kinds = metric_lib.kinds_of(self._eval_metric_shapes)
-        zeros = {name: metric_lib.init_state(m, shards=self.placer.shards)
-                 for name, m in self._eval_metric_shapes.items()}
-        partials = jax.tree.map(lambda leaf: put(leaf, batch_sharding(self.mesh)), zeros)
-        partials[_BATCH_INDEX] = put_replicated({"index": np.zeros((), np.int32)}, self.mesh)
-        return partials
+        return step_lib.zero_accumulator(self._eval_metric_shapes, mesh=self.mesh, shards=self.placer.shards)
 
     def aggregate_metrics(
         self, aggregated_metrics: Mapping[str, Any], eval_metrics: Mapping[str, Any]
@@ -258,10 +227,11 @@ class ExtendedEvaluation:
         traces_before = self.trace_count
         accumulator = None
         rows_out = transfer.RowStream(lag=self.max_in_flight + 2)
-        batches = self._placed_batches(data_loader)
+        placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
+        batches = batches_lib.progress(placed, mode=mode, show=self.progress)
         in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
-        for count, (batch, mask, host_mask) in enumerate(self._progress(batches, mode), start=1):
+        for count, (batch, mask, host_mask) in enumerate(batches, start=1):
             if self.should_abort is not None and self.should_abort():
                 raise EvalAborted(f"evaluation abandoned after {count - 1} batches")
             if accumulator is None:
@@ -277,7 +247,7 @@ class ExtendedEvaluation:
         if accumulator is None:
             raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
         reduced = transfer.fetch_accumulator(accumulator)  # the one device-to-host transfer of reduced metrics
-        reduced.pop(_BATCH_INDEX)
+        reduced.pop(step_lib.BATCH_INDEX)
         per_example = rows_out.collect(tag=f"eval-{self._gathers}")
         self._gathers += 1
         aggregated = self.aggregate_metrics({}, {"reduced": reduced, "per_example": per_example})
@@ -342,43 +312,7 @@ class ExtendedEvaluation:
 
     def base_provenance(self) -> dict[str, Any]:
         """Versions, mesh and host: what makes a number reproducible."""
-        import flax  # noqa: PLC0415
-
-        import tracker_eval  # noqa: PLC0415
-
-        return {
-            "tracker_eval_version": tracker_eval.__version__,
-            "jax_version": jax.__version__,
-            "flax_version": flax.__version__,
-            "mesh_shape": dict(self.mesh.shape),
-            "process_count": jax.process_count(),
-            "host": socket.gethostname(),
-            "global_batch_size": self.placer.batch_size,
-        }
-
-    def _placed_batches(self, data_loader: Iterable[Mapping[str, Any]]) -> Iterable[Any]:
-        """Placed batches: host data through the prefetch thread, device data inline.
-
-        Batches already on the devices need no copy, and a thread handing them over would only
-        compete with the dispatch loop for the interpreter (measured: ~1 ms a batch on 2 cores).
-        """
-        iterator = iter(data_loader)
-        try:
-            first = next(iterator)
-        except StopIteration:
-            return iter(())
-        chained = itertools.chain([first], iterator)
-        if isinstance(first, Mapping) and first and all(isinstance(v, jax.Array) for v in first.values()):
-            return map(self.placer.place, chained)
-        return prefetch(chained, self.placer.place, depth=self.prefetch_depth)
-
-    def _progress(self, batches: Iterable[Any], mode: str) -> Iterable[Any]:
-        interactive = sys.stdout.isatty() if self.progress is None else self.progress
-        if interactive and jax.process_index() == 0:
-            from tqdm import tqdm  # noqa: PLC0415
-
-            return tqdm(batches, desc=mode.capitalize(), unit="batch", leave=False)
-        return transfer.log_every(batches, every=100, mode=mode)
+        return runtime_provenance(self.mesh, global_batch_size=self.placer.batch_size)
 
     def _require_state(self) -> EvalState:
         if self.state is None:

@@ -11,7 +11,7 @@ result. States of a step::
 
 Usage:
 
-    from tracker_eval.lease import make_owner_id
+    from tracker_eval.ledger.lease import make_owner_id
     ledger = Ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", loggers=["console", "wandb"])
     ledger.register([100, 200])
     owner = make_owner_id()
@@ -25,56 +25,38 @@ Usage:
 
 from __future__ import annotations
 
-import enum
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tracker_eval.errors import ConfigError
-from tracker_eval.lease import lease_reclaimable
-from tracker_eval.ledger_best import offer_best, read_best, reconcile_best
-from tracker_eval.ledger_db import (
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger.best import offer_best, reconcile_best
+from tracker_eval.ledger.db import (
     IllegalTransitionError,
     LeaseLostError,
     LedgerError,
-    read_snapshot,
     write_transaction,
 )
-from tracker_eval.ledger_files import decode_result, decoded_metrics, encode_result, read_arrays, write_arrays
-from tracker_eval.outbox import Outbox
-from tracker_eval.result import EvalResult
+from tracker_eval.ledger.files import encode_result, write_arrays
+from tracker_eval.ledger.lease import lease_reclaimable
+from tracker_eval.ledger.outbox import Outbox
+from tracker_eval.ledger.reads import _CLAIMABLE, _STORED, StepReads, StepState
 
 __all__ = ["IllegalTransitionError", "Ledger", "LedgerError", "LeaseLostError", "StepState"]
 
 _BEST_MODES = ("min", "max")
 
 
-class StepState(enum.StrEnum):
-    """The state of one checkpoint step in the ledger."""
-
-    PENDING = "pending"
-    EVALUATING = "evaluating"
-    EVALUATED = "evaluated"
-    DELIVERED = "delivered"
-    FAILED = "failed"  # retryable: claim() takes it again
-    GIVEN_UP = "given_up"  # failed max_attempts times; terminal
-    SKIPPED = "skipped"  # terminal
-
-
-_CLAIMABLE = (StepState.PENDING, StepState.FAILED)
-_STORED = (StepState.EVALUATED, StepState.DELIVERED)
-
-
-class Ledger(Outbox):
+class Ledger(Outbox, StepReads):
     """Durable per-step state, stored results and per-logger outbox of one evaluation stream.
 
     Safe to share between threads (one SQLite connection per thread) and between processes (SQLite
     locking; claims decide who evaluates or delivers what). Delivery methods (`claim_logger`,
-    `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.outbox.Outbox`; run state and
-    heartbeat from `tracker_eval.ledger_db.LedgerStore`.
+    `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.ledger.outbox.Outbox`; run state and
+    heartbeat from `tracker_eval.ledger.db.LedgerStore`.
     """
 
     def __init__(
@@ -159,28 +141,6 @@ class Ledger(Outbox):
             added = [step for step in sorted({int(s) for s in steps}) if self._insert_pending(conn, step)]
         return added
 
-    def state(self, step: int) -> StepState | None:
-        """The step's state, or None when the step is unknown."""
-        row = self._row(self._conn(), step)
-        return None if row is None else StepState(row["state"])
-
-    def steps(self, *states: StepState | str) -> list[int]:
-        """Known steps in ascending order, only those in `states` when any are given."""
-        wanted = [StepState(s).value for s in states] or [s.value for s in StepState]
-        marks = ", ".join("?" * len(wanted))
-        rows = self._conn().execute(
-            f"SELECT step FROM steps WHERE stream_id = ? AND state IN ({marks}) ORDER BY step",
-            (self._stream, *wanted),
-        )
-        return [step for (step,) in rows]
-
-    def newest_step(self) -> int | None:
-        """The highest known step, whatever its state, or None when no step is known."""
-        (newest,) = self._conn().execute(
-            "SELECT MAX(step) FROM steps WHERE stream_id = ?", (self._stream,)
-        ).fetchone()
-        return newest
-
     def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
         """Takes the step for evaluation: pending, retryable-failed or stale-evaluating -> evaluating.
 
@@ -190,7 +150,7 @@ class Ledger(Outbox):
 
         Args:
           step: the checkpoint step.
-          owner: the claimant's id (`tracker_eval.lease.make_owner_id`).
+          owner: the claimant's id (`tracker_eval.ledger.lease.make_owner_id`).
           ttl_s: lease length; `renew` before it runs out.
 
         Returns:
@@ -372,45 +332,3 @@ class Ledger(Outbox):
             self._set(conn, step, state=StepState.SKIPPED.value, owner=None, lease_expires_at=None,
                       reason=reason)
 
-    def result(self, step: int) -> EvalResult | None:
-        """The stored result of a step, per-example arrays included, or None when none is stored."""
-        row = self._row(self._conn(), step)
-        if row is None or row["result_json"] is None:
-            return None
-        arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
-        return decode_result(row["result_json"], per_example=arrays)
-
-    def best(self) -> tuple[int, float] | None:
-        """The best step so far and its value of `best_metric` (NaN ignored), or None."""
-        return read_best(self._conn(), self._stream)
-
-    # Status.
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars)
-        and deliveries (``{logger: "pending" | "delivered"}``)."""
-        conn = self._conn()
-        with read_snapshot(conn):
-            steps = conn.execute(
-                "SELECT step, state, reason, attempts, owner, result_json FROM steps "
-                "WHERE stream_id = ? ORDER BY step",
-                (self._stream,),
-            ).fetchall()
-            outbox = conn.execute(
-                "SELECT step, logger, state FROM outbox WHERE stream_id = ? ORDER BY logger", (self._stream,)
-            ).fetchall()
-        deliveries: dict[int, dict[str, str]] = {}
-        for step, logger, state in outbox:
-            deliveries.setdefault(step, {})[logger] = state
-        return [
-            {
-                "step": step,
-                "state": StepState(state),
-                "reason": reason,
-                "attempts": attempts,
-                "owner": owner,
-                "metrics": {} if payload is None else decoded_metrics(payload),
-                "deliveries": deliveries.get(step, {}),
-            }
-            for step, state, reason, attempts, owner, payload in steps
-        ]

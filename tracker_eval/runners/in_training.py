@@ -24,11 +24,11 @@ from typing import Any
 
 import jax
 
-from tracker_eval import distributed
 from tracker_eval.config import EvalConfig, load_config
 from tracker_eval.errors import one_line
-from tracker_eval.result import EvalResult
-from tracker_eval.state import EvalState
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.evaluation.state import EvalState
+from tracker_eval.runners import distributed
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -45,7 +45,7 @@ class InTrainingEvaluation:
     """
 
     def __init__(self, config: EvalConfig, *, raise_on_error: bool = False, close_drain_s: float = 30.0) -> None:
-        from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+        from tracker_eval.runners.pipeline import Components, Pipeline  # noqa: PLC0415
 
         self.config = config
         self.raise_on_error = raise_on_error
@@ -68,7 +68,7 @@ class InTrainingEvaluation:
         return cls(load_config(path, overrides=overrides), **kwargs)
 
     def _open_primary(self) -> None:
-        from tracker_eval.stream import PrimaryStream  # noqa: PLC0415
+        from tracker_eval.runners.stream import PrimaryStream  # noqa: PLC0415
 
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
@@ -148,7 +148,7 @@ class InTrainingEvaluation:
         return result
 
     def _decide(self, step: int) -> int:
-        from tracker_eval.ledger import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         self.ledger.register([step])
         if self.ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED):

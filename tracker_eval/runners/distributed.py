@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tracker_eval import kvstore
 from tracker_eval.config import DistributedConfig
 from tracker_eval.errors import ConfigError, one_line
 
@@ -85,11 +86,11 @@ class PeerMonitor:
         while True:
             now = time.monotonic()
             try:
-                client = _client()
+                client = kvstore.client()
                 beat += 1
                 client.key_value_set(f"tracker_eval/alive/{me}", str(beat), allow_overwrite=True)
                 for peer, (value, since) in list(last_seen.items()):
-                    current = _try_get(client, f"tracker_eval/alive/{peer}")
+                    current = kvstore.try_get(client, f"tracker_eval/alive/{peer}")
                     if current != value:
                         last_seen[peer] = (current, now)
                     elif now - since > self.timeout_s:
@@ -126,24 +127,6 @@ def broadcast_from_primary(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
-def _client() -> Any:
-    from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the runtime's key-value store
-
-    client = jax_distributed.global_state.client
-    if client is None:
-        raise RuntimeError("the JAX distributed runtime is not initialized")
-    return client
-
-
-def _try_get(client: Any, key: str) -> str | None:
-    try:
-        return client.key_value_try_get(key)
-    except Exception as error:  # noqa: BLE001
-        if "NOT_FOUND" in str(error):
-            return None
-        raise
-
-
 class DecisionChannel:
     """Process 0's decisions (which step to evaluate, or stop) reaching every process, in order.
 
@@ -168,7 +151,7 @@ class DecisionChannel:
         if jax.process_count() == 1:
             return int(value if value is not None else 0)
         key = f"{self.namespace}/{self.seq}"
-        client = _client()
+        client = kvstore.client()
         if is_primary():
             client.key_value_set(key, str(int(value if value is not None else 0)))
             return int(value if value is not None else 0)
@@ -180,41 +163,3 @@ class DecisionChannel:
                     raise
                 if alive is not None and not alive():
                     raise RuntimeError("stopped while waiting for process 0") from None
-
-
-def gather_to_primary(
-    arrays: dict[str, np.ndarray], *, counts: np.ndarray, tag: str
-) -> dict[str, np.ndarray] | None:
-    """Every process's per-example rows on process 0 only, in dataset order; None elsewhere.
-
-    Args:
-      arrays: this process's real rows, batch after batch.
-      counts: this process's number of real rows in each batch.
-      tag: unique name of this gather (e.g. the step), so consecutive gathers never mix.
-
-    Rows travel through the runtime's key-value store, so only process 0 ever holds them all; the
-    global batch order (process 0's slice, then process 1's, ...) is restored batch by batch.
-    """
-    if jax.process_count() == 1:
-        return arrays
-    import io  # noqa: PLC0415
-
-    client = _client()
-    buffer = io.BytesIO()
-    np.savez(buffer, __counts__=np.asarray(counts, np.int64), **arrays)
-    client.key_value_set_bytes(f"tracker_eval/rows/{tag}/{jax.process_index()}", buffer.getvalue())
-    if not is_primary():
-        return None
-    per_process = []
-    for index in range(jax.process_count()):
-        key = f"tracker_eval/rows/{tag}/{index}"
-        data = client.blocking_key_value_get_bytes(key, 600_000)
-        with np.load(io.BytesIO(data)) as loaded:
-            bounds = np.cumsum(loaded["__counts__"])[:-1]
-            per_process.append({name: np.split(loaded[name], bounds) for name in arrays})
-        client.key_value_delete(key)
-    batches = len(per_process[0][next(iter(arrays))]) if arrays else 0
-    return {
-        name: np.concatenate([part[name][b] for b in range(batches) for part in per_process])
-        for name in arrays
-    }

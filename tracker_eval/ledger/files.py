@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tracker_eval.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult
 
 # JSON has no NaN or infinities; these spellings keep them exact instead of turning them into null.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

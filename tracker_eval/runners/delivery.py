@@ -19,8 +19,8 @@ import threading
 import time
 
 from tracker_eval.errors import one_line
-from tracker_eval.ledger import Ledger, LedgerError
-from tracker_eval.reporting import LoggerSession
+from tracker_eval.ledger.steps import Ledger, LedgerError
+from tracker_eval.loggers.session import LoggerSession
 
 LOG = logging.getLogger("tracker_eval")
 

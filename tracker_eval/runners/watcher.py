@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tracker_eval import distributed
 from tracker_eval.config import EvalConfig, load_config, policy_name
 from tracker_eval.errors import one_line
+from tracker_eval.runners import distributed
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -30,7 +30,7 @@ _STOP_DRAIN_S = 3.0
 
 def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
     """Entry point of `tracker-eval watch`; returns the exit code."""
-    from tracker_eval.pipeline import Components  # noqa: PLC0415
+    from tracker_eval.runners.pipeline import Components  # noqa: PLC0415
 
     config = load_config(config_path, overrides=overrides)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
@@ -44,7 +44,7 @@ class Watcher:
     """The watch loop over one checkpoint directory and eval config."""
 
     def __init__(self, config: EvalConfig, *, components: Any = None) -> None:
-        from tracker_eval.pipeline import Components, Pipeline  # noqa: PLC0415
+        from tracker_eval.runners.pipeline import Components, Pipeline  # noqa: PLC0415
 
         self.config = config
         self.watch = config.watch
@@ -66,8 +66,8 @@ class Watcher:
         self.pipeline.evaluation.should_abort = self.stop_requested.is_set
 
     def _open_primary(self) -> None:
-        from tracker_eval.fswatch import DirectoryEvents  # noqa: PLC0415
-        from tracker_eval.stream import PrimaryStream  # noqa: PLC0415
+        from tracker_eval.checkpoints.fswatch import DirectoryEvents  # noqa: PLC0415
+        from tracker_eval.runners.stream import PrimaryStream  # noqa: PLC0415
 
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
@@ -112,7 +112,7 @@ class Watcher:
         return 0
 
     def _decide(self) -> int:
-        from tracker_eval.checkpoints import finalized_steps  # noqa: PLC0415
+        from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
 
         ledger = self.ledger
         ledger.touch_heartbeat(self.owner)
@@ -135,7 +135,7 @@ class Watcher:
         return IDLE
 
     def _apply_policy(self) -> None:
-        from tracker_eval.ledger import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         pending = self.ledger.steps(StepState.PENDING)
         if self.policy == "every_n_steps":
@@ -150,7 +150,7 @@ class Watcher:
 
     def _claimable(self) -> list[int]:
         """Steps worth a claim, ascending; EVALUATING too, since claim() takes over a dead holder's."""
-        from tracker_eval.ledger import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         now = time.monotonic()
         steps = self.ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING)
@@ -158,7 +158,7 @@ class Watcher:
 
     def _finished(self) -> str:
         """A stop reason when `until_step` or `idle_timeout_s` is reached, else ''."""
-        from tracker_eval.ledger import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         until = self.watch.until_step
         if until is not None:
@@ -195,8 +195,8 @@ class Watcher:
                 return
 
     def _evaluate(self, step: int) -> None:
-        from tracker_eval.checkpoints import CheckpointVanishedError  # noqa: PLC0415
-        from tracker_eval.evaluator import EvalAborted  # noqa: PLC0415
+        from tracker_eval.checkpoints.tree import CheckpointVanishedError  # noqa: PLC0415
+        from tracker_eval.evaluation.evaluator import EvalAborted  # noqa: PLC0415
 
         LOG.info("tracker-eval: evaluating step %d", step)
         renewer = _LeaseRenewer(self, step) if self.primary else None
@@ -231,7 +231,7 @@ class Watcher:
         self.stream.record(result)
 
     def _record_failure(self, step: int, error: Exception) -> None:
-        from tracker_eval.ledger import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         reason = f"{type(error).__name__}: {one_line(error, limit=400)}"
         state = self.ledger.mark_failed(step, reason, owner=self.owner)

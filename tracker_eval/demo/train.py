@@ -1,6 +1,6 @@
 """The demo's training process: trains the digits classifier and writes Orbax checkpoints.
 
-    python -m tracker_eval.demo_train --checkpoint-dir runs/demo/checkpoints --steps 200 --save-every 20
+    python -m tracker_eval.demo.train --checkpoint-dir runs/demo/checkpoints --steps 200 --save-every 20
 
 With `--in-training-config` it also evaluates every other checkpoint itself through
 `InTrainingEvaluation`, sharing the watcher's ledger (the watcher then skips those steps).
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from tracker_eval.logs import configure_logging, quiet_environment  # noqa: PLC0415
 
     quiet_environment()
-    parser = argparse.ArgumentParser(prog="tracker_eval.demo_train")
+    parser = argparse.ArgumentParser(prog="tracker_eval.demo.train")
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=20)

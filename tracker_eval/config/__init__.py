@@ -1,0 +1,34 @@
+"""The run configuration: typed, frozen dataclasses (`schema`) and their strict YAML loader (`load`).
+
+Shared by every stage.
+
+May import: the shared top level only (errors, redact).
+
+    from tracker_eval.config import load_config
+    config = load_config("configs/watch.yaml", overrides=["mesh.data=4"])
+
+Public names: EvalConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
+load_config, validate, policy_name.
+"""
+
+from tracker_eval.config.load import load_config, policy_name, validate
+from tracker_eval.config.schema import (
+    BestConfig,
+    CheckpointConfig,
+    DistributedConfig,
+    EvalConfig,
+    MeshConfig,
+    WatchConfig,
+)
+
+__all__ = [
+    "BestConfig",
+    "CheckpointConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "MeshConfig",
+    "WatchConfig",
+    "load_config",
+    "policy_name",
+    "validate",
+]

@@ -1,0 +1,173 @@
+"""The typed, frozen configuration of one evaluation stream: every field documented where declared.
+
+    config = EvalConfig(checkpoint_dir="/ckpt", model="pkg.m:make", eval_function="pkg.e:fn",
+                        data="pkg.d:make", batch_size=64)
+    config.config_hash()   # which fields change the numbers
+    config.to_dict()       # as trackers record it, secrets masked
+
+`tracker_eval.config.load` builds these from YAML, strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where, inside an Orbax checkpoint, the evaluation finds what it needs."""
+
+    item: str | None = None
+    """Item of a composite checkpoint holding the train state; null = the only item there is."""
+    params: str = "params"
+    """Path (dots or slashes) inside that item to the params subtree."""
+    mutable: tuple[str, ...] = ()
+    """Other collections to restore next to params, e.g. [batch_stats]."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
+
+    data: int = -1
+    """Data-parallel axis: the global batch is split over data x fsdp."""
+    fsdp: int = 1
+    """Fully-sharded axis: batch is split over it and params may be sharded over it."""
+    tensor: int = 1
+    """Tensor-parallel axis for eval functions that shard activations on non-batch axes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BestConfig:
+    """Which metric makes a checkpoint the best so far."""
+
+    metric: str = "loss"
+    """Scalar metric name as returned by the eval function (no prefix)."""
+    mode: str = "min"
+    """min or max."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchConfig:
+    """Settings of `tracker-eval watch`."""
+
+    poll_interval_s: float = 5.0
+    """Seconds between directory listings (the fast path reacts sooner on local disks)."""
+    policy: Any = "all"
+    """all | latest | {every_n_steps: N}: which checkpoints to evaluate."""
+    until_step: int | None = None
+    """Stop once this step is evaluated and delivered (or parked in the outbox after `outbox_wait_s`)."""
+    idle_timeout_s: float | None = None
+    """Stop after this many seconds without a new checkpoint; null = never."""
+    max_attempts: int = 3
+    """Evaluation attempts of a failing (e.g. corrupt) checkpoint before it is given up."""
+    best: BestConfig | None = None
+    """Track the best checkpoint by this metric; null = off."""
+    fast_path: bool = True
+    """React to local filesystem events (inotify) in addition to polling."""
+    lease_ttl_s: float = 30.0
+    """A dead watcher's claim on a checkpoint blocks others for at most this long."""
+    delivery_deadline_s: float = 60.0
+    """Longest a single logger call may take before it counts as failed and is retried later."""
+    outbox_wait_s: float = 60.0
+    """When stopping on until_step or idle_timeout_s: how long results that trackers have not taken
+    yet are waited for before they are left in the outbox for the next run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """JAX distributed runtime; omit the block for a single-process run."""
+
+    auto: bool = False
+    """Let JAX detect the cluster (SLURM, Kubernetes/JobSet, TPU) instead of the fields below."""
+    coordinator_address: str | None = None
+    """host:port of process 0's coordinator."""
+    num_processes: int | None = None
+    """Number of processes in the job."""
+    process_id: int | None = None
+    """This process's index, 0..num_processes-1."""
+    heartbeat_timeout_s: float = 60.0
+    """A peer silent this long is declared lost and the job stops."""
+    initialization_timeout_s: float = 120.0
+    """How long to wait for all peers to join."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation stream: which checkpoints, which model/eval/data, where results go."""
+
+    checkpoint_dir: str
+    """An Orbax CheckpointManager root: <dir>/<step>/..."""
+    model: str
+    """Import path pkg.module:attr of a zero-arg factory -> flax.linen Module, flax.nnx Module or apply_fn."""
+    eval_function: str
+    """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable)."""
+    data: str
+    """Import path of (*, split, batch_size, process_index, process_count, **data_kwargs) -> iterable of batches."""
+    batch_size: int
+    """Global batch size; with N processes each yields its 1/N slice of every global batch."""
+    split: str = "validation"
+    """Data split passed to the data factory."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """What to restore from each checkpoint."""
+    mesh: MeshConfig = MeshConfig()
+    """Device mesh for evaluation."""
+    params_sharding: str = "auto"
+    """auto (fsdp when mesh.fsdp > 1, else replicated) | replicated | fsdp."""
+    finalize: str | None = None
+    """Optional import path of (dict[str, float]) -> dict[str, float] adding derived metrics."""
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments for the model factory."""
+    data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments for the data factory."""
+    seed: int = 0
+    """Seed of the eval rng (folded with the batch index, so every batch gets its own key)."""
+    output_dir: str = "runs/eval"
+    """Where tracker-eval writes its own files (ledger, JSONL, results)."""
+    loggers: tuple[Mapping[str, Any], ...] = ({"type": "console"},)
+    """Logger specs {type: NAME, ...options}; see README's logger reference."""
+    metric_prefix: str = "eval"
+    """Metric keys in trackers are <metric_prefix>/<name>."""
+    watch: WatchConfig = WatchConfig()
+    """Watcher settings."""
+    distributed: DistributedConfig | None = None
+    """JAX distributed runtime settings; null = single process."""
+
+    def config_hash(self) -> str:
+        """Hash of the fields that change the numbers (not mesh, batch size, loggers or paths).
+
+        Exact evaluation gives the same metrics on any mesh and batch size, so a job rescheduled
+        onto another cluster shape keeps its ledger; changing the model, eval function, data or
+        restore paths starts a new stream.
+        """
+        keyed = {
+            "model": self.model,
+            "eval_function": self.eval_function,
+            "data": self.data,
+            "split": self.split,
+            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "finalize": self.finalize,
+            "model_kwargs": dict(self.model_kwargs),
+            "data_kwargs": dict(self.data_kwargs),
+            "seed": self.seed,
+        }
+        blob = json.dumps(keyed, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the config as trackers record it (run config), secrets masked."""
+        from tracker_eval.redact import redact  # noqa: PLC0415
+
+        return redact(_plain(dataclasses.asdict(self)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,23 @@
+"""The ledger: the durable record of each checkpoint step and of which tracker holds its result.
+
+One SQLite file per output directory. `db` (connections, transactions, the stream handle) and
+`schema` (versioned tables) store it; `steps` is the step state machine (claim, record, fail, skip)
+and `reads` its read side; `outbox` tracks delivery per logger; `lease` tells a dead holder;
+`files` keeps per-example arrays and exact JSON beside the file; `best` the best step.
+
+May import: the shared top level and evaluation (EvalResult).
+Public names: Ledger, StepState, LedgerError, LeaseLostError, IllegalTransitionError, make_owner_id.
+"""
+
+from tracker_eval.imports import lazy_exports
+
+_EXPORTS = {
+    "Ledger": "steps",
+    "StepState": "reads",
+    "LedgerError": "db",
+    "LeaseLostError": "db",
+    "IllegalTransitionError": "db",
+    "make_owner_id": "lease",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,105 @@
+"""Reading the step record of a stream: states, stored results, the best step and the status rows.
+
+    ledger.steps(StepState.PENDING)     # [100, 200]
+    ledger.result(100)                  # the stored EvalResult, per-example arrays included
+    ledger.rows()                       # one dict per step, as `tracker-eval status` shows them
+
+`StepReads` is a base of `tracker_eval.ledger.steps.Ledger`; it never writes.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger.best import read_best
+from tracker_eval.ledger.db import LedgerStore, read_snapshot
+from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays
+
+
+class StepState(enum.StrEnum):
+    """The state of one checkpoint step in the ledger."""
+
+    PENDING = "pending"
+    EVALUATING = "evaluating"
+    EVALUATED = "evaluated"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retryable: claim() takes it again
+    GIVEN_UP = "given_up"  # failed max_attempts times; terminal
+    SKIPPED = "skipped"  # terminal
+
+
+_CLAIMABLE = (StepState.PENDING, StepState.FAILED)
+_STORED = (StepState.EVALUATED, StepState.DELIVERED)
+
+
+class StepReads(LedgerStore):
+    """Read-only queries over the steps of one stream."""
+
+    def state(self, step: int) -> StepState | None:
+        """The step's state, or None when the step is unknown."""
+        row = self._row(self._conn(), step)
+        return None if row is None else StepState(row["state"])
+
+    def steps(self, *states: StepState | str) -> list[int]:
+        """Known steps in ascending order, only those in `states` when any are given."""
+        wanted = [StepState(s).value for s in states] or [s.value for s in StepState]
+        marks = ", ".join("?" * len(wanted))
+        rows = self._conn().execute(
+            f"SELECT step FROM steps WHERE stream_id = ? AND state IN ({marks}) ORDER BY step",
+            (self._stream, *wanted),
+        )
+        return [step for (step,) in rows]
+
+    def newest_step(self) -> int | None:
+        """The highest known step, whatever its state, or None when no step is known."""
+        (newest,) = self._conn().execute(
+            "SELECT MAX(step) FROM steps WHERE stream_id = ?", (self._stream,)
+        ).fetchone()
+        return newest
+
+
+    def result(self, step: int) -> EvalResult | None:
+        """The stored result of a step, per-example arrays included, or None when none is stored."""
+        row = self._row(self._conn(), step)
+        if row is None or row["result_json"] is None:
+            return None
+        arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
+        return decode_result(row["result_json"], per_example=arrays)
+
+    def best(self) -> tuple[int, float] | None:
+        """The best step so far and its value of `best_metric` (NaN ignored), or None."""
+        return read_best(self._conn(), self._stream)
+
+    # Status.
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars)
+        and deliveries (``{logger: "pending" | "delivered"}``)."""
+        conn = self._conn()
+        with read_snapshot(conn):
+            steps = conn.execute(
+                "SELECT step, state, reason, attempts, owner, result_json FROM steps "
+                "WHERE stream_id = ? ORDER BY step",
+                (self._stream,),
+            ).fetchall()
+            outbox = conn.execute(
+                "SELECT step, logger, state FROM outbox WHERE stream_id = ? ORDER BY logger", (self._stream,)
+            ).fetchall()
+        deliveries: dict[int, dict[str, str]] = {}
+        for step, logger, state in outbox:
+            deliveries.setdefault(step, {})[logger] = state
+        return [
+            {
+                "step": step,
+                "state": StepState(state),
+                "reason": reason,
+                "attempts": attempts,
+                "owner": owner,
+                "metrics": {} if payload is None else decoded_metrics(payload),
+                "deliveries": deliveries.get(step, {}),
+            }
+            for step, state, reason, attempts, owner, payload in steps
+        ]
+

@@ -1,0 +1,115 @@
+"""The ledger file's versioned schema and its in-place migration.
+
+    migrate(conn, path)   # brings an older file up to SCHEMA_VERSION under the write lock
+
+A new version appends its statements to `_MIGRATIONS`; an existing ledger is migrated when opened,
+and a file written by a newer tracker-eval is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+class SchemaError(RuntimeError):
+    """The ledger file was written by a newer tracker-eval."""
+
+
+SCHEMA_VERSION = 1
+
+# Version N's statements turn a version N-1 file into version N; a new version appends here so
+# that an existing ledger file is migrated in place when it is opened.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE streams (
+      stream_id INTEGER PRIMARY KEY,
+      checkpoint_dir TEXT NOT NULL,
+      config_hash TEXT NOT NULL,
+      best_metric TEXT,
+      best_mode TEXT,
+      best_step INTEGER,
+      best_value REAL,
+      UNIQUE (checkpoint_dir, config_hash)
+    );
+    CREATE TABLE steps (
+      stream_id INTEGER NOT NULL REFERENCES streams (stream_id),
+      step INTEGER NOT NULL,
+      state TEXT NOT NULL CHECK (state IN
+        ('pending', 'evaluating', 'evaluated', 'delivered', 'failed', 'given_up', 'skipped')),
+      reason TEXT,
+      attempts INTEGER NOT NULL DEFAULT 0,
+      owner TEXT,
+      lease_expires_at REAL,
+      result_json TEXT,
+      arrays_path TEXT,
+      updated_at REAL NOT NULL,
+      PRIMARY KEY (stream_id, step),
+      CHECK ((state = 'evaluating') = (owner IS NOT NULL)),
+      CHECK ((state IN ('evaluated', 'delivered')) = (result_json IS NOT NULL))
+    );
+    CREATE TABLE outbox (
+      stream_id INTEGER NOT NULL,
+      step INTEGER NOT NULL,
+      logger TEXT NOT NULL,
+      state TEXT NOT NULL CHECK (state IN ('pending', 'delivered')),
+      attempts INTEGER NOT NULL DEFAULT 0,
+      next_attempt_at REAL NOT NULL,
+      last_error TEXT,
+      delivered_at REAL,
+      PRIMARY KEY (stream_id, step, logger),
+      FOREIGN KEY (stream_id, step) REFERENCES steps (stream_id, step)
+    );
+    CREATE INDEX outbox_due ON outbox (stream_id, logger, state, step);
+    CREATE TABLE leases (
+      stream_id INTEGER NOT NULL,
+      name TEXT NOT NULL,
+      owner TEXT NOT NULL,
+      expires_at REAL NOT NULL,
+      PRIMARY KEY (stream_id, name)
+    );
+    CREATE TABLE run_state (
+      stream_id INTEGER NOT NULL,
+      logger TEXT NOT NULL,
+      state_json TEXT NOT NULL,
+      PRIMARY KEY (stream_id, logger)
+    );
+    CREATE TABLE meta (
+      stream_id INTEGER NOT NULL,
+      key TEXT NOT NULL,
+      value TEXT NOT NULL,
+      updated_at REAL NOT NULL,
+      PRIMARY KEY (stream_id, key)
+    );
+    """,
+}
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Upgrades the file to `SCHEMA_VERSION` in one transaction (a no-op when it is current).
+
+    Raises:
+      SchemaError: the file has a newer schema than this version understands.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the ledger {path} has schema version {version}, newer than this tracker-eval "
+                f"understands ({SCHEMA_VERSION}); upgrade tracker-eval or use another output_dir"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

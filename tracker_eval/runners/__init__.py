@@ -1,0 +1,22 @@
+"""Runners: what puts the stages together and runs them, as a command or inside training.
+
+`pipeline` (config -> restored params -> EvalResult), `stream` (ledger, loggers and delivery of one
+stream on process 0), `delivery` (outbox worker threads), `watcher` (`tracker-eval watch`),
+`in_training` (InTrainingEvaluation), `status` (`tracker-eval status`), `distributed` (JAX runtime
+start-up, process-0 decisions, peer monitor).
+
+May import: every stage below (checkpoints, evaluation, ledger, loggers) and the shared top level.
+Public names: Pipeline, Watcher, InTrainingEvaluation, PrimaryStream, collect_status.
+"""
+
+from tracker_eval.imports import lazy_exports
+
+_EXPORTS = {
+    "Pipeline": "pipeline",
+    "Watcher": "watcher",
+    "InTrainingEvaluation": "in_training",
+    "PrimaryStream": "stream",
+    "collect_status": "status",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
