@@ -28,6 +28,7 @@ from tracker_eval.evaluation import activity, transfer, xlstm_format
 from tracker_eval.evaluation import batches as batches_lib
 from tracker_eval.evaluation import metrics as metric_lib
 from tracker_eval.evaluation import step as step_lib
+from tracker_eval.evaluation.cache import CachedData
 from tracker_eval.evaluation.models import ModelAdapter, adapt_model
 from tracker_eval.evaluation.result import EvalResult, runtime_provenance
 from tracker_eval.evaluation.sharding import BatchPlacer, place_params, put_replicated
@@ -225,7 +226,11 @@ class ExtendedEvaluation:
         traces_before = self.trace_count
         accumulator = None
         rows_out = transfer.RowStream(lag=self.max_in_flight + 2)
-        placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
+        if isinstance(data_loader, CachedData):  # the eval set may be replayed from a BatchCache
+            placed = data_loader.placed(self.placer, depth=self.prefetch_depth)
+            self._context["data_from_cache"] = data_loader.replayed
+        else:
+            placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
         batches = batches_lib.progress(placed, mode=mode, show=self.progress)
         in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
@@ -292,7 +297,7 @@ class ExtendedEvaluation:
         scalars = {k: v for k, v in final_metrics.items() if not isinstance(v, np.ndarray)}
         per_example = {k: v for k, v in final_metrics.items() if isinstance(v, np.ndarray)}
         provenance = {**self.base_provenance(), **self._context.get("provenance", {})}
-        for key in ("eval_wall_s", "batches", "step_compiles"):
+        for key in ("eval_wall_s", "batches", "step_compiles", "data_from_cache"):
             if key in self._context:
                 provenance[key] = self._context[key]
         self.last_result = EvalResult(
