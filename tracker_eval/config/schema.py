@@ -108,7 +108,8 @@ class EvalConfig:
     model: str
     """Import path pkg.module:attr of a zero-arg factory -> flax.linen Module, flax.nnx Module or apply_fn."""
     eval_function: str
-    """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable)."""
+    """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable); xlstm-jax's
+    {"value", "count"} metrics and scalars are accepted too."""
     data: str
     """Import path of (*, split, batch_size, process_index, process_count, **data_kwargs) -> iterable of batches."""
     batch_size: int
