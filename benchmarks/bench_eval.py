@@ -3,9 +3,10 @@
 The bound: the same model and eval function under a plain `jax.jit`, sums kept on device, over the
 same pre-sharded batches, with nothing around it. `eval_model` is timed with pre-sharded batches
 and with host numpy batches that it must place and prefetch itself. A forward-only loop and the
-naive baseline (per-batch `jax.device_get`, host accumulation) are printed for reference. The
-compile count comes from JAX's backend-compile events over a fresh evaluation with a short last
-batch.
+naive baseline (per-batch `jax.device_get`, host accumulation) are printed for reference. The same
+metrics written in xlstm-jax's format ({"value", "count"} sums, evaluated row by row) are timed
+against the `Mean` path. The compile counts come from JAX's backend-compile events over a fresh
+evaluation with a short last batch.
 Medians over interleaved repeats; 8 fake CPU devices (`make bench` sets XLA_FLAGS).
 """
 
@@ -31,6 +32,21 @@ def _batches() -> list[dict[str, np.ndarray]]:
     data = lm.sequences("validation", seq_len=SEQ)
     rows = np.resize(np.arange(len(data["inputs"])), BATCH * BATCHES)
     return [{k: v[rows[i * BATCH:(i + 1) * BATCH]] for k, v in data.items()} for i in range(BATCHES)]
+
+
+def xlstm_eval_function(params, apply_fn, batch, rng):
+    """`lm.eval_function`'s metrics as xlstm-jax returns them: sums with counts, per-sequence rows."""
+    del rng
+    logits = apply_fn({"params": params}, batch["inputs"])
+    mask = batch["mask"].astype(jnp.float32)
+    losses = lm.token_losses(logits, batch["targets"])
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    per_sequence = jnp.sum(losses * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+    return {
+        "loss": {"value": jnp.sum(losses * mask), "count": jnp.sum(mask)},
+        "token_accuracy": {"value": jnp.sum(correct * mask), "count": jnp.sum(mask)},
+        "sequence_loss": {"value": per_sequence, "count": per_sequence.shape[0], "log_modes": ("single_noreduce",)},
+    }, None
 
 
 def _time(fn) -> float:
@@ -91,7 +107,7 @@ def make_partials_bound(params, model, rng, sharded, shards: int):
     return bound
 
 
-def count_step_compiles(model, mesh, params, host) -> int:
+def count_step_compiles(model, mesh, params, host, eval_function=lm.eval_function) -> int:
     """XLA compiles of the eval step over a fresh evaluation whose last batch is short, counted
     from JAX's own backend-compile events (not from tracing)."""
     names: list[str] = []
@@ -102,7 +118,7 @@ def count_step_compiles(model, mesh, params, host) -> int:
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
-        fresh = ExtendedEvaluation(model=model, mesh=mesh, batch_size=BATCH, eval_function=lm.eval_function,
+        fresh = ExtendedEvaluation(model=model, mesh=mesh, batch_size=BATCH, eval_function=eval_function,
                                    finalize_fn=lm.finalize, progress=False)
         fresh.set_state(EvalState.create(apply_fn=model.apply, params=params))
         short = {k: v[: BATCH // 3] for k, v in host[0].items()}
@@ -159,17 +175,24 @@ def run() -> dict[str, float]:
     def ours_host():
         evaluation.eval_model(host)
 
+    xlstm = ExtendedEvaluation(model=model, mesh=mesh, batch_size=BATCH, eval_function=xlstm_eval_function,
+                               finalize_fn=lm.finalize, progress=False)
+    xlstm.set_state(state)
+
+    def xlstm_sharded():
+        xlstm.eval_model(sharded)
+
     runs = {"bound": bound, "partials_bound": partials_bound, "forward": forward, "naive": naive,
-            "sharded": ours_sharded, "host": ours_host}
+            "sharded": ours_sharded, "host": ours_host, "xlstm": xlstm_sharded}
     for fn in runs.values():  # compile and warm every path once
         fn()
-    traces_before = evaluation.trace_count
+    traces_before = evaluation.trace_count + xlstm.trace_count
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(REPEATS):
         for name, fn in runs.items():
             times[name].append(_time(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    assert evaluation.trace_count == traces_before, "the timed evaluations recompiled the eval step"
+    assert evaluation.trace_count + xlstm.trace_count == traces_before, "the timed evaluations recompiled"
     examples = BATCH * BATCHES
     print(f"  median seconds over {REPEATS} repeats of {BATCHES} batches of {BATCH}x{SEQ} tokens: "
           + ", ".join(f"{k}={v:.3f}" for k, v in med.items()))
@@ -180,6 +203,8 @@ def run() -> dict[str, float]:
         "eval_vs_naive_ratio": med["naive"] / med["sharded"],
         "eval_vs_forward_ratio": med["forward"] / med["sharded"],
         "eval_step_compiles": float(count_step_compiles(model, mesh, params, host)),
+        "eval_xlstm_format_cost_ratio": med["xlstm"] / med["sharded"],
+        "eval_xlstm_format_step_compiles": float(count_step_compiles(model, mesh, params, host, xlstm_eval_function)),
         "eval_examples_per_s": examples / med["sharded"],
         "eval_examples_per_s_host": examples / med["host"],
         "bound_examples_per_s": examples / med["bound"],

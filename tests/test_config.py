@@ -45,6 +45,7 @@ def test_defaults_match_the_documented_contract(tmp_path):
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (-1, 1, 1)
     assert config.output_dir == "runs/eval"
     assert [dict(s) for s in config.loggers] == [{"type": "console"}]
+    assert config.cache == "host" and config.cache_max_mb == 1024
 
 
 def test_overrides_with_nested_keys_and_yaml_values(tmp_path):
@@ -72,6 +73,8 @@ def test_environment_interpolation_for_secrets(tmp_path, monkeypatch):
         ("", ["mesh.data=-1", "mesh.fsdp=-1"], r"at most one mesh axis may be -1"),
         ("", ["params_sharding=diagonal"], r"params_sharding 'diagonal' is not one of auto, replicated, fsdp"),
         ("", ["nonsense"], r"override 'nonsense' is not key=value"),
+        ("", ["cache=disk"], r"cache 'disk' is not one of host, device, none"),
+        ("", ["cache_max_mb=0"], r"cache_max_mb must be > 0, got 0.0; to turn the cache off set cache: none"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_key_and_choices(tmp_path, extra, overrides, message):

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from reference import restored_params, validation_metrics
 from watcher_harness import ledger_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,8 +120,14 @@ def test_two_process_watch_evaluates_and_delivers_each_checkpoint_once(tmp_path,
     assert [rc for rc, _, _ in outs] == [0, 0], outs
     rows = _ledger_rows(tmp_path / "out")
     assert rows == [(10, "delivered", 1), (20, "delivered", 1), (30, "delivered", 1)]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 20, 30]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    # Each process read its slice of the eval set once and replayed it for the later steps.
+    assert [r["provenance"]["data_from_cache"] for r in records] == [False, True, True]
+    for record in records:
+        losses, accuracy = validation_metrics(restored_params(checkpoints, record["step"]))
+        assert record["metrics"]["loss"] == pytest.approx(losses.mean(), rel=1e-5)
+        assert record["metrics"]["accuracy"] == pytest.approx(accuracy, rel=1e-6)
 
 
 @pytest.mark.parametrize("victim", [1, 0])  # 0 also hosts the coordinator and holds the ledger

@@ -88,7 +88,8 @@ def write_config(
       root: directory of the config; checkpoints default to ``root/ckpts``, output to ``root/out``.
       watch: the ``watch:`` block.
       loggers: logger specs.
-      delay_s: per-batch delay of the eval data (0 = the plain classification data).
+      delay_s: per-batch delay of the eval data on every evaluation (cache off; 0 = the plain
+        classification data, cached).
       checkpoint_dir: overrides ``root/ckpts``.
       output_dir: overrides ``root/out``.
       name: file name of the config.
@@ -109,6 +110,9 @@ def write_config(
     if delay_s:
         config["data"] = "watcher_harness:slow_eval_data"
         config["data_kwargs"] = {"delay_s": delay_s}
+        # Slow on every evaluation, as tests that act mid-evaluation need: the default host cache
+        # would replay the second and later evaluations at once.
+        config["cache"] = "none"
     path = root / name
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

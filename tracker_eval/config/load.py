@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker_eval.config.schema import EvalConfig
+from tracker_eval.config.schema import CACHE_MODES, EvalConfig
 from tracker_eval.errors import ConfigError, one_line
 
 REQUIRED_KEYS = ("checkpoint_dir", "model", "eval_function", "data", "batch_size")
@@ -100,6 +100,10 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(
             f"params_sharding {config.params_sharding!r} is not one of {', '.join(PARAMS_SHARDINGS)}"
         )
+    if config.cache not in CACHE_MODES:
+        raise ConfigError(f"cache {config.cache!r} is not one of {', '.join(CACHE_MODES)}")
+    if not config.cache_max_mb > 0:
+        raise ConfigError(f"cache_max_mb must be > 0, got {config.cache_max_mb}; to turn the cache off set cache: none")
     policy_name(config.watch.policy)
     if config.watch.best is not None and config.watch.best.mode not in ("min", "max"):
         raise ConfigError(f"watch.best.mode {config.watch.best.mode!r} is not one of min, max")

@@ -16,6 +16,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+CACHE_MODES = ("host", "device", "none")
+"""Values of `EvalConfig.cache`."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -105,7 +108,8 @@ class EvalConfig:
     model: str
     """Import path pkg.module:attr of a zero-arg factory -> flax.linen Module, flax.nnx Module or apply_fn."""
     eval_function: str
-    """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable)."""
+    """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable); xlstm-jax's
+    {"value", "count"} metrics and scalars are accepted too."""
     data: str
     """Import path of (*, split, batch_size, process_index, process_count, **data_kwargs) -> iterable of batches."""
     batch_size: int
@@ -124,6 +128,11 @@ class EvalConfig:
     """Keyword arguments for the model factory."""
     data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Extra keyword arguments for the data factory."""
+    cache: str = "host"
+    """host | device | none: keep the prepared eval batches between checkpoints in host memory, on the
+    devices (already sharded), or not at all; host and device hold only while the set fits in cache_max_mb."""
+    cache_max_mb: float = 1024.0
+    """Largest eval set (this process's share, padded) the cache keeps; a larger one is read again per checkpoint."""
     seed: int = 0
     """Seed of the eval rng (folded with the batch index, so every batch gets its own key)."""
     output_dir: str = "runs/eval"

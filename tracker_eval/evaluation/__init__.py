@@ -1,10 +1,11 @@
 """Evaluation: the jitted, sharded evaluation of one state over an eval set, and its result.
 
-`state` (EvalState), `metrics` (metric kinds, device accumulation, host finalize), `models` (linen,
-nnx or apply_fn behind one call), `sharding` (mesh, batch placement with padding and mask),
-`batches` (placement ahead of the step, progress), `step` (the eval step and its accumulators),
-`evaluator` (ExtendedEvaluation), `transfer` (device-to-host, gathers across processes), `result`
-(EvalResult), `activity` (tracker work yields to a running evaluation).
+`state` (EvalState), `metrics` (metric kinds, device accumulation, host finalize), `xlstm_format`
+(xlstm-jax's {"value", "count"} metrics, evaluated row by row), `models` (linen, nnx or apply_fn
+behind one call), `sharding` (mesh, batch placement with padding and mask), `batches` (placement
+ahead of the step, progress), `cache` (the eval set kept across evaluations), `step` (the eval step
+and its accumulators), `evaluator` (ExtendedEvaluation), `transfer` (device-to-host, gathers across
+processes), `result` (EvalResult), `activity` (tracker work yields to a running evaluation).
 
 May import: the shared top level only (config, errors, imports, logs, kvstore).
 Public names: EvalState, ExtendedEvaluation, EvalResult, EvalError, EvalAborted, make_mesh.

@@ -14,7 +14,7 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -82,7 +82,8 @@ def placed_batches(data_loader: Iterable[Any], place: Callable[[Any], T], *, dep
     except StopIteration:
         return iter(())
     chained = itertools.chain([first], iterator)
-    if isinstance(first, Mapping) and first and all(isinstance(v, jax.Array) for v in first.values()):
+    leaves = jax.tree.leaves(first)
+    if leaves and all(isinstance(v, jax.Array) for v in leaves):
         return map(place, chained)
     return prefetch(chained, place, depth=depth)
 

@@ -24,10 +24,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from tracker_eval.evaluation import activity, transfer
+from tracker_eval.evaluation import activity, transfer, xlstm_format
 from tracker_eval.evaluation import batches as batches_lib
 from tracker_eval.evaluation import metrics as metric_lib
 from tracker_eval.evaluation import step as step_lib
+from tracker_eval.evaluation.cache import CachedData
 from tracker_eval.evaluation.models import ModelAdapter, adapt_model
 from tracker_eval.evaluation.result import EvalResult, runtime_provenance
 from tracker_eval.evaluation.sharding import BatchPlacer, place_params, put_replicated
@@ -35,7 +36,7 @@ from tracker_eval.evaluation.state import EvalState
 
 LOG = logging.getLogger(__name__)
 
-EvalFunction = Callable[[Any, Callable[..., Any], Mapping[str, Any], jax.Array], tuple[Mapping[str, Any], Any]]
+EvalFunction = Callable[[Any, Callable[..., Any], Any, jax.Array], tuple[Mapping[str, Any], Any]]
 ResultListener = Callable[[EvalResult], None]
 
 
@@ -63,7 +64,7 @@ class ExtendedEvaluation:
         eval_function: EvalFunction | None = None,
         finalize_fn: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
         params_sharding: str = "auto",
-        exemplary_batch: Mapping[str, Any] | None = None,
+        exemplary_batch: Any = None,
         listeners: Iterable[ResultListener] = (),
         progress: bool | None = None,
         prefetch_depth: int = 2,
@@ -75,7 +76,8 @@ class ExtendedEvaluation:
           model: a `ModelAdapter` or anything `adapt_model` accepts (linen/nnx Module, apply_fn).
           mesh: the (data, fsdp, tensor) mesh.
           batch_size: global batch size.
-          eval_function: (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable).
+          eval_function: (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable); metrics may
+            also be xlstm-jax's {"value", "count"} dicts or scalars (`xlstm_format`), batches any pytree.
           finalize_fn: adds derived metrics from the scalar ones (e.g. perplexity = exp(loss)).
           params_sharding: auto | replicated | fsdp placement of params on the mesh.
           exemplary_batch: a host batch for shape inference; else the first batch is used.
@@ -104,22 +106,23 @@ class ExtendedEvaluation:
         self._kinds: dict[str, str] | None = None
         self._eval_metric_shapes: Any = None
         self._context: dict[str, Any] = {}
+        self._reader = xlstm_format.MetricReader()
         self.exmp_batch = (
             None if exemplary_batch is None else self.create_modified_exemplary_batch(exemplary_batch)
         )
         self.create_jitted_functions()
 
-    def create_modified_exemplary_batch(self, exmp_batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    def create_modified_exemplary_batch(self, exmp_batch: Any) -> Any:
         """Hook to add eval-only fields to the exemplary batch; returns it unchanged by default."""
         return exmp_batch
 
     def eval_function(
-        self, params: Any, apply_fn: Callable[..., Any], batch: Mapping[str, Any], rng: jax.Array
+        self, params: Any, apply_fn: Callable[..., Any], batch: Any, rng: jax.Array
     ) -> tuple[Mapping[str, Any], Any]:
         """Computes the metrics of one batch; override in a subclass or pass `eval_function`.
 
         Returns:
-          (dict of `tracker_eval.metrics` kinds, mutable variables or None).
+          (dict of `tracker_eval.metrics` kinds or xlstm-jax metrics, mutable variables or None).
         """
         if self._eval_fn is None:
             raise NotImplementedError("pass eval_function=... or override ExtendedEvaluation.eval_function")
@@ -143,13 +146,11 @@ class ExtendedEvaluation:
                                         on_trace=traced)
 
     def _batch_metrics(self, params: Any, mutable: Any, batch: Any, rng: jax.Array) -> Mapping[str, Any]:
-        out = self.eval_function(params, self.adapter.bind(mutable), batch, rng)
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError("eval_function must return a pair (metrics dict, mutable variables or None)")
-        return metric_lib.check_metrics(out[0])
+        apply_fn = self.adapter.bind(mutable)
+        return self._reader(lambda rows: self.eval_function(params, apply_fn, rows, rng), batch)
 
     def init_eval_metrics(
-        self, batch: Mapping[str, Any] | None = None, alternative_eval_step: Callable[..., Any] | None = None
+        self, batch: Any = None, alternative_eval_step: Callable[..., Any] | None = None
     ) -> dict[str, dict[str, jax.Array]]:
         """Zero accumulators, shapes from `jax.eval_shape` (no compile, no extra step).
 
@@ -203,9 +204,7 @@ class ExtendedEvaluation:
             final.update(self.finalize_fn(dict(scalars)))
         return final
 
-    def eval_model(
-        self, data_loader: Iterable[Mapping[str, Any]], mode: str = "test", epoch_idx: int = 0
-    ) -> dict[str, Any]:
+    def eval_model(self, data_loader: Iterable[Any], mode: str = "test", epoch_idx: int = 0) -> dict[str, Any]:
         """Evaluates the current state over `data_loader` and returns the final metrics.
 
         Calls `on_extended_evaluation_start` before and `on_extended_evaluation_end` after.
@@ -221,13 +220,17 @@ class ExtendedEvaluation:
         self.on_extended_evaluation_end(final)
         return final
 
-    def _eval_batches(self, data_loader: Iterable[Mapping[str, Any]], *, mode: str, epoch_idx: int) -> dict[str, Any]:
+    def _eval_batches(self, data_loader: Iterable[Any], *, mode: str, epoch_idx: int) -> dict[str, Any]:
         state = self._require_state()
         start = time.perf_counter()
         traces_before = self.trace_count
         accumulator = None
         rows_out = transfer.RowStream(lag=self.max_in_flight + 2)
-        placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
+        if isinstance(data_loader, CachedData):  # the eval set may be replayed from a BatchCache
+            placed = data_loader.placed(self.placer, depth=self.prefetch_depth)
+            self._context["data_from_cache"] = data_loader.replayed
+        else:
+            placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
         batches = batches_lib.progress(placed, mode=mode, show=self.progress)
         in_flight: collections.deque[jax.Array] = collections.deque()
         count = 0
@@ -260,7 +263,7 @@ class ExtendedEvaluation:
     def evaluate(
         self,
         state: EvalState,
-        data_loader: Iterable[Mapping[str, Any]],
+        data_loader: Iterable[Any],
         *,
         checkpoint: str = "",
         provenance: Mapping[str, Any] | None = None,
@@ -294,7 +297,7 @@ class ExtendedEvaluation:
         scalars = {k: v for k, v in final_metrics.items() if not isinstance(v, np.ndarray)}
         per_example = {k: v for k, v in final_metrics.items() if isinstance(v, np.ndarray)}
         provenance = {**self.base_provenance(), **self._context.get("provenance", {})}
-        for key in ("eval_wall_s", "batches", "step_compiles"):
+        for key in ("eval_wall_s", "batches", "step_compiles", "data_from_cache"):
             if key in self._context:
                 provenance[key] = self._context[key]
         self.last_result = EvalResult(

@@ -68,6 +68,14 @@ class PerExample(Metric):
     """Un-reduced values: one row per real example, returned in dataset order."""
 
 
+@struct.dataclass
+class Ratio(Metric):
+    """sum(values) / sum(counts) over all real elements: how xlstm-jax's {"value", "count"} sums
+    reduce (see `tracker_eval.evaluation.xlstm_format`). `counts` broadcasts against `values`."""
+
+    counts: jax.Array
+
+
 def two_sum_add(acc: jax.Array, value: jax.Array) -> jax.Array:
     """Adds `value` to compensated accumulators `acc` of shape (..., 2) = (high, low).
 
@@ -117,7 +125,7 @@ def init_state(metric: Metric, *, shards: int = 1) -> dict[str, np.ndarray]:
       shards: batch shards of the mesh (data x fsdp); every part keeps one partial per shard.
     """
     # Distinct arrays per part: the accumulator is donated, and one buffer may be donated once.
-    if isinstance(metric, Mean):
+    if isinstance(metric, (Mean, Ratio)):
         return {"sum": np.zeros((shards, 2), np.float32), "weight": np.zeros((shards, 2), np.float32)}
     if isinstance(metric, Sum):
         return {"sum": np.zeros((shards, 2), np.float32)}
@@ -152,6 +160,13 @@ def update_state(state: dict[str, jax.Array], metric: Metric, mask: jax.Array) -
             "sum": two_sum_add(state["sum"], _per_shard(weighted, shards, jnp.sum)),
             "weight": two_sum_add(state["weight"], _per_shard(weights, shards, jnp.sum)),
         }
+    if isinstance(metric, Ratio):
+        counts = jnp.broadcast_to(jnp.asarray(metric.counts, jnp.float32), values.shape)
+        summed = jnp.where(real, values.astype(jnp.float32), 0.0)
+        return {
+            "sum": two_sum_add(state["sum"], _per_shard(summed, shards, jnp.sum)),
+            "weight": two_sum_add(state["weight"], _per_shard(jnp.where(real, counts, 0.0), shards, jnp.sum)),
+        }
     if isinstance(metric, Sum):
         summed = _per_shard(jnp.where(real, values.astype(jnp.float32), 0.0), shards, jnp.sum)
         return {"sum": two_sum_add(state["sum"], summed)}
@@ -176,9 +191,12 @@ def check_metrics(metrics: Any) -> Mapping[str, Metric]:
         )
     for name, metric in metrics.items():
         if not isinstance(metric, Metric):
+            shape = getattr(metric, "shape", None)
+            what = f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(metric).__name__}"
             raise TypeError(
-                f"eval_function metric {name!r} is a {type(metric).__name__}; wrap it in "
-                "tracker_eval.metrics.Mean, Sum, Max, Min or PerExample"
+                f"eval_function metric {name!r} is {what}; wrap it in "
+                "tracker_eval.metrics.Mean, Sum, Max, Min or PerExample, or return it the xlstm-jax way: "
+                '{"value": sum, "count": n} or a scalar'
             )
     return metrics
 
@@ -214,7 +232,7 @@ def merge_host(kind: str, old: Mapping[str, Any] | None, new: Mapping[str, Any])
     """Merges two host accumulators of one metric (e.g. over data loaders or processes)."""
     if old is None or not old:
         return dict(new)
-    if kind in ("Mean", "Sum"):
+    if kind in ("Mean", "Ratio", "Sum"):
         return {part: old[part] + new[part] for part in new}
     if kind == "Max":
         return {"max": max(old["max"], new["max"])}
@@ -225,7 +243,7 @@ def merge_host(kind: str, old: Mapping[str, Any] | None, new: Mapping[str, Any])
 
 def finalize_value(kind: str, state: Mapping[str, Any]) -> float:
     """A host accumulator's final number; the mean of nothing is NaN, not an error."""
-    if kind == "Mean":
+    if kind in ("Mean", "Ratio"):
         return state["sum"] / state["weight"] if state["weight"] else float("nan")
     if kind == "Sum":
         return state["sum"]

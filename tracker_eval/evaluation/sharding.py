@@ -12,7 +12,6 @@ the next multiple instead of failing, and the padding rows are masked out of eve
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -162,21 +161,42 @@ class BatchPlacer:
         self.batch_size = global_batch_size
         self._full_mask: jax.Array | None = None
 
-    def place(self, batch: Mapping[str, Any]) -> tuple[dict[str, jax.Array], jax.Array, np.ndarray]:
+    def place(self, batch: Any) -> tuple[Any, jax.Array, np.ndarray]:
         """Returns (global batch, device example mask, this process's host mask) for one batch.
+
+        `batch` is any pytree of arrays with the batch axis first: a dict, a flax struct dataclass,
+        a tuple. The global batch has the same structure.
 
         Raises:
           ValueError: when the batch has more rows than this process's slice, or ragged arrays.
         """
-        if not isinstance(batch, Mapping) or not batch:
-            raise ValueError(f"data must yield non-empty dicts of arrays, got {type(batch).__name__}")
-        if all(isinstance(v, jax.Array) and v.shape[:1] == (self.global_rows,) for v in batch.values()):
+        if self.is_placed(batch):
             # Already global and full: placed by the caller, nothing to copy or mask.
-            placed = {k: v if v.sharding.is_equivalent_to(self.sharding, v.ndim) else jax.device_put(v, self.sharding)
-                      for k, v in batch.items()}
+            placed = jax.tree.map(
+                lambda v: v if v.sharding.is_equivalent_to(self.sharding, v.ndim) else jax.device_put(v, self.sharding),
+                batch,
+            )
             return placed, self.full_mask(), np.ones(self.local_rows, bool)
-        arrays = {k: np.asarray(v) for k, v in batch.items()}
-        rows = {k: a.shape[0] if a.ndim else None for k, a in arrays.items()}
+        return self.to_device(*self.pad(batch))
+
+    def is_placed(self, batch: Any) -> bool:
+        """Whether every leaf is already a global device array of the full padded batch."""
+        leaves = jax.tree.leaves(batch)
+        return bool(leaves) and all(isinstance(v, jax.Array) and v.shape[:1] == (self.global_rows,) for v in leaves)
+
+    def pad(self, batch: Any) -> tuple[Any, np.ndarray]:
+        """This process's host arrays padded to its slice of the global batch, and its row mask.
+
+        Raises:
+          ValueError: an empty batch, ragged leading axes, or more rows than this process's slice.
+        """
+        paths_leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+        if not paths_leaves:
+            raise ValueError(
+                f"data must yield non-empty batches of arrays (a dict, dataclass or tuple), got {type(batch).__name__}"
+            )
+        arrays = jax.tree.map(np.asarray, batch)
+        rows = {jax.tree_util.keystr(path): np.shape(leaf)[0] if np.ndim(leaf) else None for path, leaf in paths_leaves}
         counts = set(rows.values())
         if len(counts) != 1 or None in counts:
             raise ValueError(f"batch arrays must share their leading (batch) axis, got leading sizes {rows}")
@@ -186,17 +206,16 @@ class BatchPlacer:
                 f"data yielded a batch of {n} rows but this process's slice of batch_size="
                 f"{self.batch_size} is at most {self.local_rows}; yield batch_size // process_count rows"
             )
-        mask = np.arange(self.local_rows) < n
-        padded = {k: _pad_rows(a, self.local_rows) for k, a in arrays.items()}
-        return self._to_global(padded), self._to_global_one(mask), mask
+        return jax.tree.map(lambda a: _pad_rows(a, self.local_rows), arrays), np.arange(self.local_rows) < n
+
+    def to_device(self, padded: Any, host_mask: np.ndarray) -> tuple[Any, jax.Array, np.ndarray]:
+        """(global batch, device mask, host mask) from this process's padded host arrays."""
+        return jax.tree.map(self._to_global_one, padded), self._to_global_one(host_mask), host_mask
 
     def full_mask(self) -> jax.Array:
         if self._full_mask is None:
             self._full_mask = self._to_global_one(np.ones(self.local_rows, bool))
         return self._full_mask
-
-    def _to_global(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: self._to_global_one(a) for k, a in arrays.items()}
 
     def _to_global_one(self, local: np.ndarray) -> jax.Array:
         if jax.process_count() == 1:

@@ -32,7 +32,8 @@ def build_eval_step(
     """The un-jitted step `(params, mutable, metrics, batch, mask, rng) -> (metrics, rows, done)`.
 
     Args:
-      batch_metrics: (params, mutable, batch, rng) -> dict of metric kinds for one batch.
+      batch_metrics: (params, mutable, batch, rng) -> dict of metric kinds for one batch (any
+        pytree batch).
       mesh: the eval mesh.
       shards: batch shards of the mesh (data x fsdp).
       on_trace: called each time the step is traced (counts compilations).
@@ -43,7 +44,7 @@ def build_eval_step(
         params: Any,
         mutable: Any,
         metrics: dict[str, dict[str, jax.Array]],
-        batch: Mapping[str, jax.Array],
+        batch: Any,
         mask: jax.Array,
         rng: jax.Array,
     ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array], jax.Array]:

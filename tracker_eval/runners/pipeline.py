@@ -6,7 +6,8 @@ evaluation once, then evaluate checkpoints (or live states) one after another.
     result = pipeline.evaluate_state(state, checkpoint="in-training")   # no restore
 
 The watcher, `tracker-eval eval` and `InTrainingEvaluation` all evaluate through this class, so
-they share one compiled step and one definition of provenance.
+they share one compiled step, one definition of provenance and one cache of the eval set (`cache`:
+the data factory runs once per process, not once per checkpoint, while the set fits).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.evaluation.cache import BatchCache, CachedData
 from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
 from tracker_eval.evaluation.models import adapt_model
 from tracker_eval.evaluation.result import EvalResult
@@ -34,7 +36,7 @@ class Components:
 
     model_factory: Callable[..., Any]
     eval_function: Callable[..., Any]
-    data_factory: Callable[..., Iterable[Mapping[str, Any]]]
+    data_factory: Callable[..., Iterable[Any]]
     finalize: Callable[[dict[str, float]], Mapping[str, float]] | None
 
     @classmethod
@@ -78,9 +80,13 @@ class Pipeline:
             progress=progress,
         )
         self.config_hash = config.config_hash()
+        self.cache = BatchCache(mode=config.cache, max_mb=config.cache_max_mb)
 
-    def data(self) -> Iterable[Mapping[str, Any]]:
-        """This process's slice of the eval split."""
+    def data(self) -> CachedData:
+        """This process's slice of the eval split, behind the cache (the factory runs when needed)."""
+        return CachedData(self._read_data, cache=self.cache)
+
+    def _read_data(self) -> Iterable[Any]:
         return self.components.data_factory(
             split=self.config.split,
             batch_size=self.config.batch_size,
