@@ -19,13 +19,13 @@ $(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wa
 		-e integrations/tensorboard
 	touch $(STAMP)
 
-# Chromium renders the MLflow UI in the browsing test; installed when missing and we may.
+# Chromium renders the MLflow and TensorBoard UIs in the browsing tests; installed when missing and we may.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "warning: could not install chromium; the MLflow UI test will say what is missing"; \
-	  else echo "note: chromium missing; install the Debian package 'chromium' for the MLflow UI test"; fi; }
+	      || echo "warning: could not install chromium; the UI tests will say what is missing"; \
+	  else echo "note: chromium missing; install the Debian package 'chromium' for the UI tests"; fi; }
 
 demo: install
 	$(BIN)/tracker-eval demo

@@ -89,7 +89,7 @@ class TensorboardLogger:
 
     def log_result(self, result: EvalResult) -> None:
         """Buffers one event at ``result.step``: scalars ``<prefix>/<metric>`` and histograms
-        ``<prefix>/per_example/<name>`` (plus the provenance text if the run has none yet).
+        ``<prefix>/per_example/<name>``; the first one the run gets also carries the provenance text.
 
         A checkpoint step the run already holds, or that was logged since the last flush, is skipped.
 
@@ -136,7 +136,7 @@ class TensorboardLogger:
             return
         with self._log.locked() as changes:
             self._take(changes)
-            todo, provenance = [], self._has_provenance(pending=False)
+            todo, provenance = [], self._has_provenance()
             for item in self._pending:
                 if item.step is not None and item.step not in self._held_steps:
                     event = item.event
@@ -160,10 +160,8 @@ class TensorboardLogger:
         """New generations this logger wrote because a step arrived late (tests, benchmarks)."""
         return self._log.compactions
 
-    def _has_provenance(self, *, pending: bool = True) -> bool:
-        if any(tag == PROVENANCE_TAG for tag, _, _ in self._held_texts):
-            return True
-        return pending and any(p.provenance is not None for p in self._pending)
+    def _has_provenance(self) -> bool:
+        return any(tag == PROVENANCE_TAG for tag, _, _ in self._held_texts)
 
     def _take(self, changes: Any) -> None:
         if changes.reset:
