@@ -1,4 +1,4 @@
-"""The event files of one TensorBoard run: one live file, appended in step order, compacted on a late step.
+"""The event files of one TensorBoard run: one live file appended in step order, rewritten on a late step.
 
 TensorBoard's default server (its Rust data loader) drops every point of a tag at or above step s
 when a record at step s follows higher steps of that tag in the run (files in name order, then
@@ -8,12 +8,13 @@ a lower name. So in a run written here, each tag's steps never decrease in that 
 * an event whose steps are at or above every held step of its tags is appended to the live file
   (``events.out.tfevents.<generation>.tracker-eval``) and fsynced;
 * a late (lower) step makes the next generation instead: every held record and the new ones,
-  sorted by step (held records copied byte for byte), written under a temporary name without
-  "tfevents" (no reader looks at it), fsynced and renamed in; then older generations are removed.
-  A live server reads the new file after the old one, so its late low step is followed by the
-  higher steps again, and nothing stays hidden;
-* the highest generation replaces all lower ones: a crash between the rename and the removal is
-  repaired by the next writer (a reader may see the run twice only in that window);
+  sorted by step (held records copied byte for byte) after a session start at the lowest step,
+  written under a temporary name without "tfevents" (no reader looks at it), fsynced and renamed
+  in; then the older generation is emptied, and removed `EMPTY_KEEP_S` later. A live server reads
+  the new file after the old one, so its late low step is followed by the higher steps again and
+  nothing stays hidden; a live Python loader drops its points at or above the session start;
+* the highest generation replaces all lower ones: a crash between the rename and emptying the old
+  file is repaired by the next writer (a fresh reader may see the run twice only in that window);
 * a torn tail (a crash or a failed write mid-append) is never appended to; the next write compacts.
 
 Writers of one run, in any process, serialize on an exclusive ``flock`` of ``<run>/.tracker-eval.lock``.
