@@ -10,20 +10,22 @@ XLA8 := XLA_FLAGS=--xla_force_host_platform_device_count=8
 install: $(STAMP)
 
 # requirements.lock is the one source of truth for versions (the Dockerfile installs it too).
-$(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wandb/pyproject.toml integrations/mlflow/pyproject.toml
+$(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wandb/pyproject.toml integrations/mlflow/pyproject.toml \
+		integrations/tensorboard/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock -r requirements-test.txt
-	$(BIN)/python -m pip install -q --no-deps -e . -e integrations/wandb -e integrations/mlflow
+	$(BIN)/python -m pip install -q --no-deps -e . -e integrations/wandb -e integrations/mlflow \
+		-e integrations/tensorboard
 	touch $(STAMP)
 
-# Chromium renders the MLflow UI in the browsing test; installed when missing and we may.
+# Chromium renders the MLflow and TensorBoard UIs in the browsing tests; installed when missing and we may.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "warning: could not install chromium; the MLflow UI test will say what is missing"; \
-	  else echo "note: chromium missing; install the Debian package 'chromium' for the MLflow UI test"; fi; }
+	      || echo "warning: could not install chromium; the UI tests will say what is missing"; \
+	  else echo "note: chromium missing; install the Debian package 'chromium' for the UI tests"; fi; }
 
 demo: install
 	$(BIN)/tracker-eval demo

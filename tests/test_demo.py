@@ -40,6 +40,7 @@ def test_demo_exits_cleanly_and_prints_a_readable_summary(demo):
     assert "best checkpoint: step" in proc.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db" in proc.stdout
     assert f"wandb sync {out}/wandb/offline-run-*" in proc.stdout
+    assert f"tensorboard --logdir {out}/tensorboard" in proc.stdout
     for step in STEPS:
         assert f"train: step {step:>4}/60" in proc.stdout
 
@@ -55,7 +56,7 @@ def test_plot_is_a_valid_png(demo):
     assert image.std() > 0.01  # something is drawn
 
 
-def test_jsonl_mlflow_and_wandb_hold_one_point_per_checkpoint(demo):
+def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
     out, _ = demo
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sorted(records, key=lambda r: r["step"])] == STEPS
@@ -87,3 +88,12 @@ def test_jsonl_mlflow_and_wandb_hold_one_point_per_checkpoint(demo):
     assert sorted(points) == STEPS and len(rows) == len(STEPS)
     assert points == pytest.approx(loss, rel=1e-6)
     assert json.loads((out / "best.json").read_text())["step"] == 60
+
+    # TensorBoard's own reader with its default settings, as `tensorboard --logdir` loads the run.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard" / "demo-eval")).Reload()
+    scalars = events.Scalars("eval/loss")
+    assert sorted(e.step for e in scalars) == STEPS and len(scalars) == len(STEPS)
+    assert {e.step: e.value for e in scalars} == pytest.approx(loss, rel=1e-6)  # stored as float32
+    assert "eval/per_example/example_loss" in events.Tags()["tensors"]

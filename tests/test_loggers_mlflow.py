@@ -190,3 +190,25 @@ def test_server_stopped_then_restarted_resumes_delivery(mlflow_server, tmp_path)
     logger.log_result(_result(2, {"loss": 2.0}))
     history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(logger.run_id, "eval/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]
+
+
+def test_per_example_summary_metrics_at_the_checkpoint_step(mlflow_server, tmp_path):
+    rng = np.random.default_rng(7)
+    per_step = {step: rng.lognormal(0.0, 1.0, size=1001) for step in (20, 10)}  # 10 arrives late
+    logger = _logger(mlflow_server.url, tmp_path, "per-example-summary")
+    for step, losses in per_step.items():
+        with_nan = np.append(losses, [np.nan, np.inf]).astype(np.float32)  # non-finite rows are left out
+        logger.log_result(_result(step, {"loss": float(losses.mean())}, per_example={"loss": with_nan}))
+        logger.log_result(_result(step, {"loss": float(losses.mean())}, per_example={"loss": with_nan}))  # re-send
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    for step, losses in per_step.items():
+        x = np.sort(losses.astype(np.float32).astype(np.float64))
+        reference = {"count": x.size, "mean": x.sum() / x.size, "min": x[0], "max": x[-1],
+                     "p05": np.percentile(x, 5), "p50": np.median(x), "p95": np.percentile(x, 95)}
+        for stat, value in reference.items():
+            history = client.get_metric_history(logger.run_id, f"eval/per_example/loss/{stat}")
+            assert [m.step for m in history].count(step) == 1, stat
+            (point,) = [m for m in history if m.step == step]
+            assert point.value == pytest.approx(value, rel=1e-12), stat

@@ -28,7 +28,11 @@ def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
     context = LoggerContext(output_dir=str(tmp_path), run_key="wandb-order")
     logger = WandbLogger(WandbConfig(mode="offline"), context=context)
     logger.log_config({"model": "mlp"})
-    logger.log_result(_result(300, 0.25))
+    # A 2-D per-example array is no table column, but it gets a histogram over all its values.
+    margins = np.random.default_rng(3).normal(size=(150, 2)).astype(np.float32)
+    first = _result(300, 0.25)
+    logger.log_result(EvalResult(step=300, checkpoint=first.checkpoint, metrics=first.metrics,
+                                 per_example={**first.per_example, "margin": margins}))
     logger.log_result(_result(100, 0.75))
     logger.set_summary({"best/loss": 0.25, "best/step": 300})
     logger.flush()
@@ -36,6 +40,13 @@ def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
     rows = reader.read_history(logger.wandb_dir, logger.run_id)
     assert [(r["checkpoint_step"], r["eval/loss"]) for r in rows] == [(300, 0.25), (100, 0.75)]
     assert rows[0]["eval/per_example_table.nrows"] == 2
+    counts, edges = np.histogram(margins.astype(np.float64).ravel(), bins=64)  # wandb.Histogram's default bins
+    assert rows[0]["eval/per_example/margin._type"] == "histogram"
+    assert rows[0]["eval/per_example/margin.values"] == counts.tolist()
+    np.testing.assert_allclose(rows[0]["eval/per_example/margin.bins"], edges, rtol=1e-6)
+    counts, edges = np.histogram(np.array([0.75, 1.5]), bins=64)
+    assert rows[1]["eval/per_example/loss.values"] == counts.tolist()
+    np.testing.assert_allclose(rows[1]["eval/per_example/loss.bins"], edges, rtol=1e-6)
 
     # A new logger instance (a restarted process) on the same run key resumes the same run.
     again = WandbLogger(WandbConfig(mode="offline"), context=context)

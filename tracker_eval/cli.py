@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     de.add_argument("--no-wandb", action="store_true", help="skip the W&B logger")
     de.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logger")
+    de.add_argument("--no-tensorboard", action="store_true", help="skip the TensorBoard logger")
     de.add_argument("--in-training", action="store_true", help="evaluate every other checkpoint inside training")
     return parser
 
@@ -109,6 +110,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             steps=args.steps,
             wandb=not args.no_wandb,
             mlflow=not args.no_mlflow,
+            tensorboard=not args.no_tensorboard,
             in_training=args.in_training,
         )
     raise UsageError(f"unknown command {args.command!r}")

@@ -2,8 +2,8 @@
 
 A training process trains the built-in digits classifier and writes Orbax checkpoints every few
 steps; the watcher beside it evaluates each one as it appears and logs to the console, JSONL,
-MLflow (an embedded sqlite store) and W&B (offline). At the end: a table per checkpoint, the best
-checkpoint, a PNG plot, and the commands to browse the results.
+MLflow (an embedded sqlite store), W&B (offline) and TensorBoard event files. At the end: a table
+per checkpoint, the best checkpoint, a PNG plot, and the commands to browse the results.
 
     tracker-eval demo                       # runs/demo, ~20 s after install on 2 CPU cores
     tracker-eval demo --in-training         # every other checkpoint evaluated inside training
@@ -28,13 +28,15 @@ DEFAULT_STEPS = 200
 SAVE_EVERY = 20
 
 
-def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool) -> dict[str, Any]:
+def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool, tensorboard: bool = True) -> dict[str, Any]:
     """The embedded defaults of the demo (written to <output_dir>/demo.yaml for later commands)."""
     loggers: list[dict[str, Any]] = [{"type": "console"}, {"type": "jsonl"}]
     if mlflow:
         loggers.append({"type": "mlflow", "experiment": "tracker-eval-demo", "run_name": "demo-eval"})
     if wandb:
         loggers.append({"type": "wandb", "project": "tracker-eval-demo", "mode": "offline", "name": "demo-eval"})
+    if tensorboard:
+        loggers.append({"type": "tensorboard", "run_name": "demo-eval"})
     return {
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
         "model": "tracker_eval.tasks.classification:make_model",
@@ -51,7 +53,7 @@ def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool) -> di
 
 def run_demo(
     *, output_dir: str = "runs/demo", steps: int | None = None, wandb: bool = True, mlflow: bool = True,
-    in_training: bool = False,
+    tensorboard: bool = True, in_training: bool = False,
 ) -> int:
     """Runs training and the watcher side by side; returns the exit code."""
     steps = steps or DEFAULT_STEPS
@@ -69,7 +71,8 @@ def run_demo(
     _fresh_dir(output_dir)
     config_path = os.path.join(output_dir, "demo.yaml")
     with open(config_path, "w") as f:
-        yaml.safe_dump(demo_config(output_dir, steps=steps, wandb=wandb, mlflow=mlflow), f, sort_keys=False)
+        yaml.safe_dump(demo_config(output_dir, steps=steps, wandb=wandb, mlflow=mlflow, tensorboard=tensorboard), f,
+                       sort_keys=False)
     print(f"tracker-eval demo: training the digits classifier for {steps} steps, a checkpoint every "
           f"{SAVE_EVERY}; the watcher evaluates each one as it appears.\n  output: {output_dir}", flush=True)
 
@@ -147,5 +150,7 @@ def _summary(config: Any, config_path: str, *, seconds: float) -> None:
                      "   # then open http://127.0.0.1:5000")
     if "wandb" in types:
         lines.append(f"  {bin_dir}/wandb sync {out}/wandb/offline-run-*   # after `wandb login`")
+    if "tensorboard" in types:
+        lines.append(f"  {bin_dir}/tensorboard --logdir {out}/tensorboard --port 6006   # then open http://127.0.0.1:6006")
     lines.append(f"  {bin_dir}/tracker-eval status --config {config_path}")
     print("\n".join(lines), flush=True)

@@ -6,7 +6,7 @@ dataclass in ``Config`` and is constructed as ``cls(config, context=..., name=..
 
     context = LoggerContext(output_dir="runs/demo", run_key="ckpts@1a2b")
     loggers = build_loggers([{"type": "console"}, {"type": "jsonl", "path": "m.jsonl"}], context)
-    available_logger_types()  # ['console', 'jsonl', 'mlflow', 'wandb']
+    available_logger_types()  # ['console', 'jsonl', 'mlflow', 'tensorboard', 'wandb']
 """
 
 from __future__ import annotations

@@ -139,6 +139,9 @@ class MlflowLogger:
         step = int(result.step)
         timestamp = int(result.time * 1000)
         values = self._metric_values(result)
+        for name, array in result.per_example.items():
+            for stat, number in per_example_summary(array).items():
+                values[sanitize_key(f"{self.prefix}/per_example/{name}/{stat}")] = number
         held = self._held_steps(client, run_id, list(values))
         todo = {k: v for k, v in values.items() if step not in held.get(k, set())}
         if not todo:
@@ -253,6 +256,24 @@ class MlflowLogger:
             return None
         database = pathlib.Path(self.tracking_uri[len("sqlite:///") :])
         return (database.parent.absolute() / "mlflow-artifacts").as_uri()
+
+
+def per_example_summary(values: Any) -> dict[str, float]:
+    """Count, mean, min, 5th/50th/95th percentile and max of a per-example array's finite values.
+
+    MLflow has no histogram; these land as metrics at the checkpoint step, next to the arrays'
+    artifact. An array that is not numeric gives nothing; one without finite values gives count 0.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        return {}
+    flat = array.reshape(-1).astype(np.float64)
+    finite = flat[np.isfinite(flat)]
+    if not finite.size:
+        return {"count": 0.0}
+    p05, p50, p95 = np.quantile(finite, [0.05, 0.5, 0.95])
+    return {"count": float(finite.size), "mean": float(finite.mean()), "min": float(finite.min()),
+            "p05": float(p05), "p50": float(p50), "p95": float(p95), "max": float(finite.max())}
 
 
 def sanitize_key(key: str) -> str:

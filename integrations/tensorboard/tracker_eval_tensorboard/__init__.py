@@ -1,0 +1,1 @@
+"""TensorBoard logger plug-in for tracker-eval: event files written without TensorFlow."""
