@@ -3,8 +3,9 @@
 `state` (EvalState), `metrics` (metric kinds, device accumulation, host finalize), `models` (linen,
 nnx or apply_fn behind one call), `sharding` (mesh, batch placement with padding and mask),
 `batches` (placement ahead of the step, progress), `step` (the eval step and its accumulators),
-`evaluator` (ExtendedEvaluation), `transfer` (device-to-host, gathers across processes), `result`
-(EvalResult), `activity` (tracker work yields to a running evaluation).
+`evaluator` (ExtendedEvaluation), `transfer` (device-to-host, gathers across processes), `agreement`
+(processes agree before any program a failed peer would not run), `result` (EvalResult),
+`activity` (tracker work yields to a running evaluation).
 
 May import: the shared top level only (config, errors, imports, logs, kvstore).
 Public names: EvalState, ExtendedEvaluation, EvalResult, EvalError, EvalAborted, make_mesh.

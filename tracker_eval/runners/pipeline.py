@@ -12,6 +12,7 @@ they share one compiled step and one definition of provenance.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
 from tracker_eval.evaluation.models import adapt_model
 from tracker_eval.evaluation.result import EvalResult
@@ -78,6 +80,10 @@ class Pipeline:
             progress=progress,
         )
         self.config_hash = config.config_hash()
+        # Names this stream's keys in the runtime's key-value store (the same on every process).
+        identity = "\0".join((config.checkpoint_dir, self.config_hash, config.output_dir))
+        self.stream_key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        self._attempts = 0
 
     def data(self) -> Iterable[Mapping[str, Any]]:
         """This process's slice of the eval split."""
@@ -121,24 +127,49 @@ class Pipeline:
             **extra,
         }
 
-    def evaluate_step(self, step: int) -> EvalResult:
-        """Restores and evaluates one checkpoint step."""
-        start = time.perf_counter()
-        state = self.restore(step)
-        restore_s = time.perf_counter() - start
-        return self.evaluation.evaluate(
-            state,
-            self.data(),
-            checkpoint=self.checkpoint_path(step),
-            provenance=self.provenance(restore_s=round(restore_s, 4)),
-        )
+    def exchange_prefix(self, step: int, attempt: int | None) -> str:
+        """Key prefix of one evaluation attempt: `tracker_eval/<stream>/<step>/<attempt>`.
 
-    def evaluate_state(self, state: EvalState, *, checkpoint: str, **provenance: Any) -> EvalResult:
+        Args:
+          step: the step evaluated.
+          attempt: the same number on every process (e.g. the decision that started it); by
+            default a count of this pipeline's evaluations, which every process keeps in step.
+        """
+        self._attempts += 1
+        return f"tracker_eval/{self.stream_key}/{step}/{self._attempts if attempt is None else attempt}"
+
+    def evaluate_step(self, step: int, *, attempt: int | None = None) -> EvalResult:
+        """Restores and evaluates one checkpoint step.
+
+        With several processes, a process that cannot restore the step or open its data stops the
+        attempt on every process (`agreement.PeerFailedError` on the others) instead of leaving
+        them waiting in a collective.
+        """
+        with agreement.scope(None, lambda: self.exchange_prefix(step, attempt)) as exchange:
+            with exchange.guard():
+                start = time.perf_counter()
+                state = self.restore(step)
+                restore_s = time.perf_counter() - start
+                data = self.data()
+            return self.evaluation.evaluate(
+                state,
+                data,
+                checkpoint=self.checkpoint_path(step),
+                provenance=self.provenance(restore_s=round(restore_s, 4)),
+                exchange=exchange,
+            )
+
+    def evaluate_state(
+        self, state: EvalState, *, checkpoint: str, attempt: int | None = None, **provenance: Any
+    ) -> EvalResult:
         """Evaluates a live state (params already in memory, e.g. inside training)."""
         if state.apply_fn is None:
             state = state.replace(apply_fn=self.adapter.apply_fn)
         if state.rng is None:
             state = state.replace(rng=jax.random.key(self.config.seed))
-        return self.evaluation.evaluate(
-            state, self.data(), checkpoint=checkpoint, provenance=self.provenance(**provenance)
-        )
+        with agreement.scope(None, lambda: self.exchange_prefix(int(state.step), attempt)) as exchange:
+            with exchange.guard():
+                data = self.data()
+            return self.evaluation.evaluate(
+                state, data, checkpoint=checkpoint, provenance=self.provenance(**provenance), exchange=exchange
+            )
