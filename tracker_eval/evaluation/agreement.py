@@ -1,36 +1,23 @@
-"""Processes of a multi-process evaluation agree before running any program a peer might not run.
+"""Processes of a multi-process evaluation agree before running anything a peer might not run.
 
-    exchange = open_exchange("tracker_eval/watch-1a2b3c4d/300/7")   # stream/step/attempt
-    try:
+    with agreement.scope(None, lambda: "tracker_eval/watch-1a2b/300/7") as exchange:  # stream/step/attempt
         with exchange.guard():             # an error in here reaches every process, then is raised
             state = restore(300)
             for batch in exchange.admit(placed_batches):   # only batches every process holds too
                 accumulator = step(accumulator, batch)
             exchange.agree_done(rows=packed_rows)          # after it, a collective is safe
         rows = exchange.gathered_rows()                    # process 0: every process's rows
-    finally:
-        exchange.close()
 
-Collectives cannot be cancelled: a process that enters one its peer never joins waits forever (a
-cross-process sum over gloo with the peer gone was still waiting after 140 s). So no process may
-dispatch a step before every process holds that step's batch, and none may gather results before
-every process has finished its steps. Processes report to process 0 through the runtime's
-key-value store under `<prefix>/r<round>/<process>`; process 0 answers each round with one verdict
-(`go <batches> <last>` or `abort <process> <reason>`). A batch round reports how many placed batches
-each process holds and whether its data has ended; all run the smallest number, so data that ends
-early on one process is seen before anyone runs a batch the others lack. A round takes every batch
-already prefetched, so rounds are few and run while earlier steps compute.
-
-A process that fails anywhere in a guarded block sets `<prefix>/abort` (first failure wins) and
-posts it in place of its round report. Processes waiting on a round see it at once; a process
-reading its own data looks every `POLL_S` seconds. All then raise `PeerFailedError` naming the
-failing process and its one-line reason; the failing process raises its own error. Nothing waits
-on a peer that failed longer than `POLL_S` past the local work it is in (a restore, one batch
-read, the steps already in flight). A peer that dies is the heartbeat monitor's business.
-
-Keys are deleted once read: process 0 deletes each round when the next one proves every process
-has read it, rows as it reads them, and the whole prefix once every process has said it is done.
-In a single process `open_exchange` returns a pass-through that never touches the store.
+A collective cannot be cancelled: a process that enters one a peer never joins waits forever (a
+cross-process sum over gloo with the peer gone still waited after 140 s). So processes report to
+process 0 under `<prefix>/r<round>/<process>` and each round gets one verdict, `go <batches> <last>`
+or `abort <process>\t<reason>`. A batch round compares how many prefetched batches each process
+holds and whether its data ended: all run the smallest count, and data ending early on one process
+is caught before anyone runs a batch the others lack. A failing process sets `<prefix>/abort` and
+posts it as its report, so a peer waiting on a round learns at once and a peer reading its own data
+within `POLL_S`; peers raise `PeerFailedError`, the failing process its own error. Process 0
+deletes a round once the next proves all have read it, rows once read, and the prefix once every
+process is done. In one process `open_exchange` returns `Solo`, which never touches the store.
 """
 
 from __future__ import annotations
@@ -38,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -46,6 +34,7 @@ import jax
 from tracker_eval import kvstore
 from tracker_eval.errors import one_line
 
+LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_S = 0.5  # how often a process that waits on its own work looks for a peer's failure
@@ -109,7 +98,9 @@ class Solo:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Holding:
+class Holding:
+    """What one process holds at a batch round."""
+
     have: int  # batches held and not yet granted
     total: int  # batches taken from the data so far
     ended: bool  # the data has no more
@@ -133,9 +124,20 @@ class Exchange:
         self._rows: bytes | None = None
         self._taken = 0  # batches taken from this process's data
 
-    def guard(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
         """Reports any error raised in the block to every process, then re-raises it."""
-        return _Guard(self)
+        try:
+            yield
+        except PeerFailedError:
+            raise
+        except BaseException as error:
+            try:
+                self.fail(error)
+            except Exception as unreported:  # noqa: BLE001 - the store is gone: the job is ending anyway
+                LOG.warning("tracker-eval: could not tell the other processes that this one failed: %s",
+                            one_line(unreported, limit=200))
+            raise
 
     def fail(self, error: BaseException) -> None:
         """Tells every process that this one failed (once; later calls do nothing)."""
@@ -213,7 +215,7 @@ class Exchange:
                 ended = not self._take(source, held, wait=False)
             if before_round is not None:
                 before_round()
-            grant, last = self._agree_batches(_Holding(len(held), self._taken, ended))
+            grant, last = self._agree_batches(Holding(len(held), self._taken, ended))
             for _ in range(grant):
                 yield held.popleft()
             if last:
@@ -230,9 +232,9 @@ class Exchange:
         self._taken += 1
         return True
 
-    def _agree_batches(self, holding: _Holding) -> tuple[int, bool]:
+    def _agree_batches(self, holding: Holding) -> tuple[int, bool]:
         report = f"go {holding.have} {holding.total} {int(holding.ended)}"
-        verdict = self._agree(report, _decide_batches)
+        verdict = self._agree(report, decide_batches)
         _, grant, last = verdict.split()
         return int(grant), last == "1"
 
@@ -289,34 +291,15 @@ def delete_finished(client: Any) -> int:
     return len(pending)
 
 
-class _Guard:
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
-        if error is not None and not isinstance(error, (PeerFailedError, GeneratorExit)):
-            self.exchange.fail(error)
-
-
 def _ready(source: Any) -> bool:
     ready = getattr(source, "ready", None)
     return True if ready is None else bool(ready())
 
 
-def _decide_batches(reports: list[str]) -> str:
-    """Process 0's verdict on a batch round: how many batches everyone runs now, or abort."""
-    holdings = []
-    for report in reports:
-        _, have, total, ended = report.split()
-        holdings.append(_Holding(int(have), int(total), ended == "1"))
-    return decide_batches(holdings)
-
-
-def decide_batches(holdings: list[_Holding]) -> str:
-    """`go <grant> <last>` when the processes can go on together, else `abort <process>\\t<reason>`."""
+def decide_batches(reports: list[str]) -> str:
+    """Process 0's verdict on a batch round (`go <have> <total> <ended>` from each process): `go
+    <grant> <last>` when the processes can go on together, else `abort <process>\t<reason>`."""
+    holdings = [Holding(int(have), int(total), ended == "1") for _, have, total, ended in map(str.split, reports)]
     ended = [p for p, h in enumerate(holdings) if h.ended]
     if ended:
         short = min(ended, key=lambda p: holdings[p].total)

@@ -12,7 +12,7 @@ they share one compiled step and one definition of provenance.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +28,8 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
 from tracker_eval.imports import resolve
+
+_STREAMS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +82,10 @@ class Pipeline:
             progress=progress,
         )
         self.config_hash = config.config_hash()
-        # Names this stream's keys in the runtime's key-value store (the same on every process).
-        identity = "\0".join((config.checkpoint_dir, self.config_hash, config.output_dir))
-        self.stream_key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        # Names this stream's keys in the runtime's key-value store. Every process builds its
+        # pipelines in the same order, so the count agrees even where paths or data_kwargs differ
+        # between hosts (a hash of the config would not).
+        self.stream_key = f"stream-{next(_STREAMS)}"
         self._attempts = 0
 
     def data(self) -> Iterable[Mapping[str, Any]]:
