@@ -36,6 +36,9 @@ def main() -> None:
     channel = distributed.DecisionChannel(namespace="tracker_eval/test/decisions")
     for _ in range(IDLE_POLLS):
         channel.exchange(-1)
+    if process == 0:  # process 0 runs ahead of its follower here (a watcher waits between polls)
+        _wait_read(client, channel)
+    channel.exchange(-1)  # process 0 deletes what every follower has read
     report["keys_after_idle_polls"] = sorted(kvstore.keys_under(client, "tracker_eval"))
 
     evaluation, params = _evaluation()
@@ -50,17 +53,22 @@ def main() -> None:
             report["evaluations"].append({"step": step, "error": f"{type(error).__name__}: {error}"})
     channel.exchange(0)
     if process == 0:
-        # Wait until process 1 has read the last decision, so it is done with every evaluation.
-        deadline = time.monotonic() + 60
-        while kvstore.try_get(client, "tracker_eval/test/decisions-read/1") != str(channel.seq):
-            assert time.monotonic() < deadline, "process 1 never read the last decision"
-            time.sleep(0.05)
+        _wait_read(client, channel)  # so process 1 is done with every evaluation
         report["pending"] = agreement.delete_finished(client)
         report["keys_at_end"] = sorted(kvstore.keys_under(client, "tracker_eval"))
         report["params"] = jax.tree.map(lambda a: a.tolist(), params)
     with open(f"{out}.{process}", "w") as f:
         json.dump(report, f)
     channel.exchange(0)  # process 0 keeps the coordination service up until process 1 has written
+
+
+def _wait_read(client, channel):
+    from tracker_eval import kvstore  # noqa: PLC0415
+
+    deadline = time.monotonic() + 60
+    while kvstore.try_get(client, "tracker_eval/test/decisions-read/1") != str(channel.seq):
+        assert time.monotonic() < deadline, "process 1 never read the last decision"
+        time.sleep(0.05)
 
 
 def _evaluation():
