@@ -130,6 +130,14 @@ def wait_get_bytes(runtime_client: Any, key: str, *, timeout_s: float) -> bytes 
         raise
 
 
+def put(runtime_client: Any, key: str, value: str | bytes, *, overwrite: bool = False) -> None:
+    """Sets `key` (a str or bytes value); without `overwrite`, a key already set is an error."""
+    if isinstance(value, bytes):
+        runtime_client.key_value_set_bytes(key, value, allow_overwrite=overwrite)
+    else:
+        runtime_client.key_value_set(key, value, allow_overwrite=overwrite)
+
+
 def set_once(runtime_client: Any, key: str, value: str) -> bool:
     """Sets `key` unless it is already set; returns True when this call set it."""
     try:

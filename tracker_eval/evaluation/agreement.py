@@ -179,11 +179,11 @@ class Exchange:
             verdict = failed or decide(reports)
             if verdict.startswith("abort ") and failed is None:
                 kvstore.set_once(self.client, f"{self.prefix}/abort", verdict[len("abort "):])
-            self.client.key_value_set(f"{round_dir}/v", verdict)
+            kvstore.put(self.client, f"{round_dir}/v", verdict)
             if self._round > 1:  # every process reported in this round, so all read the last verdict
                 kvstore.delete(self.client, f"{self.prefix}/r{self._round - 1}")
         else:
-            self.client.key_value_set(f"{round_dir}/{self.me}", report)
+            kvstore.put(self.client, f"{round_dir}/{self.me}", report)
             verdict = self._wait(f"{round_dir}/v")
         self._round += 1
         if verdict.startswith("abort "):
@@ -248,7 +248,7 @@ class Exchange:
             if self.primary:
                 self._rows = rows
             else:
-                self.client.key_value_set_bytes(f"{self.prefix}/rows/{self.me}", rows)
+                kvstore.put(self.client, f"{self.prefix}/rows/{self.me}", rows)
         self._agree("go 0 0 1", lambda reports: "go 0 1")
 
     def gathered_rows(self) -> list[bytes]:
@@ -268,7 +268,7 @@ class Exchange:
     def close(self) -> None:
         """Followers say they are done; process 0 deletes every finished exchange's keys."""
         if not self.primary:
-            self.client.key_value_set(f"{self.prefix}/done/{self.me}", "1", allow_overwrite=True)
+            kvstore.put(self.client, f"{self.prefix}/done/{self.me}", "1", overwrite=True)
             return
         _to_delete.setdefault(id(self.client), []).append((self.prefix, self.count))
         delete_finished(self.client)

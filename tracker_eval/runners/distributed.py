@@ -88,7 +88,7 @@ class PeerMonitor:
             try:
                 client = kvstore.client()
                 beat += 1
-                client.key_value_set(f"tracker_eval/alive/{me}", str(beat), allow_overwrite=True)
+                kvstore.put(client, f"tracker_eval/alive/{me}", str(beat), overwrite=True)
                 for peer, (value, since) in list(last_seen.items()):
                     current = kvstore.try_get(client, f"tracker_eval/alive/{peer}")
                     if current != value:
@@ -162,14 +162,13 @@ class DecisionChannel:
         client = kvstore.client()
         key = f"{self.namespace}/{self.seq}"
         if is_primary():
-            client.key_value_set(key, str(decided))
+            kvstore.put(client, key, str(decided))
             self._delete_read(client)
             return decided
         while True:
             got = kvstore.wait_get(client, key, timeout_s=poll_s)
             if got is not None:
-                client.key_value_set(f"{self.namespace}-read/{jax.process_index()}", str(self.seq),
-                                     allow_overwrite=True)
+                kvstore.put(client, f"{self.namespace}-read/{jax.process_index()}", str(self.seq), overwrite=True)
                 return int(got)
             if alive is not None and not alive():
                 raise RuntimeError("stopped while waiting for process 0")
