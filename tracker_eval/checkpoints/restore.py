@@ -132,17 +132,21 @@ def restore_eval_variables(
         _nest(_split_path(path), _with_shardings(abstract, shardings_for(abstract), name=name), target)
 
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    # A fresh Checkpointer on the item directory: no per-manager handler registry to clash with
-    # (FIELD-NOTES: "does not match with any registered handler") and no scan of every step,
-    # which a CheckpointManager does on construction.
+    # The handler itself on the item directory: no per-manager handler registry to clash with
+    # (FIELD-NOTES: "does not match with any registered handler"), no scan of every step (a
+    # CheckpointManager's construction), and no Checkpointer: its restore ends in a barrier that
+    # is a device collective across processes, so a process that could not read its shards would
+    # leave the others waiting there forever. Each process reads its own shards; the evaluation's
+    # agreement (evaluation/agreement.py) tells every process whether all of them succeeded.
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(
-                item_dir,
-                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-            )
+        restored = handler.restore(
+            item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
     except Exception as e:  # noqa: BLE001 - shardings were validated above; what is left is the files
         raise _read_failure(e, step=step, step_dir=step_dir, what="arrays") from e
+    finally:
+        handler.close()
 
     params, _ = _lookup(restored, _split_path(params_path))
     collections = {name: _lookup(restored, _split_path(name))[0] for name in mutable}

@@ -5,7 +5,8 @@
 behind one call), `sharding` (mesh, batch placement with padding and mask), `batches` (placement
 ahead of the step, progress), `cache` (the eval set kept across evaluations), `step` (the eval step
 and its accumulators), `evaluator` (ExtendedEvaluation), `transfer` (device-to-host, gathers across
-processes), `result` (EvalResult), `activity` (tracker work yields to a running evaluation).
+processes), `agreement` (processes agree before any program a failed peer would not run), `result`
+(EvalResult), `activity` (tracker work yields to a running evaluation).
 
 May import: the shared top level only (config, errors, imports, logs, kvstore).
 Public names: EvalState, ExtendedEvaluation, EvalResult, EvalError, EvalAborted, make_mesh.

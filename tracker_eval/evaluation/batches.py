@@ -24,50 +24,83 @@ LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DONE = object()
+_NOTHING = object()
 
 
-def prefetch(source: Iterable[Any], place: Callable[[Any], T], *, depth: int = 2) -> Iterator[T]:
-    """Yields `place(item)` for each item of `source`, produced `depth` items ahead.
+class prefetch(Iterator[T]):  # noqa: N801 - used like the generator function it replaced
+    """Yields `place(item)` for each item of `source`, produced `depth` items ahead by a thread.
 
     Errors in the source or in `place` are re-raised in the consumer at the position they occurred.
-    Closing the generator early stops the producer thread.
+    `ready()` and `wait(timeout_s)` let a consumer that must not block indefinitely (a process of
+    a multi-process job watching for a failed peer) look before it takes. Closing it, or dropping
+    the last reference, stops the producer thread.
     """
-    slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
 
-    def produce() -> None:
-        try:
-            for item in source:
-                placed = place(item)
-                while not stop.is_set():
-                    try:
-                        slots.put((placed, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put((_DONE, None))
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
-            slots.put((_DONE, error))
+    def __init__(self, source: Iterable[Any], place: Callable[[Any], T], *, depth: int = 2) -> None:
+        self._slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._next: Any = _NOTHING
+        # The thread holds the queue and the event, not `self`, so dropping the iterator stops it.
+        self._worker = threading.Thread(target=_produce, args=(source, place, self._slots, self._stop),
+                                        name="tracker-eval-prefetch", daemon=True)
+        self._worker.start()
 
-    worker = threading.Thread(target=produce, name="tracker-eval-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            placed, error = slots.get()
-            if placed is _DONE:
-                if error is not None:
-                    raise error
-                return
-            yield placed
-    finally:
-        stop.set()
-        while worker.is_alive():
+    def wait(self, timeout_s: float) -> bool:
+        """True once the next item (or the end, or an error) can be taken without blocking."""
+        if self._next is _NOTHING:
             try:
-                slots.get_nowait()
+                self._next = self._slots.get(timeout=timeout_s)
             except queue.Empty:
-                worker.join(timeout=0.1)
+                return False
+        return True
+
+    def ready(self) -> bool:
+        """True when the next item (or the end) is already here."""
+        return self._next is not _NOTHING or not self._slots.empty()
+
+    def __next__(self) -> T:
+        if self._next is _NOTHING:
+            self._next = self._slots.get()
+        (placed, error), self._next = self._next, _NOTHING
+        if placed is _DONE:
+            self._next = (_DONE, None)  # stays exhausted
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return placed
+
+    def close(self) -> None:
+        """Stops the producer thread (an item it is placing is dropped)."""
+        self._stop.set()
+        while self._worker.is_alive():
+            try:
+                self._slots.get_nowait()
+            except queue.Empty:
+                self._worker.join(timeout=0.1)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _produce(source: Iterable[Any], place: Callable[[Any], Any], slots: queue.Queue[Any],
+             stop: threading.Event) -> None:
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in source:
+            if not put((place(item), None)):
+                return
+        put((_DONE, None))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
+        put((_DONE, error))
 
 
 def placed_batches(data_loader: Iterable[Any], place: Callable[[Any], T], *, depth: int) -> Iterable[T]:

@@ -15,7 +15,7 @@ the end, per-example rows are copied asynchronously and concatenated once, Max/M
 
 from __future__ import annotations
 
-import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tracker_eval.evaluation import activity, transfer, xlstm_format
+from tracker_eval.evaluation import activity, agreement, transfer, xlstm_format
 from tracker_eval.evaluation import batches as batches_lib
 from tracker_eval.evaluation import metrics as metric_lib
 from tracker_eval.evaluation import step as step_lib
@@ -38,6 +38,7 @@ LOG = logging.getLogger(__name__)
 
 EvalFunction = Callable[[Any, Callable[..., Any], Any, jax.Array], tuple[Mapping[str, Any], Any]]
 ResultListener = Callable[[EvalResult], None]
+_SERIALS = itertools.count()
 
 
 class EvalError(RuntimeError):
@@ -99,7 +100,9 @@ class ExtendedEvaluation:
         self.prefetch_depth = prefetch_depth
         self.max_in_flight = max(1, max_in_flight)
         self.should_abort: Callable[[], bool] | None = None
-        self._gathers = 0
+        self._serial = next(_SERIALS)  # same on every process: they build evaluations in the same order
+        self._calls = 0
+        self._exchange: agreement.Exchange | agreement.Solo | None = None
         self.state: EvalState | None = None
         self.trace_count = 0
         self.last_result: EvalResult | None = None
@@ -215,44 +218,45 @@ class ExtendedEvaluation:
         self.on_extended_evaluation_start()
         # The mesh is in context so eval functions may constrain activations with bare
         # PartitionSpecs (tensor parallelism), as they would inside a training step.
-        with jax.set_mesh(self.mesh), activity.evaluating():
-            final = self._eval_batches(data_loader, mode=mode, epoch_idx=epoch_idx)
+        with agreement.scope(self._exchange, lambda: self._exchange_prefix(self.state)) as exchange, \
+                jax.set_mesh(self.mesh), activity.evaluating(), exchange.guard():
+            final = self._eval_batches(data_loader, exchange=exchange, mode=mode, epoch_idx=epoch_idx)
         self.on_extended_evaluation_end(final)
         return final
 
-    def _eval_batches(self, data_loader: Iterable[Any], *, mode: str, epoch_idx: int) -> dict[str, Any]:
+    def _exchange_prefix(self, state: EvalState | None) -> str:
+        # Counted at every call on every process, failed ones included, so the names stay in step.
+        self._calls += 1
+        return f"tracker_eval/evaluation-{self._serial}/{-1 if state is None else int(state.step)}/{self._calls}"
+
+    def _check_abort(self) -> None:
+        if self.should_abort is not None and self.should_abort():
+            raise EvalAborted("evaluation abandoned at a stop request")
+
+    def _eval_batches(
+        self, data_loader: Iterable[Any], *, exchange: Any, mode: str, epoch_idx: int
+    ) -> dict[str, Any]:
         state = self._require_state()
         start = time.perf_counter()
         traces_before = self.trace_count
-        accumulator = None
-        rows_out = transfer.RowStream(lag=self.max_in_flight + 2)
         if isinstance(data_loader, CachedData):  # the eval set may be replayed from a BatchCache
             placed = data_loader.placed(self.placer, depth=self.prefetch_depth)
             self._context["data_from_cache"] = data_loader.replayed
         else:
             placed = batches_lib.placed_batches(data_loader, self.placer.place, depth=self.prefetch_depth)
-        batches = batches_lib.progress(placed, mode=mode, show=self.progress)
-        in_flight: collections.deque[jax.Array] = collections.deque()
-        count = 0
-        for count, (batch, mask, host_mask) in enumerate(batches, start=1):
-            if self.should_abort is not None and self.should_abort():
-                raise EvalAborted(f"evaluation abandoned after {count - 1} batches")
-            if accumulator is None:
-                accumulator = self.init_eval_metrics(batch)
-            accumulator, rows, done = self.eval_step(
-                state.params, state.mutable_variables, accumulator, batch, mask, state.rng
-            )
-            in_flight.append(done)
-            if len(in_flight) > self.max_in_flight:
-                in_flight.popleft().block_until_ready()
-            if rows:
-                rows_out.add(rows, host_mask)
+        # Several processes run a batch only once all hold it; the metric structure is traced first.
+        placed = exchange.admit(placed, before_round=self._check_abort,
+                                first=lambda first: self.init_eval_metrics(first[0]))
+        accumulator, rows_out, count = step_lib.run_steps(
+            self.eval_step, state, batches_lib.progress(placed, mode=mode, show=self.progress),
+            init=self.init_eval_metrics, max_in_flight=self.max_in_flight,
+            before_batch=self._check_abort if exchange.solo else None,  # else checked between rounds
+        )
         if accumulator is None:
             raise EvalError(f"the {mode} data yielded no batches (epoch {epoch_idx}); check the data factory and split")
-        reduced = transfer.fetch_accumulator(accumulator)  # the one device-to-host transfer of reduced metrics
+        # The one device-to-host transfer of reduced metrics; per-example rows to process 0.
+        reduced, per_example = transfer.finish(accumulator, rows_out, exchange)
         reduced.pop(step_lib.BATCH_INDEX)
-        per_example = rows_out.collect(tag=f"eval-{self._gathers}")
-        self._gathers += 1
         aggregated = self.aggregate_metrics({}, {"reduced": reduced, "per_example": per_example})
         final = self.finalize_metrics(aggregated)
         self._context["eval_wall_s"] = time.perf_counter() - start
@@ -267,11 +271,22 @@ class ExtendedEvaluation:
         *,
         checkpoint: str = "",
         provenance: Mapping[str, Any] | None = None,
+        exchange: agreement.Exchange | agreement.Solo | None = None,
     ) -> EvalResult:
-        """Sets the state, runs `eval_model`, and returns the `EvalResult` handed to listeners."""
-        self.set_state(state)
-        self._context = {"checkpoint": checkpoint, "provenance": dict(provenance or {})}
-        self.eval_model(data_loader)
+        """Sets the state, runs `eval_model`, and returns the `EvalResult` handed to listeners.
+
+        Args:
+          exchange: this attempt's agreement among processes (`agreement.open_exchange`, e.g.
+            keyed by stream, step and attempt); by default one is opened and closed here.
+        """
+        with agreement.scope(exchange, lambda: self._exchange_prefix(state)) as self._exchange:
+            try:
+                with self._exchange.guard():
+                    self.set_state(state)
+                self._context = {"checkpoint": checkpoint, "provenance": dict(provenance or {})}
+                self.eval_model(data_loader)
+            finally:
+                self._exchange = None
         assert self.last_result is not None  # set by on_extended_evaluation_end
         return self.last_result
 

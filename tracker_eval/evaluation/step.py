@@ -4,6 +4,7 @@
                    donate_argnames=("metrics",))
     accumulator = zero_accumulator(metric_shapes, mesh=mesh, shards=8)
     accumulator, rows, done = step(params, mutable, accumulator, batch, mask, rng)
+    accumulator, rows, batches = run_steps(step, state, placed, init=..., max_in_flight=2)
 
 Each device accumulates its own rows (one partial per batch shard), so the step needs no
 cross-device collective; the host adds the partials once at the end.
@@ -11,7 +12,8 @@ cross-device collective; the host adds the partials once at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import collections
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracker_eval.evaluation import metrics as metric_lib
+from tracker_eval.evaluation import transfer
 from tracker_eval.evaluation.sharding import batch_sharding, put, put_replicated
 
 BATCH_INDEX = "__batch_index__"  # accumulator entry holding the device-side batch counter
@@ -74,3 +77,44 @@ def zero_accumulator(
     partials = jax.tree.map(lambda leaf: put(leaf, batch_sharding(mesh)), zeros)
     partials[BATCH_INDEX] = put_replicated({"index": np.zeros((), np.int32)}, mesh)
     return partials
+
+
+def run_steps(
+    step: Callable[..., Any],
+    state: Any,
+    batches: Iterable[tuple[Any, jax.Array, np.ndarray]],
+    *,
+    init: Callable[[Any], Any],
+    max_in_flight: int,
+    before_batch: Callable[[], None] | None = None,
+) -> tuple[Any, transfer.RowStream, int]:
+    """Dispatches `step` over placed batches with at most `max_in_flight` steps unfinished.
+
+    Args:
+      step: the jitted eval step.
+      state: the placed `EvalState`.
+      batches: (global batch, device mask, this process's host mask) triples.
+      init: the zero accumulator for the first batch.
+      max_in_flight: steps dispatched but not finished before the loop waits for the oldest.
+      before_batch: called before each batch (e.g. raises when the evaluation must stop).
+
+    Returns:
+      (the accumulator or None when there was no batch, the rows on their way out, batch count).
+    """
+    accumulator = None
+    rows_out = transfer.RowStream(lag=max_in_flight + 2)
+    in_flight: collections.deque[jax.Array] = collections.deque()
+    count = 0
+    for batch, mask, host_mask in batches:
+        count += 1
+        if before_batch is not None:
+            before_batch()
+        if accumulator is None:
+            accumulator = init(batch)
+        accumulator, rows, done = step(state.params, state.mutable_variables, accumulator, batch, mask, state.rng)
+        in_flight.append(done)
+        if len(in_flight) > max_in_flight:
+            in_flight.popleft().block_until_ready()
+        if rows:
+            rows_out.add(rows, host_mask)
+    return accumulator, rows_out, count

@@ -1,12 +1,13 @@
 """Moving evaluation outputs to the host without a per-batch wait.
 
-    reduced = fetch_accumulator(accumulator)              # per-shard partials, one transfer
     rows = RowStream(lag=4)
     rows.add(batch_rows, host_mask)                       # per batch: starts an async copy
-    per_example = rows.collect(tag="eval-3")              # dataset order, concatenated once
+    reduced, per_example = finish(accumulator, rows, exchange)   # one transfer; dataset order
 
 With several processes, the few per-shard partials are all-gathered (every process finalizes the
-same reduced metrics) while per-example rows go to process 0 only.
+same reduced metrics) while per-example rows go to process 0 only, through the evaluation's
+exchange (keyed by stream, step and attempt), and only after every process has agreed that all
+its steps finished: the all-gather is a collective that a failed peer would never join.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from tracker_eval import kvstore
 
 LOG = logging.getLogger(__name__)
 
@@ -52,26 +51,39 @@ class RowStream:
         rows, host_mask = self._on_device.popleft()
         self._on_host.append(({name: local_rows(array)[host_mask] for name, array in rows.items()}, host_mask))
 
-    def collect(self, *, tag: str) -> dict[str, np.ndarray]:
-        """Real rows of every batch, in dataset order.
-
-        Args:
-          tag: unique name of this gather across processes.
-
-        Returns:
-          The rows on process 0; an empty dict on other processes of a multi-process job.
-        """
+    def collect(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """This process's real rows of every batch in dataset order, and its real rows per batch."""
         while self._on_device:
             self._take_oldest()
         batches, self._on_host = self._on_host, []
         if not batches or not batches[0][0]:
-            return {}
+            return {}, np.zeros(0, np.int64)
         rows = {name: np.concatenate([batch[name] for batch, _ in batches]) for name in batches[0][0]}
-        if jax.process_count() == 1:
-            return rows
-        counts = np.asarray([int(host_mask.sum()) for _, host_mask in batches])
-        gathered = gather_to_primary(rows, counts=counts, tag=tag)
-        return gathered if gathered is not None else {}
+        return rows, np.asarray([int(host_mask.sum()) for _, host_mask in batches], np.int64)
+
+
+def finish(accumulator: Any, rows: RowStream, exchange: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """Reduced partials on every process and per-example rows on process 0, once all agree.
+
+    Args:
+      accumulator: the device accumulator after the last step.
+      rows: the evaluation's row stream.
+      exchange: the evaluation's `agreement` exchange (a pass-through in one process).
+
+    Returns:
+      (host partials, {metric: rows in dataset order}); the rows are empty on other processes.
+
+    Raises:
+      PeerFailedError: a peer failed, so nobody enters the all-gather.
+    """
+    local, counts = rows.collect()
+    if exchange.solo:
+        return jax.device_get(accumulator), local
+    jax.block_until_ready(accumulator)  # a failed step shows here, before the peers hear all is well
+    exchange.agree_done(rows=pack_rows(local, counts) if local else None)
+    reduced = fetch_accumulator(accumulator)
+    parts = exchange.gathered_rows()
+    return reduced, merge_rows(parts) if parts else {}
 
 
 def fetch_accumulator(tree: Any) -> Any:
@@ -99,39 +111,35 @@ def local_rows(array: jax.Array) -> np.ndarray:
     return np.concatenate([seen[k] for k in sorted(seen)])
 
 
-def gather_to_primary(
-    arrays: dict[str, np.ndarray], *, counts: np.ndarray, tag: str
-) -> dict[str, np.ndarray] | None:
-    """Every process's per-example rows on process 0 only, in dataset order; None elsewhere.
-
-    Args:
-      arrays: this process's real rows, batch after batch.
-      counts: this process's number of real rows in each batch.
-      tag: unique name of this gather (e.g. the step), so consecutive gathers never mix.
-
-    Rows travel through the runtime's key-value store, so only process 0 ever holds them all; the
-    global batch order (process 0's slice, then process 1's, ...) is restored batch by batch.
-    """
-    if jax.process_count() == 1:
-        return arrays
+def pack_rows(arrays: dict[str, np.ndarray], counts: np.ndarray) -> bytes:
+    """One process's rows (and its real rows per batch) as one `.npz` blob."""
     import io  # noqa: PLC0415
 
-    client = kvstore.client()
     buffer = io.BytesIO()
-    np.savez(buffer, __counts__=np.asarray(counts, np.int64), **arrays)
-    client.key_value_set_bytes(f"tracker_eval/rows/{tag}/{jax.process_index()}", buffer.getvalue())
-    if jax.process_index() != 0:
-        return None
+    # Positional names: a metric may be called anything, `file` included (np.savez's own keyword).
+    names = sorted(arrays)
+    np.savez(buffer, counts=np.asarray(counts, np.int64), names=np.asarray(names),
+             **{f"m{i}": arrays[name] for i, name in enumerate(names)})
+    return buffer.getvalue()
+
+
+def merge_rows(parts: list[bytes]) -> dict[str, np.ndarray]:
+    """Every process's rows in dataset order: batch by batch, process 0's slice, then process 1's.
+
+    Args:
+      parts: `pack_rows` blobs in process order.
+    """
+    import io  # noqa: PLC0415
+
     per_process = []
-    for index in range(jax.process_count()):
-        key = f"tracker_eval/rows/{tag}/{index}"
-        data = client.blocking_key_value_get_bytes(key, 600_000)
+    for data in parts:
         with np.load(io.BytesIO(data)) as loaded:
-            bounds = np.cumsum(loaded["__counts__"])[:-1]
-            per_process.append({name: np.split(loaded[name], bounds) for name in arrays})
-        client.key_value_delete(key)
-    batches = len(per_process[0][next(iter(arrays))]) if arrays else 0
+            bounds = np.cumsum(loaded["counts"])[:-1]
+            names = [str(name) for name in loaded["names"]]
+            per_process.append({name: np.split(loaded[f"m{i}"], bounds) for i, name in enumerate(names)})
+    names = list(per_process[0])
+    batches = len(per_process[0][names[0]]) if names else 0
     return {
         name: np.concatenate([part[name][b] for b in range(batches) for part in per_process])
-        for name in arrays
+        for name in names
     }

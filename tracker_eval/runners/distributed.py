@@ -88,7 +88,7 @@ class PeerMonitor:
             try:
                 client = kvstore.client()
                 beat += 1
-                client.key_value_set(f"tracker_eval/alive/{me}", str(beat), allow_overwrite=True)
+                kvstore.put(client, f"tracker_eval/alive/{me}", str(beat), overwrite=True)
                 for peer, (value, since) in list(last_seen.items()):
                     current = kvstore.try_get(client, f"tracker_eval/alive/{peer}")
                     if current != value:
@@ -132,12 +132,17 @@ class DecisionChannel:
 
     Uses the distributed runtime's key-value store rather than a device collective: followers may
     wait for minutes between checkpoints, and a blocking key lookup has no collective timeout.
+    Decision `seq` lives at `<namespace>/<seq>`; each follower records the last one it read at
+    `<namespace>-read/<process>`, and process 0 deletes every decision all followers have read, so
+    a watcher polling an idle directory for days keeps a handful of keys. `seq` is the same on
+    every process after each exchange: it names the evaluation attempt that a decision starts.
     In a single process it only passes values through.
     """
 
-    def __init__(self, *, namespace: str = "tracker_eval/decision") -> None:
+    def __init__(self, *, namespace: str) -> None:
         self.namespace = namespace
         self.seq = 0
+        self._deleted = 0  # process 0: decisions up to this one are gone from the store
 
     def exchange(self, value: int | None = None, *, poll_s: float = 1.0, alive: Any = None) -> int:
         """Process 0 passes its `value`; every process returns process 0's value.
@@ -146,20 +151,33 @@ class DecisionChannel:
           value: the decision on process 0 (ignored elsewhere).
           poll_s: how often a follower re-checks `alive` while waiting.
           alive: optional callable; a follower stops waiting and raises when it returns False.
+
+        Raises:
+          RuntimeError: `alive` returned False while this follower waited.
         """
         self.seq += 1
+        decided = int(value if value is not None else 0)
         if jax.process_count() == 1:
-            return int(value if value is not None else 0)
-        key = f"{self.namespace}/{self.seq}"
+            return decided
         client = kvstore.client()
+        key = f"{self.namespace}/{self.seq}"
         if is_primary():
-            client.key_value_set(key, str(int(value if value is not None else 0)))
-            return int(value if value is not None else 0)
+            kvstore.put(client, key, str(decided))
+            self._delete_read(client)
+            return decided
         while True:
-            try:
-                return int(client.blocking_key_value_get(key, int(poll_s * 1000)))
-            except Exception as error:  # noqa: BLE001 - a timeout of this poll, or a lost coordinator
-                if "DEADLINE_EXCEEDED" not in str(error) and "timed out" not in str(error).lower():
-                    raise
-                if alive is not None and not alive():
-                    raise RuntimeError("stopped while waiting for process 0") from None
+            got = kvstore.wait_get(client, key, timeout_s=poll_s)
+            if got is not None:
+                kvstore.put(client, f"{self.namespace}-read/{jax.process_index()}", str(self.seq), overwrite=True)
+                return int(got)
+            if alive is not None and not alive():
+                raise RuntimeError("stopped while waiting for process 0")
+
+    def _delete_read(self, client: Any) -> None:
+        read = kvstore.keys_under(client, f"{self.namespace}-read")
+        if len(read) < jax.process_count() - 1:
+            return
+        everyone = min(int(seq) for seq in read.values())
+        for seq in range(self._deleted + 1, everyone + 1):
+            kvstore.delete(client, f"{self.namespace}/{seq}")
+        self._deleted = max(self._deleted, everyone)

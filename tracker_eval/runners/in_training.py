@@ -51,8 +51,8 @@ class InTrainingEvaluation:
         self.raise_on_error = raise_on_error
         self.close_drain_s = close_drain_s
         self.primary = distributed.is_primary()
-        self.channel = distributed.DecisionChannel(namespace="tracker_eval/in_training")
         self.pipeline = Pipeline(config, components=Components.resolve(config), progress=False)
+        self.channel = distributed.DecisionChannel(namespace=f"tracker_eval/{self.pipeline.stream_key}/in-training")
         self.ledger: Any = None
         self.delivery: Any = None
         self.session: Any = None
@@ -131,7 +131,7 @@ class InTrainingEvaluation:
                                          rng=jax.random.key(self.config.seed))
             state = state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
             result = self.pipeline.evaluate_state(state, checkpoint=self.pipeline.checkpoint_path(step),
-                                                  source="in-training")
+                                                  attempt=self.channel.seq, source="in-training")
         except Exception as error:
             if self.primary:
                 self.ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)

@@ -13,6 +13,7 @@ the data factory runs once per process, not once per checkpoint, while the set f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.cache import BatchCache, CachedData
 from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
 from tracker_eval.evaluation.models import adapt_model
@@ -28,6 +30,8 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
 from tracker_eval.imports import resolve
+
+_STREAMS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,11 @@ class Pipeline:
         )
         self.config_hash = config.config_hash()
         self.cache = BatchCache(mode=config.cache, max_mb=config.cache_max_mb)
+        # Names this stream's keys in the runtime's key-value store. Every process builds its
+        # pipelines in the same order, so the count agrees even where paths or data_kwargs differ
+        # between hosts (a hash of the config would not).
+        self.stream_key = f"stream-{next(_STREAMS)}"
+        self._attempts = 0
 
     def data(self) -> CachedData:
         """This process's slice of the eval split, behind the cache (the factory runs when needed)."""
@@ -127,24 +136,49 @@ class Pipeline:
             **extra,
         }
 
-    def evaluate_step(self, step: int) -> EvalResult:
-        """Restores and evaluates one checkpoint step."""
-        start = time.perf_counter()
-        state = self.restore(step)
-        restore_s = time.perf_counter() - start
-        return self.evaluation.evaluate(
-            state,
-            self.data(),
-            checkpoint=self.checkpoint_path(step),
-            provenance=self.provenance(restore_s=round(restore_s, 4)),
-        )
+    def exchange_prefix(self, step: int, attempt: int | None) -> str:
+        """Key prefix of one evaluation attempt: `tracker_eval/<stream>/<step>/<attempt>`.
 
-    def evaluate_state(self, state: EvalState, *, checkpoint: str, **provenance: Any) -> EvalResult:
+        Args:
+          step: the step evaluated.
+          attempt: the same number on every process (e.g. the decision that started it); by
+            default a count of this pipeline's evaluations, which every process keeps in step.
+        """
+        self._attempts += 1
+        return f"tracker_eval/{self.stream_key}/{step}/{self._attempts if attempt is None else attempt}"
+
+    def evaluate_step(self, step: int, *, attempt: int | None = None) -> EvalResult:
+        """Restores and evaluates one checkpoint step.
+
+        With several processes, a process that cannot restore the step or open its data stops the
+        attempt on every process (`agreement.PeerFailedError` on the others) instead of leaving
+        them waiting in a collective.
+        """
+        with agreement.scope(None, lambda: self.exchange_prefix(step, attempt)) as exchange:
+            with exchange.guard():
+                start = time.perf_counter()
+                state = self.restore(step)
+                restore_s = time.perf_counter() - start
+                data = self.data()
+            return self.evaluation.evaluate(
+                state,
+                data,
+                checkpoint=self.checkpoint_path(step),
+                provenance=self.provenance(restore_s=round(restore_s, 4)),
+                exchange=exchange,
+            )
+
+    def evaluate_state(
+        self, state: EvalState, *, checkpoint: str, attempt: int | None = None, **provenance: Any
+    ) -> EvalResult:
         """Evaluates a live state (params already in memory, e.g. inside training)."""
         if state.apply_fn is None:
             state = state.replace(apply_fn=self.adapter.apply_fn)
         if state.rng is None:
             state = state.replace(rng=jax.random.key(self.config.seed))
-        return self.evaluation.evaluate(
-            state, self.data(), checkpoint=checkpoint, provenance=self.provenance(**provenance)
-        )
+        with agreement.scope(None, lambda: self.exchange_prefix(int(state.step), attempt)) as exchange:
+            with exchange.guard():
+                data = self.data()
+            return self.evaluation.evaluate(
+                state, data, checkpoint=checkpoint, provenance=self.provenance(**provenance), exchange=exchange
+            )

@@ -11,6 +11,7 @@ outbox in step order, through tracker outages and restarts.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -52,7 +53,6 @@ class Watcher:
         self.stop_requested = threading.Event()
         self.stop_reason = ""
         self.primary = distributed.is_primary()
-        self.channel = distributed.DecisionChannel()
         components = components or Components.resolve(config)
         self.ledger: Any = None
         self.session: Any = None
@@ -64,6 +64,7 @@ class Watcher:
             self._open_primary()
         self.pipeline = Pipeline(config, components=components)
         self.pipeline.evaluation.should_abort = self.stop_requested.is_set
+        self.channel = distributed.DecisionChannel(namespace=f"tracker_eval/{self.pipeline.stream_key}/decisions")
 
     def _open_primary(self) -> None:
         from tracker_eval.checkpoints.fswatch import DirectoryEvents  # noqa: PLC0415
@@ -195,13 +196,16 @@ class Watcher:
                 return
 
     def _evaluate(self, step: int) -> None:
+        import jax  # noqa: PLC0415
+
         from tracker_eval.checkpoints.tree import CheckpointVanishedError  # noqa: PLC0415
         from tracker_eval.evaluation.evaluator import EvalAborted  # noqa: PLC0415
 
         LOG.info("tracker-eval: evaluating step %d", step)
         renewer = _LeaseRenewer(self, step) if self.primary else None
         try:
-            result = self.pipeline.evaluate_step(step)
+            # The decision's number names this attempt in the key-value store on every process.
+            result = self.pipeline.evaluate_step(step, attempt=self.channel.seq)
         except EvalAborted:
             if self.primary:
                 self.ledger.release(step, owner=self.owner)
@@ -215,9 +219,7 @@ class Watcher:
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
             if self.primary:
                 self._record_failure(step, error)
-            else:  # process 0 records it; this process says why its part failed, for the job's logs
-                import jax  # noqa: PLC0415
-
+            else:  # process 0 records it; this process says why, for the job's logs
                 LOG.warning("tracker-eval: process %d: step %d failed: %s: %s", jax.process_index(),
                             step, type(error).__name__, one_line(error, limit=400))
             return
@@ -225,6 +227,9 @@ class Watcher:
             if renewer is not None:
                 renewer.stop()
         if not self.primary:
+            # Every process finalizes the same reduced metrics; saying so lets an operator check.
+            LOG.info("tracker-eval: process %d: step %d reduced metrics %s", jax.process_index(), step,
+                     json.dumps(result.to_json()["metrics"], sort_keys=True))
             return
         LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
                  _headline(result.metrics))
