@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -131,16 +132,20 @@ def test_policies_record_skipped_steps_with_reason(tmp_path, source_checkpoints,
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     for step in present:
         publish(source_checkpoints, ckpts, step)
-    config = write_config(tmp_path, watch={"poll_interval_s": 0.3, "idle_timeout_s": 3, "policy": policy})
+    # No idle timeout: on a busy machine it could fire before the next step is published. The test
+    # ends the watch itself, with SIGTERM, once everything has settled.
+    config = write_config(tmp_path, watch={"poll_interval_s": 0.3, "policy": policy})
     with WatcherProcess(config) as watcher:
         for source_step, step in late:
             wait_for(lambda: all(s in ("delivered", "skipped") for s in states(out).values()) and states(out),
-                     timeout=60, what="every known step settled", watchers=[watcher])
+                     timeout=120, what="every known step settled", watchers=[watcher])
             publish(source_checkpoints, ckpts, source_step, as_step=step)
-            wait_for(lambda step=step: states(out).get(step) in ("delivered", "skipped"), timeout=30,
+            wait_for(lambda step=step: states(out).get(step) in ("delivered", "skipped"), timeout=120,
                      what=f"step {step} settled", watchers=[watcher])
-        code = watcher.wait_exit(timeout=30)
+        watcher.signal(signal.SIGTERM)
+        code = watcher.wait_exit(timeout=120)
     assert code == 0, watcher.tail()
+    assert "stopped (signal SIGTERM)" in watcher.text
     rows = ledger_rows(out)
     known = sorted({*present, *(step for _, step in late)})
     assert sorted(rows) == known

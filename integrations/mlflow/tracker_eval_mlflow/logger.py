@@ -12,7 +12,9 @@ imported on first use (2-4 s), never when tracker-eval is imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -22,7 +24,7 @@ import pathlib
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -215,15 +217,19 @@ class MlflowLogger:
 
     def _ensure_run(self) -> tuple[MlflowClient, str]:
         with self._lock:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
+            if self._client is not None and self._run_id is not None and self._experiment_id is not None:
+                return self._client, self._run_id
+            # Constructing the client already opens (and creates) an embedded store.
+            with local_store_lock(self.tracking_uri):
+                if self._client is None:
+                    from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            client = self._client
-            if self._run_id is not None and self._experiment_id is None:
-                self._experiment_id = client.get_run(self._run_id).info.experiment_id
-            if self._run_id is None:
-                self._run_id, self._experiment_id = self._find_or_create_run(client)
+                    self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                client = self._client
+                if self._run_id is not None and self._experiment_id is None:
+                    self._experiment_id = client.get_run(self._run_id).info.experiment_id
+                if self._run_id is None:
+                    self._run_id, self._experiment_id = self._find_or_create_run(client)
             return client, self._run_id
 
     def _find_or_create_run(self, client: MlflowClient) -> tuple[str, str]:
@@ -253,6 +259,29 @@ class MlflowLogger:
             return None
         database = pathlib.Path(self.tracking_uri[len("sqlite:///") :])
         return (database.parent.absolute() / "mlflow-artifacts").as_uri()
+
+
+@contextlib.contextmanager
+def local_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serializes first use of an embedded ``sqlite:///`` store between processes (a no-op for a server).
+
+    The first call into a fresh store creates its tables and runs MLflow's migrations; two processes
+    doing that at once (training with `InTrainingEvaluation` beside a watcher) break each other's
+    migration ("duplicate column name", alembic version mismatches) and print alembic warnings. Under
+    an exclusive lock on ``<database>.lock`` the first process creates and migrates the store and
+    creates the run; the next one finds both.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = pathlib.Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def sanitize_key(key: str) -> str:
