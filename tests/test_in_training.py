@@ -174,7 +174,7 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
 
 
 def test_an_in_training_evaluation_longer_than_the_lease_keeps_its_claim(tmp_path, source_checkpoints):
-    """An in-training evaluation taking over 4x `lease_ttl_s`, a watcher polling beside it: one evaluation."""
+    """An in-training evaluation taking over 3.5x `lease_ttl_s`, a watcher polling beside it: one evaluation."""
     import threading
 
     from reference import restored_params
@@ -183,11 +183,11 @@ def test_an_in_training_evaluation_longer_than_the_lease_keeps_its_claim(tmp_pat
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
 
-    lease_ttl_s, batches = 2.0, 7  # 397 validation examples in batches of 64
+    lease_ttl_s, batches = 3.0, 7  # 397 validation examples in batches of 64
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     ckpts.mkdir()
     # The watcher reads the same config, so the same slow data: a takeover would cost it as long.
-    config_path = write_config(tmp_path, delay_s=4 * lease_ttl_s / batches + 0.05, watch={
+    config_path = write_config(tmp_path, delay_s=3.5 * lease_ttl_s / batches + 0.05, watch={
         "poll_interval_s": 0.3, "lease_ttl_s": lease_ttl_s, "until_step": 20})
     params = restored_params(source_checkpoints, 20)
     seen: dict[str, object] = {}

@@ -48,10 +48,10 @@ def test_processes_opening_a_fresh_embedded_store_at_once_share_one_migrated_sto
                 for step in steps]
     try:
         wait_for(lambda: all((out / f"ready-{step}").exists() for step in steps) or any(
-            c.poll() is not None for c in children), timeout=180, what="every process ready")
+            c.poll() is not None for c in children), timeout=600, what="every process ready")
         assert not (out / "mlflow.db").exists()  # nobody has touched the store yet
         (out / "go").touch()
-        results = [c.communicate(timeout=180) for c in children]
+        results = [c.communicate(timeout=600) for c in children]  # bounds, not speeds
     finally:
         for child in children:
             child.kill()

@@ -100,19 +100,22 @@ def test_tmp_dir_never_evaluated_late_lower_step_evaluated_idle_timeout_stops(tm
     # An in-progress save that never finishes: a full copy under Orbax's temporary name.
     shutil.copytree(source_checkpoints / "120", ckpts / "120.orbax-checkpoint-tmp")
     publish(source_checkpoints, ckpts, 60)
-    config = write_config(tmp_path, watch={"poll_interval_s": 0.3, "idle_timeout_s": 4})
+    idle_s = 8
+    config = write_config(tmp_path, watch={"poll_interval_s": 0.3, "idle_timeout_s": idle_s})
     with WatcherProcess(config) as watcher:
-        wait_for(lambda: states(out).get(60) == "delivered", timeout=60, what="step 60 delivered", watchers=[watcher])
-        # A lower step written elsewhere and renamed in after a higher one was evaluated.
+        # A lower step written elsewhere and renamed in once a higher one was taken. Published as soon
+        # as step 60 is claimed: the idle clock then cannot run out before it, however busy the machine.
+        wait_for(lambda: states(out).get(60) in ("evaluating", "evaluated", "delivered"), timeout=120,
+                 what="step 60 taken", watchers=[watcher], interval=0.02)
         publish(source_checkpoints, ckpts, 20, staging=tmp_path / "elsewhere")
-        wait_for(lambda: states(out).get(20) == "delivered", timeout=30, what="late step 20 delivered",
+        wait_for(lambda: states(out).get(20) == "delivered", timeout=120, what="late step 20 delivered",
                  watchers=[watcher])
         late_at = time.monotonic()
-        code = watcher.wait_exit(timeout=30)
+        code = watcher.wait_exit(timeout=idle_s + 120)
         idle_stop_s = time.monotonic() - late_at
     assert code == 0, watcher.tail()
-    assert "no new checkpoint for 4 s" in watcher.text
-    assert idle_stop_s < 15, f"idle_timeout_s=4 took {idle_stop_s:.1f} s to stop the watcher"
+    assert f"no new checkpoint for {idle_s} s" in watcher.text
+    assert idle_stop_s < idle_s + 60, f"idle_timeout_s={idle_s} took {idle_stop_s:.1f} s to stop the watcher"
     assert watcher.evaluated_steps() == [60, 20]
     assert states(out) == {20: "delivered", 60: "delivered"}  # 120 was never even registered
     assert_exactly_once(out, stored_metrics(out))
