@@ -16,6 +16,7 @@ from watcher_harness import child_env, wait_for
 
 CHILD = textwrap.dedent("""
     import os, pathlib, sys, time
+    import mlflow.tracking
     from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger
     from tracker_eval.evaluation.result import EvalResult
     from tracker_eval.loggers.base import LoggerContext
@@ -24,11 +25,11 @@ CHILD = textwrap.dedent("""
     quiet_environment()
     configure_logging(verbose=False)  # as the CLI and the demo's training process do
     out, step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-    logger = MlflowLogger(MlflowConfig(experiment="shared-store"), name="mlflow",
-                          context=LoggerContext(output_dir=str(out), run_key="ckpts@shared"))
     (out / f"ready-{step}").touch()
     while not (out / "go").exists():  # every process imported mlflow: start together
         time.sleep(0.01)
+    logger = MlflowLogger(MlflowConfig(experiment="shared-store"), name="mlflow",
+                          context=LoggerContext(output_dir=str(out), run_key="ckpts@shared"))
     logger.log_result(EvalResult(step=step, checkpoint=f"/ckpts/{step}", metrics={"loss": step / 100}))
     logger.close()
     print("done", logger.run_state()["run_id"], flush=True)

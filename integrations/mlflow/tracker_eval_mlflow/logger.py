@@ -100,6 +100,11 @@ class MlflowLogger:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(self.config.timeout_s)))
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.config.max_retries)
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        if self.tracking_uri.startswith("sqlite:///"):
+            # An embedded store has no server to wait for: create and migrate it and find the run
+            # now, at start-up, so that this one-time work (seconds; minutes on a loaded machine)
+            # never counts against a delivery deadline, and the run id is known to the ledger at once.
+            self._ensure_run()
 
     def run_state(self) -> dict[str, Any]:
         """State to persist across restarts: ``{"run_id": ..., "experiment_id": ...}`` (None before first use)."""
