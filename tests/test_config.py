@@ -74,7 +74,7 @@ def test_environment_interpolation_for_secrets(tmp_path, monkeypatch):
         ("", ["params_sharding=diagonal"], r"params_sharding 'diagonal' is not one of auto, replicated, fsdp"),
         ("", ["nonsense"], r"override 'nonsense' is not key=value"),
         ("", ["cache=disk"], r"cache 'disk' is not one of host, device, none"),
-        ("", ["cache_max_mb=0"], r"cache_max_mb must be > 0, got 0.0; to turn the cache off set cache: none"),
+        ("", ["cache_max_mb=0"], r"cache_max_mb must be in \(0, 16777216\], got 0.0; set it within that range"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_key_and_choices(tmp_path, extra, overrides, message):
@@ -102,3 +102,51 @@ def test_config_hash_ignores_mesh_and_batch_but_not_the_model(tmp_path):
     base = load_config(path).config_hash()
     assert load_config(path, overrides=["mesh.data=2", "batch_size=8"]).config_hash() == base
     assert load_config(path, overrides=["split=test"]).config_hash() != base
+
+
+@pytest.mark.parametrize(
+    "override, key, valid",
+    [
+        ("watch.lease_ttl_s=0.5", "watch.lease_ttl_s", "[1, 86400]"),
+        ("watch.lease_ttl_s=.nan", "watch.lease_ttl_s", "[1, 86400]"),
+        ("watch.delivery_deadline_s=0", "watch.delivery_deadline_s", "(0, 86400]"),
+        ("watch.delivery_deadline_s=.inf", "watch.delivery_deadline_s", "(0, 86400]"),
+        ("watch.outbox_wait_s=-1", "watch.outbox_wait_s", "[0, 86400]"),
+        ("watch.idle_timeout_s=0", "watch.idle_timeout_s", "(0, 2592000] or null"),
+        ("watch.until_step=-5", "watch.until_step", f"[0, {2**63 - 1}] or null"),
+        ("watch.max_attempts=0", "watch.max_attempts", "[1, 1000]"),
+        ("watch.poll_interval_s=0", "watch.poll_interval_s", "(0, 3600]"),
+        ("batch_size=0", "batch_size", "[1, 2147483647]"),
+        ("distributed.heartbeat_timeout_s=0.5", "distributed.heartbeat_timeout_s", "[1, 86400]"),
+        ("distributed.initialization_timeout_s=-3", "distributed.initialization_timeout_s", "[1, 86400]"),
+        ("distributed.num_processes=0", "distributed.num_processes", "[1, 1000000] or null"),
+    ],
+)
+def test_every_numeric_setting_is_range_checked(tmp_path, override, key, valid):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, MINIMAL), overrides=[override])
+    message = str(info.value)
+    assert message.startswith(f"{key} must be in {valid}, got "), message
+    assert "\n" not in message
+
+
+def test_range_edges_are_valid_and_floats_stay_floats(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL), overrides=[
+        "watch.lease_ttl_s=1", "watch.outbox_wait_s=0", "watch.until_step=0", "watch.idle_timeout_s=null",
+        "distributed.heartbeat_timeout_s=2.5", "distributed.initialization_timeout_s=30"])
+    assert config.watch.lease_ttl_s == 1.0 and isinstance(config.watch.lease_ttl_s, float)
+    assert config.watch.until_step == 0 and config.watch.idle_timeout_s is None
+    assert config.distributed.heartbeat_timeout_s == 2.5  # not truncated to a whole second
+    assert isinstance(config.distributed.initialization_timeout_s, float)
+
+
+def test_out_of_range_setting_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    exe = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
+    proc = subprocess.run([exe, "status", "--config", str(_write(tmp_path, MINIMAL)), "watch.lease_ttl_s=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("tracker-eval: error: watch.lease_ttl_s must be in [1, 86400], got 0.0; "
+                                   "set it within that range")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from reference import validation_metrics
 
-pytest_plugins = ["fixtures_mlflow"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
@@ -101,9 +101,10 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
                 loggers=["jsonl", "mlflow", "wandb"]) as ledger:
         rows = ledger.rows()
         expected = {step: ledger.result(step).metrics["loss"] for step in STEPS}
+        sources = {step: ledger.result(step).provenance.get("source") for step in STEPS}
     assert [(r["step"], str(r["state"]), r["attempts"]) for r in rows] == [(s, "delivered", 1) for s in STEPS]
-    sources = {r["step"] for r in rows}
-    assert sources == set(STEPS)
+    # The ledger stores whose result each is: training's for the steps it evaluated, the watcher's otherwise.
+    assert {step for step, source in sources.items() if source == "in-training"} == set(in_process)
 
     jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in jsonl) == STEPS
@@ -170,3 +171,55 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
     assert best["value"] == pytest.approx(losses[best_step], rel=1e-12)
     summary = reader.read_summary_updates(out / "wandb", derive_run_id(run_key(load_config(config_path))))
     assert summary["best_step"] == best_step
+
+
+def test_an_in_training_evaluation_longer_than_the_lease_keeps_its_claim(tmp_path, source_checkpoints):
+    """An in-training evaluation taking over 3.5x `lease_ttl_s`, a watcher polling beside it: one evaluation."""
+    import threading
+
+    from reference import restored_params
+    from watcher_harness import WatcherProcess, jsonl_points, ledger_rows, owner_pid, publish, wait_for, write_config
+
+    from tracker_eval import InTrainingEvaluation
+    from tracker_eval.config import load_config
+
+    lease_ttl_s, batches = 3.0, 7  # 397 validation examples in batches of 64
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    ckpts.mkdir()
+    # The watcher reads the same config, so the same slow data: a takeover would cost it as long.
+    config_path = write_config(tmp_path, delay_s=3.5 * lease_ttl_s / batches + 0.05, watch={
+        "poll_interval_s": 0.3, "lease_ttl_s": lease_ttl_s, "until_step": 20})
+    params = restored_params(source_checkpoints, 20)
+    seen: dict[str, object] = {}
+    with WatcherProcess(config_path) as watcher:
+        wait_for(lambda: "tracker-eval: watching" in watcher.text, timeout=120, what="watcher polling",
+                 watchers=[watcher])
+
+        def look_twice_the_lease_later() -> None:
+            # Training claims step 20 before Orbax has finalized it; the watcher then finds it mid-evaluation.
+            wait_for(lambda: owner_pid(ledger_rows(out).get(20, {}).get("owner")) == os.getpid(), timeout=120,
+                     what="in-training claim on step 20", watchers=[watcher])
+            claimed_at = time.monotonic()
+            publish(source_checkpoints, ckpts, 20)
+            wait_for(lambda: time.monotonic() >= claimed_at + 2 * lease_ttl_s, timeout=60, what="two lease lengths")
+            row = ledger_rows(out)[20]
+            seen.update(holder=owner_pid(row["owner"]), state=row["state"], watcher_running=watcher.returncode is None)
+
+        helper = threading.Thread(target=look_twice_the_lease_later, daemon=True)
+        helper.start()
+        with InTrainingEvaluation(load_config(config_path)) as evaluation:
+            result = evaluation.after_checkpoint(step=20, params=params)
+        helper.join(timeout=130)
+        code = watcher.wait_exit(timeout=120)
+    assert code == 0, watcher.tail()
+    # Two lease lengths into the evaluation, with the watcher polling, the step is still training's.
+    assert seen == {"holder": os.getpid(), "state": "evaluating", "watcher_running": True}, (seen, watcher.tail())
+    assert result is not None, "the in-training result was dropped"
+    assert result.metrics["loss"] == pytest.approx(_numpy_loss(params), rel=1e-5)
+    row = ledger_rows(out)[20]
+    assert (row["state"], row["attempts"], row["reason"]) == ("delivered", 1, None), row
+    assert watcher.evaluated_steps() == [], watcher.tail()
+    assert "took over" not in watcher.text
+    points = jsonl_points(out)
+    assert list(points) == [20] and len(points[20]) == 1
+    assert points[20][0]["loss"] == pytest.approx(result.metrics["loss"], rel=1e-12)

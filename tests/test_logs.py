@@ -46,3 +46,22 @@ def test_asyncio_reports_of_failed_reads_are_dropped_and_other_errors_kept(resto
     assert asyncio_logger.filter(other)
     configure_logging(verbose=False)  # idempotent: one filter, not two
     assert len(asyncio_logger.filters) == 1
+
+
+def test_library_warnings_stay_off_the_terminal_unless_verbose(restore_logging, monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "ERROR")  # verbose sets it; put back at teardown
+
+    def raised(module: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            configure_logging(verbose=verbose)
+            warnings.warn_explicit("note", UserWarning, "x.py", 1, module=module)
+        return [str(w.message) for w in caught]
+
+    verbose = False
+    assert raised("alembic.operations.batch") == [] and raised("sqlalchemy.engine") == []
+    assert raised("my_project.eval") == ["note"]  # the user's own warnings are theirs to see
+    verbose = True
+    assert raised("alembic.operations.batch") == ["note"]

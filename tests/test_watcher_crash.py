@@ -48,7 +48,8 @@ def _delivering(out) -> list[int]:
 
 def test_kill9_at_several_moments_then_restart_delivers_everything_exactly_once(tmp_path, source_checkpoints,
                                                                                   mlflow_server):
-    seed = int(os.environ.get("WATCHER_KILL_SEED", time.time_ns() % 100_000))
+    # A fixed seed, so a failure repeats; WATCHER_KILL_SEED=N explores other kill moments.
+    seed = int(os.environ.get("WATCHER_KILL_SEED", "12"))
     rng = random.Random(seed)
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     for step in SOURCE_STEPS:

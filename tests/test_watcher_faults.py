@@ -17,6 +17,7 @@ from watcher_harness import (
     assert_exactly_once,
     child_env,
     ledger_rows,
+    owner_pid,
     publish,
     states,
     stored_metrics,
@@ -140,6 +141,44 @@ def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tm
     assert watcher.evaluated_steps().count(40) == 2
     # The failed reads' leftovers (Orbax coroutines, closed event loops) never reach the log.
     assert "Traceback" not in watcher.text and "Exception ignored" not in watcher.text, watcher.tail()
+    assert_exactly_once(out, stored_metrics(out))
+
+
+def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_goes_on(tmp_path, source_checkpoints):
+    from tracker_eval.config import load_config
+    from tracker_eval.ledger.steps import Ledger
+
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    config = write_config(tmp_path, delay_s=0.3, watch={"poll_interval_s": 0.3, "lease_ttl_s": 1, "until_step": 40})
+    publish(source_checkpoints, ckpts, 20)
+    publish(source_checkpoints, ckpts, 40)
+    loaded = load_config(config)
+    with WatcherProcess(config) as watcher:
+        wait_for(lambda: owner_pid(ledger_rows(out).get(20, {}).get("owner")) == watcher.pid
+                 and 20 in watcher.evaluated_steps(), timeout=120, what="watcher evaluating step 20",
+                 watchers=[watcher], interval=0.02)
+        # Suspended past its lease (a paused VM, a stalled disk): another process takes the step over.
+        watcher.signal(signal.SIGSTOP)
+        try:
+            with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=loaded.config_hash(),
+                        loggers=["jsonl"]) as other:
+                wait_for(lambda: other.claim(20, owner="other-holder", ttl_s=600), timeout=60,
+                         what="the lease of step 20 to expire", interval=0.1)
+        finally:
+            watcher.signal(signal.SIGCONT)
+        wait_for(lambda: "claim was taken over" in watcher.text, timeout=120, what="the lost-claim warning",
+                 watchers=[watcher])
+        with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=loaded.config_hash(),
+                    loggers=["jsonl"]) as other:
+            assert other.release(20, owner="other-holder")  # handed back: evaluated again, once
+        code = watcher.wait_exit(timeout=120)
+    assert code == 0, watcher.tail()
+    warnings = [line for _, line in watcher.lines if "claim was taken over" in line]
+    assert len(warnings) == 1 and "step 20" in warnings[0] and "other-holder" in warnings[0], warnings
+    assert "Traceback" not in watcher.text, watcher.tail()
+    assert sorted(watcher.evaluated_steps()) == [20, 20, 40]  # 40 may come before the second 20
+    rows = ledger_rows(out)
+    assert {s: (r["state"], r["attempts"]) for s, r in rows.items()} == {20: ("delivered", 2), 40: ("delivered", 1)}
     assert_exactly_once(out, stored_metrics(out))
 
 

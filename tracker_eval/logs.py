@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
 NOISY = ("absl", "jax", "jax._src", "orbax", "orbax.checkpoint", "etils", "wandb", "mlflow", "alembic",
-         "urllib3", "git", "matplotlib", "PIL", "tensorstore")
+         "sqlalchemy", "urllib3", "git", "matplotlib", "PIL", "tensorstore")
 
 
 def quiet_environment() -> None:
@@ -89,3 +90,7 @@ def configure_logging(*, verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
+        # Python warnings of the libraries held back above (e.g. alembic's notes while MLflow
+        # migrates its store): library internals, not something the user can act on.
+        for name in NOISY:
+            warnings.filterwarnings("ignore", module=rf"{re.escape(name)}(\.|$)")

@@ -13,6 +13,7 @@ of the corrupt/vanished errors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tracker_eval.errors import ConfigError, one_line
+
+LOG = logging.getLogger("tracker_eval")
 
 # Written by the PyTree/Standard handlers into each pytree item.
 _PYTREE_METADATA_FILE = "_METADATA"
@@ -170,16 +173,26 @@ def _light_abstract(
     the precise corrupt/vanished errors. A wrong path is a `ConfigError` listing the keys either way.
     """
     if not _is_local(item_dir):
+        LOG.debug("tracker-eval: %s is remote; its shapes come from Orbax's full metadata read", item_dir)
         return None
     try:
         tree, meta = _light_tree(item_dir)
-    except Exception:  # noqa: BLE001 - anything unexpected: let Orbax's reader decide
+    except Exception as e:  # noqa: BLE001 - anything unexpected: let Orbax's reader decide
+        _fell_back(item_dir, "its tree", e)
         return None
     found = {path: _find_subtree(tree, path, config_key=key, **where) for path, key in wanted}
     try:
         return {path: _fill_shapes(subtree, item_dir=item_dir, meta=meta) for path, subtree in found.items()}
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        _fell_back(item_dir, "the wanted arrays' shapes", e)
         return None
+
+
+def _fell_back(item_dir: epath.Path, what: str, error: Exception) -> None:
+    # Said (with --verbose) because the fallback reads every array's metadata, the optimizer
+    # state's too: a layout that always lands here costs time on every checkpoint.
+    LOG.debug("tracker-eval: reading %s of %s directly failed (%s: %s); using Orbax's full metadata read",
+              what, item_dir, type(error).__name__, one_line(error, limit=200))
 
 
 def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: str) -> CheckpointError:

@@ -1,4 +1,5 @@
-"""The run configuration: typed, frozen dataclasses (`schema`) and their strict YAML loader (`load`).
+"""The run configuration: typed, frozen dataclasses (`schema`), their strict YAML loader (`load`) and
+the valid range of every numeric setting (`ranges`).
 
 Shared by every stage.
 

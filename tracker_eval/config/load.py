@@ -16,6 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tracker_eval.config.ranges import check_ranges
 from tracker_eval.config.schema import CACHE_MODES, EvalConfig
 from tracker_eval.errors import ConfigError, one_line
 
@@ -83,13 +84,12 @@ POLICIES = ("all", "latest", "every_n_steps")
 
 
 def validate(config: EvalConfig) -> None:
-    """Checks values that types alone cannot (ranges, choices).
+    """Checks values that types alone cannot (ranges, see `tracker_eval.config.ranges`; choices).
 
     Raises:
       ConfigError: naming the key, the bad value and the valid choices.
     """
-    if config.batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+    check_ranges(config)
     sizes = dataclasses.asdict(config.mesh)
     for axis, size in sizes.items():
         if size == 0 or size < -1:
@@ -102,17 +102,9 @@ def validate(config: EvalConfig) -> None:
         )
     if config.cache not in CACHE_MODES:
         raise ConfigError(f"cache {config.cache!r} is not one of {', '.join(CACHE_MODES)}")
-    if not config.cache_max_mb > 0:
-        raise ConfigError(f"cache_max_mb must be > 0, got {config.cache_max_mb}; to turn the cache off set cache: none")
     policy_name(config.watch.policy)
     if config.watch.best is not None and config.watch.best.mode not in ("min", "max"):
         raise ConfigError(f"watch.best.mode {config.watch.best.mode!r} is not one of min, max")
-    if config.watch.max_attempts < 1:
-        raise ConfigError(f"watch.max_attempts must be >= 1, got {config.watch.max_attempts}")
-    if config.watch.poll_interval_s <= 0:
-        raise ConfigError(f"watch.poll_interval_s must be > 0, got {config.watch.poll_interval_s}")
-    if config.watch.outbox_wait_s < 0:
-        raise ConfigError(f"watch.outbox_wait_s must be >= 0, got {config.watch.outbox_wait_s}")
     for i, spec in enumerate(config.loggers):
         if not isinstance(spec.get("type"), str):
             raise ConfigError(f"loggers[{i}] needs a 'type' (e.g. console, jsonl, wandb, mlflow), got {dict(spec)!r}")

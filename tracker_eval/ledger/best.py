@@ -12,22 +12,39 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Iterable, Mapping
 
 from tracker_eval.ledger.files import decoded_metrics
 
 
+def beats(step: int, value: float, *, best: tuple[int, float] | None, mode: str) -> bool:
+    """Whether (`step`, `value`) replaces `best`: strictly better, or equal at a lower step; NaN never."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    best_step, best_value = best
+    better = value < best_value if mode == "min" else value > best_value
+    return better or (value == best_value and step < best_step)
+
+
+def best_of(results: Iterable[tuple[int, Mapping[str, float]]], *, metric: str, mode: str) -> tuple[int, float] | None:
+    """The best (step, value) of `metric` among (step, metrics) pairs, by the rules above; None if none has it."""
+    best = None
+    for step, metrics in results:
+        if metric in metrics and beats(step, float(metrics[metric]), best=best, mode=mode):
+            best = (step, float(metrics[metric]))
+    return best
+
+
 def offer_best(conn: sqlite3.Connection, stream: int, *, step: int, value: float, mode: str) -> None:
     """Makes `step` the best of `stream` if `value` beats the current best (call inside a write)."""
-    if math.isnan(value):
-        return
     best_step, best_value = conn.execute(
         "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (stream,)
     ).fetchone()
-    if best_step is not None:
-        better = value < best_value if mode == "min" else value > best_value
-        if not (better or (value == best_value and step < best_step)):
-            return
-    conn.execute("UPDATE streams SET best_step = ?, best_value = ? WHERE stream_id = ?", (step, value, stream))
+    current = None if best_step is None else (best_step, best_value)
+    if beats(step, value, best=current, mode=mode):
+        conn.execute("UPDATE streams SET best_step = ?, best_value = ? WHERE stream_id = ?", (step, value, stream))
 
 
 def reconcile_best(conn: sqlite3.Connection, stream: int, *, metric: str | None, mode: str) -> None:
@@ -51,6 +68,11 @@ def reconcile_best(conn: sqlite3.Connection, stream: int, *, metric: str | None,
         metrics = decoded_metrics(payload)
         if metric in metrics:
             offer_best(conn, stream, step=step, value=metrics[metric], mode=mode)
+
+
+def tracked_metric(conn: sqlite3.Connection, stream: int) -> tuple[str | None, str | None]:
+    """The (metric, mode) whose best the ledger keeps for `stream`; (None, None) when none."""
+    return tuple(conn.execute("SELECT best_metric, best_mode FROM streams WHERE stream_id = ?", (stream,)).fetchone())
 
 
 def read_best(conn: sqlite3.Connection, stream: int) -> tuple[int, float] | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.ledger.schema import SchemaError, migrate
+from tracker_eval.locations import normalize_checkpoint_dir
 
 LEDGER_FILENAME = "ledger.sqlite"
 RESULTS_DIRNAME = "results"
@@ -101,7 +102,10 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 @contextlib.contextmanager
 def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Several reads that see one consistent state of the file."""
+    """Several reads that see one consistent state of the file (inside an open one: that one)."""
+    if conn.in_transaction:
+        yield conn
+        return
     conn.execute("BEGIN")
     try:
         yield conn
@@ -129,7 +133,7 @@ class LedgerStore:
         if len(set(loggers)) != len(loggers) or not all(isinstance(n, str) and n for n in loggers):
             raise ConfigError(f"loggers={list(loggers)!r} must be distinct non-empty names")
         self.output_dir = Path(output_dir)
-        self.checkpoint_dir = _normalize_checkpoint_dir(checkpoint_dir)
+        self.checkpoint_dir = normalize_checkpoint_dir(checkpoint_dir)
         self.config_hash = config_hash
         self.loggers = tuple(loggers)
         self._busy_timeout_s = busy_timeout_s
@@ -220,13 +224,6 @@ class LedgerStore:
             "SELECT value, updated_at FROM meta WHERE stream_id = ? AND key = 'heartbeat'", (self._stream,)
         ).fetchone()
         return None if row is None else (row[0], row[1])
-
-
-def _normalize_checkpoint_dir(checkpoint_dir: str | os.PathLike[str]) -> str:
-    text = os.fspath(checkpoint_dir)
-    # URLs (gs://, s3://) are kept as given; local paths are made absolute so that "ckpt" and
-    # "./ckpt" name the same stream.
-    return text if "://" in text else os.path.abspath(text)
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -81,7 +81,7 @@ class Ledger(Outbox, StepReads):
 
         Args:
           output_dir: directory for ``ledger.sqlite`` and ``results/``; created if missing.
-          checkpoint_dir: the watched checkpoint directory (local paths are made absolute).
+          checkpoint_dir: the watched checkpoint directory (`tracker_eval.locations.normalize_checkpoint_dir`).
           config_hash: hash of the eval config; a changed config is a new stream.
           loggers: names of the configured loggers; a step is delivered once each of them has it.
           best_metric: scalar metric whose best step is tracked, or None.

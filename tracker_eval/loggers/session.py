@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.locations import normalize_checkpoint_dir
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
 from tracker_eval.loggers.fanout import FanOut, LoggerError
@@ -35,8 +35,9 @@ def _start_error(name: str, error: Exception) -> LoggerError:
 
 
 def run_key(config: EvalConfig) -> str:
-    """Identity of an evaluation stream: checkpoint directory and eval-config hash."""
-    return f"{os.path.abspath(config.checkpoint_dir)}@{config.config_hash()}"
+    """Identity of an evaluation stream: checkpoint directory (normalized as the ledger does, so a URL
+    stays a URL and a relative path means the same from any working directory) and eval-config hash."""
+    return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{config.config_hash()}"
 
 
 class LoggerSession:

@@ -29,6 +29,7 @@ from tracker_eval.errors import one_line
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.state import EvalState
 from tracker_eval.runners import distributed
+from tracker_eval.runners.claim import ClaimRenewal
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -123,6 +124,11 @@ class InTrainingEvaluation:
             return self.ledger.result(step) if self.primary else None
         if decision == _SKIP:
             return None
+        # The claim lives as long as this process does, however long the evaluation takes: a
+        # watcher beside training must not take the step over and evaluate it a second time.
+        renewal = None
+        if self.primary:
+            renewal = ClaimRenewal(self.ledger, step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s)
         try:
             if train_state is not None:
                 state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
@@ -134,8 +140,11 @@ class InTrainingEvaluation:
                                                   attempt=self.channel.seq, source="in-training")
         except Exception as error:
             if self.primary:
-                self.ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)
+                self._mark_failed(step, error)
             raise
+        finally:
+            if renewal is not None:
+                renewal.stop()
         if not self.primary:
             return result
         spent = time.perf_counter() - started
@@ -144,8 +153,29 @@ class InTrainingEvaluation:
             per_example=result.per_example, time=result.time,
             provenance={**result.provenance, "training_time_in_after_checkpoint_s": round(spent, 4)},
         )
-        self.stream.record(result)
+        if not self._record(result):
+            return None
         return result
+
+    def _record(self, result: EvalResult) -> bool:
+        """Stores the result; False (with one warning) when another process took the step over."""
+        from tracker_eval.ledger.steps import LeaseLostError  # noqa: PLC0415
+
+        try:
+            self.stream.record(result)
+        except LeaseLostError as error:
+            LOG.warning("tracker-eval: in-training result of step %d dropped: its claim was taken over: %s",
+                        result.step, one_line(error, limit=300))
+            return False
+        return True
+
+    def _mark_failed(self, step: int, error: Exception) -> None:
+        from tracker_eval.ledger.steps import LeaseLostError  # noqa: PLC0415
+
+        try:
+            self.ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)
+        except LeaseLostError:
+            pass  # taken over meanwhile: the new holder's outcome counts; the error is still reported
 
     def _decide(self, step: int) -> int:
         from tracker_eval.ledger.steps import StepState  # noqa: PLC0415

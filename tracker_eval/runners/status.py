@@ -3,12 +3,13 @@
     tracker-eval status --config watch.yaml            # a table
     tracker-eval status --config watch.yaml --json     # {"steps": [...], "newest_step": N, "lag_steps": K}
     tracker-eval status --config watch.yaml --health   # exit 0 only with a recent watcher heartbeat
+
+It never writes: the ledger is opened read-only (`tracker_eval.ledger.view`), also on a read-only mount.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,20 +21,31 @@ _HEALTHY_WITHIN_S = 120.0
 
 
 def collect_status(config: EvalConfig) -> dict[str, Any]:
-    """The status document (the `--json` output)."""
-    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
-    from tracker_eval.runners.stream import logger_names, open_ledger  # noqa: PLC0415
+    """The status document (the `--json` output).
 
-    ledger_file = os.path.join(config.output_dir, "ledger.sqlite")
+    Reads the ledger without writing anything under `output_dir` (also on a read-only mount): a
+    status with another logger list or `watch.best` than the watcher's changes nothing; the best
+    step is reported by the config's `watch.best`, computed from the stored results if need be.
+    """
+    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.view import read_ledger  # noqa: PLC0415
+    from tracker_eval.runners.stream import logger_names  # noqa: PLC0415
+
+    logger_names(config)  # a bad logger spec is the same error here as in `watch`
     listed = finalized_steps(config.checkpoint_dir)
     newest = listed[-1] if listed else None
-    if not os.path.exists(ledger_file):
+    best_config = config.watch.best
+    try:
+        status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                             config_hash=config.config_hash(),
+                             best=(best_config.metric, best_config.mode) if best_config else None)
+    except LedgerError as error:
+        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+    if status is None:
         return {"steps": [], "newest_step": newest, "lag_steps": newest, "newest_evaluated_step": None,
                 "best": None, "heartbeat": None}
-    with open_ledger(config, loggers=logger_names(config)) as ledger:
-        rows = ledger.rows()
-        best = ledger.best()
-        heartbeat = ledger.last_heartbeat()
+    rows, best, heartbeat = status.rows, status.best, status.heartbeat
     steps = [
         {
             "step": row["step"],

@@ -11,17 +11,19 @@ outbox in step order, through tracker outages and restarts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tracker_eval.config import EvalConfig, load_config, policy_name
 from tracker_eval.errors import one_line
 from tracker_eval.runners import distributed
+from tracker_eval.runners.claim import ClaimRenewal
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -136,18 +138,20 @@ class Watcher:
         return IDLE
 
     def _apply_policy(self) -> None:
-        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
+        from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, StepState  # noqa: PLC0415
 
         pending = self.ledger.steps(StepState.PENDING)
+        skips: dict[int, str] = {}
         if self.policy == "every_n_steps":
-            for step in pending:
-                if step % self.every_n:
-                    self.ledger.mark_skipped(step, f"policy every_n_steps={self.every_n}")
+            skips = {step: f"policy every_n_steps={self.every_n}" for step in pending if step % self.every_n}
         elif self.policy == "latest" and pending:
             newest = self.ledger.newest_step()
-            for step in pending:
-                if step < newest:
-                    self.ledger.mark_skipped(step, f"policy latest: newer step {newest} was found")
+            skips = {step: f"policy latest: newer step {newest} was found" for step in pending if step < newest}
+        for step, reason in skips.items():
+            try:
+                self.ledger.mark_skipped(step, reason)
+            except (LeaseLostError, IllegalTransitionError):
+                pass  # claimed or stored meanwhile by another process (e.g. in-training): theirs now
 
     def _claimable(self) -> list[int]:
         """Steps worth a claim, ascending; EVALUATING too, since claim() takes over a dead holder's."""
@@ -202,7 +206,9 @@ class Watcher:
         from tracker_eval.evaluation.evaluator import EvalAborted  # noqa: PLC0415
 
         LOG.info("tracker-eval: evaluating step %d", step)
-        renewer = _LeaseRenewer(self, step) if self.primary else None
+        renewal = None
+        if self.primary:
+            renewal = ClaimRenewal(self.ledger, step, owner=self.owner, ttl_s=self.watch.lease_ttl_s, heartbeat=True)
         try:
             # The decision's number names this attempt in the key-value store on every process.
             result = self.pipeline.evaluate_step(step, attempt=self.channel.seq)
@@ -213,19 +219,21 @@ class Watcher:
             return
         except CheckpointVanishedError as error:
             if self.primary:
-                self.ledger.mark_skipped(step, one_line(error, limit=400), owner=self.owner)
+                with self._claim_kept(step):
+                    self.ledger.mark_skipped(step, one_line(error, limit=400), owner=self.owner)
             LOG.warning("tracker-eval: step %d skipped: %s", step, one_line(error, limit=400))
             return
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
             if self.primary:
-                self._record_failure(step, error)
-            else:  # process 0 records it; this process says why, for the job's logs
+                with self._claim_kept(step):
+                    self._record_failure(step, error)
+            else:  # process 0 records it; this process says why its part failed, for the job's logs
                 LOG.warning("tracker-eval: process %d: step %d failed: %s: %s", jax.process_index(),
                             step, type(error).__name__, one_line(error, limit=400))
             return
         finally:
-            if renewer is not None:
-                renewer.stop()
+            if renewal is not None:
+                renewal.stop()
         if not self.primary:
             # Every process finalizes the same reduced metrics; saying so lets an operator check.
             LOG.info("tracker-eval: process %d: step %d reduced metrics %s", jax.process_index(), step,
@@ -233,7 +241,24 @@ class Watcher:
             return
         LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
                  _headline(result.metrics))
-        self.stream.record(result)
+        with self._claim_kept(step):
+            self.stream.record(result)
+
+    @contextlib.contextmanager
+    def _claim_kept(self, step: int) -> Iterator[None]:
+        """Drops, with one warning, what this watcher does under a claim another process took over.
+
+        That happens only when this process could not renew for `lease_ttl_s` (suspended, or its
+        disk stalled): the step belongs to its new holder, whose result counts; the watch goes on.
+        """
+        from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError  # noqa: PLC0415
+
+        try:
+            yield
+        except (LeaseLostError, IllegalTransitionError) as error:
+            LOG.warning("tracker-eval: step %d: this watcher's claim was taken over (it could not renew it for "
+                        "watch.lease_ttl_s=%g s), so its outcome is dropped: %s", step, self.watch.lease_ttl_s,
+                        one_line(error, limit=300))
 
     def _record_failure(self, step: int, error: Exception) -> None:
         from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
@@ -260,28 +285,6 @@ class Watcher:
         LOG.info("tracker-eval: stopped (%s)%s", self.stop_reason or "done",
                  "" if drained else f"; undelivered results wait in the outbox: {waiting}")
         self.ledger.close()
-
-
-class _LeaseRenewer:
-    """Keeps a step's claim (and the watcher's heartbeat) alive during a long evaluation."""
-
-    def __init__(self, watcher: Watcher, step: int) -> None:
-        self._stop = threading.Event()
-        ttl = watcher.watch.lease_ttl_s
-
-        def renew() -> None:
-            while not self._stop.wait(ttl / 3):
-                try:
-                    watcher.ledger.renew(step, owner=watcher.owner, ttl_s=ttl)
-                    watcher.ledger.touch_heartbeat(watcher.owner)
-                except Exception as error:  # noqa: BLE001
-                    LOG.debug("lease renewal failed: %s", error)
-
-        self._thread = threading.Thread(target=renew, name=f"lease-{step}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _steps_text(steps: Sequence[int]) -> str:

@@ -12,7 +12,9 @@ imported on first use (2-4 s), never when tracker-eval is imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -22,7 +24,7 @@ import pathlib
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,6 +100,11 @@ class MlflowLogger:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(self.config.timeout_s)))
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.config.max_retries)
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        if self.tracking_uri.startswith("sqlite:///"):
+            # An embedded store has no server to wait for: create and migrate it and find the run
+            # now, at start-up, so that this one-time work (seconds; minutes on a loaded machine)
+            # never counts against a delivery deadline, and the run id is known to the ledger at once.
+            self._ensure_run()
 
     def run_state(self) -> dict[str, Any]:
         """State to persist across restarts: ``{"run_id": ..., "experiment_id": ...}`` (None before first use)."""
@@ -218,15 +225,19 @@ class MlflowLogger:
 
     def _ensure_run(self) -> tuple[MlflowClient, str]:
         with self._lock:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
+            if self._client is not None and self._run_id is not None and self._experiment_id is not None:
+                return self._client, self._run_id
+            # Constructing the client already opens (and creates) an embedded store.
+            with local_store_lock(self.tracking_uri):
+                if self._client is None:
+                    from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            client = self._client
-            if self._run_id is not None and self._experiment_id is None:
-                self._experiment_id = client.get_run(self._run_id).info.experiment_id
-            if self._run_id is None:
-                self._run_id, self._experiment_id = self._find_or_create_run(client)
+                    self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                client = self._client
+                if self._run_id is not None and self._experiment_id is None:
+                    self._experiment_id = client.get_run(self._run_id).info.experiment_id
+                if self._run_id is None:
+                    self._run_id, self._experiment_id = self._find_or_create_run(client)
             return client, self._run_id
 
     def _find_or_create_run(self, client: MlflowClient) -> tuple[str, str]:
@@ -274,6 +285,29 @@ def per_example_summary(values: Any) -> dict[str, float]:
     p05, p50, p95 = np.quantile(finite, [0.05, 0.5, 0.95])
     return {"count": float(finite.size), "mean": float(finite.mean()), "min": float(finite.min()),
             "p05": float(p05), "p50": float(p50), "p95": float(p95), "max": float(finite.max())}
+
+
+@contextlib.contextmanager
+def local_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serializes first use of an embedded ``sqlite:///`` store between processes (a no-op for a server).
+
+    The first call into a fresh store creates its tables and runs MLflow's migrations; two processes
+    doing that at once (training with `InTrainingEvaluation` beside a watcher) break each other's
+    migration ("duplicate column name", alembic version mismatches) and print alembic warnings. Under
+    an exclusive lock on ``<database>.lock`` the first process creates and migrates the store and
+    creates the run; the next one finds both.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = pathlib.Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def sanitize_key(key: str) -> str:

@@ -1,0 +1,188 @@
+"""The ledger opened read-only, for `tracker-eval status`: nothing under ``output_dir`` is written.
+
+    status = read_ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", best=("loss", "min"))
+    status.rows, status.best, status.heartbeat       # None instead when there is no ledger yet
+
+A `Ledger` writes as it opens (a write probe, the stream row, logger and best reconciliation), so
+reading through one would change what it reads. SQLite in WAL mode writes even for a plain reader
+(it creates ``-wal`` and ``-shm`` beside the file), so the file is opened in whichever of three ways
+writes nothing:
+
+- no ``-wal`` file: no writer has the file open (the last one to close folds the WAL back into the
+  file and removes it), so the file is complete and is read as ``immutable``, which creates
+  nothing. A writer that appears meanwhile leaves a ``-wal`` or changes the file; the read is then
+  done again the next way.
+- a ``-wal`` file (a live writer, or one that was killed): ``mode=ro``, which sees every committed
+  transaction through the shared-memory index. SQLite maintains that index (``-shm``) for every
+  reader; the data (the file and its WAL) are never written.
+- a read-only mount where ``-shm`` is missing, so SQLite cannot build that index: the file and its
+  WAL are copied to a private temporary directory and read there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tracker_eval.ledger.best import best_of, read_best, tracked_metric
+from tracker_eval.ledger.db import LEDGER_FILENAME, LedgerError
+from tracker_eval.ledger.reads import StepReads
+from tracker_eval.ledger.schema import SCHEMA_VERSION
+from tracker_eval.locations import normalize_checkpoint_dir
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerStatus:
+    """What one stream's ledger holds, read in one consistent snapshot.
+
+    Attributes:
+      rows: one dict per known step (`StepReads.rows`).
+      best: the best (step, value) of the requested metric, or None.
+      heartbeat: the latest watcher heartbeat (owner, unix time), or None.
+    """
+
+    rows: list[dict[str, Any]]
+    best: tuple[int, float] | None
+    heartbeat: tuple[str, float] | None
+
+
+class LedgerView(StepReads):
+    """`StepReads` over a connection that cannot write; built by `read_ledger`."""
+
+    def __init__(self, conn: sqlite3.Connection, *, output_dir: Path, stream: int) -> None:
+        # Deliberately not LedgerStore.__init__: that one creates the directory and the stream row.
+        self._view = conn
+        self.output_dir = output_dir
+        self._stream = stream
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._view
+
+    def close(self) -> None:
+        self._view.close()
+
+    def best_by(self, metric: str | None, mode: str) -> tuple[int, float] | None:
+        """The best step by `metric`: the stored best when the ledger tracks that metric, else
+        computed from the stored results (a status with another `watch.best` changes nothing)."""
+        if metric is None:
+            return None
+        if tracked_metric(self._view, self._stream) == (metric, mode):
+            return read_best(self._view, self._stream)
+        return best_of(((r["step"], r["metrics"]) for r in self.rows()), metric=metric, mode=mode)
+
+
+def read_ledger(
+    output_dir: str | os.PathLike[str],
+    *,
+    checkpoint_dir: str | os.PathLike[str],
+    config_hash: str,
+    best: tuple[str, str] | None = None,
+    busy_timeout_s: float = 30.0,
+) -> LedgerStatus | None:
+    """Reads one stream's steps, best step and heartbeat without writing anything.
+
+    Args:
+      output_dir: the directory holding ``ledger.sqlite``.
+      checkpoint_dir: the stream's checkpoint directory (normalized like the ledger does).
+      config_hash: the stream's eval-config hash.
+      best: (metric, mode) whose best step to report, or None.
+      busy_timeout_s: how long a read waits while a writer recovers the file.
+
+    Returns:
+      The status, or None when there is no ledger (or no such stream in it) yet.
+
+    Raises:
+      LedgerError: the file cannot be read, or has a schema this version cannot read.
+    """
+    path = Path(output_dir) / LEDGER_FILENAME
+    if not path.exists():
+        return None
+    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
+
+    def read(conn: sqlite3.Connection) -> LedgerStatus | None:
+        if not _schema_ready(conn, path):
+            return None
+        conn.execute("BEGIN")  # one snapshot for every query below
+        try:
+            found = conn.execute(
+                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key
+            ).fetchone()
+            if found is None:
+                return None
+            view = LedgerView(conn, output_dir=Path(output_dir), stream=found[0])
+            return LedgerStatus(rows=view.rows(), best=view.best_by(*best) if best else None,
+                                heartbeat=view.last_heartbeat())
+        finally:
+            conn.execute("COMMIT")
+
+    try:
+        return _read_without_writing(path, read, busy_timeout_s=busy_timeout_s)
+    except sqlite3.Error as error:
+        raise LedgerError(f"cannot read the ledger {path}: {error}") from error
+
+
+def _read_without_writing(path: Path, read: Callable[[sqlite3.Connection], T], *, busy_timeout_s: float) -> T:
+    wal = Path(f"{path}-wal")
+    if not wal.exists():
+        before = _identity(path)
+        with _connect(f"file:{_quote(path)}?immutable=1", busy_timeout_s) as conn:
+            result = read(conn)
+        if not wal.exists() and _identity(path) == before:
+            return result
+    try:
+        with _connect(f"file:{_quote(path)}?mode=ro", busy_timeout_s) as conn:
+            return read(conn)
+    except sqlite3.OperationalError:
+        # A read-only mount without the shared-memory file: read a private copy instead.
+        with tempfile.TemporaryDirectory(prefix="tracker-eval-ledger-") as tmp:
+            copy = Path(tmp) / path.name
+            shutil.copyfile(path, copy)
+            if wal.exists():
+                shutil.copyfile(wal, f"{copy}-wal")
+            with _connect(f"file:{_quote(copy)}", busy_timeout_s) as conn:
+                return read(conn)
+
+
+@contextlib.contextmanager
+def _connect(uri: str, busy_timeout_s: float) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA query_only = ON")
+        yield conn
+    finally:
+        conn.close()
+
+
+def _schema_ready(conn: sqlite3.Connection, path: Path) -> bool:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:  # being created right now
+        return False
+    if version != SCHEMA_VERSION:
+        newer = version > SCHEMA_VERSION
+        raise LedgerError(
+            f"the ledger {path} has schema version {version}, "
+            + ("newer than this tracker-eval understands; upgrade tracker-eval"
+               if newer else "older than this tracker-eval's; run `tracker-eval watch` once to upgrade it")
+            + f" (this version reads {SCHEMA_VERSION}; status never changes the file)"
+        )
+    return True
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _quote(path: Path) -> str:
+    # A file: URI: "?" and "#" in a directory name must not start the query or fragment.
+    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
