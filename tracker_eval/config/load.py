@@ -105,6 +105,8 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"watch.best.mode {config.watch.best.mode!r} is not one of min, max")
     if config.watch.max_attempts < 1:
         raise ConfigError(f"watch.max_attempts must be >= 1, got {config.watch.max_attempts}")
+    if config.watch.max_delivery_attempts < 1:
+        raise ConfigError(f"watch.max_delivery_attempts must be >= 1, got {config.watch.max_delivery_attempts}")
     if config.watch.poll_interval_s <= 0:
         raise ConfigError(f"watch.poll_interval_s must be > 0, got {config.watch.poll_interval_s}")
     if config.watch.outbox_wait_s < 0:

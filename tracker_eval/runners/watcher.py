@@ -178,6 +178,8 @@ class Watcher:
         if state in (states.DELIVERED, states.SKIPPED, states.GIVEN_UP):
             return True
         if state == states.EVALUATED:
+            if "pending" not in row["deliveries"].values():
+                return True  # whatever is missing is undeliverable: waiting cannot bring it
             seen = self._evaluated_seen.setdefault(row["step"], time.monotonic())
             return time.monotonic() - seen >= self.watch.outbox_wait_s
         return False
