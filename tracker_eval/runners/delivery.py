@@ -212,7 +212,9 @@ class Delivery:
 
     def _record_failure(self, step: int, name: str, error: Exception) -> None:
         kind = getattr(error, "kind", FailureKind.TRANSIENT)
-        reason = one_line(error, limit=300)
+        # The logger and step are in the row already; keep what the tracker said.
+        text = error.reason if isinstance(error, LoggerError) else one_line(error)
+        reason = " ".join(text.split())[:300]
         delay = self.ledger.mark_delivery_failed(step, name, reason, owner=self.owner,
                                                  counted=kind is FailureKind.TRANSIENT,
                                                  permanent=kind is FailureKind.PERMANENT)
