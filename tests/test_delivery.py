@@ -115,7 +115,7 @@ def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tm
     assert {step: len(lines) for step, lines in jsonl_points(out).items()} == {10: 1, 20: 1}
 
 
-def test_wandb_takeover_reads_back_only_the_runs_written_since_the_oldest_unacknowledged_send(
+def test_wandb_start_opens_no_run_and_takeover_reads_back_only_what_was_in_flight(
         tmp_path, monkeypatch):
     import wandb
     from tracker_eval_wandb import reader
@@ -142,6 +142,8 @@ def test_wandb_takeover_reads_back_only_the_runs_written_since_the_oldest_unackn
     monkeypatch.setattr(reader, "read_records", lambda path, **kw: reads.append(path) or real(path, **kw))
     taker = WandbLogger(WandbConfig(mode="offline"), context=context)
     taker.log_config({"model": "mlp"})
+    # Starting opens no run: only the process holding the delivery lease does, for one delivery.
+    assert len(reader.run_dirs(tmp_path / "wandb", history.run_id)) == 4
     taker.reconcile({})
     assert reads == []  # nothing in flight: nothing to read, however long the history
     taker.reconcile({4: began})
