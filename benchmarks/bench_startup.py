@@ -110,7 +110,10 @@ def _start(config_path: pathlib.Path, out: pathlib.Path) -> tuple[float, float]:
             time.sleep(0.02)
         return polled, time.time() - started
     finally:
-        os.killpg(process.pid, 9)
+        try:
+            os.killpg(process.pid, 9)  # the watcher and the wandb-core it started
+        except ProcessLookupError:
+            pass
         process.wait(timeout=60)
 
 
