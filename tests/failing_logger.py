@@ -1,10 +1,14 @@
-"""Third-party-style loggers that fail (always, or at start-up): for failure-isolation tests only."""
+"""Third-party-style loggers that fail (always, at start-up, for some steps) or answer slowly: for
+failure-isolation tests only."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import time
+
+from tracker_eval.loggers.jsonl import JsonlConfig, JsonlLogger
 
 
 class FailingLogger:
@@ -57,6 +61,56 @@ class FlakyStartLogger:
     def log_result(self, result):
         with open(self.dir / "flaky-start.jsonl", "a") as f:
             f.write(json.dumps({"step": int(result.step)}) + "\n")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowJsonlConfig(JsonlConfig):
+    delay_s: float = 0.0
+
+
+class SlowJsonlLogger(JsonlLogger):
+    """The JSONL logger whose every write starts `delay_s` late (a tracker answering slowly)."""
+
+    Config = SlowJsonlConfig
+
+    def log_result(self, result):
+        time.sleep(self.config.delay_s)
+        super().log_result(result)
+
+
+class PickyLogger:
+    """Records each result in memory, but refuses (permanently) steps in ``refuse``, fails steps in
+    ``fail`` every time (a transient-looking error), and has no connection for steps in ``outage``
+    the first ``outage_tries`` times."""
+
+    def __init__(self, *, refuse=(), fail=(), outage=(), outage_tries=0, name="picky"):
+        self.name = name
+        self.refuse, self.fail, self.outage = set(refuse), set(fail), set(outage)
+        self.outage_tries = outage_tries
+        self.tries: dict[int, int] = {}
+        self.received: list[int] = []
+
+    def log_config(self, config):
+        pass
+
+    def log_result(self, result):
+        from tracker_eval.loggers.failures import PermanentDeliveryError
+
+        step = int(result.step)
+        self.tries[step] = self.tries.get(step, 0) + 1
+        if step in self.refuse:
+            raise PermanentDeliveryError(f"HTTP 400: step {step} refused")
+        if step in self.fail:
+            raise RuntimeError(f"step {step} broke the tracker's parser")
+        if step in self.outage and self.tries[step] <= self.outage_tries:
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.received.append(step)
 
     def flush(self):
         pass

@@ -115,6 +115,8 @@ def test_config_hash_ignores_mesh_and_batch_but_not_the_model(tmp_path):
         ("watch.idle_timeout_s=0", "watch.idle_timeout_s", "(0, 2592000] or null"),
         ("watch.until_step=-5", "watch.until_step", f"[0, {2**63 - 1}] or null"),
         ("watch.max_attempts=0", "watch.max_attempts", "[1, 1000]"),
+        ("watch.max_delivery_attempts=0", "watch.max_delivery_attempts", "[1, 1000]"),
+        ("cache_max_mb=-1", "cache_max_mb", "(0, 16777216]"),
         ("watch.poll_interval_s=0", "watch.poll_interval_s", "(0, 3600]"),
         ("batch_size=0", "batch_size", "[1, 2147483647]"),
         ("distributed.heartbeat_timeout_s=0.5", "distributed.heartbeat_timeout_s", "[1, 86400]"),

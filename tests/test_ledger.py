@@ -16,6 +16,7 @@ import pytest
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.lease import make_owner_id, owner_is_dead
+from tracker_eval.ledger.schema import SCHEMA_VERSION
 from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
 
 
@@ -221,9 +222,9 @@ def test_failed_delivery_backs_off_exponentially(tmp_path: Path, base: float, ca
     ledger = make_ledger(tmp_path, backoff_base_s=base, backoff_cap_s=cap, clock=clock)
     evaluate(ledger, 1)
     assert ledger.claim_logger("a", owner="d", ttl_s=1e6)
-    for delay in delays:
+    for delay in delays:  # an outage: never counted toward max_delivery_attempts
         assert ledger.due_deliveries("a") == [1]
-        assert ledger.mark_delivery_failed(1, "a", "HTTP 503", owner="d") == delay
+        assert ledger.mark_delivery_failed(1, "a", "HTTP 503", owner="d", counted=False) == delay
         assert ledger.next_delivery_at("a") == clock.now + delay
         clock.now += delay - 0.01
         assert ledger.due_deliveries("a") == []
@@ -370,9 +371,9 @@ def test_run_state_heartbeat_and_rows_persist_per_stream(tmp_path: Path) -> None
     assert again.last_heartbeat() == ("watcher-1", clock.now)
     assert again.rows() == [
         {"step": 10, "state": StepState.EVALUATED, "reason": None, "attempts": 1, "owner": None,
-         "metrics": {"loss": 0.5}, "deliveries": {"a": "delivered", "b": "pending"}},
+         "metrics": {"loss": 0.5}, "deliveries": {"a": "delivered", "b": "pending"}, "delivery_errors": {}},
         {"step": 20, "state": StepState.SKIPPED, "reason": "corrupt checkpoint", "attempts": 0, "owner": None,
-         "metrics": {}, "deliveries": {}},
+         "metrics": {}, "deliveries": {}, "delivery_errors": {}},
     ]
     assert other.rows() == [] and other.get_run_state("wandb") == {} and other.last_heartbeat() is None
 
@@ -381,7 +382,7 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
     make_ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         make_ledger(tmp_path)

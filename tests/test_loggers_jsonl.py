@@ -76,3 +76,27 @@ def test_console_table(capsys):
     assert "37.5" in out and "nan" in out
     assert "per_example/loss" in out and "n=5" in out and f"mean={302.0:.4g}" in out
     assert not math.isnan(302.0)
+
+
+# Names that np.savez takes as its own arguments, one np.load confuses with another, a path-like
+# one, non-ASCII and empty: every per-example name must come back from every writer as it went in.
+ODD_NAMES = ("file", "allow_pickle", "x", "x.npy", "a/b", "ü", "")
+
+
+def test_any_per_example_name_round_trips(tmp_path):
+    from tracker_eval.ledger.steps import Ledger
+    from tracker_eval.npz import read_npz
+
+    arrays = {name: np.arange(3, dtype=np.int32) * (i + 1) for i, name in enumerate(ODD_NAMES)}
+    result = EvalResult(step=7, checkpoint="/ckpt/7", metrics={"loss": 1.0}, per_example=arrays)
+    logger = JsonlLogger(context=LoggerContext(output_dir=str(tmp_path)))
+    logger.log_result(result)
+    logger.close()
+    record = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    ledger = Ledger(tmp_path / "ledger", checkpoint_dir="/ckpt", config_hash="h", loggers=["jsonl"])
+    assert ledger.claim(7, owner="w") and ledger.record_metrics(result, owner="w")
+    for read in (load_per_example(tmp_path / "metrics.jsonl", record), ledger.result(7).per_example,
+                 read_npz(tmp_path / record["per_example"])):
+        assert list(read) == list(ODD_NAMES)
+        for name, want in arrays.items():
+            assert read[name].dtype == want.dtype and np.array_equal(read[name], want), name

@@ -12,6 +12,7 @@ from tracker_eval_mlflow.logger import MlflowConfig, MlflowLogger, sanitize_key
 
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.loggers.failures import FailureKind, classify
 from tracker_eval.loggers.fanout import FanOut
 from tracker_eval.loggers.jsonl import JsonlLogger, read_jsonl
 
@@ -146,6 +147,24 @@ def test_more_than_1000_metrics_are_chunked(mlflow_server, tmp_path):
     assert len(held) == 2100 and held["eval/m2099"] == 2099.0
 
 
+def test_a_result_the_server_refuses_is_permanent_and_keeps_its_type(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    logger = _logger(mlflow_server.url, tmp_path, "refused-test", nan_policy="error")
+    fanout = FanOut([logger], deadline_s=60, on_error=lambda e: None)
+    nan = fanout.deliver(_result(1, {"loss": float("nan")}))["mlflow"]
+    assert nan is not None and nan.kind is FailureKind.PERMANENT and "NonFiniteMetricError" in str(nan)
+    assert fanout.deliver(_result(2, {"loss": 0.5}))["mlflow"] is None
+    fanout.close()
+    MlflowClient(tracking_uri=mlflow_server.url).delete_run(logger.run_id)
+    # Attached to a run deleted meanwhile: the server answers HTTP 400 to every write.
+    again = _logger(mlflow_server.url, tmp_path, "refused-test", run_id=logger.run_id)
+    with pytest.raises(MlflowException) as refused:
+        again.log_result(_result(3, {"loss": 0.25}))
+    assert refused.value.get_http_status_code() == 400, refused.value
+    assert classify(refused.value) is FailureKind.PERMANENT
+
+
 def test_nan_policy_error_and_key_sanitizing(mlflow_server, tmp_path):
     logger = _logger(mlflow_server.url, tmp_path, "nan-test", nan_policy="error")
     with pytest.raises(ValueError, match="'loss' at step 1 is nan"):
@@ -167,6 +186,8 @@ def test_dead_server_fails_fast_and_others_get_every_result(tmp_path):
     assert all(o["jsonl"] is None for o in outcomes)
     assert all(o["mlflow"] is not None for o in outcomes)
     assert "Connection refused" in str(outcomes[0]["mlflow"]) or "Max retries" in str(outcomes[0]["mlflow"])
+    # An outage: retried for as long as it lasts, never counted toward max_delivery_attempts.
+    assert {o["mlflow"].kind for o in outcomes} == {FailureKind.UNAVAILABLE}
     assert elapsed < 30, f"three deliveries to a dead server took {elapsed:.1f} s"
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     fanout.close()

@@ -1,8 +1,9 @@
-"""The `tracker-eval` command line: eval, watch, status, demo.
+"""The `tracker-eval` command line: eval, watch, status, retry, demo.
 
     tracker-eval eval --config eval.yaml [--step N] [--output result.json] [key=value ...]
     tracker-eval watch --config watch.yaml [key=value ...]
     tracker-eval status --config watch.yaml [--json]
+    tracker-eval retry --config watch.yaml [--step N] [--logger ID]
     tracker-eval demo
 
 Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors print one line
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show library logs and tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,retry,demo}")
 
     ev = sub.add_parser("eval", parents=[common], help="evaluate one checkpoint (the latest finalized one by default)")
     ev.add_argument("--config", required=True, help="YAML config file")
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--health", action="store_true", help="exit 0 only if a watcher is alive (container HEALTHCHECK)")
     st.add_argument("overrides", nargs="*", metavar="key=value")
+
+    re_ = sub.add_parser("retry", parents=[common], help="queue undeliverable deliveries again, once fixed")
+    re_.add_argument("--config", required=True, help="YAML config file (the watcher's)")
+    re_.add_argument("--step", type=int, default=None, help="only this checkpoint step (default: every step)")
+    re_.add_argument("--logger", default=None, metavar="ID", help="only this logger (its id; default: every logger)")
+    re_.add_argument("overrides", nargs="*", metavar="key=value")
 
     de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
     de.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
@@ -102,6 +109,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tracker_eval.runners.status import run_status  # noqa: PLC0415
 
         return run_status(args.config, overrides=args.overrides, as_json=args.json, health=args.health)
+    if args.command == "retry":
+        from tracker_eval.runners.retry import run_retry  # noqa: PLC0415
+
+        return run_retry(args.config, overrides=args.overrides, step=args.step, logger=args.logger)
     if args.command == "demo":
         from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 

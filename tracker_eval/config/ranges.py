@@ -51,6 +51,7 @@ RANGES: dict[str, Range] = {
     "watch.until_step": Range(0, _MAX_STEP, nullable=True),
     "watch.idle_timeout_s": Range(0, 30 * _DAY_S, low_open=True, nullable=True),
     "watch.max_attempts": Range(1, 1_000),
+    "watch.max_delivery_attempts": Range(1, 1_000),
     # Renewed every third of it: below a second, one slow disk write would lose a living claim.
     "watch.lease_ttl_s": Range(1, _DAY_S),
     "watch.delivery_deadline_s": Range(0, _DAY_S, low_open=True),

@@ -68,6 +68,9 @@ class WatchConfig:
     """Stop after this many seconds without a new checkpoint; null = never."""
     max_attempts: int = 3
     """Evaluation attempts of a failing (e.g. corrupt) checkpoint before it is given up."""
+    max_delivery_attempts: int = 5
+    """Failed deliveries of one result to one tracker (outages do not count) before that delivery is
+    marked undeliverable and later steps go on; a refusal (e.g. HTTP 400) marks it at once."""
     best: BestConfig | None = None
     """Track the best checkpoint by this metric; null = off."""
     fast_path: bool = True

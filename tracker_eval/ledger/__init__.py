@@ -2,12 +2,13 @@
 
 One SQLite file per output directory. `db` (connections, transactions, the stream handle) and
 `schema` (versioned tables) store it; `steps` is the step state machine (claim, record, fail, skip)
-and `reads` its read side; `view` opens it read-only (status); `outbox` tracks delivery per logger;
-`lease` tells a dead holder; `files` keeps per-example arrays and exact JSON beside the file; `best`
-the best step.
+and `reads` its read side; `view` opens it read-only (status); `outbox` tracks delivery per logger
+(pending, delivered, undeliverable) and `logger_lease` who delivers to each logger; `lease` tells a
+dead holder; `files` keeps per-example arrays and exact JSON beside the file; `best` the best step.
 
 May import: the shared top level and evaluation (EvalResult).
-Public names: Ledger, StepState, LedgerError, LeaseLostError, IllegalTransitionError, make_owner_id.
+Public names: Ledger, StepState, LedgerError, LeaseLostError, IllegalTransitionError, LeaseClaim,
+make_owner_id.
 """
 
 from tracker_eval.imports import lazy_exports
@@ -18,6 +19,7 @@ _EXPORTS = {
     "LedgerError": "db",
     "LeaseLostError": "db",
     "IllegalTransitionError": "db",
+    "LeaseClaim": "lease",
     "make_owner_id": "lease",
 }
 __all__ = sorted(_EXPORTS)

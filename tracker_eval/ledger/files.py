@@ -1,8 +1,8 @@
 """Durable files beside the ledger: per-example arrays in `.npz` files, and exact JSON for results.
 
-Arrays are written to a temporary file, fsynced and renamed into place (then the directory is
-fsynced) before the ledger commit that names them, so a committed path always points at a complete
-file. Each write gets a fresh name: a writer that loses its claim never overwrites a stored file.
+Arrays are written by `tracker_eval.npz` (temporary file, fsync, rename, directory fsync) before
+the ledger commit that names them, so a committed path always points at a complete file. Each
+write gets a fresh name: a writer that loses its claim never overwrites a stored file.
 
     path = write_arrays(results_dir, stem="000300", arrays={"loss": np.ones(4, np.float32)})
     read_arrays(path)   # {"loss": array([1., 1., 1., 1.], dtype=float32)}
@@ -14,7 +14,6 @@ import json
 import math
 import os
 import secrets
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,18 +21,19 @@ from typing import Any
 import numpy as np
 
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.npz import read_npz, write_npz
 
 # JSON has no NaN or infinities; these spellings keep them exact instead of turning them into null.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def write_arrays(directory: Path, *, stem: str, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Writes arrays durably to a new `.npz` file in `directory`.
+    """Writes arrays durably to a new `.npz` file in `directory` (through `tracker_eval.npz`).
 
     Args:
       directory: where the file goes; created if missing.
       stem: the start of the file name (a random suffix follows).
-      arrays: arrays by name; insertion order is kept in the file.
+      arrays: arrays by name (any name); insertion order is kept in the file.
 
     Returns:
       The path of the complete, fsynced file.
@@ -41,46 +41,12 @@ def write_arrays(directory: Path, *, stem: str, arrays: Mapping[str, np.ndarray]
     Raises:
       ValueError: an array has dtype object, which `.npz` can only hold by pickling.
     """
-    for name, value in arrays.items():
-        if np.asarray(value).dtype.hasobject:
-            raise ValueError(
-                f"per-example array {name!r} has dtype object; store numbers or fixed-width strings "
-                "(e.g. np.asarray(values, dtype=str))"
-            )
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{stem}-{secrets.token_hex(4)}.npz"
-    temp = directory / f".{final.name}.tmp"
-    try:
-        with open(temp, "wb") as handle:
-            # The zip is written by hand rather than by np.savez so that any name is allowed
-            # (np.savez would take an array called "file" as its own argument).
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name, value in arrays.items():
-                    with zf.open(f"{name}.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array(entry, np.asarray(value), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
-    return final
+    return write_npz(directory / f"{stem}-{secrets.token_hex(4)}.npz", arrays)
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Reads every array of an `.npz` file written by `write_arrays`, in file order."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; without it a power cut may forget the new name.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return read_npz(path)
 
 
 def encode_result(result: EvalResult) -> str:

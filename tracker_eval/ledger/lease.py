@@ -11,11 +11,23 @@ over at once, so a watcher killed with SIGKILL is replaced without waiting for t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import secrets
 import socket
 
 _SEPARATOR = ":"
+
+
+class LeaseClaim(enum.Enum):
+    """The outcome of claiming a lease; true when the claimant now holds it."""
+
+    ACQUIRED = "acquired"  # held now, and someone else (or nobody) held it before
+    RENEWED = "renewed"  # held before by the same owner, without a break
+    REFUSED = "refused"  # another live owner holds it
+
+    def __bool__(self) -> bool:
+        return self is not LeaseClaim.REFUSED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,16 @@
-"""The ledger's outbox: which logger still lacks which stored result, with leases and backoff.
+"""The ledger's outbox: which logger still lacks which stored result, with backoff and give-up.
 
 Storing a result queues one outbox row per configured logger in the same transaction. A deliverer
-takes the logger's lease, sends the due steps in step order and acknowledges each; a failure pushes
-that row's next attempt back exponentially. A step is delivered once every configured logger has it.
-`Outbox` is a base of `tracker_eval.ledger.steps.Ledger`, which is what callers construct.
+takes the logger's lease (`tracker_eval.ledger.logger_lease`), marks the attempt begun, sends the
+due steps in step order and acknowledges each; a failure pushes that row's next attempt back
+exponentially. A row is ``pending``, ``delivered`` or ``undeliverable`` (the tracker refused it, or
+it failed `max_delivery_attempts` times; it no longer holds later steps back, and
+`requeue_undeliverable` makes it pending again). A step is delivered once every configured logger
+has it. `Outbox` is a base of `tracker_eval.ledger.steps.Ledger`, which is what callers construct.
 
     if ledger.claim_logger("wandb", owner=owner):
         for step in ledger.due_deliveries("wandb"):
+            ledger.begin_delivery(step, "wandb", owner=owner)
             try:
                 send(ledger.result(step))
             except OSError as error:
@@ -17,23 +21,27 @@ that row's next attempt back exponentially. A step is delivered once every confi
 
 from __future__ import annotations
 
+import math
 import sqlite3
+from collections.abc import Sequence
 
-from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerStore, write_transaction
-from tracker_eval.ledger.lease import lease_reclaimable
+from tracker_eval.ledger.db import IllegalTransitionError, write_transaction
+from tracker_eval.ledger.logger_lease import LoggerLeases
 
 
-class Outbox(LedgerStore):
+class Outbox(LoggerLeases):
     """Per-logger delivery state of one stream; see the module docstring."""
 
     _backoff: tuple[float, float]  # (base, cap) seconds, set by Ledger
+    _max_delivery_attempts: int  # set by Ledger
 
     def _pending_outbox_sql(self) -> str:
-        # Correlated on the outer `steps` row; only configured loggers count toward "delivered".
+        # Correlated on the outer `steps` row; only configured loggers count toward "delivered",
+        # and an undeliverable row keeps its step "evaluated" (stored, not everywhere).
         marks = ", ".join("?" * len(self.loggers))
         return (
             "SELECT 1 FROM outbox o WHERE o.stream_id = steps.stream_id AND o.step = steps.step "
-            f"AND o.state = 'pending' AND o.logger IN ({marks})"
+            f"AND o.state != 'delivered' AND o.logger IN ({marks})"
         )
 
     def _reconcile_loggers(self, conn: sqlite3.Connection) -> None:
@@ -65,49 +73,6 @@ class Outbox(LedgerStore):
             "VALUES (?, ?, ?, 'pending', ?)",
             [(self._stream, int(step), logger, self._clock()) for logger in self.loggers],
         )
-
-    def claim_logger(self, logger: str, *, owner: str, ttl_s: float = 30.0) -> bool:
-        """Takes (or renews) the right to deliver to `logger` for this stream.
-
-        One deliverer per logger keeps each tracker's steps in order and stops two processes from
-        sending the same step at once. The lease is taken over when expired or its owner is dead.
-
-        Args:
-          logger: a configured logger name.
-          owner: the deliverer's id (`tracker_eval.ledger.lease.make_owner_id`).
-          ttl_s: lease length; call again before it runs out to renew.
-
-        Returns:
-          True when `owner` now holds the logger's delivery lease.
-
-        Raises:
-          ValueError: `logger` is not configured.
-        """
-        self._check_logger(logger)
-        conn = self._conn()
-        now = self._clock()
-        with write_transaction(conn):
-            row = conn.execute(
-                "SELECT owner, expires_at FROM leases WHERE stream_id = ? AND name = ?",
-                (self._stream, _lease_name(logger)),
-            ).fetchone()
-            if row is not None and row[0] != owner and not lease_reclaimable(row[0], expires_at=row[1], now=now):
-                return False
-            conn.execute(
-                "INSERT OR REPLACE INTO leases (stream_id, name, owner, expires_at) VALUES (?, ?, ?, ?)",
-                (self._stream, _lease_name(logger), owner, now + ttl_s),
-            )
-            return True
-
-    def release_logger(self, logger: str, *, owner: str) -> bool:
-        """Gives up the delivery lease of `logger`; returns False when `owner` did not hold it."""
-        conn = self._conn()
-        with write_transaction(conn):
-            cursor = conn.execute(
-                "DELETE FROM leases WHERE stream_id = ? AND name = ? AND owner = ?",
-                (self._stream, _lease_name(logger), owner),
-            )
-            return cursor.rowcount == 1
 
     def due_deliveries(self, logger: str) -> list[int]:
         """Steps whose result `logger` still lacks and whose next attempt is due, ascending.
@@ -165,7 +130,7 @@ class Outbox(LedgerStore):
             if self._outbox_state(conn, step, logger, owner) == "delivered":
                 return False
             conn.execute(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL "
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL, sending_since = NULL "
                 "WHERE stream_id = ? AND step = ? AND logger = ?",
                 (now, self._stream, int(step), logger),
             )
@@ -176,19 +141,60 @@ class Outbox(LedgerStore):
             )
             return True
 
-    def mark_delivery_failed(self, step: int, logger: str, reason: str, *, owner: str) -> float:
-        """Records a failed delivery; the next attempt is due after an exponential backoff.
+    def begin_delivery(self, step: int, logger: str, *, owner: str) -> None:
+        """Marks that an attempt to send the step to `logger` starts now (call just before sending).
 
-        Deliveries are never given up: a tracker outage delays them, and they resume afterwards.
+        The mark stays until the step is acknowledged: a failed, timed-out or killed attempt may
+        still have reached the tracker, and a process taking the logger over reads back only the
+        steps so marked (`in_flight_deliveries`).
+
+        Raises:
+          LeaseLostError: `owner` does not hold the logger's delivery lease.
+          IllegalTransitionError: the step has no result queued for `logger`.
+        """
+        conn = self._conn()
+        with write_transaction(conn):
+            self._outbox_state(conn, step, logger, owner)
+            conn.execute(
+                "UPDATE outbox SET sending_since = COALESCE(sending_since, ?) "
+                "WHERE stream_id = ? AND step = ? AND logger = ? AND state != 'delivered'",
+                (self._clock(), self._stream, int(step), logger),
+            )
+
+    def in_flight_deliveries(self, logger: str) -> dict[int, float]:
+        """Unacknowledged steps whose sending to `logger` began: step -> unix time of the first attempt.
+
+        0.0 means "maybe sent, time unknown" (rows of a ledger written before attempts were marked).
+        """
+        self._check_logger(logger)
+        rows = self._conn().execute(
+            "SELECT step, sending_since FROM outbox WHERE stream_id = ? AND logger = ? AND state != 'delivered' "
+            "AND sending_since IS NOT NULL ORDER BY step",
+            (self._stream, logger),
+        )
+        return {int(step): float(since) for step, since in rows}
+
+    def mark_delivery_failed(
+        self, step: int, logger: str, reason: str, *, owner: str, counted: bool = True, permanent: bool = False
+    ) -> float:
+        """Records a failed delivery: retried after an exponential backoff, or undeliverable.
+
+        A tracker outage (`counted=False`) only delays: the backlog resumes, in step order, when it
+        is back. A failure that may be the result's fault counts; after `max_delivery_attempts` of
+        them, or at once when `permanent`, the delivery is undeliverable: it no longer holds later
+        steps back, and only `requeue_undeliverable` (``tracker-eval retry``) sends it again.
 
         Args:
           step: the checkpoint step.
           logger: the logger name.
           reason: the error (kept for the status view).
           owner: holder of the logger's delivery lease.
+          counted: whether this failure counts toward `max_delivery_attempts`.
+          permanent: the tracker will never accept this result as it is.
 
         Returns:
-          Seconds until the next attempt: ``min(backoff_cap_s, backoff_base_s * 2**(failures - 1))``.
+          Seconds until the next attempt, ``min(backoff_cap_s, backoff_base_s * 2**(attempts - 1))``,
+          or ``math.inf`` when the delivery became undeliverable.
 
         Raises:
           LeaseLostError: `owner` does not hold the logger's delivery lease.
@@ -197,30 +203,67 @@ class Outbox(LedgerStore):
         base, cap = self._backoff
         conn = self._conn()
         with write_transaction(conn):
-            if self._outbox_state(conn, step, logger, owner) != "pending":
-                raise IllegalTransitionError(f"step {step} is already delivered to {logger!r}")
-            (attempts,) = conn.execute(
-                "SELECT attempts FROM outbox WHERE stream_id = ? AND step = ? AND logger = ?",
+            state = self._outbox_state(conn, step, logger, owner)
+            if state != "pending":
+                raise IllegalTransitionError(f"step {step} is already {state} to {logger!r}")
+            attempts, failures = conn.execute(
+                "SELECT attempts, failures FROM outbox WHERE stream_id = ? AND step = ? AND logger = ?",
                 (self._stream, int(step), logger),
             ).fetchone()
-            delay = min(cap, base * 2.0 ** min(attempts, 62))
+            failures += 1 if counted or permanent else 0
+            undeliverable = permanent or failures >= self._max_delivery_attempts
+            delay = math.inf if undeliverable else min(cap, base * 2.0 ** min(attempts, 62))
+            if undeliverable:
+                why = "refused" if permanent else f"failed {failures} times"
+                reason = f"{why}: {reason}"
             conn.execute(
-                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                "UPDATE outbox SET state = ?, attempts = ?, failures = ?, next_attempt_at = ?, last_error = ? "
                 "WHERE stream_id = ? AND step = ? AND logger = ?",
-                (attempts + 1, self._clock() + delay, reason, self._stream, int(step), logger),
+                ("undeliverable" if undeliverable else "pending", attempts + 1, failures,
+                 self._clock() + (0.0 if undeliverable else delay), reason, self._stream, int(step), logger),
             )
             return delay
 
-    def _outbox_state(self, conn: sqlite3.Connection, step: int, logger: str, owner: str) -> str:
-        lease = conn.execute(
-            "SELECT owner FROM leases WHERE stream_id = ? AND name = ?", (self._stream, _lease_name(logger))
-        ).fetchone()
-        # An expired lease still counts as held until someone else takes it over.
-        if lease is None or lease[0] != owner:
-            raise LeaseLostError(
-                f"{owner} does not hold the delivery lease of logger {logger!r} (holder: "
-                f"{None if lease is None else lease[0]}); call claim_logger first and renew it"
+    def requeue_undeliverable(self, *, step: int | None = None, logger: str | None = None) -> list[tuple[int, str]]:
+        """Makes undeliverable deliveries pending again, due now, with fresh attempt counts.
+
+        Safe while a watcher runs: one transaction, and its deliverers pick the rows up on their
+        next look at the outbox.
+
+        Args:
+          step: only this step (default all).
+          logger: only this logger (default all configured ones).
+
+        Returns:
+          The (step, logger) pairs queued again, ascending.
+
+        Raises:
+          ValueError: `logger` is not configured.
+        """
+        if logger is not None:
+            self._check_logger(logger)
+        names: Sequence[str] = self.loggers if logger is None else (logger,)
+        if not names:
+            return []
+        marks = ", ".join("?" * len(names))
+        where = f"stream_id = ? AND state = 'undeliverable' AND logger IN ({marks})"
+        args: list[object] = [self._stream, *names]
+        if step is not None:
+            where += " AND step = ?"
+            args.append(int(step))
+        conn = self._conn()
+        with write_transaction(conn):
+            rows = conn.execute(f"SELECT step, logger FROM outbox WHERE {where} ORDER BY step, logger", args)
+            found = [(int(s), str(name)) for s, name in rows]
+            conn.execute(
+                f"UPDATE outbox SET state = 'pending', attempts = 0, failures = 0, next_attempt_at = ?, "
+                f"last_error = NULL WHERE {where}",
+                [self._clock(), *args],
             )
+        return found
+
+    def _outbox_state(self, conn: sqlite3.Connection, step: int, logger: str, owner: str) -> str:
+        self._check_lease(conn, logger, owner)
         row = conn.execute(
             "SELECT state FROM outbox WHERE stream_id = ? AND step = ? AND logger = ?",
             (self._stream, int(step), logger),
@@ -228,11 +271,3 @@ class Outbox(LedgerStore):
         if row is None:
             raise IllegalTransitionError(f"step {step} has no result queued for logger {logger!r}")
         return row[0]
-
-    def _check_logger(self, logger: str) -> None:
-        if logger not in self.loggers:
-            raise ValueError(f"logger {logger!r} is not configured; configured: {list(self.loggers)}")
-
-
-def _lease_name(logger: str) -> str:
-    return f"deliver:{logger}"

@@ -75,8 +75,9 @@ class StepReads(LedgerStore):
     # Status.
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars)
-        and deliveries (``{logger: "pending" | "delivered"}``)."""
+        """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars),
+        deliveries (``{logger: "pending" | "delivered" | "undeliverable"}``) and delivery_errors
+        (``{logger: last error}`` of deliveries not yet made that failed)."""
         conn = self._conn()
         with read_snapshot(conn):
             steps = conn.execute(
@@ -85,11 +86,15 @@ class StepReads(LedgerStore):
                 (self._stream,),
             ).fetchall()
             outbox = conn.execute(
-                "SELECT step, logger, state FROM outbox WHERE stream_id = ? ORDER BY logger", (self._stream,)
+                "SELECT step, logger, state, last_error FROM outbox WHERE stream_id = ? ORDER BY logger",
+                (self._stream,),
             ).fetchall()
         deliveries: dict[int, dict[str, str]] = {}
-        for step, logger, state in outbox:
+        errors: dict[int, dict[str, str]] = {}
+        for step, logger, state, last_error in outbox:
             deliveries.setdefault(step, {})[logger] = state
+            if state != "delivered" and last_error:
+                errors.setdefault(step, {})[logger] = last_error
         return [
             {
                 "step": step,
@@ -99,6 +104,7 @@ class StepReads(LedgerStore):
                 "owner": owner,
                 "metrics": {} if payload is None else decoded_metrics(payload),
                 "deliveries": deliveries.get(step, {}),
+                "delivery_errors": errors.get(step, {}),
             }
             for step, state, reason, attempts, owner, payload in steps
         ]

@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -81,6 +81,36 @@ _MIGRATIONS: dict[int, str] = {
       updated_at REAL NOT NULL,
       PRIMARY KEY (stream_id, key)
     );
+    """,
+    # Version 2: a delivery may be 'undeliverable' (the tracker refused it, or it failed
+    # max_delivery_attempts times) so it no longer holds later steps back; `failures` counts the
+    # failures that may be the result's fault (outages do not count); `sending_since` marks an
+    # attempt that may have reached the tracker without being acknowledged, so a process taking
+    # over reads back only those. SQLite cannot change a CHECK in place: the table is rebuilt.
+    # A version-1 process left no marks, so every pending row is marked "maybe sent, time unknown".
+    2: """
+    CREATE TABLE outbox_v2 (
+      stream_id INTEGER NOT NULL,
+      step INTEGER NOT NULL,
+      logger TEXT NOT NULL,
+      state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'undeliverable')),
+      attempts INTEGER NOT NULL DEFAULT 0,
+      failures INTEGER NOT NULL DEFAULT 0,
+      next_attempt_at REAL NOT NULL,
+      last_error TEXT,
+      delivered_at REAL,
+      sending_since REAL,
+      PRIMARY KEY (stream_id, step, logger),
+      FOREIGN KEY (stream_id, step) REFERENCES steps (stream_id, step)
+    );
+    INSERT INTO outbox_v2 (stream_id, step, logger, state, attempts, failures, next_attempt_at, last_error,
+                           delivered_at, sending_since)
+      SELECT stream_id, step, logger, state, attempts, 0, next_attempt_at, last_error, delivered_at,
+             CASE WHEN state = 'pending' THEN 0.0 END
+      FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v2 RENAME TO outbox;
+    CREATE INDEX outbox_due ON outbox (stream_id, logger, state, step);
     """,
 }
 

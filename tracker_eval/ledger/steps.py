@@ -6,7 +6,7 @@ state and a heartbeat. Every change is one transaction, so a process killed at a
 consistent ledger; a crash replays delivery or (for an unfinished step) evaluation, never a stored
 result. States of a step::
 
-    pending -> evaluating -> evaluated -> delivered      (delivered: every configured logger has it)
+    pending -> evaluating -> evaluated -> delivered      (delivered: every logger has it; see outbox)
                         \\-> failed -> (claimed again) ... -> given_up      skipped (from any unfinished)
 
 Usage:
@@ -34,12 +34,7 @@ from pathlib import Path
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import offer_best, reconcile_best
-from tracker_eval.ledger.db import (
-    IllegalTransitionError,
-    LeaseLostError,
-    LedgerError,
-    write_transaction,
-)
+from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
 from tracker_eval.ledger.files import encode_result, write_arrays
 from tracker_eval.ledger.lease import lease_reclaimable
 from tracker_eval.ledger.outbox import Outbox
@@ -69,6 +64,7 @@ class Ledger(Outbox, StepReads):
         best_metric: str | None = None,
         best_mode: str = "min",
         max_attempts: int = 3,
+        max_delivery_attempts: int = 5,
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 60.0,
         busy_timeout_s: float = 30.0,
@@ -88,6 +84,8 @@ class Ledger(Outbox, StepReads):
           best_mode: "min" or "max": which value of `best_metric` is best.
           max_attempts: evaluation attempts of one step (claims, including crashed ones) before it
             is given up.
+          max_delivery_attempts: failed deliveries of one result to one logger (outages excluded)
+            before that delivery is marked undeliverable.
           backoff_base_s: delay after a logger's first failed delivery; doubles per failure.
           backoff_cap_s: longest delay between delivery attempts.
           busy_timeout_s: how long a write waits for another process's write.
@@ -99,8 +97,9 @@ class Ledger(Outbox, StepReads):
         """
         if best_mode not in _BEST_MODES:
             raise ConfigError(f"best_mode={best_mode!r} is not one of {_BEST_MODES}")
-        if max_attempts < 1:
-            raise ConfigError(f"max_attempts={max_attempts} must be at least 1")
+        for key, value in (("max_attempts", max_attempts), ("max_delivery_attempts", max_delivery_attempts)):
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
         if not 0 < backoff_base_s <= backoff_cap_s:
             raise ConfigError(
                 f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s} and {backoff_cap_s}"
@@ -109,6 +108,7 @@ class Ledger(Outbox, StepReads):
                          loggers=loggers, busy_timeout_s=busy_timeout_s, clock=clock)
         self._best = (best_metric, best_mode)
         self._max_attempts = max_attempts
+        self._max_delivery_attempts = max_delivery_attempts
         self._backoff = (backoff_base_s, backoff_cap_s)
         conn = self._conn()
         with write_transaction(conn):

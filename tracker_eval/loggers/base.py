@@ -31,6 +31,16 @@ class Logger(Protocol):
       * ``log_result`` for a step the destination already holds must not add a second point:
         a crash between delivery and the ledger's acknowledgement makes re-sends possible.
       * ``close`` releases resources and implies ``flush``; it is called exactly once.
+      * Optional ``reconcile(in_flight)``: called (on the logger's thread) whenever this process
+        takes over delivery to the logger from another one. Forget cached knowledge of what the
+        destination holds; ``in_flight`` maps each step whose earlier attempt may have reached the
+        destination without being acknowledged to the unix time that attempt began. Every other
+        undelivered step is known, from the ledger, never to have been sent, so a logger whose full
+        read-back is expensive checks only these.
+      * Failures: raise `tracker_eval.loggers.failures.PermanentDeliveryError` (or chain from it)
+        when the destination will never take this result, `TrackerUnavailableError` when it cannot
+        be reached; anything else is retried and counts toward ``watch.max_delivery_attempts``.
+      * Optional ``set_summary(values)`` (best checkpoint) and ``run_state()`` (see README).
     """
 
     name: str

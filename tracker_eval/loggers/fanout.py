@@ -8,6 +8,7 @@ hanging logger never blocks the others or the caller. Two uses:
     outcomes = fanout.wait(timeout=30)   # {name: None | LoggerError}
     # or, for the outbox: log_result + flush per logger, success only after flush succeeded
     outcomes = fanout.deliver(result, logger_names=["mlflow"], deadline_s=60)
+    fanout.call("wandb", "set_summary", lambda lg: lg.set_summary(values))   # one call, in order
     fanout.close()                     # closes every logger, then raises the first error
 
 A logger whose call ran past its deadline is *busy*: further calls to it are skipped and reported
@@ -26,6 +27,7 @@ from typing import Any
 
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import Logger
+from tracker_eval.loggers.failures import FailureKind
 from tracker_eval.loggers.worker import LoggerError, Task, Worker
 
 __all__ = ["FanOut", "FanOutError", "LoggerError"]
@@ -79,6 +81,7 @@ class FanOut:
         self._pending_lock = threading.Lock()
         self._on_error = on_error or (lambda e: _log.warning("%s", e))
         self._closed = False
+        self.still_running: list[str] = []  # after `close`: loggers whose worker had not finished
 
     def add(self, logger: Logger) -> None:
         """Adds a logger that started late (after a failed first construction)."""
@@ -126,12 +129,29 @@ class FanOut:
             if flush:
                 self._enqueue(worker, "flush", worker.logger.flush, step=result.step)
 
-    def set_summary(self, values: Mapping[str, Any]) -> None:
-        """Queues ``set_summary(values)`` on loggers that have it (best-checkpoint tracking)."""
-        for worker in self._workers.values():
-            method = getattr(worker.logger, "set_summary", None)
-            if callable(method):
-                self._enqueue(worker, "set_summary", lambda m=method: m(dict(values)), step=None)
+    def call(
+        self, name: str, operation: str, fn: Callable[[Logger], Any], *, deadline_s: float | None = None
+    ) -> Exception | None:
+        """Runs ``fn(logger)`` on that logger's worker, after the calls queued there, and waits for it.
+
+        How delivery runs what must happen under its lease (``set_summary``, ``reconcile``) without
+        racing the logger's other calls.
+
+        Args:
+          name: the logger.
+          operation: what to call it in errors (e.g. ``set_summary``).
+          fn: the call.
+          deadline_s: bound on the call (default the fan-out's ``deadline_s``).
+
+        Returns:
+          None when it returned, else the `LoggerError` (a call past its deadline marks the logger busy).
+        """
+        self._check_open()
+        worker = self._workers[name]
+        deadline = self.deadline_s if deadline_s is None else float(deadline_s)
+        task = Task(operation, lambda: fn(worker.logger), None, deadline)
+        worker.put(task)
+        return self._collect({name: [task]}, timeout=deadline, report=False)[name]
 
     def wait(self, timeout: float | None = None) -> dict[str, Exception | None]:
         """Waits for every queued call and reports each logger's first failure since the last wait.
@@ -224,8 +244,7 @@ class FanOut:
             worker.stop()
         self._closed = True
         outcomes = self.wait(self.deadline_s if timeout is None else timeout)
-        for worker in self._workers.values():
-            worker.join(0.5)
+        self.still_running = [name for name, worker in self._workers.items() if not worker.join(0.5)]
         failures = {name: e for name, e in outcomes.items() if e is not None}
         if failures:
             raise FanOutError(failures) from next(iter(failures.values()))
@@ -253,9 +272,11 @@ class FanOut:
                 except concurrent.futures.TimeoutError:
                     worker.mark_timed_out(task)
                     why = f"no answer within {budget:g} s"
-                    error: Exception = LoggerError(name, task.operation, why, step=task.step)
+                    error: Exception = LoggerError(name, task.operation, why, step=task.step,
+                                                   kind=FailureKind.UNAVAILABLE)
                 except concurrent.futures.CancelledError:
-                    error = LoggerError(name, task.operation, "cancelled before it started", step=task.step)
+                    error = LoggerError(name, task.operation, "cancelled before it started", step=task.step,
+                                        kind=FailureKind.UNAVAILABLE)
                 except LoggerError as e:
                     error = e
                 else:

@@ -2,7 +2,8 @@
 
 Each line is written with one ``os.write`` on an ``O_APPEND`` descriptor and fsynced on flush, so a
 reader sees whole lines only (a crash can leave at most one unterminated last line, which
-`read_jsonl` skips). A (step, checkpoint) already in the file is not written again.
+`read_jsonl` skips). A (step, checkpoint) already in the file is not written again; the file is
+read again whenever this process takes over delivery (`reconcile`).
 
     logger = JsonlLogger(JsonlLogger.Config(), context=LoggerContext(output_dir="runs/demo"), name="jsonl")
     logger.log_result(result); logger.flush()
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -25,6 +25,7 @@ import numpy as np
 
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.npz import read_npz, write_npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +49,17 @@ class JsonlLogger:
         path = pathlib.Path(self.config.path or "metrics.jsonl")
         self.path = path if path.is_absolute() else pathlib.Path(context.output_dir) / path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._seen = {(r["step"], r["checkpoint"]) for r in read_jsonl(self.path)}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._dirty = False
+        self.reconcile({})
+
+    def reconcile(self, in_flight: Mapping[int, float]) -> None:
+        """Re-reads which results the file holds: another process may have appended (or died
+        mid-line) since this one looked. Reading the whole file is cheap, so `in_flight` is not needed."""
+        del in_flight
+        self._seen = {(r["step"], r["checkpoint"]) for r in read_jsonl(self.path)}
         # A crash mid-write can leave an unterminated last line; start ours on a fresh line.
         self._needs_newline = _ends_without_newline(self.path)
-        self._dirty = False
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Nothing to do: the config belongs to the ledger and the run directory, not the metrics file."""
@@ -90,17 +97,8 @@ class JsonlLogger:
 
     def _write_npz(self, result: EvalResult) -> str:
         folder = self.path.with_name(self.path.stem + ".per_example")
-        folder.mkdir(exist_ok=True)
         tag = hashlib.sha256(result.checkpoint.encode()).hexdigest()[:8]
-        target = folder / f"step_{int(result.step)}_{tag}.npz"
-        buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.asarray(v) for k, v in result.per_example.items()})
-        tmp = target.with_suffix(".npz.tmp")
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        target = write_npz(folder / f"step_{int(result.step)}_{tag}.npz", result.per_example)
         return str(target.relative_to(self.path.parent))
 
 
@@ -128,8 +126,7 @@ def load_per_example(path: str | os.PathLike[str], record: Mapping[str, Any]) ->
     reference = record.get("per_example")
     if not reference:
         return {}
-    with np.load(pathlib.Path(path).parent / reference) as data:
-        return {k: data[k] for k in data.files}
+    return read_npz(pathlib.Path(path).parent / reference)
 
 
 def _ends_without_newline(path: pathlib.Path) -> bool:

@@ -23,6 +23,7 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.locations import normalize_checkpoint_dir
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
+from tracker_eval.loggers.failures import FailureKind
 from tracker_eval.loggers.fanout import FanOut, LoggerError
 from tracker_eval.loggers.registry import parse_logger_specs
 
@@ -30,8 +31,9 @@ LOG = logging.getLogger(__name__)
 
 
 def _start_error(name: str, error: Exception) -> LoggerError:
-    # The same error type as every other logger failure, so callers report all of them one way.
-    return LoggerError(name, "start", f"{type(error).__name__}: {error}")
+    # The same error type as every other logger failure, so callers report all of them one way;
+    # a logger that cannot start never saw the result, so the result is not at fault.
+    return LoggerError(name, "start", f"{type(error).__name__}: {error}", kind=FailureKind.UNAVAILABLE)
 
 
 def run_key(config: EvalConfig) -> str:
@@ -152,9 +154,44 @@ class LoggerSession:
             failures.update({n: e for n, e in outcomes.items() if e is not None})
         return failures
 
-    def close(self, timeout: float | None = None) -> None:
-        """Closes every logger within `timeout`; failures are warnings (results are in the ledger)."""
+    def reconcile(self, name: str, in_flight: Mapping[int, float]) -> Exception | None:
+        """Has logger `name` learn again what its destination holds (this process just took over
+        its delivery); `in_flight` maps each step another process may have sent without
+        acknowledging it to the unix time that attempt began. None when done, or the logger has no
+        ``reconcile``; else the error."""
+        method = getattr(self.fanout.loggers.get(name), "reconcile", None)
+        if not callable(method):
+            return None
+        steps = dict(in_flight)
+        return self.fanout.call(name, "reconcile", lambda lg: lg.reconcile(steps))
+
+    def summarizes(self, name: str) -> bool:
+        """Whether logger `name` runs and keeps a run summary (has ``set_summary``)."""
+        return callable(getattr(self.fanout.loggers.get(name), "set_summary", None))
+
+    def set_summary(self, name: str, values: Mapping[str, Any]) -> Exception | None:
+        """Sets logger `name`'s run summary and makes it durable (``set_summary`` then ``flush``).
+
+        Returns:
+          None when done, else the `LoggerError`.
+        """
+        summary = dict(values)
+
+        def apply(logger: Any) -> None:
+            logger.set_summary(summary)
+            logger.flush()
+
+        return self.fanout.call(name, "set_summary", apply)
+
+    def close(self, timeout: float | None = None) -> list[str]:
+        """Closes every logger within `timeout`; failures are warnings (results are in the ledger).
+
+        Returns:
+          Loggers whose calls were still running when the time was up: a write may still land,
+          so their delivery leases must not be handed to another process yet.
+        """
         try:
             self.fanout.close(timeout)
         except Exception as error:  # noqa: BLE001
             LOG.warning("tracker-eval: warning: closing loggers: %s", error)
+        return list(self.fanout.still_running)

@@ -24,6 +24,7 @@ from typing import Any
 
 from tracker_eval.evaluation.activity import wait_until_idle
 from tracker_eval.loggers.base import Logger
+from tracker_eval.loggers.failures import FailureKind, classify
 
 
 class LoggerError(RuntimeError):
@@ -31,18 +32,30 @@ class LoggerError(RuntimeError):
 
     Attributes:
       logger: the logger's name.
-      operation: ``log_config``, ``log_result``, ``flush``, ``deliver``, ``set_summary`` or ``close``.
+      operation: ``log_config``, ``log_result``, ``flush``, ``deliver``, ``set_summary``, ``reconcile``
+        or ``close``.
       step: the result's step where there is one.
       reason: a one-line reason (never contains secrets we hold; trackers' own messages pass through).
+      kind: how delivery treats it (`tracker_eval.loggers.failures.classify` of what the logger
+        raised; a call past its deadline or skipped as busy is an outage).
     """
 
-    def __init__(self, logger: str, operation: str, reason: str, *, step: int | None = None) -> None:
+    def __init__(
+        self,
+        logger: str,
+        operation: str,
+        reason: str,
+        *,
+        step: int | None = None,
+        kind: FailureKind = FailureKind.TRANSIENT,
+    ) -> None:
         where = f" of step {step}" if step is not None else ""
         super().__init__(f"logger {logger!r}: {operation}{where} failed: {reason}")
         self.logger = logger
         self.operation = operation
         self.step = step
         self.reason = reason
+        self.kind = kind
 
 
 @dataclasses.dataclass
@@ -105,15 +118,16 @@ class Worker:
     def put(self, task: Task) -> None:
         reason = self.busy_reason(time.monotonic())
         if reason is not None:
-            task.future.set_exception(LoggerError(self.name, task.operation, reason, step=task.step))
+            task.future.set_exception(
+                LoggerError(self.name, task.operation, reason, step=task.step, kind=FailureKind.UNAVAILABLE)
+            )
             return
         try:
             self._queue.put_nowait(task)
         except queue.Full:
             task.future.set_exception(
-                LoggerError(
-                    self.name, task.operation, f"queue full ({self._queue.maxsize} calls waiting)", step=task.step
-                )
+                LoggerError(self.name, task.operation, f"queue full ({self._queue.maxsize} calls waiting)",
+                            step=task.step, kind=FailureKind.UNAVAILABLE)
             )
 
     def stop(self) -> None:
@@ -144,7 +158,7 @@ class Worker:
                 value = task.fn()
             except BaseException as e:  # a logger must never kill its worker
                 task.future.set_exception(
-                    LoggerError(self.name, task.operation, f"{type(e).__name__}: {e}", step=task.step)
+                    LoggerError(self.name, task.operation, f"{type(e).__name__}: {e}", step=task.step, kind=classify(e))
                 )
             else:
                 task.future.set_result(value)

@@ -3,8 +3,8 @@
 `pipeline` (config -> restored params -> EvalResult), `stream` (ledger, loggers and delivery of one
 stream on process 0), `delivery` (outbox worker threads), `watcher` (`tracker-eval watch`),
 `in_training` (InTrainingEvaluation), `claim` (keeps an evaluation claim alive, for both),
-`status` (`tracker-eval status`), `distributed` (JAX runtime start-up, process-0 decisions, peer
-monitor).
+`status` (`tracker-eval status`), `retry` (`tracker-eval retry`), `distributed` (JAX runtime
+start-up, process-0 decisions, peer monitor).
 
 May import: every stage below (checkpoints, evaluation, ledger, loggers) and the shared top level.
 Public names: Pipeline, Watcher, InTrainingEvaluation, PrimaryStream, collect_status.

@@ -2,6 +2,8 @@
 
     tracker-eval status --config watch.yaml            # a table
     tracker-eval status --config watch.yaml --json     # {"steps": [...], "newest_step": N, "lag_steps": K}
+    # each step: state, reason, attempts, metrics, deliveries {logger: pending | delivered |
+    # undeliverable} and delivery_errors {logger: last error}
     tracker-eval status --config watch.yaml --health   # exit 0 only with a recent watcher heartbeat
 
 It never writes: the ledger is opened read-only (`tracker_eval.ledger.view`), also on a read-only mount.
@@ -54,6 +56,7 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
             "attempts": row["attempts"],
             "metrics": row["metrics"],
             "deliveries": dict(row["deliveries"]),
+            "delivery_errors": dict(row["delivery_errors"]),
         }
         for row in rows
     ]
@@ -110,6 +113,11 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
     if best:
         footer += f", best: step {best['step']} ({_fmt(best['value'])})"
+    stuck = [(s["step"], name, s["delivery_errors"].get(name, ""))
+             for s in steps for name, state in sorted(s["deliveries"].items()) if state == "undeliverable"]
+    if stuck:
+        footer += "\nundeliverable (fix the cause, then `tracker-eval retry --config FILE [--step N] [--logger ID]`):"
+        footer += "".join(f"\n  step {step} -> {name}: {reason[:160]}" for step, name, reason in stuck)
     return text + footer
 
 

@@ -46,6 +46,7 @@ def open_ledger(config: EvalConfig, *, loggers: list[str]) -> Any:
             best_metric=best.metric if best else None,
             best_mode=best.mode if best else "min",
             max_attempts=config.watch.max_attempts,
+            max_delivery_attempts=config.watch.max_delivery_attempts,
         )
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r} cannot hold the ledger: {error}") from None
@@ -90,7 +91,9 @@ class PrimaryStream:
         # send the same step again while the first send is still in flight. A dead holder on this
         # host is taken over at once whatever the lease says.
         lease_s = max(config.watch.lease_ttl_s, config.watch.delivery_deadline_s + 30.0)
-        delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=lease_s)
+        best = config.watch.best
+        delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=lease_s,
+                            best_metric=best.metric if best else None)
         delivery.start()
         stream = cls(config=config, ledger=ledger, session=session, delivery=delivery, owner=owner)
         # Again at every start: a crash between the ledger's commit and best.json, or a tracker
@@ -107,10 +110,12 @@ class PrimaryStream:
         return recorded
 
     def publish_best(self) -> None:
-        """Writes ``best.json`` and the trackers' best-step summary when the ledger's best changed.
+        """Writes ``best.json`` when the ledger's best changed, and wakes delivery for the trackers.
 
         The ledger is the truth; the file lock orders processes of one stream (a watcher beside
-        in-training evaluation), so an older best never overwrites a newer one.
+        in-training evaluation), so an older best never overwrites a newer one. The trackers'
+        best-step summary is sent by each logger's delivery lease holder, which reads the best from
+        the ledger when it sends: an older best cannot arrive after a newer one either.
         """
         best_config = self.config.watch.best
         if best_config is None:
@@ -128,17 +133,24 @@ class PrimaryStream:
                 json.dump(payload, f, indent=2)
             os.replace(f"{path}.tmp", path)
         self.published_best = best
-        self.session.fanout.set_summary({"best_step": step, f"best_{best_config.metric}": value})
+        self.delivery.notify()
         LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, best_config.metric, value)
 
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
         """Waits up to `drain_s` for deliveries, closes the loggers; True when everything was delivered.
 
         Whatever is not delivered stays in the outbox for the next process to send. A tracker that
-        did not take its backlog is probably down, so closing it is given at most 5 s.
+        did not take its backlog is probably down, so closing it is given at most 5 s. The order
+        keeps delivery exactly once: the delivery threads stop, the loggers' own calls end (close
+        waits for them), their run state is stored, and only then are the delivery leases given
+        up, except those of loggers still busy, so no other process sends while a write may land.
         """
         drained = self.delivery.drain(drain_s)
-        self.delivery.stop(timeout=2.0)
+        timeout = close_timeout_s if drained else min(close_timeout_s, _UNDRAINED_CLOSE_S)
+        # A delivery thread still waiting on its logger is harmless: its acknowledgement either
+        # lands before the release or fails, and the next holder checks that step (in flight).
+        self.delivery.stop(timeout=min(timeout, 2.0))
+        busy = self.session.close(timeout=timeout)
         self.session.persist_run_states(self.ledger)
-        self.session.close(timeout=close_timeout_s if drained else min(close_timeout_s, _UNDRAINED_CLOSE_S))
+        self.delivery.release(keep=busy)
         return drained

@@ -183,6 +183,9 @@ class Watcher:
         if state in (states.DELIVERED, states.SKIPPED, states.GIVEN_UP):
             return True
         if state == states.EVALUATED:
+            waiting = [n for n, d in row["deliveries"].items() if d == "pending" and n in self.ledger.loggers]
+            if not waiting:
+                return True  # whatever is missing is undeliverable: waiting cannot bring it
             seen = self._evaluated_seen.setdefault(row["step"], time.monotonic())
             return time.monotonic() - seen >= self.watch.outbox_wait_s
         return False

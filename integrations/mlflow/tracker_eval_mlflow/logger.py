@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -27,11 +26,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import LoggerContext
+from tracker_eval.loggers.failures import FailureKind, mark
+from tracker_eval.npz import write_npz
+from tracker_eval_mlflow.failures import NonFiniteMetricError, classified
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -43,7 +43,6 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 RUN_KEY_TAG = "tracker_eval.run_key"
 _INVALID_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
 
 @dataclasses.dataclass(frozen=True)
 class MlflowConfig:
@@ -137,9 +136,21 @@ class MlflowLogger:
         """Logs the result's metrics at ``step=result.step``, skipping (key, step) pairs the run holds.
 
         Raises:
-          ValueError: a non-finite metric under ``nan_policy: error``.
-          mlflow.exceptions.MlflowException: the server refused or could not be reached in time.
+          NonFiniteMetricError: a non-finite metric under ``nan_policy: error`` (a ValueError and a
+            `PermanentDeliveryError`: the result is undeliverable at once).
+          mlflow.exceptions.MlflowException: the server refused the request or could not be reached
+            in time; marked permanent (HTTP 4xx) or unavailable for delivery (`failures.classified`).
         """
+        with classified():
+            self._log_result(result)
+
+    def reconcile(self, in_flight: Mapping[int, float]) -> None:
+        """Forgets which (key, step) pairs the run holds; they are read again, per key, on the next
+        send (one request per metric key, whatever the history's length)."""
+        del in_flight
+        self._held = None
+
+    def _log_result(self, result: EvalResult) -> None:
         client, run_id = self._ensure_run()
         from mlflow.entities import Metric
 
@@ -188,14 +199,15 @@ class MlflowLogger:
             number = float(value)
             if not math.isfinite(number):
                 if self.config.nan_policy == "error":
-                    raise ValueError(
+                    raise NonFiniteMetricError(
                         f"metric {name!r} at step {result.step} is {number}; set nan_policy: skip or log to accept it"
                     )
                 if self.config.nan_policy == "skip":
                     continue
             key = sanitize_key(f"{self.prefix}/{name}" if self.prefix else name)
-            if key in values:
-                raise ValueError(f"metric names {name!r} and another map to the same MLflow key {key!r}; rename one")
+            if key in values:  # the same result would clash every time: undeliverable at once
+                raise mark(ValueError(f"metric names {name!r} and another map to the same MLflow key {key!r}; "
+                                      "rename one"), FailureKind.PERMANENT)
             values[key] = number
         return values
 
@@ -213,10 +225,7 @@ class MlflowLogger:
     def _log_step_artifact(self, client: MlflowClient, run_id: str, result: EvalResult) -> None:
         with tempfile.TemporaryDirectory(prefix="tracker-eval-mlflow-") as tmp:
             base = os.path.join(tmp, f"step_{int(result.step)}")
-            buffer = io.BytesIO()
-            np.savez(buffer, **{k: np.asarray(v) for k, v in result.per_example.items()})
-            with open(base + ".npz", "wb") as f:
-                f.write(buffer.getvalue())
+            write_npz(base + ".npz", result.per_example, durable=False)
             with open(base + ".json", "w") as f:
                 json.dump({"step": int(result.step), "checkpoint": result.checkpoint,
                            "provenance": dict(result.provenance)}, f, default=str, sort_keys=True)

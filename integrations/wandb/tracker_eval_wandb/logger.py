@@ -3,7 +3,15 @@
 Registered as ``type: wandb`` in the ``tracker_eval.loggers`` entry-point group; ``wandb`` is
 imported on first use only. Rows carry ``checkpoint_step`` as a value (never ``step=``), so
 out-of-order checkpoints are all kept. wandb 0.31 has no public flush: `flush` finishes the run
-(everything is then in the ``.wandb`` file) and the next call resumes the same run id.
+(everything is then in the ``.wandb`` file) and the next call resumes the same run id, in a new
+run directory. The run is open only between a delivery's first call and its flush, so two
+processes of one stream (a watcher beside in-training evaluation) never hold it open together:
+only the holder of the delivery lease sends.
+
+Which steps the run already holds is read back only where the ledger cannot know it: `reconcile`
+(called when this process takes delivery over) reads just the run directories written since the
+oldest unacknowledged attempt began, so start-up does not grow with the run's history. Without a
+ledger (``tracker-eval eval``) the first `log_result` reads every directory of the run.
 
     logger = WandbLogger(WandbLogger.Config(project="my-eval", mode="offline"),
                          context=LoggerContext(output_dir="runs/demo", run_key="ckpts@1a2b"), name="wandb")
@@ -32,6 +40,8 @@ from tracker_eval_wandb import reader
 
 MODES = ("online", "offline")
 _RESUME_RETRY_S = 15.0
+# File times may be coarser than the ledger's clock (and a little behind it on some file systems).
+_MTIME_SLACK_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +93,7 @@ class WandbLogger:
         self.run_id: str = self.config.run_id or context.run_state.get("run_id") or derive_run_id(run_key)
         self._run: Any = None
         self._config: dict[str, Any] = {}
-        self._held: set[int] | None = None  # checkpoint steps on disk (read once, then tracked)
+        self._held: set[int] | None = None  # steps on disk: None until reconciled or read in full
         self._pending: set[int] = set()  # logged since the last finish
         self._dirty = False
         self.finish_seconds: list[float] = []  # cost of each flush (finish), for benchmarks
@@ -98,20 +108,35 @@ class WandbLogger:
         return {"run_id": self.run_id}
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        """Puts the config under ``tracker_eval`` in the run config, starting (or resuming) the run.
+        """Puts the config under ``tracker_eval`` in the run config when the run is next opened.
 
-        Starting here (and reading which steps the run already holds) moves wandb's start-up
-        (~1-2 s of CPU) to before the first evaluation.
+        The run is not opened here: only a process delivering under the lease opens it.
         """
         self._config["tracker_eval"] = dict(config)
-        self._held_steps()
-        run = self._ensure_run()
+        if self._run is not None:
+            self._run.config.update({"tracker_eval": dict(config)}, allow_val_change=True)
+            self._dirty = True
         import wandb
 
         # The first Table imports pandas (~0.5 s of CPU): pay it here, before evaluations start.
         wandb.Table(columns=["index"], data=[[0]])
-        run.config.update({"tracker_eval": dict(config)}, allow_val_change=True)
-        self._dirty = True
+
+    def reconcile(self, in_flight: Mapping[int, float]) -> None:
+        """Learns which of the `in_flight` steps the run holds (another process may have sent them
+        and died before acknowledging); every other undelivered step is known not to be there.
+
+        Only the run directories whose ``.wandb`` file was written at or after the oldest of those
+        attempts began are read, one inspector call each; with nothing in flight, none.
+
+        Raises:
+          RuntimeError: wandb's inspector failed on one of those files.
+        """
+        held: set[int] = set()
+        if in_flight:
+            since = min(in_flight.values()) - _MTIME_SLACK_S
+            held = reader.held_steps(self.wandb_dir, self.run_id, prefix=self.prefix, modified_since=since)
+            held &= set(in_flight)
+        self._held = held
 
     def log_result(self, result: EvalResult) -> None:
         """Logs one row ``{checkpoint_step, <prefix>/<metric>..., per-example table and histograms}``.

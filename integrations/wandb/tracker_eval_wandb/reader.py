@@ -8,6 +8,7 @@ read all of them. There is no Python reader for ``.wandb`` files in wandb 0.31; 
     dirs = run_dirs("runs/demo/wandb", "eval-1a2b3c")
     rows = read_history("runs/demo/wandb", "eval-1a2b3c")      # [{"checkpoint_step": 300, ...}, ...]
     held_steps("runs/demo/wandb", "eval-1a2b3c")               # {100, 300}
+    held_steps("runs/demo/wandb", "eval-1a2b3c", modified_since=t)   # only files written since t
 """
 
 from __future__ import annotations
@@ -62,9 +63,21 @@ def read_records(path: str | os.PathLike[str], *, timeout_s: float = 60.0) -> li
     return records
 
 
-def read_history(wandb_dir: str | os.PathLike[str], run_id: str, *, max_workers: int = 4) -> list[dict[str, Any]]:
-    """History rows (the logged dicts) of every run directory of ``run_id``, oldest directory first."""
-    files = [f for d in run_dirs(wandb_dir, run_id) for f in sorted(d.glob("run-*.wandb"))]
+def read_history(
+    wandb_dir: str | os.PathLike[str], run_id: str, *, max_workers: int = 4, modified_since: float | None = None
+) -> list[dict[str, Any]]:
+    """History rows (the logged dicts) of every run directory of ``run_id``, oldest directory first.
+
+    Args:
+      wandb_dir: the ``wandb/`` directory.
+      run_id: the run id.
+      max_workers: inspector processes run at once.
+      modified_since: read only ``.wandb`` files last written at or after this unix time.
+    """
+    files = [f for d in run_dirs(wandb_dir, run_id) for f in sorted(d.glob("run-*.wandb"))
+             if modified_since is None or f.stat().st_mtime >= modified_since]
+    if not files:
+        return []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:
         per_file = list(pool.map(read_records, files))
     rows = []
@@ -75,11 +88,14 @@ def read_history(wandb_dir: str | os.PathLike[str], run_id: str, *, max_workers:
     return rows
 
 
-def held_steps(wandb_dir: str | os.PathLike[str], run_id: str, *, prefix: str = "eval") -> set[int]:
-    """Checkpoint steps whose ``<prefix>/...`` row the run already holds on disk."""
+def held_steps(
+    wandb_dir: str | os.PathLike[str], run_id: str, *, prefix: str = "eval", modified_since: float | None = None
+) -> set[int]:
+    """Checkpoint steps whose ``<prefix>/...`` row the run already holds on disk (in the files
+    written at or after `modified_since`, when given)."""
     marker = f"{prefix}/" if prefix else ""
     steps = set()
-    for row in read_history(wandb_dir, run_id):
+    for row in read_history(wandb_dir, run_id, modified_since=modified_since):
         if STEP_KEY in row and any(k.startswith(marker) for k in row if k != STEP_KEY):
             steps.add(int(row[STEP_KEY]))
     return steps

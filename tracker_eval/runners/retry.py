@@ -1,0 +1,58 @@
+"""`tracker-eval retry`: queue undeliverable deliveries again, once their cause is fixed.
+
+    tracker-eval retry --config watch.yaml                          # every undeliverable delivery
+    tracker-eval retry --config watch.yaml --step 300 --logger mlflow
+
+A delivery is undeliverable when its tracker refused the result (e.g. HTTP 400, a NaN under
+``nan_policy: error``) or it failed ``watch.max_delivery_attempts`` times. Re-queuing is one ledger
+transaction, so it is safe while a watcher runs: the watcher's delivery threads send the results
+at their next look at the outbox; otherwise the next ``watch`` (or ``InTrainingEvaluation``) does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from tracker_eval.config import load_config
+from tracker_eval.errors import ConfigError
+
+
+def run_retry(
+    config_path: str, *, overrides: Sequence[str] = (), step: int | None = None, logger: str | None = None
+) -> int:
+    """Entry point of `tracker-eval retry`; returns the exit code.
+
+    Args:
+      config_path: the watcher's config (it names the ledger: output_dir, stream, loggers).
+      overrides: `key=value` config overrides.
+      step: only this step's deliveries.
+      logger: only deliveries to this logger (its `id`).
+
+    Raises:
+      ConfigError: `logger` is not configured, there is no ledger, or `step` is not in it.
+    """
+    from tracker_eval.runners.stream import logger_names, open_ledger  # noqa: PLC0415
+
+    config = load_config(config_path, overrides=overrides)
+    names = logger_names(config)
+    if logger is not None and logger not in names:
+        raise ConfigError(f"--logger {logger!r} is not a configured logger; configured: {', '.join(names) or 'none'}")
+    if not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
+        raise ConfigError(f"no ledger in output_dir={config.output_dir!r}: nothing was evaluated there yet; "
+                          "check --config (and its output_dir)")
+    with open_ledger(config, loggers=names) as ledger:
+        if step is not None and ledger.state(step) is None:
+            known = ledger.steps()
+            shown = ", ".join(map(str, known[:10])) + (" ..." if len(known) > 10 else "")
+            raise ConfigError(f"--step {step} is not in the ledger of {config.output_dir!r}; known steps: "
+                              f"{shown or 'none'}")
+        queued = ledger.requeue_undeliverable(step=step, logger=logger)
+    scope = "".join([f" of step {step}" if step is not None else "", f" to {logger!r}" if logger else ""])
+    if not queued:
+        print(f"tracker-eval: nothing to re-queue: no undeliverable delivery{scope}")
+        return 0
+    listed = ", ".join(f"step {s} -> {name}" for s, name in queued[:20]) + (" ..." if len(queued) > 20 else "")
+    print(f"tracker-eval: re-queued {len(queued)} deliver{'y' if len(queued) == 1 else 'ies'}{scope}: {listed}; "
+          "a running watcher sends them shortly, otherwise the next `tracker-eval watch` does")
+    return 0
