@@ -26,6 +26,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import LoggerContext
