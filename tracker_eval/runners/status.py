@@ -22,10 +22,14 @@ _HEALTHY_WITHIN_S = 120.0
 def collect_status(config: EvalConfig) -> dict[str, Any]:
     """The status document (the `--json` output)."""
     from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.tree import StorageUnavailableError  # noqa: PLC0415
     from tracker_eval.runners.stream import logger_names, open_ledger  # noqa: PLC0415
 
     ledger_file = os.path.join(config.output_dir, "ledger.sqlite")
-    listed = finalized_steps(config.checkpoint_dir)
+    try:
+        listed = finalized_steps(config.checkpoint_dir)
+    except StorageUnavailableError:
+        listed = []  # the ledger still answers (and --health must not fail with a bucket's outage)
     newest = listed[-1] if listed else None
     if not os.path.exists(ledger_file):
         return {"steps": [], "newest_step": newest, "lag_steps": newest, "newest_evaluated_step": None,

@@ -1,0 +1,187 @@
+"""`tracker-eval watch` on a gs:// checkpoint_dir, against a real GCS server on loopback (fake-gcs-server).
+
+Real processes throughout: a training process saving with Orbax to the bucket (and evaluating some
+steps in-training), a watcher subprocess, the emulator stopped and started again for an outage.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from fixtures_gcs import GcsEmulator, run_keys
+from watcher_harness import (
+    WatcherProcess,
+    assert_exactly_once,
+    child_env,
+    ledger_rows,
+    reference_metrics,
+    states,
+    stored_metrics,
+    wait_for,
+)
+
+pytest_plugins = ["fixtures_gcs", "watcher_harness"]
+
+CLASSIFICATION = "tracker_eval.tasks.classification"
+
+
+def _config(directory: pathlib.Path, *, checkpoint_dir: str, output_dir: pathlib.Path, watch: dict,
+            data_kwargs: dict | None = None) -> pathlib.Path:
+    """A watch config for the digits classifier; data waits on a hold file when `data_kwargs` name one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "checkpoint_dir": checkpoint_dir,
+        "model": f"{CLASSIFICATION}:make_model",
+        "eval_function": f"{CLASSIFICATION}:eval_function",
+        "data": "fixtures_gcs:held_eval_data" if data_kwargs else f"{CLASSIFICATION}:make_eval_data",
+        "data_kwargs": data_kwargs or {},
+        "batch_size": 64,
+        "output_dir": str(output_dir),
+        "watch": watch,
+        "loggers": [{"type": "jsonl"}, {"type": "fixtures_gcs:RunKeyLogger", "id": "run-key"}],
+    }
+    path = directory / "watch.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _trainer(config: pathlib.Path, root: str, *, cwd: pathlib.Path, save_steps: list[int],
+             in_training: list[int]) -> subprocess.Popen[str]:
+    """A training process saving to `root` with Orbax, evaluating `in_training` steps itself."""
+    code = (
+        "import sys\n"
+        "from tracker_eval import InTrainingEvaluation\n"
+        "from tracker_eval.tasks.train import train_classifier\n"
+        "evaluation = InTrainingEvaluation.from_config(sys.argv[1])\n"
+        "def after_save(step, state):\n"
+        f"    if step in {in_training!r}:\n"
+        "        result = evaluation.after_checkpoint(step=step, train_state=state)\n"
+        "        print('in-training', step, result is not None and result.provenance.get('source'), flush=True)\n"
+        f"train_classifier(sys.argv[2], steps={max(save_steps)}, save_every=10**9, save_steps={save_steps!r},\n"
+        "                 after_save=after_save)\n"
+        "evaluation.close()\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(config), root], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(devices=1))
+
+
+def test_trainer_saving_to_gcs_watcher_and_in_training_every_step_once_one_run(tmp_path, gcs, gcs_env):
+    gcs.create_bucket("trainer-ckpts")
+    root = "gs://trainer-ckpts/exp/run"
+    out = tmp_path / "out"
+    # The watcher and the training process start in different working directories.
+    watcher_dir, trainer_dir = tmp_path / "watcher", tmp_path / "trainer"
+    trainer_dir.mkdir()
+    config = _config(watcher_dir, checkpoint_dir=root, output_dir=out,
+                     watch={"poll_interval_s": 0.5, "until_step": 30, "idle_timeout_s": 240})
+    save_steps = [10, 20, 30]
+    with WatcherProcess(config) as watcher:
+        trainer = _trainer(config, root, cwd=trainer_dir, save_steps=save_steps, in_training=[20])
+        try:
+            trainer_out, _ = trainer.communicate(timeout=240)
+        finally:
+            trainer.kill()
+        assert trainer.returncode == 0, trainer_out
+        assert watcher.wait_exit(timeout=240) == 0, watcher.tail()
+    assert "until_step 30 reached" in watcher.text
+    assert gcs.names(f"{root}/10"), "the trainer did not write to the bucket"
+
+    rows = ledger_rows(out)
+    assert {s: (r["state"], r["attempts"]) for s, r in rows.items()} == {s: ("delivered", 1) for s in save_steps}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    in_training = sorted(line["step"] for line in lines if line["provenance"].get("source") == "in-training")
+    # Each step evaluated once: 10 and 30 by the watcher, 20 by whichever claimed it first.
+    assert sorted(watcher.evaluated_steps() + in_training) == save_steps, (watcher.evaluated_steps(), in_training)
+    assert {10, 30} <= set(watcher.evaluated_steps())
+    expected = stored_metrics(out)
+    for step in save_steps:  # an independent float64 forward pass over a plain Orbax restore from gs://
+        reference = reference_metrics(root, step)
+        assert expected[step]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert expected[step]["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-9)
+    assert_exactly_once(out, expected)
+    assert {line["step"]: line["checkpoint"] for line in lines} == {s: f"{root}/{s}" for s in save_steps}
+
+    # One evaluation stream and one tracker run identity for both processes, whatever their cwd.
+    conn = sqlite3.connect(out / "ledger.sqlite")
+    try:
+        assert conn.execute("SELECT checkpoint_dir FROM streams").fetchall() == [(root,)]
+    finally:
+        conn.close()
+    keys = run_keys(out)
+    assert {k["cwd"] for k in keys} == {str(watcher_dir), str(trainer_dir)}, keys
+    from tracker_eval.config import load_config
+
+    assert {k["run_key"] for k in keys} == {f"{root}@{load_config(config).config_hash()}"}, keys
+
+
+def _list_polls(gcs: GcsEmulator, bucket: str) -> int:
+    return gcs.request_count(f"/b/{bucket}/o?prefix=run%2F&delimiter=%2F")
+
+
+def _heartbeat(out: pathlib.Path) -> float:
+    conn = sqlite3.connect(out / "ledger.sqlite", timeout=30)
+    try:
+        row = conn.execute("SELECT updated_at FROM meta WHERE key = 'heartbeat'").fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else 0.0
+
+
+def test_interrupted_and_deleted_steps_and_a_server_outage(tmp_path, gcs, gcs_env, source_checkpoints):
+    bucket = "watched-ckpts"
+    gcs.create_bucket(bucket)
+    root, out, hold = f"gs://{bucket}/run", tmp_path / "out", tmp_path / "hold"
+    config = _config(tmp_path, checkpoint_dir=root, output_dir=out, data_kwargs={"hold_file": str(hold)},
+                     watch={"poll_interval_s": 0.5, "until_step": 100, "idle_timeout_s": 240})
+    gcs.publish_step(source_checkpoints, root, 20)
+    gcs.publish_step(source_checkpoints, root, 40, marker=False)  # a save interrupted before its marker
+    with WatcherProcess(config) as watcher:
+        wait_for(lambda: states(out).get(20) == "delivered", timeout=120, what="step 20", watchers=[watcher])
+        polls = _list_polls(gcs, bucket)
+        wait_for(lambda: _list_polls(gcs, bucket) >= polls + 3, timeout=60, what="3 more polls", watchers=[watcher])
+        assert 40 not in states(out), "a step without its commit_success.txt was listed"
+        # The save finishes: 40 is picked up now. Its evaluation is held (and the next one will be)
+        # while 60 and 80 are written, so that one poll finds both.
+        hold.touch()
+        pathlib.Path(f"{hold}.next").touch()
+        gcs.write_marker(f"{root}/40")
+        wait_for(lambda: states(out).get(40) == "evaluating", timeout=60, what="step 40", watchers=[watcher])
+        gcs.publish_step(source_checkpoints, root, 60)
+        gcs.publish_step(source_checkpoints, root, 80)
+        hold.unlink()
+        # 60 is evaluated (held) while 80 waits its turn; 80 is deleted meanwhile.
+        wait_for(lambda: states(out).get(60) == "evaluating" and states(out).get(80) == "pending", timeout=60,
+                 what="steps 60 (evaluating) and 80 (pending)", watchers=[watcher])
+        gcs.delete_step(f"{root}/80")
+        hold.unlink()
+        wait_for(lambda: states(out).get(80) == "skipped", timeout=60, what="step 80 skipped", watchers=[watcher])
+
+        # The server is down for 10 s: the watcher stays responsive (heartbeat), then goes on.
+        wait_for(lambda: states(out).get(60) == "delivered", timeout=60, what="step 60", watchers=[watcher])
+        gcs.stop()
+        down_at, down_wall = time.monotonic(), time.time()
+        wait_for(lambda: watcher.line_time("storage not answering"), timeout=60, what="outage noticed",
+                 watchers=[watcher])
+        wait_for(lambda: time.monotonic() - down_at >= 10 and _heartbeat(out) > down_wall + 5, timeout=60,
+                 what="10 s of outage with the watcher's heartbeat going on", watchers=[watcher])
+        gcs.start()
+        gcs.publish_step(source_checkpoints, root, 100)
+        assert watcher.wait_exit(timeout=120) == 0, watcher.tail()
+    assert "until_step 100 reached" in watcher.text
+    assert watcher.text.count("storage not answering") == 1 and watcher.text.count("answers again") == 1
+    rows = ledger_rows(out)
+    assert {s: r["state"] for s, r in rows.items()} == {20: "delivered", 40: "delivered", 60: "delivered",
+                                                        80: "skipped", 100: "delivered"}
+    assert "no longer exists" in rows[80]["reason"], rows[80]
+    assert all(rows[s]["attempts"] == 1 for s in (20, 40, 60, 100))
+    assert watcher.evaluated_steps() == [20, 40, 60, 80, 100]
+    expected = stored_metrics(out)
+    for step in (20, 40, 60, 100):  # the bucket holds byte-for-byte copies of the local steps
+        assert expected[step]["loss"] == pytest.approx(reference_metrics(source_checkpoints, step)["loss"], rel=1e-5)
+    assert_exactly_once(out, expected)
