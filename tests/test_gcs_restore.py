@@ -141,7 +141,10 @@ def test_storage_failures_end_a_restore_after_a_bounded_number_of_attempts(gcs, 
         proxy.close()
 
 
-def test_a_dead_server_is_unreachable_not_a_deleted_step(gcs, gcs_env, saved, monkeypatch):
+def test_a_dead_server_is_unreachable_not_a_deleted_step(gcs, gcs_env, saved, monkeypatch, tmp_path):
+    from tracker_eval.config import EvalConfig
+    from tracker_eval.runners.status import collect_status
+
     remote.bound_storage_waits()
     dead = f"http://127.0.0.1:{free_port()}"
     for key, value in gcs.env(dead).items():
@@ -150,6 +153,10 @@ def test_a_dead_server_is_unreachable_not_a_deleted_step(gcs, gcs_env, saved, mo
     assert isinstance(error, CheckpointUnreachableError), error
     with pytest.raises(StorageUnavailableError, match="cannot list gs://restore-ckpts/exp/run"):
         finalized_steps(ROOT)
+    # `status` (and its --health, a Kubernetes liveness probe) still answers from the ledger.
+    config = EvalConfig(checkpoint_dir=ROOT, model="m:f", eval_function="m:f", data="m:f", batch_size=8,
+                        output_dir=str(tmp_path / "out"))
+    assert collect_status(config)["newest_step"] is None
     # And a step that really is gone is still told apart from an outage.
     for key, value in gcs.env().items():
         monkeypatch.setenv(key, value)
@@ -186,3 +193,12 @@ def test_listing_finished_steps_with_few_requests(gcs, gcs_env, saved, source_ch
         finalized_steps("gs://B/run")
     with pytest.raises(StorageUnavailableError, match="bucket 'no-such-bucket' does not exist"):
         finalized_steps("gs://no-such-bucket/run")
+
+
+def test_real_gcs_without_credentials_is_a_one_line_config_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    missing = tmp_path / "no-such-key.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    with pytest.raises(ConfigError, match="no Google credentials for a gs:// checkpoint_dir") as raised:
+        finalized_steps("gs://some-bucket/run")
+    assert "\n" not in str(raised.value) and "GOOGLE_APPLICATION_CREDENTIALS" in str(raised.value)

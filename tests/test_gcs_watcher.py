@@ -16,6 +16,7 @@ import time
 import pytest
 from fixtures_gcs import GcsEmulator, run_keys
 from watcher_harness import (
+    EXE,
     WatcherProcess,
     assert_exactly_once,
     child_env,
@@ -185,3 +186,19 @@ def test_interrupted_and_deleted_steps_and_a_server_outage(tmp_path, gcs, gcs_en
     for step in (20, 40, 60, 100):  # the bucket holds byte-for-byte copies of the local steps
         assert expected[step]["loss"] == pytest.approx(reference_metrics(source_checkpoints, step)["loss"], rel=1e-5)
     assert_exactly_once(out, expected)
+
+    # `status` (its document) and `eval` (the command) on the same gs:// config.
+    from tracker_eval.config import load_config
+    from tracker_eval.runners.status import collect_status
+
+    doc = collect_status(load_config(config))
+    assert doc["newest_step"] == 100 and doc["lag_steps"] == 0
+    assert {s["step"]: s["state"] for s in doc["steps"]} == {s: r["state"] for s, r in rows.items()}
+    result = tmp_path / "result.json"
+    evaluated = subprocess.run([EXE, "eval", "--config", str(config), "--step", "40", "--output", str(result),
+                                "loggers=[]", f"data_kwargs={{hold_file: {tmp_path / 'no-hold'}}}"],
+                               capture_output=True, text=True, timeout=240, env=child_env())
+    assert evaluated.returncode == 0, evaluated.stderr
+    written = json.loads(result.read_text())
+    assert written["checkpoint"] == f"{root}/40"
+    assert {k: written["metrics"][k] for k in expected[40]} == pytest.approx(expected[40], rel=1e-9)
