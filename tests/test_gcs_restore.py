@@ -25,7 +25,7 @@ from tracker_eval.checkpoints.tree import (
 )
 from tracker_eval.errors import ConfigError
 
-pytest_plugins = ["fixtures_gcs", "watcher_harness"]
+pytest_plugins = ["fixtures_gcs"]
 
 BUCKET = "restore-ckpts"
 ROOT = f"gs://{BUCKET}/exp/run"
@@ -164,11 +164,14 @@ def test_a_dead_server_is_unreachable_not_a_deleted_step(gcs, gcs_env, saved, mo
         restore_eval_variables(ROOT, 7, item=None, shardings_for=_rows(_mesh()))
 
 
-def test_listing_finished_steps_with_few_requests(gcs, gcs_env, saved, source_checkpoints):
+def test_listing_finished_steps_with_few_requests(gcs, gcs_env):
+    gcs.create_bucket(BUCKET)
     root = f"gs://{BUCKET}/listing/run"
     # A finished step, one interrupted before its marker, and a directory that is not a step.
-    gcs.publish_step(source_checkpoints, root, 20)
-    gcs.publish_step(source_checkpoints, root, 40, marker=False)
+    for step in (20, 40):
+        gcs.upload(f"{root}/{step}/_CHECKPOINT_METADATA", b"{}")
+        gcs.upload(f"{root}/{step}/default/_METADATA", b"{}")
+    gcs.write_marker(f"{root}/20")
     gcs.upload(f"{root}/notes/readme.txt", b"not a step")
     lister = GcsStepLister(root)
     assert lister.finalized_steps() == [20]

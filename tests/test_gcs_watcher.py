@@ -72,57 +72,9 @@ def _trainer(config: pathlib.Path, root: str, *, cwd: pathlib.Path, save_steps: 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(devices=1))
 
 
-def test_trainer_saving_to_gcs_watcher_and_in_training_every_step_once_one_run(tmp_path, gcs, gcs_env):
-    gcs.create_bucket("trainer-ckpts")
-    root = "gs://trainer-ckpts/exp/run"
-    out = tmp_path / "out"
-    # The watcher and the training process start in different working directories.
-    watcher_dir, trainer_dir = tmp_path / "watcher", tmp_path / "trainer"
-    trainer_dir.mkdir()
-    config = _config(watcher_dir, checkpoint_dir=root, output_dir=out,
-                     watch={"poll_interval_s": 0.5, "until_step": 30, "idle_timeout_s": 240})
-    save_steps = [10, 20, 30]
-    with WatcherProcess(config) as watcher:
-        trainer = _trainer(config, root, cwd=trainer_dir, save_steps=save_steps, in_training=[20])
-        try:
-            trainer_out, _ = trainer.communicate(timeout=240)
-        finally:
-            trainer.kill()
-        assert trainer.returncode == 0, trainer_out
-        assert watcher.wait_exit(timeout=240) == 0, watcher.tail()
-    assert "until_step 30 reached" in watcher.text
-    assert gcs.names(f"{root}/10"), "the trainer did not write to the bucket"
-
-    rows = ledger_rows(out)
-    assert {s: (r["state"], r["attempts"]) for s, r in rows.items()} == {s: ("delivered", 1) for s in save_steps}
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    in_training = sorted(line["step"] for line in lines if line["provenance"].get("source") == "in-training")
-    # Each step evaluated once: 10 and 30 by the watcher, 20 by whichever claimed it first.
-    assert sorted(watcher.evaluated_steps() + in_training) == save_steps, (watcher.evaluated_steps(), in_training)
-    assert {10, 30} <= set(watcher.evaluated_steps())
-    expected = stored_metrics(out)
-    for step in save_steps:  # an independent float64 forward pass over a plain Orbax restore from gs://
-        reference = reference_metrics(root, step)
-        assert expected[step]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-        assert expected[step]["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-9)
-    assert_exactly_once(out, expected)
-    assert {line["step"]: line["checkpoint"] for line in lines} == {s: f"{root}/{s}" for s in save_steps}
-
-    # One evaluation stream and one tracker run identity for both processes, whatever their cwd.
-    conn = sqlite3.connect(out / "ledger.sqlite")
-    try:
-        assert conn.execute("SELECT checkpoint_dir FROM streams").fetchall() == [(root,)]
-    finally:
-        conn.close()
-    keys = run_keys(out)
-    assert {k["cwd"] for k in keys} == {str(watcher_dir), str(trainer_dir)}, keys
-    from tracker_eval.config import load_config
-
-    assert {k["run_key"] for k in keys} == {f"{root}@{load_config(config).config_hash()}"}, keys
-
-
-def _list_polls(gcs: GcsEmulator, bucket: str) -> int:
-    return gcs.request_count(f"/b/{bucket}/o?prefix=run%2F&delimiter=%2F")
+def _list_polls(gcs: GcsEmulator, bucket: str, prefix: str) -> int:
+    """Listings of the step directories the server has answered so far (one per watcher poll)."""
+    return gcs.request_count(f"/b/{bucket}/o?prefix={prefix}%2F&delimiter=%2F")
 
 
 def _heartbeat(out: pathlib.Path) -> float:
@@ -134,27 +86,45 @@ def _heartbeat(out: pathlib.Path) -> float:
     return row[0] if row else 0.0
 
 
-def test_interrupted_and_deleted_steps_and_a_server_outage(tmp_path, gcs, gcs_env, source_checkpoints):
+def test_training_on_gcs_with_a_watcher_interrupted_and_deleted_steps_and_an_outage(tmp_path, gcs, gcs_env):
+    """One watcher over one bucket prefix, from a real training process to a server outage.
+
+    1. A training process saves steps 10, 20, 30 to gs:// with Orbax and evaluates 20 itself
+       (InTrainingEvaluation); the watcher evaluates the others. The two start in different
+       working directories and must share one stream and one tracker run identity.
+    2. Step 40 is interrupted before its marker: never listed; listed once the marker appears.
+    3. Step 80 is deleted after it was listed, while the watcher is busy with 60: skipped.
+    4. The server is down for 10 s: the watcher keeps its heartbeat, then finds step 100.
+    """
     bucket = "watched-ckpts"
     gcs.create_bucket(bucket)
-    root, out, hold = f"gs://{bucket}/run", tmp_path / "out", tmp_path / "hold"
-    config = _config(tmp_path, checkpoint_dir=root, output_dir=out, data_kwargs={"hold_file": str(hold)},
-                     watch={"poll_interval_s": 0.5, "until_step": 100, "idle_timeout_s": 240})
-    gcs.publish_step(source_checkpoints, root, 20)
-    gcs.publish_step(source_checkpoints, root, 40, marker=False)  # a save interrupted before its marker
+    root, out, hold = f"gs://{bucket}/exp/run", tmp_path / "out", tmp_path / "hold"
+    watcher_dir, trainer_dir = tmp_path / "watcher", tmp_path / "trainer"
+    trainer_dir.mkdir()
+    config = _config(watcher_dir, checkpoint_dir=root, output_dir=out, data_kwargs={"hold_file": str(hold)},
+                     watch={"poll_interval_s": 0.5, "until_step": 100, "idle_timeout_s": 300})
     with WatcherProcess(config) as watcher:
-        wait_for(lambda: states(out).get(20) == "delivered", timeout=120, what="step 20", watchers=[watcher])
-        polls = _list_polls(gcs, bucket)
-        wait_for(lambda: _list_polls(gcs, bucket) >= polls + 3, timeout=60, what="3 more polls", watchers=[watcher])
+        trainer = _trainer(config, root, cwd=trainer_dir, save_steps=[10, 20, 30], in_training=[20])
+        try:
+            trainer_out, _ = trainer.communicate(timeout=300)
+        finally:
+            trainer.kill()
+        assert trainer.returncode == 0, trainer_out
+        wait_for(lambda: states(out).get(30) == "delivered", timeout=120, what="step 30", watchers=[watcher])
+
+        gcs.copy_step(f"{root}/10", f"{root}/40", marker=False)  # a save interrupted before its marker
+        polls = _list_polls(gcs, bucket, "exp%2Frun")
+        wait_for(lambda: _list_polls(gcs, bucket, "exp%2Frun") >= polls + 3, timeout=60, what="3 more polls",
+                 watchers=[watcher])
         assert 40 not in states(out), "a step without its commit_success.txt was listed"
-        # The save finishes: 40 is picked up now. Its evaluation is held (and the next one will be)
+        # The save finishes: 40 is picked up now. Its evaluation is held (and so is the next one)
         # while 60 and 80 are written, so that one poll finds both.
         hold.touch()
         pathlib.Path(f"{hold}.next").touch()
         gcs.write_marker(f"{root}/40")
         wait_for(lambda: states(out).get(40) == "evaluating", timeout=60, what="step 40", watchers=[watcher])
-        gcs.publish_step(source_checkpoints, root, 60)
-        gcs.publish_step(source_checkpoints, root, 80)
+        gcs.copy_step(f"{root}/20", f"{root}/60")
+        gcs.copy_step(f"{root}/30", f"{root}/80")
         hold.unlink()
         # 60 is evaluated (held) while 80 waits its turn; 80 is deleted meanwhile.
         wait_for(lambda: states(out).get(60) == "evaluating" and states(out).get(80) == "pending", timeout=60,
@@ -172,20 +142,30 @@ def test_interrupted_and_deleted_steps_and_a_server_outage(tmp_path, gcs, gcs_en
         wait_for(lambda: time.monotonic() - down_at >= 10 and _heartbeat(out) > down_wall + 5, timeout=60,
                  what="10 s of outage with the watcher's heartbeat going on", watchers=[watcher])
         gcs.start()
-        gcs.publish_step(source_checkpoints, root, 100)
+        gcs.copy_step(f"{root}/10", f"{root}/100")
         assert watcher.wait_exit(timeout=120) == 0, watcher.tail()
     assert "until_step 100 reached" in watcher.text
     assert watcher.text.count("storage not answering") == 1 and watcher.text.count("answers again") == 1
+
     rows = ledger_rows(out)
-    assert {s: r["state"] for s, r in rows.items()} == {20: "delivered", 40: "delivered", 60: "delivered",
-                                                        80: "skipped", 100: "delivered"}
+    evaluated = [10, 20, 30, 40, 60, 100]
+    assert {s: r["state"] for s, r in rows.items()} == {**{s: "delivered" for s in evaluated}, 80: "skipped"}
     assert "no longer exists" in rows[80]["reason"], rows[80]
-    assert all(rows[s]["attempts"] == 1 for s in (20, 40, 60, 100))
-    assert watcher.evaluated_steps() == [20, 40, 60, 80, 100]
+    assert all(rows[s]["attempts"] == 1 for s in evaluated), rows
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    in_training = sorted(line["step"] for line in lines if line["provenance"].get("source") == "in-training")
+    # Each step evaluated once: 20 by whichever of the training process and the watcher claimed it first.
+    watched = [s for s in watcher.evaluated_steps() if s != 80]
+    assert sorted(watched + in_training) == evaluated, (watcher.evaluated_steps(), in_training)
     expected = stored_metrics(out)
-    for step in (20, 40, 60, 100):  # the bucket holds byte-for-byte copies of the local steps
-        assert expected[step]["loss"] == pytest.approx(reference_metrics(source_checkpoints, step)["loss"], rel=1e-5)
+    # An independent float64 forward pass over a plain Orbax restore of each step the trainer saved
+    # (40, 60 and 100 are copies of 10, 20 and 10).
+    references = {step: reference_metrics(root, step) for step in (10, 20, 30)}
+    for step, original in {10: 10, 20: 20, 30: 30, 40: 10, 60: 20, 100: 10}.items():
+        assert expected[step]["loss"] == pytest.approx(references[original]["loss"], rel=1e-5), step
+        assert expected[step]["accuracy"] == pytest.approx(references[original]["accuracy"], rel=1e-9), step
     assert_exactly_once(out, expected)
+    assert {line["step"]: line["checkpoint"] for line in lines} == {s: f"{root}/{s}" for s in evaluated}
 
     # `status` (its document) and `eval` (the command) on the same gs:// config.
     from tracker_eval.config import load_config
@@ -195,10 +175,19 @@ def test_interrupted_and_deleted_steps_and_a_server_outage(tmp_path, gcs, gcs_en
     assert doc["newest_step"] == 100 and doc["lag_steps"] == 0
     assert {s["step"]: s["state"] for s in doc["steps"]} == {s: r["state"] for s, r in rows.items()}
     result = tmp_path / "result.json"
-    evaluated = subprocess.run([EXE, "eval", "--config", str(config), "--step", "40", "--output", str(result),
-                                "loggers=[]", f"data_kwargs={{hold_file: {tmp_path / 'no-hold'}}}"],
-                               capture_output=True, text=True, timeout=240, env=child_env())
-    assert evaluated.returncode == 0, evaluated.stderr
+    command = [EXE, "eval", "--config", str(config), "--step", "40", "--output", str(result), "loggers=[]"]
+    evaluated_once = subprocess.run(command, capture_output=True, text=True, timeout=240, env=child_env())
+    assert evaluated_once.returncode == 0, evaluated_once.stderr
     written = json.loads(result.read_text())
     assert written["checkpoint"] == f"{root}/40"
     assert {k: written["metrics"][k] for k in expected[40]} == pytest.approx(expected[40], rel=1e-9)
+
+    # One evaluation stream and one tracker run identity for both processes, whatever their cwd.
+    conn = sqlite3.connect(out / "ledger.sqlite")
+    try:
+        assert conn.execute("SELECT checkpoint_dir FROM streams").fetchall() == [(root,)]
+    finally:
+        conn.close()
+    keys = run_keys(out)
+    assert {k["cwd"] for k in keys} == {str(watcher_dir), str(trainer_dir)}, keys
+    assert {k["run_key"] for k in keys} == {f"{root}@{load_config(config).config_hash()}"}, keys

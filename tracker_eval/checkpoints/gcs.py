@@ -36,7 +36,7 @@ import requests
 
 from tracker_eval.checkpoints.listing import check_is_root
 from tracker_eval.checkpoints.tree import COMMIT_MARKER, StorageUnavailableError
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 GCS_API = "https://storage.googleapis.com"
@@ -45,6 +45,7 @@ MAX_MARKER_GETS = 8
 _PAGE = 1000
 _MAX_PAGES = 10_000  # 10 million entries: a bound, not a limit anyone reaches
 _TIMEOUT_S = (5.0, 30.0)  # connect, read
+_STEP = re.compile(r"[0-9]+")  # Orbax's default step names; str.isdigit() would take "²" too
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
@@ -90,17 +91,15 @@ class GcsStepLister:
 
     Args:
         location: ``gs://bucket/path/to/run``.
-        session: A requests session to use (tests, benchmarks); default per `STORAGE_EMULATOR_HOST`.
-        base_url: The JSON API's base URL, with `session`.
 
     Raises:
         ConfigError: A malformed URL, or no credentials.
     """
 
-    def __init__(self, location: str, *, session: requests.Session | None = None, base_url: str = GCS_API) -> None:
+    def __init__(self, location: str) -> None:
         self.location = location
         self.bucket, self.prefix = parse_gs_url(location)
-        self._session, self._base = (session, base_url.rstrip("/")) if session is not None else _session()
+        self._session, self._base = _session()
         self._objects = f"{self._base}/storage/v1/b/{urllib.parse.quote(self.bucket, safe='')}/o"
         self._marker = re.compile(re.escape(self.prefix) + r"(\d+)/" + re.escape(COMMIT_MARKER) + r"\Z")
         self._finished: set[int] = set()
@@ -108,7 +107,7 @@ class GcsStepLister:
 
     def finalized_steps(self) -> list[int]:
         directories, names = self._children()
-        present = {int(d) for d in directories if d.isdigit()}
+        present = {int(d) for d in directories if _STEP.fullmatch(d)}
         self._finished &= present  # a step directory that is gone was deleted
         new = sorted(present - self._finished)
         if len(new) > MAX_MARKER_GETS:
@@ -121,12 +120,6 @@ class GcsStepLister:
 
     def close(self) -> None:
         self._session.close()
-
-    def __enter__(self) -> GcsStepLister:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _children(self) -> tuple[list[str], list[str]]:
         """Names of the step directories and of the objects directly under the root."""
@@ -149,7 +142,11 @@ class GcsStepLister:
 
     def _pages(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
         for _ in range(_MAX_PAGES):
-            page = self._get(self._objects, params, what=f"list {self.location}").json()
+            response = self._get(self._objects, params, what="list")
+            try:
+                page = response.json()
+            except ValueError as error:  # a proxy's error page, a truncated answer
+                raise StorageUnavailableError(f"cannot list {self.location}: the answer is not JSON") from error
             yield page
             token = page.get("nextPageToken")
             if not token:
@@ -170,7 +167,9 @@ class GcsStepLister:
         try:
             response = self._session.get(url, params=params, timeout=_TIMEOUT_S)
         except (requests.RequestException, google.auth.exceptions.GoogleAuthError) as error:
-            raise StorageUnavailableError(f"cannot {what} {self.location}: {type(error).__name__}") from error
+            raise StorageUnavailableError(
+                f"cannot {what} {self.location}: {type(error).__name__}: {one_line(error, limit=200)}"
+            ) from error
         if response.status_code == 200 or (missing_ok and response.status_code == 404):
             return response
         raise StorageUnavailableError(f"cannot {what} {self.location}: {_explain(response, self.bucket)}")

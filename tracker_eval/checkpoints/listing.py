@@ -2,8 +2,9 @@
 
     steps = finalized_steps("/ckpts/run1")   # [20, 40, 60], oldest first; [] before the first save
 
-    with open_lister("gs://bucket/run1") as lister:   # the watcher keeps one across polls
-        steps = lister.finalized_steps()
+    lister = open_lister("gs://bucket/run1")   # the watcher keeps one across polls
+    steps = lister.finalized_steps()
+    lister.close()
 
 A step appears here only once Orbax has finalized it, by Orbax's own rule for the storage at hand,
 so an in-progress save is never evaluated. `open_lister` picks the lister from the location: a

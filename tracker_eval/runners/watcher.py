@@ -123,8 +123,10 @@ class Watcher:
             return STOP
         listed = self.poller.poll()
         # While the storage does not answer nothing is claimed: a restore would only fail and use
-        # up the step's attempts. Stop conditions still apply.
-        if listed is not None:
+        # up the step's attempts. An outage is not the end of training: idle time restarts after it.
+        if listed is None:
+            self._last_new = time.monotonic()
+        else:
             new = ledger.register(listed)
             if new:
                 self._last_new = time.monotonic()
