@@ -73,10 +73,11 @@ class Watcher:
         from tracker_eval.runners.polling import StepPoller  # noqa: PLC0415
         from tracker_eval.runners.stream import PrimaryStream  # noqa: PLC0415
 
+        # First: a gs:// root without credentials is a config error before any logger starts.
+        self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s)
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
         self.owner = self.stream.owner
-        self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s)
         self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
 
     def install_signal_handlers(self) -> None:
