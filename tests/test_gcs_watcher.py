@@ -10,7 +10,6 @@ import json
 import pathlib
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
@@ -52,24 +51,21 @@ def _config(directory: pathlib.Path, *, checkpoint_dir: str, output_dir: pathlib
     return path
 
 
-def _trainer(config: pathlib.Path, root: str, *, cwd: pathlib.Path, save_steps: list[int],
-             in_training: list[int]) -> subprocess.Popen[str]:
-    """A training process saving to `root` with Orbax, evaluating `in_training` steps itself."""
-    code = (
-        "import sys\n"
-        "from tracker_eval import InTrainingEvaluation\n"
-        "from tracker_eval.tasks.train import train_classifier\n"
-        "evaluation = InTrainingEvaluation.from_config(sys.argv[1])\n"
-        "def after_save(step, state):\n"
-        f"    if step in {in_training!r}:\n"
-        "        result = evaluation.after_checkpoint(step=step, train_state=state)\n"
-        "        print('in-training', step, result is not None and result.provenance.get('source'), flush=True)\n"
-        f"train_classifier(sys.argv[2], steps={max(save_steps)}, save_every=10**9, save_steps={save_steps!r},\n"
-        "                 after_save=after_save)\n"
-        "evaluation.close()\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", code, str(config), root], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(devices=1))
+def _train_and_evaluate_in_training(config: pathlib.Path, root: str, *, save_steps: list[int],
+                                    in_training: list[int]) -> None:
+    """A training loop in this process saving to `root` with Orbax, evaluating `in_training` steps itself."""
+    from tracker_eval import InTrainingEvaluation
+    from tracker_eval.tasks.train import train_classifier
+
+    evaluation = InTrainingEvaluation.from_config(str(config), raise_on_error=True)
+    try:
+        def after_save(step: int, state: object) -> None:
+            if step in in_training:
+                evaluation.after_checkpoint(step=step, train_state=state)
+
+        train_classifier(root, steps=max(save_steps), save_every=10**9, save_steps=save_steps, after_save=after_save)
+    finally:
+        evaluation.close()
 
 
 def _list_polls(gcs: GcsEmulator, bucket: str, prefix: str) -> int:
@@ -86,12 +82,13 @@ def _heartbeat(out: pathlib.Path) -> float:
     return row[0] if row else 0.0
 
 
-def test_training_on_gcs_with_a_watcher_interrupted_and_deleted_steps_and_an_outage(tmp_path, gcs, gcs_env):
+def test_training_on_gcs_with_a_watcher_interrupted_and_deleted_steps_and_an_outage(tmp_path, gcs, gcs_env,
+                                                                                   monkeypatch):
     """One watcher over one bucket prefix, from a real training process to a server outage.
 
-    1. A training process saves steps 10, 20, 30 to gs:// with Orbax and evaluates 20 itself
-       (InTrainingEvaluation); the watcher evaluates the others. The two start in different
-       working directories and must share one stream and one tracker run identity.
+    1. A training loop (in this process) saves steps 10, 20, 30 to gs:// with Orbax and evaluates
+       20 itself (InTrainingEvaluation); the watcher evaluates the others. The two run in
+       different working directories and must share one stream and one tracker run identity.
     2. Step 40 is interrupted before its marker: never listed; listed once the marker appears.
     3. Step 80 is deleted after it was listed, while the watcher is busy with 60: skipped.
     4. The server is down for 10 s: the watcher keeps its heartbeat, then finds step 100.
@@ -103,13 +100,10 @@ def test_training_on_gcs_with_a_watcher_interrupted_and_deleted_steps_and_an_out
     trainer_dir.mkdir()
     config = _config(watcher_dir, checkpoint_dir=root, output_dir=out, data_kwargs={"hold_file": str(hold)},
                      watch={"poll_interval_s": 0.5, "until_step": 100, "idle_timeout_s": 300})
-    with WatcherProcess(config) as watcher:
-        trainer = _trainer(config, root, cwd=trainer_dir, save_steps=[10, 20, 30], in_training=[20])
-        try:
-            trainer_out, _ = trainer.communicate(timeout=300)
-        finally:
-            trainer.kill()
-        assert trainer.returncode == 0, trainer_out
+    with WatcherProcess(config) as watcher:  # runs in watcher_dir
+        monkeypatch.chdir(trainer_dir)
+        _train_and_evaluate_in_training(config, root, save_steps=[10, 20, 30], in_training=[20])
+        monkeypatch.chdir(tmp_path)
         wait_for(lambda: states(out).get(30) == "delivered", timeout=120, what="step 30", watchers=[watcher])
 
         gcs.copy_step(f"{root}/10", f"{root}/40", marker=False)  # a save interrupted before its marker
