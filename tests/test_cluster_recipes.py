@@ -121,7 +121,7 @@ def test_sbatch_requests_one_task_per_gpu_and_runs_the_watcher():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True, timeout=10)
 
 
-def _check_pod_template(where: str, template: Mapping[str, Any]) -> dict[str, Any]:
+def _check_pod_template(where: str, template: Mapping[str, Any], *, checkpoint_volume: bool = True) -> dict[str, Any]:
     spec = template["spec"]
     security = spec["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == IMAGE_UID, where
@@ -132,9 +132,10 @@ def _check_pod_template(where: str, template: Mapping[str, Any]) -> dict[str, An
     assert resources["requests"]["memory"] and resources["limits"]["memory"], where
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    checkpoints = mounts["/checkpoints"]
-    assert checkpoints.get("readOnly") is True, f"{where}: the checkpoint mount must be read-only"
-    assert volumes[checkpoints["name"]]["persistentVolumeClaim"]["readOnly"] is True, where
+    if checkpoint_volume:
+        checkpoints = mounts["/checkpoints"]
+        assert checkpoints.get("readOnly") is True, f"{where}: the checkpoint mount must be read-only"
+        assert volumes[checkpoints["name"]]["persistentVolumeClaim"]["readOnly"] is True, where
     config = mounts["/config"]
     assert config.get("readOnly") is True and "configMap" in volumes[config["name"]], where
     for path in ("/output", "/tmp", "/home/tracker"):
@@ -165,6 +166,36 @@ def test_k8s_watcher_is_one_non_root_pod_with_a_persistent_ledger():
     output = next(v for v in template["spec"]["volumes"] if v["name"] == "output")
     claim = _one(docs, "PersistentVolumeClaim")
     assert output["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_k8s_gcs_watcher_reads_the_bucket_with_workload_identity_and_no_checkpoint_volume(monkeypatch):
+    from tracker_eval.config import load_config
+
+    docs = _documents("k8s_watcher_gcs.yaml")
+    deployment = _one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", "two watchers must never share one ledger"
+    [(where, template)] = list(_pod_templates(deployment))
+    container = _check_pod_template(where, template, checkpoint_volume=False)
+    spec = template["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [_one(docs, "PersistentVolumeClaim")["metadata"]["name"]], "only the ledger needs a volume"
+    assert "/checkpoints" not in {m["mountPath"] for m in container["volumeMounts"]}
+    # Workload identity: the pod runs as a service account bound to a Google service account.
+    account = _one(docs, "ServiceAccount")
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    env = {e["name"]: e for e in container["env"]}
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in env, "workload identity needs no key file"
+    # The watcher and its probes (which inherit the container's environment) load the same config
+    # with the bucket as checkpoint_dir, so status --health reads the watcher's own stream.
+    monkeypatch.setenv("CHECKPOINT_DIR", env["CHECKPOINT_DIR"]["value"])
+    config = load_config(WATCH_CONFIG, overrides=container["args"][3:])
+    assert config.checkpoint_dir.startswith("gs://") and config.output_dir == "/output"
+    assert container["livenessProbe"]["exec"]["command"] == HEALTH_COMMAND
+    assert container["startupProbe"]["exec"]["command"] == HEALTH_COMMAND
+    secret_envs = {name for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD"} <= secret_envs
 
 
 def _shell_words(command: str, env: Mapping[str, str]) -> list[str]:

@@ -140,8 +140,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
     from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.remote import bound_storage_waits  # noqa: PLC0415
     from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
 
+    bound_storage_waits()  # a dead bucket fails in seconds, not after minutes of library retries
     session = LoggerSession.open(config) if distributed.is_primary() else None
     try:
         step = args.step

@@ -6,6 +6,10 @@ machines reading the same bucket, must arrive at the same string.
 
     normalize_checkpoint_dir("ckpts")            # "/home/me/run/ckpts", when started in /home/me/run
     normalize_checkpoint_dir("gs://b/run/")      # "gs://b/run": a URL is never treated as a local path
+    join_path("gs://b/run", "40")                # "gs://b/run/40" (never os.path.join on a URL)
+
+`os.path.join` and `os.path.abspath` treat `gs://b/run` as a relative local path and turn it into
+`<cwd>/gs:/b/run`, so every place that builds a location under `checkpoint_dir` goes through here.
 """
 
 from __future__ import annotations
@@ -44,3 +48,19 @@ def normalize_checkpoint_dir(path: str | os.PathLike[str]) -> str:
     scheme, rest = match.groups()
     stripped = rest.rstrip("/")
     return f"{scheme.lower()}://{stripped or rest}"
+
+
+def join_path(base: str | os.PathLike[str], *parts: str) -> str:
+    """`base` with `parts` appended: `/` separators for a URL, `os.path.join` for a local path.
+
+    Args:
+      base: a local path or a URL such as ``gs://bucket/run``.
+      *parts: relative components (no leading `/`).
+
+    Returns:
+      The joined location as a string.
+    """
+    text = os.fspath(base)
+    if not is_url(text):
+        return os.path.join(text, *parts)
+    return "/".join([text.rstrip("/"), *(part.strip("/") for part in parts)])

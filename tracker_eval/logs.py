@@ -13,7 +13,10 @@ import warnings
 from typing import Any
 
 NOISY = ("absl", "jax", "jax._src", "orbax", "orbax.checkpoint", "etils", "wandb", "mlflow", "alembic",
-         "sqlalchemy", "urllib3", "git", "matplotlib", "PIL", "tensorstore")
+         "sqlalchemy", "urllib3", "git", "matplotlib", "PIL", "tensorstore", "fsspec", "google.auth", "google.cloud")
+# Logs every failed request of a storage outage at ERROR with a traceback; tracker-eval says once
+# that the storage does not answer.
+SILENT = ("gcsfs",)
 
 
 def quiet_environment() -> None:
@@ -76,6 +79,8 @@ def configure_logging(*, verbose: bool = False) -> None:
     logging.getLogger("tracker_eval").setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    for name in SILENT:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     if not verbose:
         sys.unraisablehook = _quiet_unraisable
         asyncio_logger = logging.getLogger("asyncio")

@@ -14,20 +14,43 @@ from collections.abc import Mapping
 from etils import epath
 
 from tracker_eval.checkpoints.listing import STEP_METADATA_FILE
-from tracker_eval.checkpoints.tree import _PYTREE_METADATA_FILE, CheckpointVanishedError
-from tracker_eval.errors import ConfigError
+from tracker_eval.checkpoints.remote import fresh_remote_listings
+from tracker_eval.checkpoints.tree import (
+    _PYTREE_METADATA_FILE,
+    CheckpointUnreachableError,
+    CheckpointVanishedError,
+    _is_local,
+    step_exists,
+)
+from tracker_eval.errors import ConfigError, one_line
 
 
 def step_path(checkpoint_dir: str | os.PathLike[str], step: int) -> epath.Path:
+    fresh_remote_listings(checkpoint_dir)
     return epath.Path(checkpoint_dir) / str(int(step))
 
 
 def require_step(step_dir: epath.Path, step: int) -> None:
-    if not step_dir.is_dir():
-        raise CheckpointVanishedError(
-            f"checkpoint step {step} no longer exists at {os.fspath(step_dir)} (deleted, e.g. by retention)",
+    """Raises unless the step is (still) there.
+
+    Raises:
+        CheckpointVanishedError: The step was deleted.
+        CheckpointUnreachableError: The storage did not answer.
+    """
+    path = os.fspath(step_dir)
+    try:
+        # Remote: exists(), since fsspec's is_dir() answers False for any error (see step_exists).
+        present = step_dir.is_dir() if _is_local(step_dir) else step_exists(step_dir)
+    except Exception as error:  # noqa: BLE001 - whatever the storage raised, it did not answer
+        raise CheckpointUnreachableError(
+            f"checkpoint step {step} at {path} could not be checked: {type(error).__name__}: "
+            f"{one_line(error, limit=300)}",
             step=step,
-            path=os.fspath(step_dir),
+            path=path,
+        ) from error
+    if not present:
+        raise CheckpointVanishedError(
+            f"checkpoint step {step} no longer exists at {path} (deleted, e.g. by retention)", step=step, path=path
         )
 
 

@@ -29,6 +29,8 @@ LOG = logging.getLogger("tracker_eval")
 
 # Written by the PyTree/Standard handlers into each pytree item.
 _PYTREE_METADATA_FILE = "_METADATA"
+# Written last into each step (and item) Orbax saves where there is no atomic rename (GCS).
+COMMIT_MARKER = "commit_success.txt"
 
 
 class CheckpointError(Exception):
@@ -53,8 +55,30 @@ class CheckpointVanishedError(CheckpointError):
     """The step directory was deleted (e.g. by checkpoint retention) before or during the restore: skip it."""
 
 
+class StorageUnavailableError(Exception):
+    """The checkpoint storage did not answer (server down, network, HTTP 5xx/429, credentials not
+    refreshed): nothing is known about the checkpoints, so try again later rather than judge them."""
+
+
+class CheckpointUnreachableError(CheckpointError, StorageUnavailableError):
+    """A step's files could not be read and the storage could not even say whether the step still
+    exists: not the checkpoint's fault, so the attempt is not counted against it."""
+
+
 def _is_local(path: epath.Path) -> bool:
     return "://" not in os.fspath(path)
+
+
+def step_exists(step_dir: epath.Path) -> bool:
+    """Whether a finalized step is still there; raises when the storage does not answer.
+
+    On GCS the step's `commit_success.txt` decides, as it did when the step was listed: deletion
+    may remove it before or after the data. `exists()` is used, never `is_dir()`, whose fsspec
+    implementation answers False for any error, so a server outage would pass for a deleted step.
+    """
+    if os.fspath(step_dir).startswith("gs://"):
+        return (step_dir / COMMIT_MARKER).exists()
+    return step_dir.exists()
 
 
 def _split_path(path: str) -> tuple[str, ...]:
@@ -197,12 +221,22 @@ def _fell_back(item_dir: epath.Path, what: str, error: Exception) -> None:
 
 def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: str) -> CheckpointError:
     path = os.fspath(step_dir)
+    detail = one_line(error, limit=300)
     # Retention deletes a whole step directory: its absence afterwards explains any read error.
-    if not step_dir.exists():
+    try:
+        gone = not step_exists(step_dir)
+    except Exception as probe_error:  # noqa: BLE001 - whatever the storage raised, it did not answer
+        return CheckpointUnreachableError(
+            f"checkpoint step {step} at {path}: reading its {what} failed ({type(error).__name__}: {detail}) "
+            f"and the storage did not answer whether the step exists ({type(probe_error).__name__}: "
+            f"{one_line(probe_error, limit=200)})",
+            step=step,
+            path=path,
+        )
+    if gone:
         return CheckpointVanishedError(
             f"checkpoint step {step} at {path} was deleted while its {what} was being read", step=step, path=path
         )
-    detail = one_line(error, limit=300)
     return CorruptCheckpointError(
         f"checkpoint step {step} at {path} is corrupt or incomplete: reading its {what} failed with "
         f"{type(error).__name__}: {detail}",

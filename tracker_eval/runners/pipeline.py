@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
 from tracker_eval.imports import resolve
+from tracker_eval.locations import join_path
 
 _STREAMS = itertools.count()
 
@@ -105,7 +105,8 @@ class Pipeline:
         )
 
     def checkpoint_path(self, step: int) -> str:
-        return os.path.join(self.config.checkpoint_dir, str(step))
+        """Where `step` lives: ``<checkpoint_dir>/<step>``, a URL when checkpoint_dir is one."""
+        return join_path(self.config.checkpoint_dir, str(step))
 
     def restore(self, step: int) -> EvalState:
         """Params (and named mutable collections) of `step`, restored straight onto the mesh."""

@@ -30,12 +30,16 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
     step is reported by the config's `watch.best`, computed from the stored results if need be.
     """
     from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.tree import StorageUnavailableError  # noqa: PLC0415
     from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
     from tracker_eval.ledger.view import read_ledger  # noqa: PLC0415
     from tracker_eval.runners.stream import logger_names  # noqa: PLC0415
 
     logger_names(config)  # a bad logger spec is the same error here as in `watch`
-    listed = finalized_steps(config.checkpoint_dir)
+    try:
+        listed = finalized_steps(config.checkpoint_dir)
+    except StorageUnavailableError:
+        listed = []  # the ledger still answers (and --health must not fail with a bucket's outage)
     newest = listed[-1] if listed else None
     best_config = config.watch.best
     try:

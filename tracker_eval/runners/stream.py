@@ -22,6 +22,7 @@ from typing import Any
 
 from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
+from tracker_eval.locations import join_path
 
 LOG = logging.getLogger("tracker_eval")
 BEST_FILENAME = "best.json"
@@ -128,7 +129,7 @@ class PrimaryStream:
                 return
             step, value = best
             payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
-                       "checkpoint": os.path.join(self.config.checkpoint_dir, str(step))}
+                       "checkpoint": join_path(self.config.checkpoint_dir, str(step))}
             with open(f"{path}.tmp", "w") as f:
                 json.dump(payload, f, indent=2)
             os.replace(f"{path}.tmp", path)

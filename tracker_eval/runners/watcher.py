@@ -33,10 +33,12 @@ _STOP_DRAIN_S = 3.0
 
 def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
     """Entry point of `tracker-eval watch`; returns the exit code."""
+    from tracker_eval.checkpoints.remote import bound_storage_waits  # noqa: PLC0415
     from tracker_eval.runners.pipeline import Components  # noqa: PLC0415
 
     config = load_config(config_path, overrides=overrides)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
+    bound_storage_waits()  # a dead bucket fails a restore in seconds; the watcher retries later
     distributed.initialize(config.distributed)
     watcher = Watcher(config, components=components)
     watcher.install_signal_handlers()
@@ -60,6 +62,7 @@ class Watcher:
         self.session: Any = None
         self.delivery: Any = None
         self.events: Any = None
+        self.poller: Any = None
         self._retry_after: dict[int, float] = {}
         self._evaluated_seen: dict[int, float] = {}
         if self.primary:
@@ -70,8 +73,11 @@ class Watcher:
 
     def _open_primary(self) -> None:
         from tracker_eval.checkpoints.fswatch import DirectoryEvents  # noqa: PLC0415
+        from tracker_eval.runners.polling import StepPoller  # noqa: PLC0415
         from tracker_eval.runners.stream import PrimaryStream  # noqa: PLC0415
 
+        # First: a gs:// root without credentials is a config error before any logger starts.
+        self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s)
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
         self.owner = self.stream.owner
@@ -115,22 +121,25 @@ class Watcher:
         return 0
 
     def _decide(self) -> int:
-        from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
-
         ledger = self.ledger
         ledger.touch_heartbeat(self.owner)
         if self.stop_requested.is_set():
             return STOP
-        listed = finalized_steps(self.config.checkpoint_dir)
-        new = ledger.register(listed)
-        if new:
+        listed = self.poller.poll()
+        # While the storage does not answer nothing is claimed: a restore would only fail and use
+        # up the step's attempts. An outage is not the end of training: idle time restarts after it.
+        if listed is None:
             self._last_new = time.monotonic()
-            LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
-        self._apply_policy()
-        for step in self._claimable():
-            # Another live watcher may hold a step: try the next one instead of waiting.
-            if ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
-                return step
+        else:
+            new = ledger.register(listed)
+            if new:
+                self._last_new = time.monotonic()
+                LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
+            self._apply_policy()
+            for step in self._claimable():
+                # Another live watcher may hold a step: try the next one instead of waiting.
+                if ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
+                    return step
         reason = self._finished()
         if reason:
             self.request_stop(reason)
@@ -205,7 +214,7 @@ class Watcher:
     def _evaluate(self, step: int) -> None:
         import jax  # noqa: PLC0415
 
-        from tracker_eval.checkpoints.tree import CheckpointVanishedError  # noqa: PLC0415
+        from tracker_eval.checkpoints.tree import CheckpointUnreachableError, CheckpointVanishedError  # noqa: PLC0415
         from tracker_eval.evaluation.evaluator import EvalAborted  # noqa: PLC0415
 
         LOG.info("tracker-eval: evaluating step %d", step)
@@ -225,6 +234,13 @@ class Watcher:
                 with self._claim_kept(step):
                     self.ledger.mark_skipped(step, one_line(error, limit=400), owner=self.owner)
             LOG.warning("tracker-eval: step %d skipped: %s", step, one_line(error, limit=400))
+            return
+        except CheckpointUnreachableError as error:
+            if self.primary:  # not the checkpoint's fault: the attempt is given back
+                self.ledger.release(step, owner=self.owner)
+                self.poller.failed_elsewhere(error)
+            LOG.warning("tracker-eval: step %d not read, storage unreachable (will retry): %s", step,
+                        one_line(error, limit=400))
             return
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
             if self.primary:
@@ -284,6 +300,7 @@ class Watcher:
             drain_s = max(0.0, self.watch.outbox_wait_s - waited)
         drained = self.stream.close(drain_s=drain_s, close_timeout_s=3.0 if signalled else 30.0)
         self.events.close()
+        self.poller.close()
         waiting = {k: v for k, v in self.delivery.pending().items() if v}
         LOG.info("tracker-eval: stopped (%s)%s", self.stop_reason or "done",
                  "" if drained else f"; undelivered results wait in the outbox: {waiting}")

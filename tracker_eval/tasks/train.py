@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from tracker_eval.locations import normalize_checkpoint_dir
 from tracker_eval.tasks import classification
 
 
@@ -73,7 +74,7 @@ def train_classifier(
         s for s in range(1, steps + 1) if s % save_every == 0 or s == steps
     }
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(os.fspath(os.path.abspath(checkpoint_dir)), options=options) as manager:
+    with ocp.CheckpointManager(normalize_checkpoint_dir(checkpoint_dir), options=options) as manager:
         for step in range(1, steps + 1):
             index = rng.randint(0, len(y), batch_size)
             state, loss = train_step(state, x[index], y[index])
