@@ -1,0 +1,207 @@
+"""Runs fixed-shape batches through the compiled program on the mesh; process 0 leads, others follow.
+
+    engine = Engine(adapter.apply_fn, mesh, rows=32, packing=False, end_of_text=0, namespace="harness")
+    outputs = engine.execute(params, batches)    # process 0: one (logp, greedy, tokens, end) per batch
+    metrics_json = engine.follow(params)         # every other process, until process 0 finishes
+
+Only process 0 runs lm-eval, whose request order differs from process to process, so the others
+cannot build the batches themselves. Process 0 announces each group of up to CHUNK batches of one
+width through the runtime's key-value store (a follower may wait there for minutes while lm-eval
+builds its requests, which no device collective would tolerate), then every process takes the
+group's arrays through one device broadcast and runs the same program on its part of each global
+batch. Outputs are replicated by the program itself, so process 0 reads them without a gather.
+Batches are dispatched without waiting for results (at most MAX_IN_FLIGHT queued) and results
+are read once, after the last batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from tracker_eval import kvstore
+from tracker_eval.evaluation.sharding import batch_sharding, put, replicated
+from tracker_eval_lm_harness.program import build_program
+from tracker_eval_lm_harness.rows import STOP_LEN, STOPS
+
+CHUNK = 8  # batches per broadcast
+MAX_IN_FLIGHT = 2  # XLA's CPU runtime deadlocks on unbounded queues of collective programs
+BATCHED = ("tokens", "segment_ids", "positions", "entry_column", "entry_target", "start", "active")
+SHARED = ("new_tokens", "stops", "stop_lengths")
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class Engine:
+    """The compiled program on one mesh, and the leader/follower protocol of a multi-process job."""
+
+    def __init__(
+        self,
+        apply_fn: Callable[..., Any],
+        mesh: jax.sharding.Mesh,
+        *,
+        rows: int,
+        packing: bool,
+        end_of_text: int,
+        namespace: str,
+    ) -> None:
+        self.rows = rows
+        self.compiled_shapes: list[tuple[int, ...]] = []
+        self.device_seconds = 0.0
+        program = build_program(apply_fn, packing=packing, end_of_text=end_of_text,
+                                on_trace=self.compiled_shapes.append)
+        self._program = jax.jit(program, out_shardings=replicated(mesh))
+        self._sharding = {name: batch_sharding(mesh) for name in BATCHED}
+        self._sharding.update({name: replicated(mesh) for name in SHARED})
+        self._channel = _Channel(f"tracker_eval/harness/{namespace}") if jax.process_count() > 1 else None
+
+    def begin(self) -> None:
+        """Starts one evaluation on every process (numbers this run's messages)."""
+        if self._channel is not None:
+            self._channel.begin()
+
+    def execute(self, params: Any, batches: Sequence[Mapping[str, np.ndarray]]) -> list[Outputs]:
+        """Process 0: runs every batch (followers run them too) and returns the outputs in order."""
+        start = time.perf_counter()
+        pending: list[tuple[jax.Array, ...]] = []
+        if self._channel is None:
+            for batch in batches:
+                self._dispatch(params, batch, pending)
+        else:
+            order = sorted(range(len(batches)), key=lambda i: batches[i]["tokens"].shape[1])
+            results: list[Any] = [None] * len(batches)
+            for group in _groups(order, key=lambda i: batches[i]["tokens"].shape[1]):
+                width = batches[group[0]]["tokens"].shape[1]
+                self._channel.send(f"RUN {width} {len(group)}")
+                multihost_utils.broadcast_one_to_all(np.stack([_flatten(batches[i]) for i in group]))
+                self._channel.forget()
+                for i in group:
+                    results[i] = len(pending)
+                    self._dispatch(params, batches[i], pending)
+            pending = [pending[results[i]] for i in range(len(batches))]
+        fetched = [tuple(np.asarray(out.addressable_data(0)) for out in outs) for outs in pending]
+        self.device_seconds += time.perf_counter() - start
+        return fetched  # type: ignore[return-value]
+
+    def follow(self, params: Any) -> str:
+        """Every process but 0: runs what process 0 announces until it finishes.
+
+        Returns:
+          The message process 0 finished with (its metrics as JSON).
+
+        Raises:
+          RuntimeError: process 0 failed; the message carries its reason.
+        """
+        assert self._channel is not None, "follow() is for the other processes of a multi-process job"
+        pending: list[tuple[jax.Array, ...]] = []
+        while True:
+            op, _, rest = self._channel.receive().partition(" ")
+            if op == "RUN":
+                width, count = (int(v) for v in rest.split())
+                size = _flat_size(rows=self.rows, width=width)
+                received = multihost_utils.broadcast_one_to_all(
+                    np.zeros((_chunk_size(count), size), np.int32))
+                for flat in received[:count]:
+                    self._dispatch(params, _unflatten(flat, rows=self.rows, width=width), pending)
+            elif op == "STOP":
+                jax.block_until_ready(pending)
+                return rest
+            else:
+                jax.block_until_ready(pending)
+                raise RuntimeError(f"process 0 stopped this evaluation: {rest}")
+
+    def finish(self, message: str) -> None:
+        """Process 0: tells the followers the evaluation is over (with `message`, e.g. metrics)."""
+        if self._channel is not None:
+            self._channel.send(f"STOP {message}")
+
+    def abort(self, reason: str) -> None:
+        """Process 0: tells the followers the evaluation failed."""
+        if self._channel is not None:
+            self._channel.send(f"ABORT {reason}")
+
+    def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray], pending: list[tuple[jax.Array, ...]]) -> None:
+        if len(pending) >= MAX_IN_FLIGHT:
+            pending[-MAX_IN_FLIGHT][3].block_until_ready()  # a wait, not a transfer
+        placed = {name: put(np.asarray(batch[name]), self._sharding[name]) for name in self._sharding}
+        pending.append(self._program(params, placed))
+
+
+def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:
+    """Consecutive runs of equal key, cut into groups of CHUNK (the rest one by one: two shapes)."""
+    groups: list[list[int]] = []
+    run: list[int] = []
+    for i in order + [None]:  # type: ignore[list-item]
+        if run and (i is None or key(i) != key(run[0])):
+            full = len(run) // CHUNK * CHUNK
+            groups += [run[s:s + CHUNK] for s in range(0, full, CHUNK)] + [[j] for j in run[full:]]
+            run = []
+        if i is not None:
+            run.append(i)
+    return groups
+
+
+def _chunk_size(count: int) -> int:
+    return CHUNK if count == CHUNK else 1
+
+
+def _shapes(*, rows: int, width: int) -> dict[str, tuple[int, ...]]:
+    shapes = {name: (rows, width) for name in BATCHED[:5]}
+    shapes.update(start=(rows,), active=(rows,), new_tokens=(), stops=(STOPS, STOP_LEN), stop_lengths=(STOPS,))
+    return shapes
+
+
+def _flat_size(*, rows: int, width: int) -> int:
+    return sum(math.prod(shape) for shape in _shapes(rows=rows, width=width).values())
+
+
+def _flatten(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(batch[name], np.int32).reshape(-1) for name in (*BATCHED, *SHARED)])
+
+
+def _unflatten(flat: np.ndarray, *, rows: int, width: int) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for name, shape in _shapes(rows=rows, width=width).items():
+        n = math.prod(shape)
+        out[name] = flat[offset:offset + n].reshape(shape)
+        offset += n
+    return out
+
+
+class _Channel:
+    """Ordered messages from process 0 to the others through the runtime's key-value store."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.epoch = 0
+        self.seq = 0
+
+    def begin(self) -> None:
+        self.epoch += 1
+        self.seq = 0
+
+    def _key(self) -> str:
+        return f"{self.namespace}/{self.epoch}/{self.seq}"
+
+    def send(self, message: str) -> None:
+        self.seq += 1
+        kvstore.client().key_value_set(self._key(), message)
+
+    def forget(self) -> None:
+        """Drops the last message once every follower has acted on it (they joined its broadcast)."""
+        kvstore.client().key_value_delete(self._key())
+
+    def receive(self) -> str:
+        self.seq += 1
+        client = kvstore.client()
+        while True:  # a lost process 0 is noticed by the runtime's heartbeats, not here
+            try:
+                return client.blocking_key_value_get(self._key(), 10_000)
+            except Exception as error:  # noqa: BLE001 - this poll's timeout, or a lost coordinator
+                if "DEADLINE_EXCEEDED" not in str(error) and "timed out" not in str(error).lower():
+                    raise

@@ -1,0 +1,260 @@
+"""LM Evaluation Harness suite: every request and metric against a float64 reference run through lm-eval.
+
+The reference (tests/harness_reference.py) answers each request with a float64 numpy forward pass of
+exactly that request's tokens; lm-eval's own `simple_evaluate` aggregates its answers. The suite must
+give the same per-request answers (log-likelihoods within rtol 1e-4, is_greedy and generations
+equal) and the same metrics, on meshes (8), (4,2) and (2,2,2), packed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tracker_eval_lm_harness.offline import prepare_environment
+
+prepare_environment()  # before lm-eval (and with it `datasets`) is imported by the reference
+
+from harness_config import MAX_LENGTH, TASKS, suite_options  # noqa: E402
+from harness_models import TinyAttentionLM  # noqa: E402
+from harness_reference import ReferenceLM, attention_lm_logits, tiny_lm_logits  # noqa: E402
+from harness_tasks import write_tasks  # noqa: E402
+from tracker_eval_lm_harness.suite import HarnessSuite  # noqa: E402
+from tracker_eval_lm_harness.tasks import SHIPPED  # noqa: E402
+
+from tracker_eval.config import MeshConfig  # noqa: E402
+from tracker_eval.errors import ConfigError  # noqa: E402
+from tracker_eval.evaluation.models import adapt_model  # noqa: E402
+from tracker_eval.evaluation.sharding import make_mesh  # noqa: E402
+from tracker_eval.tasks import language_model as lm_task  # noqa: E402
+
+_NETWORK: list[tuple[str, str]] = []
+_WATCHING = [False]
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHING[0] and event in ("socket.connect", "socket.getaddrinfo"):
+        _NETWORK.append((event, repr(args[:2])))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = lm_task.make_model()
+    return model, lm_task.init_params(model, seed=3)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, tiny):
+    reference = ReferenceLM(tiny_lm_logits(tiny[1]), max_length=MAX_LENGTH)
+    options = {"until": ["\n", "."], "max_gen_toks": 8, "do_sample": False}
+    return write_tasks(tmp_path_factory.mktemp("tasks"), greedy=lambda prompt: reference.complete(prompt, options))
+
+
+def _reference_results(logits_fn, *, include_path, tasks, monkeypatch, num_fewshot=1, limit=None):
+    """lm-eval's own simple_evaluate over the float64 reference, run from inside the task folder
+    (where lm-eval resolves the YAMLs' relative data paths itself)."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(include_path)
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    return evaluator.simple_evaluate(
+        model=ReferenceLM(logits_fn, max_length=MAX_LENGTH), tasks=tasks, task_manager=manager,
+        num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=None, numpy_random_seed=None,
+        torch_random_seed=None, fewshot_random_seed=1234)
+
+
+def _named(results) -> dict[str, float]:
+    """The issue's naming: <task>/<metric>, or <task>/<filter>/<metric> for filters other than none."""
+    out = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, comma, filter_name = key.partition(",")
+            if comma and isinstance(value, float | int) and not isinstance(value, bool):
+                out[f"{task}/{metric}" if filter_name == "none" else f"{task}/{filter_name}/{metric}"] = value
+    return out
+
+
+def _assert_same_answers(ours, reference) -> None:
+    """Per document and filter, the same lm-eval responses: log-likelihoods within rtol 1e-4,
+    is_greedy and generated text equal."""
+    assert set(ours) == set(reference)
+    for task, records in reference.items():
+        by_key = {(r["doc_id"], r["filter"]): r for r in ours[task]}
+        assert len(by_key) == len(records) == len(ours[task]), task
+        for record in records:
+            mine = by_key[(record["doc_id"], record["filter"])]
+            assert mine["arguments"] == json.loads(json.dumps(record["arguments"])), task
+            for got, want in zip(mine["resps"], record["resps"], strict=True):
+                got, want = got[0], want[0]
+                if isinstance(want, str):
+                    assert got == want, (task, record["doc_id"])
+                elif isinstance(want, tuple):
+                    assert got[0] == pytest.approx(want[0], rel=1e-4), (task, record["doc_id"])
+                    assert got[1] == want[1], (task, record["doc_id"], "is_greedy")
+                else:
+                    assert got == pytest.approx(want, rel=1e-4), (task, record["doc_id"])
+
+
+def _assert_same_metrics(ours: dict[str, float], reference) -> None:
+    expected = _named(reference)
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
+
+
+def _suite(model, mesh_shape, task_dir, *, packing, name="harness"):
+    config = HarnessSuite.Config.from_mapping(suite_options(task_dir, packing=packing))
+    return HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(*mesh_shape)), name=name)
+
+
+@pytest.mark.parametrize(("mesh_shape", "packing"), [((8, 1, 1), False), ((4, 2, 1), True), ((2, 2, 2), False)],
+                         ids=["mesh8", "mesh4x2-packed", "mesh2x2x2"])
+def test_requests_and_metrics_equal_lm_eval_over_a_float64_reference(
+        tiny, task_dir, tmp_path, monkeypatch, mesh_shape, packing):
+    model, params = tiny
+    monkeypatch.chdir(tmp_path)  # not the task folder: relative data paths must still resolve
+    suite = _suite(model, mesh_shape, task_dir, packing=packing)
+    state = random.getstate()
+    _WATCHING[0] = True
+    try:
+        first = suite.run(params, step=10)
+        again = suite.run(params, step=20)
+    finally:
+        _WATCHING[0] = False
+    assert _NETWORK == [], "the suite must not touch the network"
+    assert random.getstate() == state, "the global random stream must be left as it was"
+    reference = _reference_results(tiny_lm_logits(params), include_path=task_dir, tasks=TASKS, monkeypatch=monkeypatch)
+    _assert_same_answers(first.samples, reference["samples"])
+    _assert_same_metrics(first.metrics, reference)
+    for name in ("t_mc/acc", "t_mc/acc_stderr", "t_mc/acc_norm", "t_both/acc", "t_ppl/word_perplexity",
+                 "t_ppl/bits_per_byte", "t_gen/strict-match/exact_match", "t_gen/first-word/exact_match"):
+        assert name in first.metrics, name
+    assert first.metrics["t_gen/strict-match/exact_match"] == pytest.approx(0.5)  # the reference's own half
+    assert again.metrics == first.metrics
+    shapes = first.provenance["compiled_shapes"]
+    assert 1 <= len(shapes) <= 3 and all(rows == 8 for rows, _ in shapes), shapes
+    assert again.provenance["compiles_this_run"] == 0
+    assert first.provenance["requests"] == {"loglikelihood": 40, "loglikelihood_rolling": 4, "generate_until": 6}
+    json.dumps(first.samples, allow_nan=False)
+    suite.close()
+
+
+def test_packed_rows_equal_one_request_per_row_for_a_model_that_honours_segments(task_dir, tmp_path, monkeypatch):
+    """A position-sensitive attention model: packing must restart positions and keep segments apart."""
+    model = TinyAttentionLM()
+    params = model.init(jax.random.key(5), np.zeros((1, 8), np.int32))["params"]
+    results = {packing: _suite(model, (8, 1, 1), task_dir, packing=packing, name=f"p{packing}").run(params, step=1)
+               for packing in (False, True)}
+    _assert_same_answers(results[True].samples, results[False].samples)
+    reference = _reference_results(attention_lm_logits(params), include_path=task_dir, tasks=TASKS,
+                                   monkeypatch=monkeypatch)
+    _assert_same_answers(results[True].samples, reference["samples"])
+    _assert_same_metrics(results[True].metrics, reference)
+
+
+def test_shipped_pydoc_tasks_match_the_reference(tiny, monkeypatch):
+    model, params = tiny
+    config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc"], "limit": 4, "max_length": MAX_LENGTH,
+                                               "batch_size": 8, "packing": True, "bootstrap_iters": 100})
+    result = HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(4, 1, 2)),
+                          name="pydoc").run(params, step=1)
+    reference = _reference_results(tiny_lm_logits(params), include_path=SHIPPED, tasks=["pydoc"],
+                                   monkeypatch=monkeypatch, num_fewshot=None, limit=4)
+    _assert_same_answers(result.samples, reference["samples"])
+    _assert_same_metrics(result.metrics, reference)
+    assert {"pydoc_cloze/acc", "pydoc_ppl/bits_per_byte", "pydoc_gen/exact_match"} <= set(result.metrics)
+    texts = [s["doc"]["text"] for s in result.samples["pydoc_ppl"]]
+    assert max(len(t.encode()) for t in texts) > 2 * MAX_LENGTH  # several rolling windows
+    from tracker_eval.tasks import pydoc_text
+    train = pydoc_text.text("train")
+    assert all(t not in train for t in texts), "perplexity texts must be held out of training"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tasks": []}, "tasks is empty"),
+    ({"tasks": ["x"], "max_length": 1}, "max_length must be at least 2"),
+    ({"tasks": ["x"], "batch_size": 0}, "batch_size must be a positive"),
+    ({"tasks": ["x"], "limit": 1.5}, "limit 1.5 as a float"),
+    ({"tasks": ["x"], "packing": "yes"}, "packing must be true or false"),
+    ({"tasks": ["x"], "tokenizer": "/nonexistent/tokenizer.json"}, "neither 'bytes' nor an existing file"),
+    ({"tasks": ["x"], "include_path": "/nonexistent"}, "is not a folder"),
+    ({"tasks": ["x"], "bootstrap": 10}, "unknown key 'bootstrap'"),
+    ({"tasks": "pydoc"}, "tasks must be a list of names"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(options, message):
+    with pytest.raises(ConfigError) as error:
+        HarnessSuite.Config.from_mapping(options, where="suites.harness")
+    text = str(error.value)
+    assert message in text and "\n" not in text and text.startswith("suites.harness")
+
+
+def test_tasks_and_models_the_suite_cannot_serve_fail_with_one_line(tiny, tmp_path, monkeypatch):
+    from tracker_eval_lm_harness import tasks
+
+    # lm-eval's own ~15,000 tasks take 15-40 s to index here: look up unknown names locally only.
+    local_only = tasks.task_manager
+    monkeypatch.setattr(tasks, "task_manager", lambda paths, builtin: local_only(paths, builtin=False))
+    model, params = tiny
+    (tmp_path / "sample.yaml").write_text(
+        "task: t_sample\ndataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs: {until: ['\\n'], do_sample: true, temperature: 0.7}\n")
+    (tmp_path / "d.jsonl").write_text('{"q": "1+1=", "a": "2"}\n')
+    mesh = make_mesh(MeshConfig(8, 1, 1))
+    unknown = "unknown task 'no_such_task'.*local tasks are pydoc, pydoc_cloze"
+    for names, message in ((["t_sample"], "asks for sampling"), (["no_such_task"], unknown)):
+        config = HarnessSuite.Config.from_mapping({"tasks": names, "include_path": str(tmp_path)})
+        with pytest.raises(ConfigError, match=message) as error:
+            HarnessSuite(config, adapter=adapt_model(model), mesh=mesh)
+        assert "\n" not in str(error.value)
+    conv_only = adapt_model(lambda variables, tokens: model.apply(variables, tokens))
+    config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc_cloze"], "limit": 2, "packing": True})
+    with pytest.raises(ConfigError, match="packing: true calls the model with segment_ids="):
+        HarnessSuite(config, adapter=conv_only, mesh=mesh).run(params, step=1)
+
+
+def test_two_processes_follow_process_0_and_equal_one_process(tiny, task_dir, tmp_path):
+    """2 processes x 4 devices: process 0 drives lm-eval, process 1 runs the same batches; the scores of
+    two checkpoints equal a one-process run on 8 devices, and both processes return them."""
+    model = tiny[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(pathlib.Path(__file__).parent))
+    child = pathlib.Path(__file__).with_name("harness_multihost_child.py")
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(child), str(port), str(i), str(task_dir), str(outs[i])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        done = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in done]
+    leader, follower = (json.loads(out.read_text()) for out in outs)
+    suite = HarnessSuite(HarnessSuite.Config.from_mapping(suite_options(task_dir)), adapter=adapt_model(model),
+                         mesh=make_mesh(MeshConfig(4, 2, 1)), name="one")
+    for seed, mine, theirs in zip((3, 4), leader, follower, strict=True):
+        single = suite.run(lm_task.init_params(model, seed=seed), step=seed)
+        assert theirs["metrics"] == mine["metrics"] and theirs["samples"] == {}
+        assert set(mine["metrics"]) == set(single.metrics)
+        for name, value in single.metrics.items():
+            assert mine["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
+        _assert_same_answers(mine["samples"], single.samples)
+    assert leader[0]["metrics"] != leader[1]["metrics"]  # two checkpoints, two sets of scores
+    assert len(leader[1]["provenance"]["compiled_shapes"]) <= 3 and leader[1]["provenance"]["compiles_this_run"] == 0
