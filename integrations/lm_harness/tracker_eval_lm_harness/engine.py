@@ -56,8 +56,7 @@ class Engine:
         program = build_program(apply_fn, packing=packing, end_of_text=end_of_text,
                                 on_trace=self.compiled_shapes.append)
         self._program = jax.jit(program, out_shardings=replicated(mesh))
-        self._sharding = {name: batch_sharding(mesh) for name in BATCHED}
-        self._sharding.update({name: replicated(mesh) for name in SHARED})
+        self._by_row, self._everywhere = batch_sharding(mesh), replicated(mesh)
         self._channel = _Channel(f"tracker_eval/harness/{namespace}") if jax.process_count() > 1 else None
 
     def begin(self) -> None:
@@ -128,8 +127,12 @@ class Engine:
     def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray], pending: list[tuple[jax.Array, ...]]) -> None:
         if len(pending) >= MAX_IN_FLIGHT:
             pending[-MAX_IN_FLIGHT][3].block_until_ready()  # a wait, not a transfer
-        placed = {name: put(np.asarray(batch[name]), self._sharding[name]) for name in self._sharding}
-        pending.append(self._program(params, placed))
+        # Three transfers a batch: the per-token arrays stacked, the per-row ones, the shared ones.
+        per_token = np.stack([batch[name] for name in BATCHED[:5]], axis=1)
+        per_row = np.stack([batch["start"], batch["active"]], axis=1)
+        shared = np.concatenate([np.asarray(batch[name], np.int32).reshape(-1) for name in SHARED])
+        pending.append(self._program(params, put(per_token, self._by_row), put(per_row, self._by_row),
+                                     put(shared, self._everywhere)))
 
 
 def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:

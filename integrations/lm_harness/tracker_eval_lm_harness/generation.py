@@ -75,12 +75,14 @@ def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
         until, max_new = greedy_settings(first.args[1], task=getattr(first, "task_name", "?"),
                                          max_length=lm.max_length, eos=eos, default_max=lm.max_gen_toks)
         contexts = [lm.generation_context(requests[i].args[0], max_tokens=lm.max_length - max_new) for i in members]
-        for i, text in zip(members, _decode(lm, contexts, max_new=max_new, until=until), strict=True):
-            results[i] = postprocess_generated_text(text, until, None)
+        for i, tokens in zip(members, greedy_tokens(lm, contexts, max_new=max_new, until=until), strict=True):
+            results[i] = postprocess_generated_text(lm.tok_decode(tokens), until, None)
     return results
 
 
-def _decode(lm: HarnessLM, contexts: list[list[int]], *, max_new: int, until: list[str]) -> list[str]:
+def greedy_tokens(lm: HarnessLM, contexts: list[list[int]], *, max_new: int, until: list[str]) -> list[list[int]]:
+    """The greedy new tokens after each context: up to `max_new`, ending at end of text or once the
+    decoded new text holds a stop sequence (the tokens after it are cut by lm-eval's postprocessing)."""
     stops = [lm.tok.encode(stop, add_special_tokens=False) for stop in until if stop]
     generated: list[list[int]] = [[] for _ in contexts]
     pending = [(i, max_new) for i in range(len(contexts))]
@@ -104,4 +106,4 @@ def _decode(lm: HarnessLM, contexts: list[list[int]], *, max_new: int, until: li
                     if by_stop and not any(stop and stop in text for stop in until):
                         pending.append((i, budget - len(new)))
         use_stops = False
-    return [lm.tok_decode(tokens) for tokens in generated]
+    return generated

@@ -1,7 +1,11 @@
 """The one compiled program per row width: score predictions, or decode greedily, on the mesh.
 
     program = build_program(adapter.apply_fn, packing=False, end_of_text=0, on_trace=print)
-    logp, greedy, tokens, end = jax.jit(program)(params, batch)
+    logp, greedy, tokens, end = jax.jit(program)(params, per_token, per_row, shared)
+
+The batch arrives as three int32 arrays (three transfers): `per_token` [B, 5, W] holds tokens,
+segment ids, positions, entry columns and entry targets; `per_row` [B, 2] the generation start and
+whether the row is real; `shared` the number of new tokens, the stop sequences and their lengths.
 
 `batch["new_tokens"] == 0` scores: one forward pass, then for every entry (row, column, target)
 the target's log-probability and whether it is the argmax. `new_tokens > 0` generates: a device
@@ -19,6 +23,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tracker_eval_lm_harness.rows import STOP_LEN, STOPS
+
+
+def unpack(per_token: jax.Array, per_row: jax.Array, shared: jax.Array) -> dict[str, jax.Array]:
+    """The named arrays of a batch (see the module docstring for the layout)."""
+    names = ("tokens", "segment_ids", "positions", "entry_column", "entry_target")
+    batch = {name: per_token[:, i] for i, name in enumerate(names)}
+    batch.update(start=per_row[:, 0], active=per_row[:, 1], new_tokens=shared[0])
+    stop_values = shared[1:1 + STOPS * STOP_LEN]
+    batch.update(stops=stop_values.reshape(STOPS, STOP_LEN), stop_lengths=shared[1 + STOPS * STOP_LEN:])
+    return batch
+
 
 def build_program(
     apply_fn: Callable[..., Any],
@@ -26,8 +42,9 @@ def build_program(
     packing: bool,
     end_of_text: int,
     on_trace: Callable[[tuple[int, ...]], None],
-) -> Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-    """The program `(params, batch) -> (entry logp [B,W], entry greedy [B,W], tokens [B,W], end [B])`.
+) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+    """The program `(params, per_token, per_row, shared) -> (entry logp [B,W], entry greedy [B,W],
+    tokens [B,W], end [B])`.
 
     Args:
       apply_fn: the model, `apply_fn({"params": p}, tokens[, segment_ids=, positions=])` -> logits.
@@ -92,7 +109,8 @@ def build_program(
         _, tokens, cursor, _ = jax.lax.while_loop(not_finished, next_token, state)
         return jnp.zeros((rows, width), jnp.float32), jnp.zeros((rows, width), bool), tokens, cursor
 
-    def program(params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+    def program(params: Any, per_token: jax.Array, per_row: jax.Array, shared: jax.Array) -> tuple[jax.Array, ...]:
+        batch = unpack(per_token, per_row, shared)
         on_trace(tuple(batch["tokens"].shape))
         return jax.lax.cond(batch["new_tokens"] > 0, generate, score, params, batch)
 

@@ -169,7 +169,8 @@ def score_batches(
         return _batches({widths[-1]: _pack(segments, widths[-1])}, rows)
     by_width: dict[int, list[list[Segment]]] = {}
     for segment in sorted(segments, key=lambda s: -len(s.tokens)):
-        width = next(w for w in widths if w >= len(segment.tokens))
+        # A row's entries are bounded by its width like its tokens (`score_segments` caps both).
+        width = next(w for w in widths if w >= max(len(segment.tokens), len(segment.entries)))
         by_width.setdefault(width, []).append([segment])
     return _batches(by_width, rows)
 
