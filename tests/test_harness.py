@@ -134,10 +134,10 @@ def test_requests_and_metrics_equal_lm_eval_over_a_float64_reference(
         tiny, task_dir, reference, tmp_path, monkeypatch, mesh_shape, packing):
     model, params = tiny
     monkeypatch.chdir(tmp_path)  # not the task folder: relative data paths must still resolve
-    suite = _suite(model, mesh_shape, task_dir, packing=packing)
     state = random.getstate()
     _WATCHING[0] = True
     try:
+        suite = _suite(model, mesh_shape, task_dir, packing=packing)
         first = suite.run(params, step=10)
         again = suite.run(params, step=20)
     finally:
