@@ -97,10 +97,11 @@ def write_tasks(folder: pathlib.Path, *, greedy: Callable[[str], str]) -> pathli
     rnd = random.Random(7)
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
-    for name, lengths in (("t_mc", [0, 9, 30, 90, 150, 40]), ("t_mc2", [20, 70, 5, 120])):
+    # Mostly short inputs, so packed rows hold several; two longer than the model window.
+    for name, lengths in (("t_mc", [0, 9, 14, 90, 150, 6]), ("t_mc2", [20, 3, 8, 11])):
         (folder / f"{name}.yaml").write_text(MC.format(name=name))
         _write_jsonl(data / f"{name}_test.jsonl", _mc_docs(text, rnd, lengths))
-        _write_jsonl(data / f"{name}_train.jsonl", _mc_docs(text, rnd, [25, 35, 45]))
+        _write_jsonl(data / f"{name}_train.jsonl", _mc_docs(text, rnd, [6, 9, 12]))
     (folder / "t_both.yaml").write_text(GROUP)
     (folder / "t_ppl.yaml").write_text(PPL)
     _write_jsonl(data / "ppl.jsonl", [{"text": text[s:s + n]} for s, n in ((100, 20), (900, 60), (3000, 150),

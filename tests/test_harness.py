@@ -154,6 +154,8 @@ def test_requests_and_metrics_equal_lm_eval_over_a_float64_reference(
     shapes = first.provenance["compiled_shapes"]
     assert 1 <= len(shapes) <= 3 and all(rows == 8 for rows, _ in shapes), shapes
     assert again.provenance["compiles_this_run"] == 0
+    if packing:  # rows really hold several requests' inputs
+        assert first.provenance["score_segments"] >= 1.25 * first.provenance["score_rows"], first.provenance
     assert first.provenance["requests"] == {"loglikelihood": 40, "loglikelihood_rolling": 4, "generate_until": 6}
     json.dumps(first.samples, allow_nan=False)
     suite.close()
@@ -165,6 +167,8 @@ def test_packed_rows_equal_one_request_per_row_for_a_model_that_honours_segments
     params = model.init(jax.random.key(5), np.zeros((1, 8), np.int32))["params"]
     results = {packing: _suite(model, (8, 1, 1), task_dir, packing=packing, name=f"p{packing}").run(params, step=1)
                for packing in (False, True)}
+    packed = results[True].provenance
+    assert packed["score_segments"] >= 1.25 * packed["score_rows"], packed  # several requests a row
     _assert_same_answers(results[True].samples, results[False].samples, rtol=1e-5)
     assert results[True].metrics == pytest.approx(results[False].metrics, rel=1e-5)
     # One request checked against a float64 forward pass of exactly its tokens, positions from 0.

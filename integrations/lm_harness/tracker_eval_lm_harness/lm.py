@@ -51,6 +51,8 @@ class HarnessLM(TemplateLM):
         self.packing = packing
         self.requests: collections.Counter[str] = collections.Counter()
         self.seconds = 0.0  # inside the request methods: the rest of a run is lm-eval's own work
+        self.rows_scored = 0  # real rows of scoring batches ...
+        self.segments_scored = 0  # ... and the model inputs they held (more than rows when packed)
         self._prefix_text = tokenizer.decode([tokenizer.prefix_token_id], skip_special_tokens=False)
 
     @property
@@ -92,6 +94,8 @@ class HarnessLM(TemplateLM):
         segments = score_segments(pairs, max_length=self.max_length)
         rows = self.engine.rows
         batches = score_batches(segments, rows=rows, widths=self.widths, packing=self.packing)
+        self.rows_scored += int(sum(batch["active"].sum() for batch in batches))
+        self.segments_scored += len(segments)
         total = np.zeros(n, np.float64)
         missed = np.zeros(n, np.int64)
         for batch, (logp, greedy, _, _) in zip(batches, self.engine.execute(self.params, batches), strict=True):

@@ -89,7 +89,8 @@ class HarnessSuite:
         from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
 
         eos = self.tokenizer.decode([self.tokenizer.eot_token_id], skip_special_tokens=False)
-        self.tasks = TaskSet(config, eos=eos, scratch=self._scratch)
+        with preserved_random_state():  # lm-eval draws task ids from the global stream while loading
+            self.tasks = TaskSet(config, eos=eos, scratch=self._scratch)
         self._checked = False
 
     def run(self, params: Any, *, step: int) -> HarnessResult:
@@ -141,6 +142,8 @@ class HarnessSuite:
             "compiled_shapes": [list(shape) for shape in self.engine.compiled_shapes],
             "compiles_this_run": len(self.engine.compiled_shapes) - compiled_before,
             "requests": dict(lm.requests),
+            "score_rows": lm.rows_scored,
+            "score_segments": lm.segments_scored,
             "n_samples": results.get("n-samples", {}),
             "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
             "n_shot": results.get("n-shot", {}),
