@@ -9,11 +9,12 @@ from flax import linen as nn
 
 
 class TinyAttentionLM(nn.Module):
-    """Byte embedding plus position embedding, one causal self-attention layer kept within segments,
-    an MLP and logits over 256 bytes."""
+    """Token embedding plus position embedding, one causal self-attention layer kept within segments,
+    an MLP and logits over `vocab` tokens (256: bytes)."""
 
     width: int = 32
     max_positions: int = 128
+    vocab: int = 256
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
@@ -23,7 +24,7 @@ class TinyAttentionLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x = nn.Embed(256, self.width, name="embed")(tokens) + nn.Embed(self.max_positions, self.width,
+        x = nn.Embed(self.vocab, self.width, name="embed")(tokens) + nn.Embed(self.max_positions, self.width,
                                                                        name="position")(positions)
         q = nn.Dense(self.width, use_bias=False, name="query")(x)
         k = nn.Dense(self.width, use_bias=False, name="key")(x)
@@ -33,4 +34,4 @@ class TinyAttentionLM(nn.Module):
         scores = jnp.where(allowed, jnp.einsum("bqd,bkd->bqk", q, k) / jnp.sqrt(self.width), -1e30)
         x = x + nn.Dense(self.width, name="out")(jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(scores, -1), v))
         x = x + nn.Dense(self.width, name="mlp")(nn.gelu(x))
-        return nn.Dense(256, name="logits")(x)
+        return nn.Dense(self.vocab, name="logits")(x)

@@ -68,26 +68,36 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ReferenceLM(TemplateLM):
-    """Every request from a float64 forward pass of exactly its own tokens."""
+    """Every request from a float64 forward pass of exactly its own tokens.
 
-    def __init__(self, logits_fn: Callable[[list[int]], np.ndarray], *, max_length: int) -> None:
+    Tokens are UTF-8 bytes with 0 as prefix and end of text, or those of a `tokenizers.Tokenizer`
+    whose `<|endoftext|>` is both (a GPT-2-style tokenizer, as transformers would load it).
+    """
+
+    def __init__(self, logits_fn: Callable[[list[int]], np.ndarray], *, max_length: int, tokenizer: Any = None) -> None:
         super().__init__()
         self.logits_fn = logits_fn
         self._max_length = max_length
+        self.tokenizer_json = tokenizer
+        self._eot = 0 if tokenizer is None else tokenizer.token_to_id("<|endoftext|>")
 
     @property
     def eot_token_id(self) -> int:
-        return 0
+        return self._eot
 
     @property
     def max_length(self) -> int:
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        if self.tokenizer_json is not None:
+            return self.tokenizer_json.encode(string).ids
         return list(string.encode("utf-8"))
 
     def tok_decode(self, tokens: Any, skip_special_tokens: bool = True) -> str:
         ids = [tokens] if isinstance(tokens, int) else list(tokens)
+        if self.tokenizer_json is not None:
+            return self.tokenizer_json.decode(ids, skip_special_tokens=skip_special_tokens)
         return bytes(t for t in ids if not (skip_special_tokens and t == 0)).decode("utf-8", errors="replace")
 
     def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[Any]:
@@ -104,7 +114,7 @@ class ReferenceLM(TemplateLM):
         out = []
         for (text,) in (r.args for r in requests):
             windows = [(None, *lm_utils.make_disjoint_window(w)) for w in lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=0, max_seq_len=self.max_length, context_len=1)]
+                token_list=self.tok_encode(text), prefix_token=self._eot, max_seq_len=self.max_length, context_len=1)]
             out.append(sum(value for value, _ in self._loglikelihood_tokens(windows)))
         return out
 
@@ -116,14 +126,16 @@ class ReferenceLM(TemplateLM):
             token = int(np.argmax(self.logits_fn(tokens)[-1]))
             tokens.append(token)
             new.append(token)
-            if token == 0 or any(stop and stop in self.tok_decode(new, skip_special_tokens=False) for stop in until):
+            if token == self._eot or any(stop and stop in self.tok_decode(new, skip_special_tokens=False)
+                                         for stop in until):
                 break
         return new
 
     def complete(self, context: str, gen_kwargs: dict[str, Any]) -> str:
         """One generate_until request, as the Hugging Face backend answers it."""
         kwargs = normalize_gen_kwargs(gen_kwargs, 256)
-        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(0, skip_special_tokens=False))
+        eos = self.tok_decode(self._eot, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_new = kwargs.pop("max_gen_toks")
         prompt = self.tok_encode(context)[-(self.max_length - max_new):]
         text = self.tok_decode(self.greedy(prompt, max_new=max_new, until=until))

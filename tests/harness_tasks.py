@@ -5,7 +5,9 @@
 Tasks: `t_mc` and `t_mc2` (multiple choice, one- and many-byte choices, an empty context, contexts
 longer than the model window), the group `t_both` over them with aggregated acc, `t_ppl` (rolling
 perplexity of texts up to four windows long) and `t_gen` (generation scored by exact match under two
-filters; half of its targets are the reference's own greedy completions, so the score is not 0).
+filters; half of its targets are the reference's own greedy completions, so the score is not 0,
+and its stop sequences are taken from what the reference generates, so generations do stop early,
+on one byte and on two).
 """
 
 from __future__ import annotations
@@ -60,21 +62,21 @@ metadata: {version: 1.0}
 GEN = """task: t_gen
 dataset_path: json
 dataset_kwargs:
-  data_files: {test: data/gen.jsonl}
+  data_files: {{test: data/gen.jsonl}}
 output_type: generate_until
 test_split: test
 num_fewshot: 0
-doc_to_text: "{{prompt}}"
-doc_to_target: "{{target}}"
-generation_kwargs: {until: ["\\n", "."], max_gen_toks: 8, do_sample: false}
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: {until}, max_gen_toks: 8, do_sample: false}}
 filter_list:
   - name: strict-match
-    filter: [{function: take_first}]
+    filter: [{{function: take_first}}]
   - name: first-word
-    filter: [{function: regex, regex_pattern: "(\\\\w+)", group_select: 0}, {function: take_first}]
+    filter: [{{function: regex, regex_pattern: "(\\\\w+)", group_select: 0}}, {{function: take_first}}]
 metric_list:
-  - {metric: exact_match, aggregation: mean, higher_is_better: true}
-metadata: {version: 1.0}
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
+metadata: {{version: 1.0}}
 """
 
 
@@ -91,8 +93,20 @@ def _mc_docs(text: str, rnd: random.Random, lengths: list[int]) -> list[dict]:
     return docs
 
 
-def write_tasks(folder: pathlib.Path, *, greedy: Callable[[str], str]) -> pathlib.Path:
-    """Writes the test tasks into `folder` (YAMLs at the top, data under data/); returns `folder`."""
+def stop_sequences(continuations: list[str]) -> list[str]:
+    """A newline, the commonest ASCII character inside the continuations, and an ASCII pair from one of them."""
+    inner = [c for text in continuations for c in text[1:6] if c.isascii() and c.isprintable()]
+    single = max(sorted(set(inner)), key=inner.count)
+    pair = next(text[i:i + 2] for text in continuations for i in range(2, len(text) - 1)
+                if text[i:i + 2].isascii() and text[i:i + 2].isprintable() and single not in text[i:i + 2])
+    return ["\n", single, pair]
+
+
+def write_tasks(folder: pathlib.Path, *, greedy: Callable[[str, dict], str]) -> pathlib.Path:
+    """Writes the test tasks into `folder` (YAMLs at the top, data under data/); returns `folder`.
+
+    `greedy(prompt, generation_kwargs)` is the reference's answer to a generate_until request.
+    """
     text = pydoc_text.text("heldout")
     rnd = random.Random(7)
     data = folder / "data"
@@ -106,8 +120,10 @@ def write_tasks(folder: pathlib.Path, *, greedy: Callable[[str], str]) -> pathli
     (folder / "t_ppl.yaml").write_text(PPL)
     _write_jsonl(data / "ppl.jsonl", [{"text": text[s:s + n]} for s, n in ((100, 20), (900, 60), (3000, 150),
                                                                             (7000, 250))])
-    (folder / "t_gen.yaml").write_text(GEN)
     prompts = [text[s:s + n] for s, n in ((400, 30), (1500, 55), (5000, 12), (8000, 70), (12000, 40), (15000, 64))]
-    _write_jsonl(data / "gen.jsonl", [{"prompt": p, "target": greedy(p) if i % 2 == 0 else "not this"}
+    until = stop_sequences([greedy(p, {"until": [], "max_gen_toks": 8}) for p in prompts])
+    (folder / "t_gen.yaml").write_text(GEN.format(until=json.dumps(until)))
+    options = {"until": until, "max_gen_toks": 8, "do_sample": False}
+    _write_jsonl(data / "gen.jsonl", [{"prompt": p, "target": greedy(p, options) if i % 2 == 0 else "not this"}
                                       for i, p in enumerate(prompts)])
     return folder

@@ -57,11 +57,10 @@ def tiny():
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory, tiny):
     reference = ReferenceLM(tiny_lm_logits(tiny[1]), max_length=MAX_LENGTH)
-    options = {"until": ["\n", "."], "max_gen_toks": 8, "do_sample": False}
-    return write_tasks(tmp_path_factory.mktemp("tasks"), greedy=lambda prompt: reference.complete(prompt, options))
+    return write_tasks(tmp_path_factory.mktemp("tasks"), greedy=reference.complete)
 
 
-def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, limit=None):
+def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, limit=None, tokenizer=None):
     """lm-eval's own simple_evaluate over the float64 reference, run from inside the task folder
     (where lm-eval resolves the YAMLs' relative data paths itself)."""
     from lm_eval import evaluator
@@ -71,9 +70,9 @@ def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, l
         patch.chdir(include_path)
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
         return evaluator.simple_evaluate(
-            model=ReferenceLM(logits_fn, max_length=MAX_LENGTH), tasks=tasks, task_manager=manager,
-            num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=None, numpy_random_seed=None,
-            torch_random_seed=None, fewshot_random_seed=1234)
+            model=ReferenceLM(logits_fn, max_length=MAX_LENGTH, tokenizer=tokenizer), tasks=tasks,
+            task_manager=manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=None,
+            numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=1234)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +176,33 @@ def test_packed_rows_equal_one_request_per_row_for_a_model_that_honours_segments
     reference = ReferenceLM(attention_lm_logits(params), max_length=MAX_LENGTH)
     want = reference.loglikelihood([type("R", (), {"args": (context, continuation)})()])[0]
     assert record["resps"][0][0][0] == pytest.approx(want[0], rel=1e-4) and record["resps"][0][0][1] == want[1]
+
+
+def test_a_tokenizer_json_serves_requests_like_lm_eval_over_a_reference(task_dir, tmp_path):
+    """A byte-level BPE (tokenizer.json, trained here on pydoc's training text): multi-byte tokens, merges
+    across the context/continuation boundary, stop strings that are not whole tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tracker_eval.tasks import pydoc_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(pydoc_text.paragraphs("train")[:400], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    model = TinyAttentionLM(vocab=bpe.get_vocab_size())
+    params = model.init(jax.random.key(6), np.zeros((1, 8), np.int32))["params"]
+    tasks = ["t_mc", "t_gen", "t_ppl"]
+    tokenizer = str(tmp_path / "tokenizer.json")
+    config = HarnessSuite.Config.from_mapping(suite_options(task_dir, tasks=tasks, tokenizer=tokenizer, packing=False))
+    result = HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(8, 1, 1)),
+                          name="bpe").run(params, step=1)
+    reference = _reference_results(attention_lm_logits(params), include_path=task_dir, tasks=tasks,
+                                   tokenizer=Tokenizer.from_file(tokenizer))
+    _assert_same_answers(result.samples, reference["samples"])
+    _assert_same_metrics(result.metrics, reference)
 
 
 def test_shipped_pydoc_tasks_match_the_reference(tiny):

@@ -83,6 +83,12 @@ class HarnessConfig:
         if self.bootstrap_iters < 0:
             raise ConfigError(f"bootstrap_iters must be >= 0 (0 = no stderr), got {self.bootstrap_iters}")
 
+    def numbers_key(self) -> dict[str, Any]:
+        """The options that change the scores, for the stream's config hash: all but `batch_size` and
+        `packing`, which give the same numbers (to float rounding) however the rows are cut."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("batch_size", "packing")}
+
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], *, where: str = "lm_harness suite") -> HarnessConfig:
         """Builds the config from YAML values, strictly.
