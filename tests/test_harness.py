@@ -293,3 +293,42 @@ def test_two_processes_follow_process_0_and_match_the_reference(task_dir, refere
         _assert_same_metrics(mine["metrics"], reference[seed])
     assert leader[0]["metrics"] != leader[1]["metrics"]  # two checkpoints, two sets of scores
     assert len(leader[1]["provenance"]["compiled_shapes"]) <= 3 and leader[1]["provenance"]["compiles_this_run"] == 0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_hold_every_prediction_once_after_its_own_context(packing):
+    """Truncation, prefix sharing (one row serving several requests, extra targets at one column,
+    crowded hosts split into copies), packing: each prediction of each request is asked exactly once,
+    at a column whose segment holds exactly that request's context, in at most three widths."""
+    from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments, width_ladder
+
+    rng = np.random.default_rng(1)
+    length = 128
+    pairs = [(list(rng.integers(1, 256, rng.integers(1, 200))), list(rng.integers(1, 256, rng.integers(1, 9))))
+             for _ in range(60)]
+    shared = list(rng.integers(1, 256, 5))
+    pairs += [(shared, [int(t)]) for t in rng.integers(1, 256, 70)]  # one column, 70 targets
+    pairs += [(shared + [7], [8, 9]), (shared, [7, 8])]  # inputs that are prefixes of others
+    widths = width_ladder(length)
+    segments = score_segments(pairs, max_length=length, max_extras=extras_capacity(widths[0]))
+    batches = score_batches(segments, rows=4, widths=widths, packing=packing)
+    assert len({b["tokens"].shape for b in batches}) <= 3 and len(segments) < len(pairs)
+    seen = []
+    for batch in batches:
+        extras = batch["extra_owner"].shape[1]
+        dense, extra = np.argwhere(batch["owner"] >= 0), np.argwhere(batch["extra_owner"] >= 0)
+        asked = [(r, c, batch["target"][r, c], batch["owner"][r, c]) for r, c in dense]
+        asked += [(r, batch["extra_column"][r, k], batch["extra_target"][r, k], batch["extra_owner"][r, k])
+                  for r, k in extra]
+        assert all(k < extras for _, k in extra)
+        for row, column, target, owner in asked:
+            context, continuation = pairs[owner]
+            whole = (context + continuation)[-(length + 1):]
+            position = batch["positions"][row, column]
+            start = column - position
+            assert (batch["segment_ids"][row, start:column + 1] == batch["segment_ids"][row, column]).all()
+            assert batch["tokens"][row, start:column + 1].tolist() == whole[:position + 1]
+            k = position + 1 - (len(whole) - len(continuation))
+            assert 0 <= k < len(continuation) and target == continuation[k]
+            seen.append((owner, k))
+    assert sorted(seen) == sorted((i, k) for i, (_, cont) in enumerate(pairs) for k in range(len(cont)))

@@ -1,7 +1,7 @@
 """Runs fixed-shape batches through the compiled program on the mesh; process 0 leads, others follow.
 
-    engine = Engine(adapter.apply_fn, mesh, rows=32, packing=False, end_of_text=0, namespace="harness")
-    outputs = engine.execute(params, batches)    # process 0: one (logp, greedy, tokens, end) per batch
+    engine = Engine(adapter.apply_fn, mesh, rows=32, packing=False, namespace="harness")
+    outputs = engine.execute(params, batches)    # process 0: (logp, extra logp, argmax) per batch
     metrics_json = engine.follow(params)         # every other process, until process 0 finishes
 
 Only process 0 runs lm-eval, whose request order differs from process to process, so the others
@@ -9,14 +9,13 @@ cannot build the batches themselves. Process 0 announces each group of up to CHU
 width through the runtime's key-value store (a follower may wait there for minutes while lm-eval
 builds its requests, which no device collective would tolerate), then every process takes the
 group's arrays through one device broadcast and runs the same program on its part of each global
-batch. Outputs are replicated by the program itself, so process 0 reads them without a gather.
+batch. Outputs are replicated by the program itself then, so process 0 reads them without a gather.
 Batches are dispatched without waiting for results (at most MAX_IN_FLIGHT queued) and results
 are read once, after the last batch.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,13 +27,11 @@ from jax.experimental import multihost_utils
 from tracker_eval import kvstore
 from tracker_eval.evaluation.sharding import batch_sharding, put, replicated
 from tracker_eval_lm_harness.program import build_program
-from tracker_eval_lm_harness.rows import STOP_LEN, STOPS
+from tracker_eval_lm_harness.rows import DEVICE_FIELDS, extras_capacity
 
 CHUNK = 8  # batches per broadcast
 MAX_IN_FLIGHT = 2  # XLA's CPU runtime deadlocks on unbounded queues of collective programs
-BATCHED = ("tokens", "segment_ids", "positions", "entry_column", "entry_target", "start", "active")
-SHARED = ("new_tokens", "stops", "stop_lengths")
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Outputs = tuple[Any, ...]  # (logp, extra logp, argmax), None where not fetched
 
 
 class Engine:
@@ -47,16 +44,18 @@ class Engine:
         *,
         rows: int,
         packing: bool,
-        end_of_text: int,
         namespace: str,
     ) -> None:
         self.rows = rows
         self.compiled_shapes: list[tuple[int, ...]] = []
         self.device_seconds = 0.0
-        program = build_program(apply_fn, packing=packing, end_of_text=end_of_text,
+        program = build_program(apply_fn, packing=packing, extras=extras_capacity,
                                 on_trace=self.compiled_shapes.append)
-        self._program = jax.jit(program, out_shardings=replicated(mesh))
-        self._by_row, self._everywhere = batch_sharding(mesh), replicated(mesh)
+        self._by_row = batch_sharding(mesh)
+        # One process reads each device's rows directly; several get the outputs replicated by the
+        # program itself, so process 0 reads its own copy without a separate gather.
+        self._multi = jax.process_count() > 1
+        self._program = jax.jit(program, out_shardings=replicated(mesh) if self._multi else self._by_row)
         self._channel = _Channel(f"tracker_eval/harness/{namespace}") if jax.process_count() > 1 else None
 
     def begin(self) -> None:
@@ -64,28 +63,39 @@ class Engine:
         if self._channel is not None:
             self._channel.begin()
 
-    def execute(self, params: Any, batches: Sequence[Mapping[str, np.ndarray]]) -> list[Outputs]:
-        """Process 0: runs every batch (followers run them too) and returns the outputs in order."""
+    def execute(
+        self, params: Any, batches: Sequence[Mapping[str, np.ndarray]], *, fetch: Sequence[int] = (0, 1, 2)
+    ) -> list[Outputs]:
+        """Process 0: runs every batch (followers run them too) and returns the outputs in order.
+
+        Args:
+          params: the model's params on the mesh.
+          batches: from `rows.score_batches` or `rows.step_batch`.
+          fetch: which of (logp, extra logp, argmax) to copy to the host; None for the others.
+        """
         start = time.perf_counter()
         pending: list[tuple[jax.Array, ...]] = []
         if self._channel is None:
             for batch in batches:
-                self._dispatch(params, batch, pending)
+                self._dispatch(params, batch, pending, fetch=fetch)
         else:
             order = sorted(range(len(batches)), key=lambda i: batches[i]["tokens"].shape[1])
             results: list[Any] = [None] * len(batches)
             for group in _groups(order, key=lambda i: batches[i]["tokens"].shape[1]):
                 width = batches[group[0]]["tokens"].shape[1]
                 self._channel.send(f"RUN {width} {len(group)}")
-                multihost_utils.broadcast_one_to_all(np.stack([_flatten(batches[i]) for i in group]))
+                multihost_utils.broadcast_one_to_all(np.stack([_device_array(batches[i]) for i in group]))
                 self._channel.forget()
                 for i in group:
                     results[i] = len(pending)
-                    self._dispatch(params, batches[i], pending)
+                    self._dispatch(params, batches[i], pending, fetch=fetch)
             pending = [pending[results[i]] for i in range(len(batches))]
-        fetched = [tuple(np.asarray(out.addressable_data(0)) for out in outs) for outs in pending]
+        fetched = [tuple(self._host(out) if i in fetch else None for i, out in enumerate(outs)) for outs in pending]
         self.device_seconds += time.perf_counter() - start
         return fetched  # type: ignore[return-value]
+
+    def _host(self, out: jax.Array) -> np.ndarray:
+        return np.asarray(out.addressable_data(0) if self._multi else out)
 
     def follow(self, params: Any) -> str:
         """Every process but 0: runs what process 0 announces until it finishes.
@@ -102,11 +112,11 @@ class Engine:
             op, _, rest = self._channel.receive().partition(" ")
             if op == "RUN":
                 width, count = (int(v) for v in rest.split())
-                size = _flat_size(rows=self.rows, width=width)
-                received = multihost_utils.broadcast_one_to_all(
-                    np.zeros((_chunk_size(count), size), np.int32))
-                for flat in received[:count]:
-                    self._dispatch(params, _unflatten(flat, rows=self.rows, width=width), pending)
+                shape = (CHUNK if count == CHUNK else 1, self.rows, len(DEVICE_FIELDS), width)
+                received = multihost_utils.broadcast_one_to_all(np.zeros(shape, np.int32))
+                for array in received[:count]:
+                    self._dispatch(params, array, pending)
+                del pending[:-MAX_IN_FLIGHT]  # nothing is read here: keep only what bounds the queue
             elif op == "STOP":
                 jax.block_until_ready(pending)
                 return rest
@@ -124,15 +134,15 @@ class Engine:
         if self._channel is not None:
             self._channel.send(f"ABORT {reason}")
 
-    def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray], pending: list[tuple[jax.Array, ...]]) -> None:
+    def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray] | np.ndarray,
+                  pending: list[tuple[jax.Array, ...]], *, fetch: Sequence[int] = ()) -> None:
         if len(pending) >= MAX_IN_FLIGHT:
-            pending[-MAX_IN_FLIGHT][3].block_until_ready()  # a wait, not a transfer
-        # Three transfers a batch: the per-token arrays stacked, the per-row ones, the shared ones.
-        per_token = np.stack([batch[name] for name in BATCHED[:5]], axis=1)
-        per_row = np.stack([batch["start"], batch["active"]], axis=1)
-        shared = np.concatenate([np.asarray(batch[name], np.int32).reshape(-1) for name in SHARED])
-        pending.append(self._program(params, put(per_token, self._by_row), put(per_row, self._by_row),
-                                     put(shared, self._everywhere)))
+            pending[-MAX_IN_FLIGHT][2].block_until_ready()  # a wait, not a transfer
+        array = batch if isinstance(batch, np.ndarray) else _device_array(batch)
+        outputs = self._program(params, put(array, self._by_row))
+        for i in fetch:  # the copies to the host overlap the next batches' work
+            outputs[i].copy_to_host_async()
+        pending.append(outputs)
 
 
 def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:
@@ -149,31 +159,9 @@ def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:
     return groups
 
 
-def _chunk_size(count: int) -> int:
-    return CHUNK if count == CHUNK else 1
-
-
-def _shapes(*, rows: int, width: int) -> dict[str, tuple[int, ...]]:
-    shapes = {name: (rows, width) for name in BATCHED[:5]}
-    shapes.update(start=(rows,), active=(rows,), new_tokens=(), stops=(STOPS, STOP_LEN), stop_lengths=(STOPS,))
-    return shapes
-
-
-def _flat_size(*, rows: int, width: int) -> int:
-    return sum(math.prod(shape) for shape in _shapes(rows=rows, width=width).values())
-
-
-def _flatten(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(batch[name], np.int32).reshape(-1) for name in (*BATCHED, *SHARED)])
-
-
-def _unflatten(flat: np.ndarray, *, rows: int, width: int) -> dict[str, np.ndarray]:
-    out, offset = {}, 0
-    for name, shape in _shapes(rows=rows, width=width).items():
-        n = math.prod(shape)
-        out[name] = flat[offset:offset + n].reshape(shape)
-        offset += n
-    return out
+def _device_array(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The program's input: the per-token arrays of a batch stacked, [rows, fields, width] (one transfer)."""
+    return np.stack([batch[name] for name in DEVICE_FIELDS], axis=1)
 
 
 class _Channel:

@@ -1,25 +1,27 @@
-"""`generate_until` requests: greedy decoding in batches through the compiled program.
+"""`generate_until` requests: greedy decoding, batched, one step at a time through the compiled program.
 
     until, max_new = greedy_settings(gen_kwargs, task="my_gen", max_length=512, eos="\\x00")
     texts = generate_until(lm, requests)
 
 As lm-eval's Hugging Face backend: requests grouped by their generation options, the end-of-text
-text added to `until`, prompts cut from the left to `max_length - max_gen_toks` tokens, the
-generated tokens decoded without special tokens and cut at the first stop sequence. The device
-stops a row at end of text, at `max_gen_toks`, or when its last tokens are the tokens of a stop
-sequence; if that text is then not found in the decoded row (a tokenizer whose decoding merges
-or strips differently), the row is continued without that shortcut, so results never depend on it.
+text added to `until`, prompts cut from the left to `max_length - max_gen_toks` tokens, a sequence
+ended by end of text, by `max_gen_toks` new tokens or once its decoded new text holds a stop
+string, then decoded without special tokens and cut at the first stop string. Each step is one
+batch of up to `rows` sequences, the longest prompts first; a finished sequence's row goes to the
+next waiting prompt at once (continuous batching). There is no KV cache: the model contract is a
+plain forward pass, so a step costs one forward pass of each row.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from tracker_eval_lm_harness.rows import generation_batches
+from tracker_eval_lm_harness.rows import step_batch
 
 if TYPE_CHECKING:
     from tracker_eval_lm_harness.lm import HarnessLM
@@ -31,7 +33,7 @@ _GREEDY_NEUTRAL = {"do_sample", "temperature", "top_p", "top_k"}
 def greedy_settings(
     gen_kwargs: Mapping[str, Any], *, task: str, max_length: int, eos: str, default_max: int = 256
 ) -> tuple[list[str], int]:
-    """(stop sequences, max new tokens) of a task's generation options.
+    """(stop strings, max new tokens) of a task's generation options.
 
     Raises:
       ValueError: one line naming the task, when it asks for sampling or decoding options other than
@@ -41,8 +43,9 @@ def greedy_settings(
     until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
     max_new = int(kwargs.pop("max_gen_toks"))
     if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+        options = ", ".join(f"{k}={kwargs[k]!r}" for k in ("do_sample", "temperature") if k in kwargs)
         raise ValueError(
-            f"task {task!r} asks for sampling ({_options(kwargs)}); the lm_harness suite decodes greedily only: "
+            f"task {task!r} asks for sampling ({options}); the lm_harness suite decodes greedily only: "
             "set do_sample: false in the task's generation_kwargs"
         )
     others = sorted(set(kwargs) - _GREEDY_NEUTRAL)
@@ -51,16 +54,12 @@ def greedy_settings(
             f"task {task!r} sets generation option(s) {', '.join(others)}, which greedy decoding in the "
             "lm_harness suite cannot honour; remove them from the task's generation_kwargs"
         )
-    if max_new >= max_length:
+    if not 0 < max_new < max_length:
         raise ValueError(
-            f"task {task!r} generates up to {max_new} tokens but max_length is {max_length}, leaving no room "
-            "for the prompt; raise max_length or lower max_gen_toks"
+            f"task {task!r} generates up to {max_new} tokens but max_length is {max_length}; raise max_length "
+            "or set max_gen_toks between 1 and max_length - 1 (the prompt needs room)"
         )
     return until, max_new
-
-
-def _options(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={kwargs[k]!r}" for k in ("do_sample", "temperature") if k in kwargs)
 
 
 def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
@@ -80,30 +79,26 @@ def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
     return results
 
 
-def greedy_tokens(lm: HarnessLM, contexts: list[list[int]], *, max_new: int, until: list[str]) -> list[list[int]]:
-    """The greedy new tokens after each context: up to `max_new`, ending at end of text or once the
-    decoded new text holds a stop sequence (the tokens after it are cut by lm-eval's postprocessing)."""
-    stops = [lm.tok.encode(stop, add_special_tokens=False) for stop in until if stop]
+def greedy_tokens(
+    lm: HarnessLM, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str]
+) -> list[list[int]]:
+    """The greedy new tokens after each context, until it is ended (see the module docstring)."""
     generated: list[list[int]] = [[] for _ in contexts]
-    pending = [(i, max_new) for i in range(len(contexts))]
-    use_stops = True
-    while pending:
-        by_budget: dict[int, list[int]] = {}
-        for i, budget in pending:
-            by_budget.setdefault(budget, []).append(i)
-        pending = []
-        for budget, members in sorted(by_budget.items()):
-            batches = generation_batches([contexts[i] + generated[i] for i in members], rows=lm.engine.rows,
-                                         widths=lm.widths, max_new=budget, stops=stops if use_stops else [])
-            outputs = lm.engine.execute(lm.params, [batch for batch, _ in batches])
-            for (batch, chunk), (_, _, tokens, end) in zip(batches, outputs, strict=True):
-                for row, k in enumerate(chunk):
-                    i = members[k]
-                    new = tokens[row, batch["start"][row]:end[row]].tolist()
-                    generated[i] += new
-                    by_stop = len(new) < budget and (not new or new[-1] != lm.eot_token_id)
-                    text = lm.tok_decode(generated[i])
-                    if by_stop and not any(stop and stop in text for stop in until):
-                        pending.append((i, budget - len(new)))
-        use_stops = False
+    waiting = collections.deque(sorted(range(len(contexts)), key=lambda i: -len(contexts[i])))
+    running: list[int] = []
+    stops = [stop for stop in until if stop]
+    while waiting or running:
+        while waiting and len(running) < lm.engine.rows:
+            running.append(waiting.popleft())
+        sequences = [contexts[i] + generated[i] for i in running]
+        batch = step_batch(sequences, rows=lm.engine.rows, widths=lm.widths)
+        (_, _, best), = lm.engine.execute(lm.params, [batch], fetch=(2,))
+        still = []
+        for row, i in enumerate(running):
+            token = int(best[row, len(sequences[row]) - 1])
+            generated[i].append(token)
+            text = lm.tok_decode(generated[i], skip_special_tokens=False)
+            if token != lm.eot_token_id and len(generated[i]) < max_new and not any(stop in text for stop in stops):
+                still.append(i)
+        running = still
     return generated

@@ -23,7 +23,7 @@ from lm_eval.api.model import TemplateLM
 
 from tracker_eval_lm_harness import generation
 from tracker_eval_lm_harness.engine import Engine
-from tracker_eval_lm_harness.rows import score_batches, score_segments
+from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments
 from tracker_eval_lm_harness.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's Hugging Face backend default
@@ -91,18 +91,21 @@ class HarnessLM(TemplateLM):
         n = len(pairs)
         if n == 0:
             return np.zeros(0), np.zeros(0, bool)
-        segments = score_segments(pairs, max_length=self.max_length)
-        rows = self.engine.rows
-        batches = score_batches(segments, rows=rows, widths=self.widths, packing=self.packing)
+        segments = score_segments(pairs, max_length=self.max_length, max_extras=extras_capacity(self.widths[0]))
+        batches = score_batches(segments, rows=self.engine.rows, widths=self.widths, packing=self.packing)
         self.rows_scored += int(sum(batch["active"].sum() for batch in batches))
         self.segments_scored += len(segments)
         total = np.zeros(n, np.float64)
         missed = np.zeros(n, np.int64)
-        for batch, (logp, greedy, _, _) in zip(batches, self.engine.execute(self.params, batches), strict=True):
-            owner = batch["entry_owner"]
-            real = owner >= 0
-            total += np.bincount(owner[real], weights=logp[real].astype(np.float64), minlength=n)
-            missed += np.bincount(owner[real], weights=~greedy[real], minlength=n).astype(np.int64)
+        for batch, (logp, extra_logp, best) in zip(batches, self.engine.execute(self.params, batches), strict=True):
+            extras = batch["extra_owner"].shape[1]
+            extra_columns = batch["extra_column"][:, :extras]
+            extra_hit = np.take_along_axis(best, extra_columns, axis=1) == batch["extra_target"][:, :extras]
+            for owner, values, hit in ((batch["owner"], logp, best == batch["target"]),
+                                       (batch["extra_owner"], extra_logp, extra_hit)):
+                real = owner >= 0
+                total += np.bincount(owner[real], weights=values[real].astype(np.float64), minlength=n)
+                missed += np.bincount(owner[real], weights=~hit[real], minlength=n).astype(np.int64)
         return total, missed == 0
 
     def _loglikelihood_tokens(

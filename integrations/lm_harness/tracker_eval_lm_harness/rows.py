@@ -3,9 +3,9 @@
     widths = width_ladder(512)                                   # (128, 256, 512)
     segments = score_segments([(ctx, cont), ...], max_length=512)
     batches = score_batches(segments, rows=32, widths=widths, packing=True)
-    batches = generation_batches(contexts, rows=32, widths=widths, max_new=16, stops=[[10]])
+    batch = step_batch(sequences, rows=32, widths=widths)        # greedy generation: one step
 
-Every batch is a dict of int32 numpy arrays of one of at most three shapes per run, so the
+Every batch is a dict of int32 numpy arrays of one of at most three widths per run, so the
 compiled program is reused; the last batch of each width is padded with inactive rows.
 
 A scored request follows lm-eval's Hugging Face backend: the model reads
@@ -13,17 +13,23 @@ A scored request follows lm-eval's Hugging Face backend: the model reads
 predict the continuation. Requests whose input is a prefix of another's (e.g. the choices of a
 question whose answers are one token long) are read in that other request's row: a causal model
 gives the same logits there, so one row serves them all.
+
+A prediction asked for is a `target` at its column (one per column, read densely like the model's
+own output), or, when a column already has one (prefix sharing), one of a row's few `extra`
+(column, target) pairs, which the program gathers one by one.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
-STOPS, STOP_LEN = 8, 16  # stop sequences checked on device per batch, tokens each (longer: host only)
+DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "target", "extra_column", "extra_target")
+EXTRAS = 32  # extra predictions per row (at most the row's width)
 
 
 @dataclasses.dataclass
@@ -38,6 +44,10 @@ class Segment:
     tokens: list[int]
     entries: list[tuple[int, int, int]]
 
+    def extras(self) -> int:
+        """Predictions beyond the first at their column."""
+        return len(self.entries) - len({column for column, _, _ in self.entries})
+
 
 def width_ladder(max_length: int) -> tuple[int, ...]:
     """Row widths of a run: a quarter, a half and all of `max_length`, rounded up to multiples of 8."""
@@ -49,8 +59,16 @@ def width_ladder(max_length: int) -> tuple[int, ...]:
     return tuple(sorted(widths))
 
 
-def score_segments(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int) -> list[Segment]:
+def extras_capacity(width: int) -> int:
+    return min(EXTRAS, width)
+
+
+def score_segments(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int, max_extras: int = EXTRAS
+) -> list[Segment]:
     """Segments serving every (context tokens, continuation tokens) pair; request i is pairs[i].
+
+    A host serving more than `max_extras` predictions beyond one per column is split into copies.
 
     Raises:
       ValueError: a pair lm-eval's backend would refuse (empty context or continuation, or a
@@ -72,71 +90,80 @@ def score_segments(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_
         i = order[rank]
         j = order[rank + 1] if rank + 1 < len(order) else None
         host[i] = host[j] if j is not None and inputs[j][: len(inputs[i])] == inputs[i] else i
-    by_host: dict[int, list[tuple[int, int, int]]] = {}
+    by_host: dict[int, dict[int, list[tuple[int, int, int]]]] = {}
     for i, (_, continuation) in enumerate(pairs):
         n = len(continuation)
         first = len(inputs[i]) - n
-        by_host.setdefault(host[i], []).extend((first + k, int(continuation[k]), i) for k in range(n))
+        columns = by_host.setdefault(host[i], {})
+        for k in range(n):
+            columns.setdefault(first + k, []).append((first + k, int(continuation[k]), i))
     segments = []
-    for h, entries in by_host.items():
-        # Entries of one row are bounded by its width: split a crowded host into copies.
-        for start in range(0, len(entries), max_length):
-            segments.append(Segment(tokens=list(inputs[h]), entries=entries[start:start + max_length]))
+    for h, columns in by_host.items():
+        queues = [collections.deque(entries) for entries in columns.values()]
+        while any(queues):
+            # A copy takes one prediction per column, then up to `max_extras` more.
+            entries = [queue.popleft() for queue in queues if queue]
+            for queue in queues:
+                while queue and len(entries) - len({c for c, _, _ in entries}) < max_extras:
+                    entries.append(queue.popleft())
+            segments.append(Segment(tokens=list(inputs[h]), entries=entries))
     return segments
 
 
 def _empty(rows: int, width: int) -> dict[str, np.ndarray]:
+    extras = extras_capacity(width)
     return {
         "tokens": np.zeros((rows, width), np.int32),
         "segment_ids": np.zeros((rows, width), np.int32),
         "positions": np.zeros((rows, width), np.int32),
-        "entry_column": np.zeros((rows, width), np.int32),
-        "entry_target": np.full((rows, width), -1, np.int32),
-        "entry_owner": np.full((rows, width), -1, np.int32),  # host only: which request
-        "start": np.zeros((rows,), np.int32),
-        "active": np.zeros((rows,), np.int32),
-        "new_tokens": np.zeros((), np.int32),
-        "stops": np.full((STOPS, STOP_LEN), -1, np.int32),
-        "stop_lengths": np.zeros((STOPS,), np.int32),
+        "target": np.full((rows, width), -1, np.int32),
+        "extra_column": np.zeros((rows, width), np.int32),  # the first `extras` columns are used
+        "extra_target": np.full((rows, width), -1, np.int32),
+        "owner": np.full((rows, width), -1, np.int32),  # host only: which request, per column ...
+        "extra_owner": np.full((rows, extras), -1, np.int32),  # ... and per extra
+        "active": np.zeros((rows,), np.int32),  # host only: real rows
     }
 
 
 def _fill_row(batch: dict[str, np.ndarray], row: int, segments: Sequence[Segment]) -> None:
-    offset = entry = 0
+    offset = extra = 0
     for number, segment in enumerate(segments, start=1):
         n = len(segment.tokens)
         batch["tokens"][row, offset:offset + n] = segment.tokens
         batch["segment_ids"][row, offset:offset + n] = number
         batch["positions"][row, offset:offset + n] = np.arange(n)
-        entries = np.asarray(segment.entries, np.int32).reshape(-1, 3)
-        k = len(entries)
-        batch["entry_column"][row, entry:entry + k] = entries[:, 0] + offset
-        batch["entry_target"][row, entry:entry + k] = entries[:, 1]
-        batch["entry_owner"][row, entry:entry + k] = entries[:, 2]
-        entry += k
+        for column, target, owner in segment.entries:
+            if batch["owner"][row, offset + column] < 0:
+                batch["target"][row, offset + column] = target
+                batch["owner"][row, offset + column] = owner
+            else:
+                batch["extra_column"][row, extra] = offset + column
+                batch["extra_target"][row, extra] = target
+                batch["extra_owner"][row, extra] = owner
+                extra += 1
         offset += n
     batch["active"][row] = 1
 
 
 def _pack(segments: list[Segment], width: int) -> list[list[Segment]]:
-    """Best-fit-decreasing by tokens (the fullest row that still has room), with each row's
-    entries bounded by the width too."""
+    """Best-fit-decreasing by tokens (the fullest row that still has room), with each row's extra
+    predictions bounded too."""
     rows: list[list[Segment]] = []
-    entries_left: list[int] = []
+    extras_left: list[int] = []
     free: list[tuple[int, int]] = []  # (free tokens, row), sorted
     for segment in sorted(segments, key=lambda s: (-len(s.tokens), s.tokens)):
-        need, scored = len(segment.tokens), len(segment.entries)
+        need, extras = len(segment.tokens), segment.extras()
         at = bisect.bisect_left(free, (need, -1))
-        while at < len(free) and entries_left[free[at][1]] < scored:
+        while at < len(free) and extras_left[free[at][1]] < extras:
             at += 1
         if at < len(free):
             tokens_left, r = free.pop(at)
         else:
             tokens_left, r = width, len(rows)
             rows.append([])
-            entries_left.append(width)
+            extras_left.append(extras_capacity(width))
         rows[r].append(segment)
-        entries_left[r] -= scored
+        extras_left[r] -= extras
         bisect.insort(free, (tokens_left - need, r))
     return rows
 
@@ -159,7 +186,7 @@ def score_batches(
     """Fixed-shape batches holding every segment, sorted by length.
 
     Args:
-      segments: from `score_segments`.
+      segments: from `score_segments` with `max_extras` at most `extras_capacity(widths[0])`.
       rows: rows per batch.
       widths: the run's width ladder; the last is `max_length`.
       packing: several segments per row (kept apart by segment ids); else one per row, in the
@@ -169,46 +196,16 @@ def score_batches(
         return _batches({widths[-1]: _pack(segments, widths[-1])}, rows)
     by_width: dict[int, list[list[Segment]]] = {}
     for segment in sorted(segments, key=lambda s: -len(s.tokens)):
-        # A row's entries are bounded by its width like its tokens (`score_segments` caps both).
-        width = next(w for w in widths if w >= max(len(segment.tokens), len(segment.entries)))
+        width = next(w for w in widths if w >= len(segment.tokens))
         by_width.setdefault(width, []).append([segment])
     return _batches(by_width, rows)
 
 
-def generation_batches(
-    contexts: Sequence[Sequence[int]],
-    *,
-    rows: int,
-    widths: Sequence[int],
-    max_new: int,
-    stops: Sequence[Sequence[int]],
-) -> list[tuple[dict[str, np.ndarray], list[int]]]:
-    """Batches of one context per row with room for `max_new` tokens; (batch, request per row).
-
-    Contexts must already be cut to `widths[-1] - max_new` tokens. Stop sequences up to STOP_LEN
-    tokens (the first STOPS of them) are checked on device; the host applies all of them anyway.
-    """
-    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    by_width: dict[int, list[int]] = {}
-    for i in order:
-        width = next(w for w in widths if w >= len(contexts[i]) + max_new)
-        by_width.setdefault(width, []).append(i)
-    device_stops = [list(s) for s in stops if 0 < len(s) <= STOP_LEN][:STOPS]
-    out = []
-    for width in sorted(by_width):
-        members = by_width[width]
-        for first in range(0, len(members), rows):
-            chunk = members[first:first + rows]
-            batch = _empty(rows, width)
-            batch["segment_ids"][:] = 1
-            batch["positions"][:] = np.arange(width)
-            for r, i in enumerate(chunk):
-                batch["tokens"][r, : len(contexts[i])] = contexts[i]
-                batch["start"][r] = len(contexts[i])
-                batch["active"][r] = 1
-            batch["new_tokens"][...] = max_new
-            for k, stop in enumerate(device_stops):
-                batch["stops"][k, STOP_LEN - len(stop):] = stop
-                batch["stop_lengths"][k] = len(stop)
-            out.append((batch, chunk))
-    return out
+def step_batch(sequences: Sequence[Sequence[int]], *, rows: int, widths: Sequence[int]) -> dict[str, np.ndarray]:
+    """One greedy-generation step: each sequence in its own row (the program's argmax after its last
+    token is the next one). The width is the narrowest that holds the longest."""
+    longest = max(len(s) for s in sequences)
+    batch = _empty(rows, next(w for w in widths if w >= longest))
+    for r, sequence in enumerate(sequences):
+        _fill_row(batch, r, [Segment(tokens=list(sequence), entries=[])])
+    return batch

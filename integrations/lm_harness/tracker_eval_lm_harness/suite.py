@@ -84,8 +84,7 @@ class HarnessSuite:
         self.widths = width_ladder(config.max_length)
         unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
         self.rows = -(-config.batch_size // unit) * unit
-        self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing,
-                             end_of_text=self.tokenizer.eot_token_id, namespace=name)
+        self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing, namespace=name)
         from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
 
         eos = self.tokenizer.decode([self.tokenizer.eot_token_id], skip_special_tokens=False)
