@@ -28,7 +28,7 @@ from tracker_eval.evaluation.sharding import batch_sharding, make_mesh, place_pa
 from tracker_eval.tasks import language_model as lm
 from tracker_eval.tasks import pydoc_text
 
-MAX_LENGTH, ROWS, REQUESTS, REPEATS = 512, 32, 1536, 3
+MAX_LENGTH, ROWS, REQUESTS, REPEATS = 512, 32, 1024, 7
 
 
 def _pairs(rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
@@ -139,7 +139,7 @@ def run() -> dict[str, float]:
     whole = suite(True, tasks=("pydoc",), limit=40)
     compiles = _compiles(lambda: whole.run(params, step=0))
     shares, seconds = [], []
-    for step in range(REPEATS):
+    for step in range(3):
         result = whole.run(params, step=step + 1)
         shares.append(result.provenance["lm_eval_overhead_share"])
         seconds.append(result.provenance["seconds"])
