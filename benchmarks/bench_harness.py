@@ -132,6 +132,7 @@ def run() -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in times.items()}
+    print("  seconds per repeat: " + "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in times.items()))
     tokens = sum(min(len(c) + len(x), MAX_LENGTH + 1) - 1 for c, x in pairs)
     print(f"  {REQUESTS} requests, {tokens} tokens; median seconds over {REPEATS} repeats: "
           + ", ".join(f"{k}={v:.3f}" for k, v in med.items()))

@@ -311,7 +311,7 @@ def test_rows_hold_every_prediction_once_after_its_own_context(packing):
     pairs += [(shared + [7], [8, 9]), (shared, [7, 8])]  # inputs that are prefixes of others
     widths = width_ladder(length)
     segments = score_segments(pairs, max_length=length, max_extras=extras_capacity(widths[0]))
-    batches = score_batches(segments, rows=4, widths=widths, packing=packing)
+    batches = list(score_batches(segments, rows=4, widths=widths, packing=packing))
     assert len({b["tokens"].shape for b in batches}) <= 3 and len(segments) < len(pairs)
     seen = []
     for batch in batches:

@@ -17,7 +17,7 @@ are read once, after the last batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,13 +64,13 @@ class Engine:
             self._channel.begin()
 
     def execute(
-        self, params: Any, batches: Sequence[Mapping[str, np.ndarray]], *, fetch: Sequence[int] = (0, 1, 2)
+        self, params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, fetch: Sequence[int] = (0, 1, 2)
     ) -> list[Outputs]:
         """Process 0: runs every batch (followers run them too) and returns the outputs in order.
 
         Args:
           params: the model's params on the mesh.
-          batches: from `rows.score_batches` or `rows.step_batch`.
+          batches: from `rows.score_batches` (consumed as they are built) or `rows.step_batch`.
           fetch: which of (logp, extra logp, argmax) to copy to the host; None for the others.
         """
         start = time.perf_counter()
@@ -79,6 +79,7 @@ class Engine:
             for batch in batches:
                 self._dispatch(params, batch, pending, fetch=fetch)
         else:
+            batches = list(batches)
             order = sorted(range(len(batches)), key=lambda i: batches[i]["tokens"].shape[1])
             results: list[Any] = [None] * len(batches)
             for group in _groups(order, key=lambda i: batches[i]["tokens"].shape[1]):
@@ -89,7 +90,7 @@ class Engine:
                 for i in group:
                     results[i] = len(pending)
                     self._dispatch(params, batches[i], pending, fetch=fetch)
-            pending = [pending[results[i]] for i in range(len(batches))]
+            pending = [pending[results[i]] for i in range(len(results))]
         fetched = [tuple(self._host(out) if i in fetch else None for i, out in enumerate(outs)) for outs in pending]
         self.device_seconds += time.perf_counter() - start
         return fetched  # type: ignore[return-value]
@@ -160,8 +161,8 @@ def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:
 
 
 def _device_array(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The program's input: the per-token arrays of a batch stacked, [rows, fields, width] (one transfer)."""
-    return np.stack([batch[name] for name in DEVICE_FIELDS], axis=1)
+    """The program's input: the per-token arrays of a batch, [rows, fields, width] (one transfer)."""
+    return batch["device"]
 
 
 class _Channel:

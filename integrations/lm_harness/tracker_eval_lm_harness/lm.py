@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,12 +92,19 @@ class HarnessLM(TemplateLM):
         if n == 0:
             return np.zeros(0), np.zeros(0, bool)
         segments = score_segments(pairs, max_length=self.max_length, max_extras=extras_capacity(self.widths[0]))
-        batches = score_batches(segments, rows=self.engine.rows, widths=self.widths, packing=self.packing)
+        batches: list[dict[str, np.ndarray]] = []
+
+        def built() -> Iterator[dict[str, np.ndarray]]:
+            for batch in score_batches(segments, rows=self.engine.rows, widths=self.widths, packing=self.packing):
+                batches.append(batch)
+                yield batch
+
+        outputs = self.engine.execute(self.params, built())
         self.rows_scored += int(sum(batch["active"].sum() for batch in batches))
         self.segments_scored += len(segments)
         total = np.zeros(n, np.float64)
         missed = np.zeros(n, np.int64)
-        for batch, (logp, extra_logp, best) in zip(batches, self.engine.execute(self.params, batches), strict=True):
+        for batch, (logp, extra_logp, best) in zip(batches, outputs, strict=True):
             extras = batch["extra_owner"].shape[1]
             extra_columns = batch["extra_column"][:, :extras]
             extra_hit = np.take_along_axis(best, extra_columns, axis=1) == batch["extra_target"][:, :extras]

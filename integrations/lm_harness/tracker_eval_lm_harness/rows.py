@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -111,18 +111,19 @@ def score_segments(
 
 
 def _empty(rows: int, width: int) -> dict[str, np.ndarray]:
-    extras = extras_capacity(width)
-    return {
-        "tokens": np.zeros((rows, width), np.int32),
-        "segment_ids": np.zeros((rows, width), np.int32),
-        "positions": np.zeros((rows, width), np.int32),
-        "target": np.full((rows, width), -1, np.int32),
-        "extra_column": np.zeros((rows, width), np.int32),  # the first `extras` columns are used
-        "extra_target": np.full((rows, width), -1, np.int32),
-        "owner": np.full((rows, width), -1, np.int32),  # host only: which request, per column ...
-        "extra_owner": np.full((rows, extras), -1, np.int32),  # ... and per extra
-        "active": np.zeros((rows,), np.int32),  # host only: real rows
-    }
+    """A batch: the program's input `device` [rows, fields, width] (one array, one transfer) and, as
+    views of it, one array per field; then what only the host needs."""
+    device = np.zeros((rows, len(DEVICE_FIELDS), width), np.int32)
+    batch = {name: device[:, k] for k, name in enumerate(DEVICE_FIELDS)}
+    batch["target"][:] = -1
+    batch["extra_target"][:] = -1  # extra_column: only the first `extras_capacity(width)` are used
+    batch.update(
+        device=device,
+        owner=np.full((rows, width), -1, np.int32),  # which request, per column ...
+        extra_owner=np.full((rows, extras_capacity(width)), -1, np.int32),  # ... and per extra
+        active=np.zeros((rows,), np.int32),  # real rows
+    )
+    return batch
 
 
 def _fill_row(batch: dict[str, np.ndarray], row: int, segments: Sequence[Segment]) -> None:
@@ -168,22 +169,21 @@ def _pack(segments: list[Segment], width: int) -> list[list[Segment]]:
     return rows
 
 
-def _batches(rows_by_width: dict[int, list[list[Segment]]], rows: int) -> list[dict[str, np.ndarray]]:
-    out = []
+def _batches(rows_by_width: dict[int, list[list[Segment]]], rows: int) -> Iterator[dict[str, np.ndarray]]:
     for width in sorted(rows_by_width):
         packed = rows_by_width[width]
         for first in range(0, len(packed), rows):
             batch = _empty(rows, width)
             for r, row_segments in enumerate(packed[first:first + rows]):
                 _fill_row(batch, r, row_segments)
-            out.append(batch)
-    return out
+            yield batch
 
 
 def score_batches(
     segments: list[Segment], *, rows: int, widths: Sequence[int], packing: bool
-) -> list[dict[str, np.ndarray]]:
-    """Fixed-shape batches holding every segment, sorted by length.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape batches holding every segment, sorted by length; each is filled when it is taken,
+    so filling overlaps the device's work on the previous ones.
 
     Args:
       segments: from `score_segments` with `max_extras` at most `extras_capacity(widths[0])`.
