@@ -16,6 +16,7 @@ are read once, after the last batch.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -56,7 +57,7 @@ class Engine:
         # program itself, so process 0 reads its own copy without a separate gather.
         self._multi = jax.process_count() > 1
         self._program = jax.jit(program, out_shardings=replicated(mesh) if self._multi else self._by_row)
-        self._channel = _Channel(f"tracker_eval/harness/{namespace}") if jax.process_count() > 1 else None
+        self._channel = _Channel(f"tracker_eval/harness/{namespace}") if self._multi else None
 
     def begin(self) -> None:
         """Starts one evaluation on every process (numbers this run's messages)."""
@@ -147,16 +148,12 @@ class Engine:
 
 
 def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:
-    """Consecutive runs of equal key, cut into groups of CHUNK (the rest one by one: two shapes)."""
+    """Runs of equal key, cut into groups of CHUNK and the rest one by one (two broadcast shapes a width)."""
     groups: list[list[int]] = []
-    run: list[int] = []
-    for i in order + [None]:  # type: ignore[list-item]
-        if run and (i is None or key(i) != key(run[0])):
-            full = len(run) // CHUNK * CHUNK
-            groups += [run[s:s + CHUNK] for s in range(0, full, CHUNK)] + [[j] for j in run[full:]]
-            run = []
-        if i is not None:
-            run.append(i)
+    for _, same in itertools.groupby(order, key=key):
+        run = list(same)
+        full = len(run) // CHUNK * CHUNK
+        groups += [run[s:s + CHUNK] for s in range(0, full, CHUNK)] + [[j] for j in run[full:]]
     return groups
 
 
