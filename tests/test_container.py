@@ -299,7 +299,7 @@ def test_image_environment_matches_the_lock_and_runs(image_venv, tmp_path):
         "import tracker_eval_lm_harness as h;"
         "print(sorted(e.name for e in m.entry_points(group='tracker_eval.loggers')));"
         "print(sorted(e.name for e in m.entry_points(group='tracker_eval.suites')));"
-        "print(sorted(p.name for p in (pathlib.Path(h.__file__).parent / 'pydoc_tasks').iterdir()));"
+        "print(sorted(p.name for p in (pathlib.Path(h.__file__).parent / 'pydoc_tasks').glob('*.[py]*')));"
         "print(tracker_eval.__file__)"
     )
     shown = subprocess.run([str(python), "-c", probe], env=env, capture_output=True, text=True, timeout=120,
