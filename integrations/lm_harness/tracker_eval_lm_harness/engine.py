@@ -1,7 +1,7 @@
 """Runs fixed-shape batches through the compiled program on the mesh; process 0 leads, others follow.
 
     engine = Engine(adapter.apply_fn, mesh, rows=32, packing=False, namespace="harness")
-    outputs = engine.execute(params, batches)    # process 0: (logp, extra logp, argmax) per batch
+    outputs = engine.execute(params, batches)    # process 0: one float32 [rows, 3, width] per batch
     metrics_json = engine.follow(params)         # every other process, until process 0 finishes
 
 Only process 0 runs lm-eval, whose request order differs from process to process, so the others
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -32,7 +32,6 @@ from tracker_eval_lm_harness.rows import DEVICE_FIELDS, extras_capacity
 
 CHUNK = 8  # batches per broadcast
 MAX_IN_FLIGHT = 2  # XLA's CPU runtime deadlocks on unbounded queues of collective programs
-Outputs = tuple[Any, ...]  # (logp, extra logp, argmax), None where not fetched
 
 
 class Engine:
@@ -64,21 +63,21 @@ class Engine:
         if self._channel is not None:
             self._channel.begin()
 
-    def execute(
-        self, params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, fetch: Sequence[int] = (0, 1, 2)
-    ) -> list[Outputs]:
+    def execute(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
         """Process 0: runs every batch (followers run them too) and returns the outputs in order.
 
         Args:
           params: the model's params on the mesh.
           batches: from `rows.score_batches` (consumed as they are built) or `rows.step_batch`.
-          fetch: which of (logp, extra logp, argmax) to copy to the host; None for the others.
+
+        Returns:
+          Per batch, the program's float32 [rows, 3, width]: logp, argmax, extra logps.
         """
         start = time.perf_counter()
-        pending: list[tuple[jax.Array, ...]] = []
+        pending: list[jax.Array] = []
         if self._channel is None:
             for batch in batches:
-                self._dispatch(params, batch, pending, fetch=fetch)
+                self._dispatch(params, batch, pending, fetch=True)
         else:
             batches = list(batches)
             order = sorted(range(len(batches)), key=lambda i: batches[i]["tokens"].shape[1])
@@ -90,14 +89,11 @@ class Engine:
                 self._channel.forget()
                 for i in group:
                     results[i] = len(pending)
-                    self._dispatch(params, batches[i], pending, fetch=fetch)
+                    self._dispatch(params, batches[i], pending, fetch=True)
             pending = [pending[results[i]] for i in range(len(results))]
-        fetched = [tuple(self._host(out) if i in fetch else None for i, out in enumerate(outs)) for outs in pending]
+        fetched = [np.asarray(out.addressable_data(0) if self._multi else out) for out in pending]
         self.device_seconds += time.perf_counter() - start
-        return fetched  # type: ignore[return-value]
-
-    def _host(self, out: jax.Array) -> np.ndarray:
-        return np.asarray(out.addressable_data(0) if self._multi else out)
+        return fetched
 
     def follow(self, params: Any) -> str:
         """Every process but 0: runs what process 0 announces until it finishes.
@@ -109,7 +105,7 @@ class Engine:
           RuntimeError: process 0 failed; the message carries its reason.
         """
         assert self._channel is not None, "follow() is for the other processes of a multi-process job"
-        pending: list[tuple[jax.Array, ...]] = []
+        pending: list[jax.Array] = []
         while True:
             op, _, rest = self._channel.receive().partition(" ")
             if op == "RUN":
@@ -136,15 +132,15 @@ class Engine:
         if self._channel is not None:
             self._channel.send(f"ABORT {reason}")
 
-    def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray] | np.ndarray,
-                  pending: list[tuple[jax.Array, ...]], *, fetch: Sequence[int] = ()) -> None:
+    def _dispatch(self, params: Any, batch: Mapping[str, np.ndarray] | np.ndarray, pending: list[jax.Array], *,
+                  fetch: bool = False) -> None:
         if len(pending) >= MAX_IN_FLIGHT:
-            pending[-MAX_IN_FLIGHT][2].block_until_ready()  # a wait, not a transfer
+            pending[-MAX_IN_FLIGHT].block_until_ready()  # a wait, not a transfer
         array = batch if isinstance(batch, np.ndarray) else _device_array(batch)
-        outputs = self._program(params, put(array, self._by_row))
-        for i in fetch:  # the copies to the host overlap the next batches' work
-            outputs[i].copy_to_host_async()
-        pending.append(outputs)
+        output = self._program(params, put(array, self._by_row))
+        if fetch:  # the copy to the host overlaps the next batches' work
+            output.copy_to_host_async()
+        pending.append(output)
 
 
 def _groups(order: list[int], *, key: Callable[[int], int]) -> list[list[int]]:

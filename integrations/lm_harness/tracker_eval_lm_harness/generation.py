@@ -92,7 +92,8 @@ def greedy_tokens(
             running.append(waiting.popleft())
         sequences = [contexts[i] + generated[i] for i in running]
         batch = step_batch(sequences, rows=lm.engine.rows, widths=lm.widths)
-        (_, _, best), = lm.engine.execute(lm.params, [batch], fetch=(2,))
+        (output,) = lm.engine.execute(lm.params, [batch])
+        best = output[:, 1]
         still = []
         for row, i in enumerate(running):
             token = int(best[row, len(sequences[row]) - 1])

@@ -104,8 +104,9 @@ class HarnessLM(TemplateLM):
         self.segments_scored += len(segments)
         total = np.zeros(n, np.float64)
         missed = np.zeros(n, np.int64)
-        for batch, (logp, extra_logp, best) in zip(batches, outputs, strict=True):
+        for batch, output in zip(batches, outputs, strict=True):
             extras = batch["extra_owner"].shape[1]
+            logp, best, extra_logp = output[:, 0], output[:, 1].astype(np.int64), output[:, 2, :extras]
             extra_columns = batch["extra_column"][:, :extras]
             extra_hit = np.take_along_axis(best, extra_columns, axis=1) == batch["extra_target"][:, :extras]
             for owner, values, hit in ((batch["owner"], logp, best == batch["target"]),

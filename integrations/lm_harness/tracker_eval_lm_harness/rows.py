@@ -22,8 +22,8 @@ own output), or, when a column already has one (prefix sharing), one of a row's 
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -38,15 +38,16 @@ class Segment:
 
     Attributes:
       tokens: the input tokens, read from position 0.
-      entries: (column, target token, request index) per scored prediction.
+      dense: (column, target token, request index) rows, one per column at most.
+      extra: further predictions at columns `dense` already has (prefix sharing).
     """
 
-    tokens: list[int]
-    entries: list[tuple[int, int, int]]
+    tokens: np.ndarray
+    dense: np.ndarray
+    extra: np.ndarray
 
-    def extras(self) -> int:
-        """Predictions beyond the first at their column."""
-        return len(self.entries) - len({column for column, _, _ in self.entries})
+
+_NONE = np.zeros((0, 3), np.int32)
 
 
 def width_ladder(max_length: int) -> tuple[int, ...]:
@@ -74,39 +75,54 @@ def score_segments(
       ValueError: a pair lm-eval's backend would refuse (empty context or continuation, or a
         continuation longer than `max_length`), naming the request.
     """
-    inputs: list[tuple[int, ...]] = []
+    flat: list[int] = []
+    bounds = [0]
     for index, (context, continuation) in enumerate(pairs):
         if not context or not continuation or len(continuation) > max_length:
             raise ValueError(
                 f"request {index} has {len(context)} context and {len(continuation)} continuation tokens; "
                 f"both must be non-empty and the continuation at most max_length={max_length} tokens"
             )
-        whole = (list(context) + list(continuation))[-(max_length + 1):]
-        inputs.append(tuple(whole[:-1]))
-    order = sorted(range(len(pairs)), key=lambda i: inputs[i])
-    host = {}
+        flat += (list(context) + list(continuation))[-(max_length + 1):-1]
+        bounds.append(len(flat))
+    # Big-endian: comparing the bytes compares the token sequences (order and prefixes alike).
+    tokens = np.asarray(flat, ">u4")
+    inputs = [tokens[a:b] for a, b in itertools.pairwise(bounds)]
+    keys = [array.tobytes() for array in inputs]
+    order = sorted(range(len(pairs)), key=keys.__getitem__)
+    host: dict[int, int] = {}
     # In lexicographic order a sequence that is a prefix of another is a prefix of its successor.
     for rank in range(len(order) - 1, -1, -1):
         i = order[rank]
         j = order[rank + 1] if rank + 1 < len(order) else None
-        host[i] = host[j] if j is not None and inputs[j][: len(inputs[i])] == inputs[i] else i
-    by_host: dict[int, dict[int, list[tuple[int, int, int]]]] = {}
-    for i, (_, continuation) in enumerate(pairs):
-        n = len(continuation)
-        first = len(inputs[i]) - n
-        columns = by_host.setdefault(host[i], {})
-        for k in range(n):
-            columns.setdefault(first + k, []).append((first + k, int(continuation[k]), i))
+        host[i] = host[j] if j is not None and keys[j].startswith(keys[i]) else i
+    # Every prediction as (column, target, request), request by request.
+    counts = np.array([len(continuation) for _, continuation in pairs], np.int64)
+    ends = np.cumsum(counts)
+    within = np.arange(ends[-1]) - np.repeat(ends - counts, counts)
+    first = np.diff(np.asarray(bounds)) - counts
+    entries = np.column_stack((np.repeat(first, counts) + within,
+                               np.fromiter(itertools.chain.from_iterable(c for _, c in pairs), np.int32, ends[-1]),
+                               np.repeat(np.arange(len(pairs)), counts))).astype(np.int32)
+    served: dict[int, list[np.ndarray]] = {}
+    for i, end in enumerate(ends.tolist()):
+        served.setdefault(host[i], []).append(entries[end - counts[i]:end])
     segments = []
-    for h, columns in by_host.items():
-        queues = [collections.deque(entries) for entries in columns.values()]
-        while any(queues):
-            # A copy takes one prediction per column, then up to `max_extras` more.
-            entries = [queue.popleft() for queue in queues if queue]
-            for queue in queues:
-                while queue and len(entries) - len({c for c, _, _ in entries}) < max_extras:
-                    entries.append(queue.popleft())
-            segments.append(Segment(tokens=list(inputs[h]), entries=entries))
+    for h, parts in served.items():
+        if len(parts) == 1:  # one request: its columns are distinct
+            segments.append(Segment(tokens=inputs[h], dense=parts[0], extra=_NONE))
+            continue
+        entries = np.concatenate(parts)
+        entries = entries[np.argsort(entries[:, 0], kind="stable")]
+        while len(entries):
+            first = np.ones(len(entries), bool)
+            first[1:] = entries[1:, 0] != entries[:-1, 0]
+            extra = np.flatnonzero(~first)
+            taken = np.flatnonzero(first).tolist() + extra[:max_extras].tolist()
+            kept = np.ones(len(entries), bool)
+            kept[taken] = False
+            segments.append(Segment(tokens=inputs[h], dense=entries[first], extra=entries[extra[:max_extras]]))
+            entries = entries[kept]
     return segments
 
 
@@ -126,24 +142,39 @@ def _empty(rows: int, width: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def _fill_row(batch: dict[str, np.ndarray], row: int, segments: Sequence[Segment]) -> None:
-    offset = extra = 0
-    for number, segment in enumerate(segments, start=1):
-        n = len(segment.tokens)
-        batch["tokens"][row, offset:offset + n] = segment.tokens
-        batch["segment_ids"][row, offset:offset + n] = number
-        batch["positions"][row, offset:offset + n] = np.arange(n)
-        for column, target, owner in segment.entries:
-            if batch["owner"][row, offset + column] < 0:
-                batch["target"][row, offset + column] = target
-                batch["owner"][row, offset + column] = owner
-            else:
-                batch["extra_column"][row, extra] = offset + column
-                batch["extra_target"][row, extra] = target
-                batch["extra_owner"][row, extra] = owner
-                extra += 1
-        offset += n
-    batch["active"][row] = 1
+def _fill(batch: dict[str, np.ndarray], rows: Sequence[Sequence[Segment]]) -> None:
+    """Writes each row's segments one after another, with all of a batch's rows at once."""
+    placed = [(r, offset, number, segment) for r, row in enumerate(rows)
+              for number, segment, offset in zip(itertools.count(1), row, _offsets(row))]
+    seg_row = np.array([r for r, _, _, _ in placed], np.int64)
+    seg_offset = np.array([o for _, o, _, _ in placed], np.int64)
+    lengths = np.array([len(s.tokens) for _, _, _, s in placed], np.int64)
+    token_row = np.repeat(seg_row, lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    token_column = np.repeat(seg_offset, lengths) + within
+    batch["tokens"][token_row, token_column] = np.concatenate([s.tokens for _, _, _, s in placed])
+    batch["segment_ids"][token_row, token_column] = np.repeat([n for _, _, n, _ in placed], lengths)
+    batch["positions"][token_row, token_column] = within
+    for kind in ("dense", "extra"):
+        counts = np.array([len(getattr(s, kind)) for _, _, _, s in placed], np.int64)
+        if not counts.sum():
+            continue
+        entries = np.concatenate([getattr(s, kind) for _, _, _, s in placed])
+        row = np.repeat(seg_row, counts)
+        column = entries[:, 0] + np.repeat(seg_offset, counts)
+        if kind == "dense":
+            batch["target"][row, column] = entries[:, 1]
+            batch["owner"][row, column] = entries[:, 2]
+        else:  # slots 0, 1, ... within each row (rows come in order)
+            slot = np.arange(len(row)) - np.searchsorted(row, row)
+            batch["extra_column"][row, slot] = column
+            batch["extra_target"][row, slot] = entries[:, 1]
+            batch["extra_owner"][row, slot] = entries[:, 2]
+    batch["active"][: len(rows)] = 1
+
+
+def _offsets(row: Sequence[Segment]) -> list[int]:
+    return np.cumsum([0] + [len(s.tokens) for s in row[:-1]]).tolist()
 
 
 def _pack(segments: list[Segment], width: int) -> list[list[Segment]]:
@@ -152,8 +183,8 @@ def _pack(segments: list[Segment], width: int) -> list[list[Segment]]:
     rows: list[list[Segment]] = []
     extras_left: list[int] = []
     free: list[tuple[int, int]] = []  # (free tokens, row), sorted
-    for segment in sorted(segments, key=lambda s: (-len(s.tokens), s.tokens)):
-        need, extras = len(segment.tokens), segment.extras()
+    for segment in sorted(segments, key=lambda s: -len(s.tokens)):
+        need, extras = len(segment.tokens), len(segment.extra)
         at = bisect.bisect_left(free, (need, -1))
         while at < len(free) and extras_left[free[at][1]] < extras:
             at += 1
@@ -174,8 +205,7 @@ def _batches(rows_by_width: dict[int, list[list[Segment]]], rows: int) -> Iterat
         packed = rows_by_width[width]
         for first in range(0, len(packed), rows):
             batch = _empty(rows, width)
-            for r, row_segments in enumerate(packed[first:first + rows]):
-                _fill_row(batch, r, row_segments)
+            _fill(batch, packed[first:first + rows])
             yield batch
 
 
@@ -206,6 +236,5 @@ def step_batch(sequences: Sequence[Sequence[int]], *, rows: int, widths: Sequenc
     token is the next one). The width is the narrowest that holds the longest."""
     longest = max(len(s) for s in sequences)
     batch = _empty(rows, next(w for w in widths if w >= longest))
-    for r, sequence in enumerate(sequences):
-        _fill_row(batch, r, [Segment(tokens=list(sequence), entries=[])])
+    _fill(batch, [[Segment(tokens=np.asarray(s, np.int32), dense=_NONE, extra=_NONE)] for s in sequences])
     return batch
