@@ -31,7 +31,7 @@ RUN if [ "$ACCELERATOR" = cuda12 ]; then \
 COPY pyproject.toml ./
 COPY tracker_eval ./tracker_eval
 COPY integrations ./integrations
-RUN pip install --no-cache-dir --no-deps . ./integrations/wandb ./integrations/mlflow ./integrations/tensorboard \
+RUN pip install --no-cache-dir --no-deps . ./integrations/wandb ./integrations/mlflow ./integrations/tensorboard ./integrations/lm_harness \
     && pip check
 
 FROM ${PYTHON_IMAGE}

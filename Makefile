@@ -11,12 +11,12 @@ install: $(STAMP)
 
 # requirements.lock is the one source of truth for versions (the Dockerfile installs it too).
 $(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wandb/pyproject.toml integrations/mlflow/pyproject.toml \
-		integrations/tensorboard/pyproject.toml
+		integrations/tensorboard/pyproject.toml integrations/lm_harness/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock -r requirements-test.txt
 	$(BIN)/python -m pip install -q --no-deps -e . -e integrations/wandb -e integrations/mlflow \
-		-e integrations/tensorboard
+		-e integrations/tensorboard -e integrations/lm_harness
 	touch $(STAMP)
 
 # Chromium renders the MLflow and TensorBoard UIs in the browsing tests; installed when missing and we may.

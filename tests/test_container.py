@@ -144,8 +144,9 @@ def test_build_installs_the_lock_file_then_the_packages_without_deps():
     package_install = [r for r in runs if re.search(r"\bpip install\b.*--no-deps", r)]
     assert len(package_install) == 1, runs
     targets = [w for w in package_install[0].split("&&")[0].split() if not w.startswith("-")][2:]
-    assert sorted(targets) == [".", "./integrations/mlflow", "./integrations/tensorboard", "./integrations/wandb"], \
-        targets
+    integrations = ["./integrations/lm_harness", "./integrations/mlflow", "./integrations/tensorboard",
+                    "./integrations/wandb"]
+    assert sorted(targets) == [".", *integrations], targets
     assert "-e" not in package_install[0].split(), "the image installs the packages, not editable links"
     cuda = [r for r in runs if "cuda12" in r]
     assert len(cuda) == 1 and "requirements.lock" in cuda[0] and "jax[cuda12]==" in cuda[0], runs
@@ -284,7 +285,7 @@ def test_image_environment_matches_the_lock_and_runs(image_venv, tmp_path):
     installed = {_normalized(f"{p['name']}=={p['version']}") for p in packages}
     assert lock <= installed, f"not installed as locked: {sorted(lock - installed)}"
     ours = {"tracker-eval==0.1.0", "tracker-eval-wandb==0.1.0", "tracker-eval-mlflow==0.1.0",
-            "tracker-eval-tensorboard==0.1.0"}
+            "tracker-eval-tensorboard==0.1.0", "tracker-eval-lm-harness==0.1.0"}
     bootstrap = {v for v in installed if v.split("==")[0] in ("pip", "setuptools", "wheel")}
     assert installed - lock - bootstrap == ours, f"installed beyond the lock: {sorted(installed - lock - bootstrap)}"
     editable = [p["name"] for p in packages if p.get("editable_project_location")]
@@ -295,16 +296,20 @@ def test_image_environment_matches_the_lock_and_runs(image_venv, tmp_path):
     for command in ("eval", "watch", "status", "demo"):
         assert re.search(rf"\b{command}\b", helped.stdout), f"{command} missing from --help:\n{helped.stdout}"
     probe = (
-        "import importlib.metadata as m, tracker_eval, tracker_eval_wandb, tracker_eval_mlflow;"
-        "import tracker_eval_tensorboard;"
+        "import importlib.metadata as m, pathlib, tracker_eval, tracker_eval_wandb, tracker_eval_mlflow;"
+        "import tracker_eval_tensorboard, tracker_eval_lm_harness as h;"
         "print(sorted(e.name for e in m.entry_points(group='tracker_eval.loggers')));"
+        "print(sorted(e.name for e in m.entry_points(group='tracker_eval.suites')));"
+        "print(sorted(p.name for p in (pathlib.Path(h.__file__).parent / 'pydoc_tasks').glob('*.[py]*')));"
         "print(tracker_eval.__file__)"
     )
     shown = subprocess.run([str(python), "-c", probe], env=env, capture_output=True, text=True, timeout=120,
                            cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    names, location = shown.stdout.splitlines()
+    names, suites, shipped_tasks, location = shown.stdout.splitlines()
     assert names == str(["console", "jsonl", "mlflow", "tensorboard", "wandb"])
+    assert suites == str(["lm_harness"])
+    assert shipped_tasks == str(["data.py", "pydoc.yaml", "pydoc_cloze.yaml", "pydoc_gen.yaml", "pydoc_ppl.yaml"])
     assert pathlib.Path(location).is_relative_to(image_venv), f"tracker_eval imported from {location}"
 
 

@@ -1,6 +1,7 @@
-"""The demo's training process: trains the digits classifier and writes Orbax checkpoints.
+"""The demo's training process: trains the digits classifier (or the byte LM) and writes Orbax checkpoints.
 
     python -m tracker_eval.demo.train --checkpoint-dir runs/demo/checkpoints --steps 200 --save-every 20
+    python -m tracker_eval.demo.train --task language_model ...   # TinyLM on Python's pydoc topics
 
 With `--in-training-config` it also evaluates every other checkpoint itself through
 `InTrainingEvaluation`, sharing the watcher's ledger (the watcher then skips those steps).
@@ -22,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=0.003)
     parser.add_argument("--in-training-config", default=None)
+    parser.add_argument("--task", choices=("classifier", "language_model"), default="classifier")
     args = parser.parse_args(argv)
     configure_logging(verbose=False)
 
-    from tracker_eval.tasks.train import train_classifier  # noqa: PLC0415
+    from tracker_eval.tasks.train import train_classifier, train_language_model  # noqa: PLC0415
 
     evaluation = None
     if args.in_training_config:
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: step {step:>4}/{args.steps}  train loss {recent:.4f}  checkpoint saved{note}", flush=True)
 
     try:
-        train_classifier(args.checkpoint_dir, steps=args.steps, save_every=args.save_every,
-                         learning_rate=args.learning_rate, on_step=on_step, after_save=after_save)
+        train = train_classifier if args.task == "classifier" else train_language_model
+        train(args.checkpoint_dir, steps=args.steps, save_every=args.save_every, learning_rate=args.learning_rate,
+              on_step=on_step, after_save=after_save)
     finally:
         if evaluation is not None:
             evaluation.close()

@@ -1,0 +1,105 @@
+"""`generate_until` requests: greedy decoding, batched, one step at a time through the compiled program.
+
+    until, max_new = greedy_settings(gen_kwargs, task="my_gen", max_length=512, eos="\\x00")
+    texts = generate_until(lm, requests)
+
+As lm-eval's Hugging Face backend: requests grouped by their generation options, the end-of-text
+text added to `until`, prompts cut from the left to `max_length - max_gen_toks` tokens, a sequence
+ended by end of text, by `max_gen_toks` new tokens or once its decoded new text holds a stop
+string, then decoded without special tokens and cut at the first stop string. Each step is one
+batch of up to `rows` sequences, the longest prompts first; a finished sequence's row goes to the
+next waiting prompt at once (continuous batching). There is no KV cache: the model contract is a
+plain forward pass, so a step costs one forward pass of each row.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from tracker_eval_lm_harness.rows import step_batch
+
+if TYPE_CHECKING:
+    from tracker_eval_lm_harness.lm import HarnessLM
+
+# Options that do not change greedy decoding (the backend ignores them without sampling).
+_GREEDY_NEUTRAL = {"do_sample", "temperature", "top_p", "top_k"}
+
+
+def greedy_settings(
+    gen_kwargs: Mapping[str, Any], *, task: str, max_length: int, eos: str, default_max: int = 256
+) -> tuple[list[str], int]:
+    """(stop strings, max new tokens) of a task's generation options.
+
+    Raises:
+      ValueError: one line naming the task, when it asks for sampling or decoding options other than
+        greedy, or for more new tokens than `max_length` leaves room for.
+    """
+    kwargs = normalize_gen_kwargs(dict(gen_kwargs), default_max)
+    until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+    max_new = int(kwargs.pop("max_gen_toks"))
+    if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+        options = ", ".join(f"{k}={kwargs[k]!r}" for k in ("do_sample", "temperature") if k in kwargs)
+        raise ValueError(
+            f"task {task!r} asks for sampling ({options}); the lm_harness suite decodes greedily only: "
+            "set do_sample: false in the task's generation_kwargs"
+        )
+    others = sorted(set(kwargs) - _GREEDY_NEUTRAL)
+    if others:
+        raise ValueError(
+            f"task {task!r} sets generation option(s) {', '.join(others)}, which greedy decoding in the "
+            "lm_harness suite cannot honour; remove them from the task's generation_kwargs"
+        )
+    if not 0 < max_new < max_length:
+        raise ValueError(
+            f"task {task!r} generates up to {max_new} tokens but max_length is {max_length}; raise max_length "
+            "or set max_gen_toks between 1 and max_length - 1 (the prompt needs room)"
+        )
+    return until, max_new
+
+
+def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
+    """The continuation of every request (`args == (context, gen_kwargs)`), in request order."""
+    eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+    results: list[str] = [""] * len(requests)
+    for members in groups.values():
+        first = requests[members[0]]
+        until, max_new = greedy_settings(first.args[1], task=getattr(first, "task_name", "?"),
+                                         max_length=lm.max_length, eos=eos, default_max=lm.max_gen_toks)
+        contexts = [lm.generation_context(requests[i].args[0], max_tokens=lm.max_length - max_new) for i in members]
+        for i, tokens in zip(members, greedy_tokens(lm, contexts, max_new=max_new, until=until), strict=True):
+            results[i] = postprocess_generated_text(lm.tok_decode(tokens), until, None)
+    return results
+
+
+def greedy_tokens(
+    lm: HarnessLM, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str]
+) -> list[list[int]]:
+    """The greedy new tokens after each context, until it is ended (see the module docstring)."""
+    generated: list[list[int]] = [[] for _ in contexts]
+    waiting = collections.deque(sorted(range(len(contexts)), key=lambda i: -len(contexts[i])))
+    running: list[int] = []
+    stops = [stop for stop in until if stop]
+    while waiting or running:
+        while waiting and len(running) < lm.engine.rows:
+            running.append(waiting.popleft())
+        sequences = [contexts[i] + generated[i] for i in running]
+        batch = step_batch(sequences, rows=lm.engine.rows, widths=lm.widths)
+        (output,) = lm.engine.execute(lm.params, [batch])
+        best = output[:, 1]
+        still = []
+        for row, i in enumerate(running):
+            token = int(best[row, len(sequences[row]) - 1])
+            generated[i].append(token)
+            text = lm.tok_decode(generated[i], skip_special_tokens=False)
+            if token != lm.eot_token_id and len(generated[i]) < max_new and not any(stop in text for stop in stops):
+                still.append(i)
+        running = still
+    return generated

@@ -1,0 +1,187 @@
+"""`kind: lm_harness`: LM Evaluation Harness tasks scored per checkpoint on the device mesh.
+
+    suite = HarnessSuite(HarnessSuite.Config.from_mapping({"tasks": ["pydoc_cloze"]}), adapter=adapter,
+                         mesh=mesh, name="harness", output_dir="runs/eval")
+    result = suite.run(params, step=300)     # every process of the job calls it
+    result.metrics["pydoc_cloze/acc"], result.samples["pydoc_cloze"][0]["resps"]
+    suite.close()
+
+Built once: tokenizer, tasks (loaded and checked), the compiled program (traced at first use, once
+per row width). Each `run` is lm-eval's own `evaluate` on process 0 with the same task objects;
+every other process follows, running the same batches on its devices, and returns the same
+metrics (without the per-sample records, which only process 0 holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tracker_eval.errors import ConfigError, one_line
+from tracker_eval.evaluation.models import ModelAdapter
+from tracker_eval.evaluation.sharding import place_params
+from tracker_eval_lm_harness.config import HarnessConfig
+from tracker_eval_lm_harness.engine import Engine
+from tracker_eval_lm_harness.offline import prepare_environment, preserved_random_state
+from tracker_eval_lm_harness.results import json_safe, metric_values
+from tracker_eval_lm_harness.rows import width_ladder
+from tracker_eval_lm_harness.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessResult:
+    """One checkpoint's harness scores.
+
+    Attributes:
+      metrics: `<task>/<metric>` (or `<task>/<filter>/<metric>`) -> value, groups included.
+      samples: task -> lm-eval's per-sample records, JSON-safe (empty on processes other than 0).
+      provenance: compiled shapes, request counts, timings, lm-eval's versions and n-samples.
+    """
+
+    metrics: dict[str, float]
+    samples: dict[str, list[dict[str, Any]]]
+    provenance: dict[str, Any]
+
+
+class HarnessSuite:
+    """LM Evaluation Harness tasks served by a causal LM on a device mesh."""
+
+    Config = HarnessConfig
+
+    def __init__(
+        self, config: HarnessConfig, *, adapter: ModelAdapter, mesh: jax.sharding.Mesh, name: str = "harness",
+        output_dir: str | None = None,
+    ) -> None:
+        """Builds the tokenizer, the tasks and the engine.
+
+        Args:
+          config: the suite's options.
+          adapter: the stream's model: `apply_fn({"params": p}, tokens[, segment_ids=, positions=])`
+            -> logits (batch, length, vocab).
+          mesh: the (data, fsdp, tensor) evaluation mesh; batches are split over data x fsdp.
+          name: the suite's name (namespaces its multi-process messages).
+          output_dir: the stream's output folder; the suite writes nothing there (records are returned).
+
+        Raises:
+          ConfigError: unknown tasks, unreadable tokenizer, tasks the suite cannot serve.
+        """
+        del output_dir
+        self.config = config
+        self.name = name
+        self.mesh = mesh
+        self.adapter = adapter
+        self._scratch = tempfile.mkdtemp(prefix="suite-", dir=prepare_environment())
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.widths = width_ladder(config.max_length)
+        unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+        self.rows = -(-config.batch_size // unit) * unit
+        self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing, namespace=name)
+        from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
+
+        eos = self.tokenizer.decode([self.tokenizer.eot_token_id], skip_special_tokens=False)
+        with preserved_random_state():  # lm-eval draws task ids from the global stream while loading
+            self.tasks = TaskSet(config, eos=eos, scratch=self._scratch)
+        self._checked = False
+
+    def run(self, params: Any, *, step: int) -> HarnessResult:
+        """Scores every task on `params`; called by every process of the job.
+
+        Args:
+          params: the model's params (placed on the mesh here if they are not already).
+          step: the checkpoint's step (recorded in the provenance).
+
+        Raises:
+          ConfigError: the model breaks the contract (logits shape, vocab, packing arguments).
+          ValueError: a request the suite cannot serve, with a one-line reason.
+          RuntimeError: on processes other than 0, when process 0 failed.
+        """
+        start = time.perf_counter()
+        params = place_params(params, self.mesh, rule="auto")
+        if not self._checked:
+            self._check_model(params)
+            self._checked = True
+        compiled_before = len(self.engine.compiled_shapes)
+        self.engine.begin()
+        if jax.process_index() != 0:
+            shared = json.loads(self.engine.follow(params))
+            return HarnessResult(metrics=shared["metrics"], samples={}, provenance=shared["provenance"])
+        from lm_eval import evaluator  # noqa: PLC0415 - heavy; imports `datasets`
+
+        from tracker_eval_lm_harness.lm import HarnessLM  # noqa: PLC0415
+
+        lm = HarnessLM(tokenizer=self.tokenizer, engine=self.engine, params=params,
+                       max_length=self.config.max_length, widths=self.widths, packing=self.config.packing)
+        self.engine.device_seconds = 0.0
+        try:
+            self.tasks.reset()
+            with preserved_random_state():
+                results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
+                                             bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
+        except BaseException as error:
+            self.engine.abort(one_line(error, limit=500))
+            raise
+        metrics = metric_values(results)
+        seconds = time.perf_counter() - start
+        provenance = {
+            "step": int(step),
+            "lm_eval_version": importlib.metadata.version("lm_eval"),
+            "tokenizer": self.tokenizer.name,
+            "max_length": self.config.max_length,
+            "rows_per_batch": self.rows,
+            "packing": self.config.packing,
+            "compiled_shapes": [list(shape) for shape in self.engine.compiled_shapes],
+            "compiles_this_run": len(self.engine.compiled_shapes) - compiled_before,
+            "requests": dict(lm.requests),
+            "score_rows": lm.rows_scored,
+            "score_segments": lm.segments_scored,
+            "n_samples": results.get("n-samples", {}),
+            "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
+            "n_shot": results.get("n-shot", {}),
+            "groups": self.tasks.groups(),
+            "seconds": seconds,
+            "lm_seconds": lm.seconds,
+            "device_seconds": self.engine.device_seconds,
+            "lm_eval_overhead_share": max(0.0, 1.0 - lm.seconds / seconds) if seconds > 0 else 0.0,
+        }
+        provenance = json_safe(provenance)
+        self.engine.finish(json.dumps({"metrics": metrics, "provenance": provenance}))
+        return HarnessResult(metrics=metrics, samples=json_safe(results.get("samples") or {}), provenance=provenance)
+
+    def _check_model(self, params: Any) -> None:
+        """The model contract, checked on shapes only (nothing runs)."""
+        apply_fn = self.adapter.apply_fn
+        tokens = jax.ShapeDtypeStruct((self.rows, self.widths[0]), jnp.int32)
+        extra = {"segment_ids": tokens, "positions": tokens} if self.config.packing else {}
+        try:
+            out = jax.eval_shape(lambda p, t, kw: apply_fn({"params": p}, t, **kw), params, tokens, extra)
+        except TypeError as error:
+            if not self.config.packing:
+                raise
+            raise ConfigError(
+                "packing: true calls the model with segment_ids= and positions=, which it does not accept "
+                f"({one_line(error, limit=200)}); set packing: false or give the model those arguments"
+            ) from None
+        shape = getattr(out, "shape", None)
+        if shape is None or len(shape) != 3 or tuple(shape[:2]) != tokens.shape:
+            raise ConfigError(
+                f"the model must map int32 tokens {tokens.shape} to logits (batch, length, vocab); it returned "
+                f"{shape if shape is not None else type(out).__name__}"
+            )
+        if shape[2] < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"the model's logits cover {shape[2]} tokens but tokenizer {self.tokenizer.name!r} has "
+                f"{self.tokenizer.vocab_size}; use the tokenizer the model was trained with"
+            )
+
+    def close(self) -> None:
+        """Removes the suite's scratch files (the shims of include_path)."""
+        shutil.rmtree(self._scratch, ignore_errors=True)

@@ -1,0 +1,334 @@
+"""LM Evaluation Harness suite: every request and metric against a float64 reference run through lm-eval.
+
+The reference (tests/harness_reference.py) answers each request with a float64 numpy forward pass of
+exactly that request's tokens; lm-eval's own `simple_evaluate` aggregates its answers. The suite must
+give the same per-request answers (log-likelihoods within rtol 1e-4, is_greedy and generations
+equal) and the same metrics, on meshes (8), (4,2) and (2,2,2), packed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tracker_eval_lm_harness.offline import prepare_environment
+
+prepare_environment()  # before lm-eval (and with it `datasets`) is imported by the reference
+
+from harness_config import MAX_LENGTH, TASKS, suite_options  # noqa: E402
+from harness_models import TinyAttentionLM  # noqa: E402
+from harness_reference import ReferenceLM, attention_lm_logits, tiny_lm_logits  # noqa: E402
+from harness_tasks import write_tasks  # noqa: E402
+from tracker_eval_lm_harness.suite import HarnessSuite  # noqa: E402
+from tracker_eval_lm_harness.tasks import SHIPPED  # noqa: E402
+
+from tracker_eval.config import MeshConfig  # noqa: E402
+from tracker_eval.errors import ConfigError  # noqa: E402
+from tracker_eval.evaluation.models import adapt_model  # noqa: E402
+from tracker_eval.evaluation.sharding import make_mesh  # noqa: E402
+from tracker_eval.tasks import language_model as lm_task  # noqa: E402
+
+_NETWORK: list[tuple[str, str]] = []
+_WATCHING = [False]
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHING[0] and event in ("socket.connect", "socket.getaddrinfo"):
+        _NETWORK.append((event, repr(args[:2])))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = lm_task.make_model()
+    return model, lm_task.init_params(model, seed=3)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, tiny):
+    reference = ReferenceLM(tiny_lm_logits(tiny[1]), max_length=MAX_LENGTH)
+    return write_tasks(tmp_path_factory.mktemp("tasks"), greedy=reference.complete)
+
+
+def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, limit=None, tokenizer=None):
+    """lm-eval's own simple_evaluate over the float64 reference, run from inside the task folder
+    (where lm-eval resolves the YAMLs' relative data paths itself)."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(include_path)
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        return evaluator.simple_evaluate(
+            model=ReferenceLM(logits_fn, max_length=MAX_LENGTH, tokenizer=tokenizer), tasks=tasks,
+            task_manager=manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=None,
+            numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=1234)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, task_dir):
+    """The reference's results on the test tasks for the tiny LM's params of seed 3 and 4."""
+    model = tiny[0]
+    return {seed: _reference_results(tiny_lm_logits(lm_task.init_params(model, seed=seed)), include_path=task_dir)
+            for seed in (3, 4)}
+
+
+def _named(results) -> dict[str, float]:
+    """The issue's naming: <task>/<metric>, or <task>/<filter>/<metric> for filters other than none."""
+    out = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, comma, filter_name = key.partition(",")
+            if comma and isinstance(value, float | int) and not isinstance(value, bool):
+                out[f"{task}/{metric}" if filter_name == "none" else f"{task}/{filter_name}/{metric}"] = value
+    return out
+
+
+def _assert_same_answers(ours, reference, *, rtol=1e-4) -> None:
+    """Per document and filter, the same lm-eval responses: log-likelihoods within `rtol`,
+    is_greedy and generated text equal."""
+    assert set(ours) == set(reference)
+    for task, records in reference.items():
+        by_key = {(r["doc_id"], r["filter"]): r for r in ours[task]}
+        assert len(by_key) == len(records) == len(ours[task]), task
+        for record in records:
+            mine = by_key[(record["doc_id"], record["filter"])]
+            assert mine["arguments"] == json.loads(json.dumps(record["arguments"])), task
+            for got, want in zip(mine["resps"], record["resps"], strict=True):
+                got, want = got[0], want[0]
+                if isinstance(want, str):
+                    assert got == want, (task, record["doc_id"])
+                elif isinstance(want, tuple | list):
+                    assert got[0] == pytest.approx(want[0], rel=rtol), (task, record["doc_id"])
+                    assert got[1] == want[1], (task, record["doc_id"], "is_greedy")
+                else:
+                    assert got == pytest.approx(want, rel=rtol), (task, record["doc_id"])
+
+
+def _assert_same_metrics(ours: dict[str, float], reference) -> None:
+    expected = _named(reference)
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
+
+
+def _suite(model, mesh_shape, task_dir, *, packing, name="harness"):
+    config = HarnessSuite.Config.from_mapping(suite_options(task_dir, packing=packing))
+    return HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(*mesh_shape)), name=name)
+
+
+@pytest.mark.parametrize(("mesh_shape", "packing"), [((8, 1, 1), False), ((4, 2, 1), True), ((2, 2, 2), False)],
+                         ids=["mesh8", "mesh4x2-packed", "mesh2x2x2"])
+def test_requests_and_metrics_equal_lm_eval_over_a_float64_reference(
+        tiny, task_dir, reference, tmp_path, monkeypatch, mesh_shape, packing):
+    model, params = tiny
+    monkeypatch.chdir(tmp_path)  # not the task folder: relative data paths must still resolve
+    state = random.getstate()
+    _WATCHING[0] = True
+    try:
+        suite = _suite(model, mesh_shape, task_dir, packing=packing)
+        first = suite.run(params, step=10)
+        again = suite.run(params, step=20)
+    finally:
+        _WATCHING[0] = False
+    assert _NETWORK == [], "the suite must not touch the network"
+    assert random.getstate() == state, "the global random stream must be left as it was"
+    _assert_same_answers(first.samples, reference[3]["samples"])
+    _assert_same_metrics(first.metrics, reference[3])
+    for name in ("t_mc/acc", "t_mc/acc_stderr", "t_mc/acc_norm", "t_both/acc", "t_ppl/word_perplexity",
+                 "t_ppl/bits_per_byte", "t_gen/strict-match/exact_match", "t_gen/first-word/exact_match"):
+        assert name in first.metrics, name
+    assert first.metrics["t_gen/strict-match/exact_match"] == pytest.approx(0.5)  # the reference's own half
+    assert again.metrics == first.metrics
+    shapes = first.provenance["compiled_shapes"]
+    assert 1 <= len(shapes) <= 3 and all(rows == 8 for rows, _ in shapes), shapes
+    assert again.provenance["compiles_this_run"] == 0
+    if packing:  # rows really hold several requests' inputs
+        assert first.provenance["score_segments"] >= 1.25 * first.provenance["score_rows"], first.provenance
+    assert first.provenance["requests"] == {"loglikelihood": 40, "loglikelihood_rolling": 4, "generate_until": 6}
+    json.dumps(first.samples, allow_nan=False)
+    suite.close()
+
+
+def test_packed_rows_equal_one_request_per_row_for_a_model_that_honours_segments(task_dir):
+    """A position-sensitive attention model: packing must restart positions and keep segments apart."""
+    model = TinyAttentionLM()
+    params = model.init(jax.random.key(5), np.zeros((1, 8), np.int32))["params"]
+    results = {packing: _suite(model, (8, 1, 1), task_dir, packing=packing, name=f"p{packing}").run(params, step=1)
+               for packing in (False, True)}
+    packed = results[True].provenance
+    assert packed["score_segments"] >= 1.25 * packed["score_rows"], packed  # several requests a row
+    _assert_same_answers(results[True].samples, results[False].samples, rtol=1e-5)
+    assert results[True].metrics == pytest.approx(results[False].metrics, rel=1e-5)
+    # One request checked against a float64 forward pass of exactly its tokens, positions from 0.
+    record = results[True].samples["t_mc"][3]
+    context, continuation = record["arguments"][0]
+    reference = ReferenceLM(attention_lm_logits(params), max_length=MAX_LENGTH)
+    want = reference.loglikelihood([type("R", (), {"args": (context, continuation)})()])[0]
+    assert record["resps"][0][0][0] == pytest.approx(want[0], rel=1e-4) and record["resps"][0][0][1] == want[1]
+
+
+def test_a_tokenizer_json_serves_requests_like_lm_eval_over_a_reference(task_dir, tmp_path):
+    """A byte-level BPE (tokenizer.json, trained here on pydoc's training text): multi-byte tokens, merges
+    across the context/continuation boundary, stop strings that are not whole tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tracker_eval.tasks import pydoc_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(pydoc_text.paragraphs("train")[:400], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    model = TinyAttentionLM(vocab=bpe.get_vocab_size())
+    params = model.init(jax.random.key(6), np.zeros((1, 8), np.int32))["params"]
+    tasks = ["t_mc", "t_gen", "t_ppl"]
+    tokenizer = str(tmp_path / "tokenizer.json")
+    config = HarnessSuite.Config.from_mapping(suite_options(task_dir, tasks=tasks, tokenizer=tokenizer, packing=False))
+    result = HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(8, 1, 1)),
+                          name="bpe").run(params, step=1)
+    reference = _reference_results(attention_lm_logits(params), include_path=task_dir, tasks=tasks,
+                                   tokenizer=Tokenizer.from_file(tokenizer))
+    _assert_same_answers(result.samples, reference["samples"])
+    _assert_same_metrics(result.metrics, reference)
+
+
+def test_shipped_pydoc_tasks_match_the_reference(tiny):
+    model, params = tiny
+    config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc"], "limit": 4, "max_length": MAX_LENGTH,
+                                               "batch_size": 8, "packing": True, "bootstrap_iters": 100})
+    result = HarnessSuite(config, adapter=adapt_model(model), mesh=make_mesh(MeshConfig(4, 1, 2)),
+                          name="pydoc").run(params, step=1)
+    reference = _reference_results(tiny_lm_logits(params), include_path=SHIPPED, tasks=["pydoc"], num_fewshot=None,
+                                   limit=4)
+    _assert_same_answers(result.samples, reference["samples"])
+    _assert_same_metrics(result.metrics, reference)
+    assert {"pydoc_cloze/acc", "pydoc_ppl/bits_per_byte", "pydoc_gen/exact_match"} <= set(result.metrics)
+    texts = [s["doc"]["text"] for s in result.samples["pydoc_ppl"]]
+    assert max(len(t.encode()) for t in texts) > 2 * MAX_LENGTH  # several rolling windows
+    from tracker_eval.tasks import pydoc_text
+    train = pydoc_text.text("train")
+    assert all(t not in train for t in texts), "perplexity texts must be held out of training"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tasks": []}, "tasks is empty"),
+    ({"tasks": ["x"], "max_length": 1}, "max_length must be at least 2"),
+    ({"tasks": ["x"], "batch_size": 0}, "batch_size must be a positive"),
+    ({"tasks": ["x"], "limit": 1.5}, "limit 1.5 as a float"),
+    ({"tasks": ["x"], "packing": "yes"}, "packing must be true or false"),
+    ({"tasks": ["x"], "tokenizer": "/nonexistent/tokenizer.json"}, "neither 'bytes' nor an existing file"),
+    ({"tasks": ["x"], "include_path": "/nonexistent"}, "is not a folder"),
+    ({"tasks": ["x"], "bootstrap": 10}, "unknown key 'bootstrap'"),
+    ({"tasks": "pydoc"}, "tasks must be a list of names"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(options, message):
+    with pytest.raises(ConfigError) as error:
+        HarnessSuite.Config.from_mapping(options, where="suites.harness")
+    text = str(error.value)
+    assert message in text and "\n" not in text and text.startswith("suites.harness")
+
+
+def test_tasks_and_models_the_suite_cannot_serve_fail_with_one_line(tiny, tmp_path, monkeypatch):
+    from tracker_eval_lm_harness import tasks
+
+    # lm-eval's own ~15,000 tasks take 15-40 s to index here: look up unknown names locally only.
+    local_only = tasks.task_manager
+    monkeypatch.setattr(tasks, "task_manager", lambda paths, builtin: local_only(paths, builtin=False))
+    model, params = tiny
+    (tmp_path / "sample.yaml").write_text(
+        "task: t_sample\ndataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs: {until: ['\\n'], do_sample: true, temperature: 0.7}\n")
+    (tmp_path / "d.jsonl").write_text('{"q": "1+1=", "a": "2"}\n')
+    mesh = make_mesh(MeshConfig(8, 1, 1))
+    unknown = "unknown task 'no_such_task'.*local tasks are pydoc, pydoc_cloze"
+    for names, message in ((["t_sample"], "asks for sampling"), (["no_such_task"], unknown)):
+        config = HarnessSuite.Config.from_mapping({"tasks": names, "include_path": str(tmp_path)})
+        with pytest.raises(ConfigError, match=message) as error:
+            HarnessSuite(config, adapter=adapt_model(model), mesh=mesh)
+        assert "\n" not in str(error.value)
+    conv_only = adapt_model(lambda variables, tokens: model.apply(variables, tokens))
+    config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc_cloze"], "limit": 2, "packing": True})
+    with pytest.raises(ConfigError, match="packing: true calls the model with segment_ids="):
+        HarnessSuite(config, adapter=conv_only, mesh=mesh).run(params, step=1)
+
+
+def test_two_processes_follow_process_0_and_match_the_reference(task_dir, reference, tmp_path):
+    """2 processes x 4 devices: process 0 drives lm-eval, process 1 runs the same batches; the scores of
+    two checkpoints match the float64 reference, and both processes return them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(pathlib.Path(__file__).parent))
+    child = pathlib.Path(__file__).with_name("harness_multihost_child.py")
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(child), str(port), str(i), str(task_dir), str(outs[i])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        done = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in done]
+    leader, follower = (json.loads(out.read_text()) for out in outs)
+    for seed, mine, theirs in zip((3, 4), leader, follower, strict=True):
+        assert theirs["metrics"] == mine["metrics"] and theirs["samples"] == {}
+        _assert_same_answers(mine["samples"], reference[seed]["samples"])
+        _assert_same_metrics(mine["metrics"], reference[seed])
+    assert leader[0]["metrics"] != leader[1]["metrics"]  # two checkpoints, two sets of scores
+    assert len(leader[1]["provenance"]["compiled_shapes"]) <= 3 and leader[1]["provenance"]["compiles_this_run"] == 0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_hold_every_prediction_once_after_its_own_context(packing):
+    """Truncation, prefix sharing (one row serving several requests, extra targets at one column,
+    crowded hosts split into copies), packing: each prediction of each request is asked exactly once,
+    at a column whose segment holds exactly that request's context, in at most three widths."""
+    from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments, width_ladder
+
+    rng = np.random.default_rng(1)
+    length = 128
+    pairs = [(list(rng.integers(1, 256, rng.integers(1, 200))), list(rng.integers(1, 256, rng.integers(1, 9))))
+             for _ in range(60)]
+    shared = list(rng.integers(1, 256, 5))
+    pairs += [(shared, [int(t)]) for t in rng.integers(1, 256, 70)]  # one column, 70 targets
+    pairs += [(shared + [7], [8, 9]), (shared, [7, 8])]  # inputs that are prefixes of others
+    widths = width_ladder(length)
+    segments = score_segments(pairs, max_length=length, max_extras=extras_capacity(widths[0]))
+    batches = list(score_batches(segments, rows=4, widths=widths, packing=packing))
+    assert len({b["tokens"].shape for b in batches}) <= 3 and len(segments) < len(pairs)
+    seen = []
+    for batch in batches:
+        extras = batch["extra_owner"].shape[1]
+        dense, extra = np.argwhere(batch["owner"] >= 0), np.argwhere(batch["extra_owner"] >= 0)
+        asked = [(r, c, batch["target"][r, c], batch["owner"][r, c]) for r, c in dense]
+        asked += [(r, batch["extra_column"][r, k], batch["extra_target"][r, k], batch["extra_owner"][r, k])
+                  for r, k in extra]
+        assert all(k < extras for _, k in extra)
+        for row, column, target, owner in asked:
+            context, continuation = pairs[owner]
+            whole = (context + continuation)[-(length + 1):]
+            position = batch["positions"][row, column]
+            start = column - position
+            assert (batch["segment_ids"][row, start:column + 1] == batch["segment_ids"][row, column]).all()
+            assert batch["tokens"][row, start:column + 1].tolist() == whole[:position + 1]
+            k = position + 1 - (len(whole) - len(continuation))
+            assert 0 <= k < len(continuation) and target == continuation[k]
+            seen.append((owner, k))
+    assert sorted(seen) == sorted((i, k) for i, (_, cont) in enumerate(pairs) for k in range(len(cont)))
