@@ -41,6 +41,9 @@ def _config(directory: pathlib.Path, *, checkpoint_dir: str, output_dir: pathlib
         "eval_function": f"{CLASSIFICATION}:eval_function",
         "data": "fixtures_gcs:held_eval_data" if data_kwargs else f"{CLASSIFICATION}:make_eval_data",
         "data_kwargs": data_kwargs or {},
+        # The held data factory acts on every call (the hold is its side effect), so it must run
+        # for every evaluation: the cache would serve later steps without calling it.
+        "cache": "none" if data_kwargs else "host",
         "batch_size": 64,
         "output_dir": str(output_dir),
         "watch": watch,

@@ -239,7 +239,7 @@ class MlflowLogger:
             if self._client is not None and self._run_id is not None and self._experiment_id is not None:
                 return self._client, self._run_id
             # Constructing the client already opens (and creates) an embedded store.
-            with local_store_lock(self.tracking_uri):
+            with run_lock(self.tracking_uri, self.context.output_dir):
                 if self._client is None:
                     from mlflow.tracking import MlflowClient
 
@@ -299,21 +299,24 @@ def per_example_summary(values: Any) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def local_store_lock(tracking_uri: str) -> Iterator[None]:
-    """Serializes first use of an embedded ``sqlite:///`` store between processes (a no-op for a server).
+def run_lock(tracking_uri: str, output_dir: str) -> Iterator[None]:
+    """Serializes finding or creating the stream's run between processes that share it.
 
-    The first call into a fresh store creates its tables and runs MLflow's migrations; two processes
-    doing that at once (training with `InTrainingEvaluation` beside a watcher) break each other's
-    migration ("duplicate column name", alembic version mismatches) and print alembic warnings. Under
-    an exclusive lock on ``<database>.lock`` the first process creates and migrates the store and
-    creates the run; the next one finds both.
+    MLflow has no "create if absent": two processes that search for the run's tag at once, find
+    nothing and both create a run split one stream over two runs (a watcher starting beside
+    training's `InTrainingEvaluation`). Processes of one stream share `output_dir` (the ledger is
+    SQLite on a local disk), so an exclusive lock there orders them: the first creates the run and
+    the next one finds it. For an embedded ``sqlite:///`` store the lock sits beside the database
+    instead: its first use also creates and migrates the store, and two processes doing that at
+    once break each other's migration ("duplicate column name", alembic version mismatches),
+    whatever their output_dir.
     """
-    if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    database = pathlib.Path(tracking_uri[len("sqlite:///") :])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "a") as lock:
+    if tracking_uri.startswith("sqlite:///"):
+        path = pathlib.Path(f"{tracking_uri[len('sqlite:///'):]}.lock")
+    else:
+        path = pathlib.Path(output_dir) / "mlflow-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
