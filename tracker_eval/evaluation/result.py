@@ -13,10 +13,12 @@ records: task -> JSON records, stored beside the ledger and logged as artifacts 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +89,47 @@ class EvalResult:
             suite=str(data.get("suite", "")),
             samples=dict(samples or {}),
         )
+
+
+def samples_jsonl(task: str, records: Sequence[Any]) -> str:
+    """One task's per-sample records as JSONL text: a record a line, exact JSON, ASCII only.
+
+    The one spelling of samples on disk: the ledger, the JSONL logger and the MLflow artifacts all
+    write it, so a file read back with `json.loads` per line gives the records that went in.
+
+    Raises:
+      ValueError: a record is not plain JSON (NaN, infinities, objects JSON cannot hold), naming
+        the task and the record's index.
+    """
+    lines = []
+    for number, record in enumerate(records):
+        try:
+            lines.append(json.dumps(record, allow_nan=False) + "\n")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"sample {number} of task {task!r} cannot be stored as JSON ({error}); keep sample values to "
+                "str, int, finite float, bool, None, lists and dicts (lm-eval's records pass through json_safe)"
+            ) from error
+    return "".join(lines)
+
+
+def sample_file_name(task: str, *, taken: set[str] | None = None) -> str:
+    """A file name ``<task>.jsonl`` safe on any file system and in artifact paths.
+
+    Characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``; a name already in
+    `taken` (two tasks that differ only in such characters) gets ``-2``, ``-3``, ... and is added to it.
+    """
+    stem = _UNSAFE_FILE_CHARS.sub("_", str(task))[:100].lstrip(".") or "_"
+    name, count = f"{stem}.jsonl", 1
+    while taken is not None and name in taken:
+        count += 1
+        name = f"{stem}-{count}.jsonl"
+    if taken is not None:
+        taken.add(name)
+    return name
+
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def json_number(value: Any) -> float | int | None:

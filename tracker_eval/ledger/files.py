@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Mapping
@@ -28,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult, sample_file_name, samples_jsonl
 from tracker_eval.npz import read_npz, write_npz
 
 # JSON has no NaN or infinities; these spellings keep them exact instead of turning them into null.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _SAMPLES_MANIFEST = "tasks.json"
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +95,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 def write_samples(directory: Path, *, stem: str, samples: Mapping[str, list[dict[str, Any]]]) -> Path:
     """Writes per-sample records durably to a new folder ``<stem>-<random>.samples`` in `directory`.
 
-    The folder holds one JSONL file per task (a record a line) and ``tasks.json``, the task names
-    in order with their files. It is built under a temporary name, every file and the folder are
+    The folder holds one JSONL file per task (`samples_jsonl`: a record a line) and ``tasks.json``,
+    the task names in order with their files. It is built under a temporary name, every file and the folder are
     fsynced, and only then is it renamed into place: a folder under its final name is complete.
 
     Args:
@@ -116,11 +114,10 @@ def write_samples(directory: Path, *, stem: str, samples: Mapping[str, list[dict
     temp = directory / f".{target.name}.tmp"
     temp.mkdir(parents=True)
     try:
-        manifest = []
-        for index, (task, records) in enumerate(samples.items()):
-            name = f"{index:03d}-{_UNSAFE_FILE_CHARS.sub('_', str(task))[:80]}.jsonl"
-            lines = [_sample_line(task, number, record) for number, record in enumerate(records)]
-            _write_durably(temp / name, "".join(lines))
+        manifest, taken = [], {_SAMPLES_MANIFEST}
+        for task, records in samples.items():
+            name = sample_file_name(task, taken=taken)
+            _write_durably(temp / name, samples_jsonl(task, records))
             manifest.append([str(task), name])
         _write_durably(temp / _SAMPLES_MANIFEST, json.dumps(manifest))
         _fsync_path(temp)
@@ -136,16 +133,6 @@ def read_samples(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Reads every task's records of a folder written by `write_samples`, in the order written."""
     manifest = json.loads((path / _SAMPLES_MANIFEST).read_text())
     return {task: [json.loads(line) for line in (path / name).read_text().splitlines()] for task, name in manifest}
-
-
-def _sample_line(task: Any, number: int, record: Any) -> str:
-    try:
-        return json.dumps(record, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"sample {number} of task {task!r} cannot be stored as JSON ({error}); keep sample values to str, "
-            "int, finite float, bool, None, lists and dicts (lm-eval's records pass through json_safe)"
-        ) from error
 
 
 def _write_durably(path: Path, text: str) -> None:
