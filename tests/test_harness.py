@@ -205,7 +205,7 @@ def test_a_tokenizer_json_serves_requests_like_lm_eval_over_a_reference(task_dir
     _assert_same_metrics(result.metrics, reference)
 
 
-def test_shipped_pydoc_tasks_match_the_reference(tiny):
+def test_shipped_pydoc_tasks_match_the_reference_and_their_samples_survive_the_ledger(tiny, tmp_path):
     model, params = tiny
     config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc"], "limit": 4, "max_length": MAX_LENGTH,
                                                "batch_size": 8, "packing": True, "bootstrap_iters": 100})
@@ -221,6 +221,18 @@ def test_shipped_pydoc_tasks_match_the_reference(tiny):
     from tracker_eval.tasks import pydoc_text
     train = pydoc_text.text("train")
     assert all(t not in train for t in texts), "perplexity texts must be held out of training"
+
+    # The records travel with the result: stored beside the ledger, read back by a restarted process.
+    from tracker_eval.evaluation.result import EvalResult
+    from tracker_eval.ledger.steps import Ledger
+
+    stored = EvalResult(step=1, checkpoint="/ckpt/1", metrics=result.metrics, suite="pydoc", samples=result.samples)
+    ledger = Ledger(tmp_path, checkpoint_dir="/ckpt", config_hash="harness", loggers=["mlflow"])
+    assert ledger.claim(1, owner="w") and ledger.record_metrics(stored, owner="w")
+    ledger.close()
+    back = Ledger(tmp_path, checkpoint_dir="/ckpt", config_hash="harness", loggers=["mlflow"]).result(1)
+    assert back is not None and back.samples == result.samples and back.suite == "pydoc"
+    _assert_same_answers(back.samples, reference["samples"])
 
 
 @pytest.mark.parametrize(("options", "message"), [
