@@ -4,7 +4,7 @@
     tracker-eval watch --config watch.yaml [key=value ...]
     tracker-eval status --config watch.yaml [--json]
     tracker-eval retry --config watch.yaml [--step N] [--logger ID]
-    tracker-eval demo
+    tracker-eval demo [--harness]
 
 Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors print one line
 (`tracker-eval: error: ...`) and no traceback (`--verbose` shows it).
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logger")
     de.add_argument("--no-tensorboard", action="store_true", help="skip the TensorBoard logger")
     de.add_argument("--in-training", action="store_true", help="evaluate every other checkpoint inside training")
+    de.add_argument("--harness", action="store_true",
+                    help="train the byte-level LM on pydoc text; the LM Evaluation Harness scores each checkpoint")
+    de.add_argument("--limit", type=int, default=None,
+                    help="with --harness: documents per harness task (default 40)")
     return parser
 
 
@@ -123,6 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             mlflow=not args.no_mlflow,
             tensorboard=not args.no_tensorboard,
             in_training=args.in_training,
+            harness=args.harness,
+            limit=args.limit,
         )
     raise UsageError(f"unknown command {args.command!r}")
 
