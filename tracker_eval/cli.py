@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("overrides", nargs="*", metavar="key=value")
 
     de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
-    de.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
+    de.add_argument("--output-dir", default=None,
+                    help="where the demo writes everything (default runs/demo, with --harness runs/demo-harness)")
     de.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     de.add_argument("--no-wandb", action="store_true", help="skip the W&B logger")
     de.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logger")
@@ -121,7 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 
         return run_demo(
-            output_dir=args.output_dir,
+            output_dir=args.output_dir or ("runs/demo-harness" if args.harness else "runs/demo"),
             steps=args.steps,
             wandb=not args.no_wandb,
             mlflow=not args.no_mlflow,

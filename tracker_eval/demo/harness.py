@@ -1,7 +1,7 @@
 """`tracker-eval demo --harness`: the byte-level LM trained on pydoc text, scored per checkpoint by
 the LM Evaluation Harness on the shipped held-out pydoc tasks, curves in MLflow.
 
-    tracker-eval demo --harness                    # runs/demo-harness, about a minute on 2 CPU cores
+    tracker-eval demo --harness                    # runs/demo-harness, 1-2 minutes on 2 CPU cores
 
 A training process trains TinyLM on Python's own help topics and saves a checkpoint every
 `SAVE_EVERY` steps. Beside it, this process restores each finalized checkpoint's params onto the
@@ -211,7 +211,7 @@ def _summary(config: Any, config_path: str, *, seconds: float, delivered: bool) 
     table = [header] + [[str(s["step"]), *(_cell(s["metrics"].get(n)) for n in HEADLINE)] for s in steps]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["", f"tracker-eval demo --harness finished in {seconds:.0f} s. Harness scores per checkpoint "
-             f"(trackers: {config.metric_prefix}/{SUITE_NAME}/<task>/<metric>):", ""]
+             f"(suite {SUITE_NAME}):", ""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     if not delivered:
         lines.append("\nsome results are not delivered yet; `tracker-eval status --config FILE` shows which")
