@@ -344,3 +344,24 @@ def test_rows_hold_every_prediction_once_after_its_own_context(packing):
             assert 0 <= k < len(continuation) and target == continuation[k]
             seen.append((owner, k))
     assert sorted(seen) == sorted((i, k) for i, (_, cont) in enumerate(pairs) for k in range(len(cont)))
+
+
+def test_packing_puts_a_mostly_padding_last_batch_in_narrower_rows():
+    """Lengths log-uniform up to max_length: the full-width batches come out nearly full, and the
+    shortest segments, which would leave a last full-width batch mostly padding, go to narrower rows."""
+    from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments, width_ladder
+
+    rng = np.random.default_rng(4)
+    length, rows = 128, 4
+    lengths = np.exp(rng.uniform(np.log(16), np.log(length), 75)).astype(int)
+    pairs = [(list(rng.integers(1, 256, n)), list(rng.integers(1, 256, 2))) for n in lengths]
+    widths = width_ladder(length)
+    segments = score_segments(pairs, max_length=length, max_extras=extras_capacity(widths[0]))
+    batches = list(score_batches(segments, rows=rows, widths=widths, packing=True))
+    shapes = [b["tokens"].shape for b in batches]
+    tokens = sum(len(s.tokens) for s in segments)
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == tokens  # every token once
+    narrow = [width for _, width in shapes if width < length]
+    assert narrow and shapes[len(narrow):] == [(rows, length)] * (len(shapes) - len(narrow)), shapes
+    # Cheaper than any packing into full-width batches only, which needs at least this many:
+    assert sum(width for _, width in shapes) < -(-tokens // (rows * length)) * length, (shapes, tokens)
