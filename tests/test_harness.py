@@ -205,7 +205,7 @@ def test_a_tokenizer_json_serves_requests_like_lm_eval_over_a_reference(task_dir
     _assert_same_metrics(result.metrics, reference)
 
 
-def test_shipped_pydoc_tasks_match_the_reference(tiny):
+def test_shipped_pydoc_tasks_match_the_reference_and_their_samples_survive_the_ledger(tiny, tmp_path):
     model, params = tiny
     config = HarnessSuite.Config.from_mapping({"tasks": ["pydoc"], "limit": 4, "max_length": MAX_LENGTH,
                                                "batch_size": 8, "packing": True, "bootstrap_iters": 100})
@@ -221,6 +221,18 @@ def test_shipped_pydoc_tasks_match_the_reference(tiny):
     from tracker_eval.tasks import pydoc_text
     train = pydoc_text.text("train")
     assert all(t not in train for t in texts), "perplexity texts must be held out of training"
+
+    # The records travel with the result: stored beside the ledger, read back by a restarted process.
+    from tracker_eval.evaluation.result import EvalResult
+    from tracker_eval.ledger.steps import Ledger
+
+    stored = EvalResult(step=1, checkpoint="/ckpt/1", metrics=result.metrics, suite="pydoc", samples=result.samples)
+    ledger = Ledger(tmp_path, checkpoint_dir="/ckpt", config_hash="harness", loggers=["mlflow"])
+    assert ledger.claim(1, owner="w") and ledger.record_metrics(stored, owner="w")
+    ledger.close()
+    back = Ledger(tmp_path, checkpoint_dir="/ckpt", config_hash="harness", loggers=["mlflow"]).result(1)
+    assert back is not None and back.samples == result.samples and back.suite == "pydoc"
+    _assert_same_answers(back.samples, reference["samples"])
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -332,3 +344,24 @@ def test_rows_hold_every_prediction_once_after_its_own_context(packing):
             assert 0 <= k < len(continuation) and target == continuation[k]
             seen.append((owner, k))
     assert sorted(seen) == sorted((i, k) for i, (_, cont) in enumerate(pairs) for k in range(len(cont)))
+
+
+def test_packing_puts_a_mostly_padding_last_batch_in_narrower_rows():
+    """Lengths log-uniform up to max_length: the full-width batches come out nearly full, and the
+    shortest segments, which would leave a last full-width batch mostly padding, go to narrower rows."""
+    from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments, width_ladder
+
+    rng = np.random.default_rng(4)
+    length, rows = 128, 4
+    lengths = np.exp(rng.uniform(np.log(16), np.log(length), 75)).astype(int)
+    pairs = [(list(rng.integers(1, 256, n)), list(rng.integers(1, 256, 2))) for n in lengths]
+    widths = width_ladder(length)
+    segments = score_segments(pairs, max_length=length, max_extras=extras_capacity(widths[0]))
+    batches = list(score_batches(segments, rows=rows, widths=widths, packing=True))
+    shapes = [b["tokens"].shape for b in batches]
+    tokens = sum(len(s.tokens) for s in segments)
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == tokens  # every token once
+    narrow = [width for _, width in shapes if width < length]
+    assert narrow and shapes[len(narrow):] == [(rows, length)] * (len(shapes) - len(narrow)), shapes
+    # Cheaper than any packing into full-width batches only, which needs at least this many:
+    assert sum(width for _, width in shapes) < -(-tokens // (rows * length)) * length, (shapes, tokens)

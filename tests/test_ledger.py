@@ -166,6 +166,43 @@ def test_result_round_trip_keeps_dtypes_order_and_non_finite_metrics(tmp_path: P
         np.testing.assert_array_equal(back.per_example[name], want)
 
 
+# Records as lm-eval writes them (through json_safe): nested lists, unicode, None, exact floats.
+SAMPLES = {
+    "my_mc": [{"doc_id": 0, "doc": {"q": "2+2?", "choices": ["3", "4"]},
+               "arguments": [["Q: 2+2?", " 3"], ["Q: 2+2?", " 4"]],
+               "resps": [[[-2.5, False]], [[-0.1 + -0.2, True]]],
+               "filtered_resps": [[-2.5, False], [-0.30000000000000004, True]],
+               "filter": "none", "metrics": ["acc"], "acc": 1.0, "target": 1}],
+    "my/odd name": [{"doc_id": 3, "resps": [["caf\u00e9 \u2603\n"]], "value": None, "big": 2**60}],
+    "empty": [],
+}
+
+
+def test_samples_are_stored_beside_the_ledger_and_come_back_exactly(tmp_path: Path) -> None:
+    original = EvalResult(step=7, checkpoint="/ckpt/7", metrics={"my_mc/acc": 1.0}, suite="harness", samples=SAMPLES)
+    ledger = make_ledger(tmp_path)
+    assert ledger.claim(7, owner="w")
+    assert ledger.record_metrics(original, owner="w")
+    ledger.close()
+    back = make_ledger(tmp_path).result(7)  # a delivery after a restart
+    assert back is not None and back.suite == "harness"
+    assert back.samples == SAMPLES and list(back.samples) == list(SAMPLES)
+    assert back.per_example == {} and not list((tmp_path / "results").rglob("*.npz"))
+    assert [p.name for p in (tmp_path / "results").rglob("*.samples")] != []
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_samples_that_are_not_plain_json_are_refused_and_leave_no_files(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    assert ledger.claim(3, owner="w")
+    bad = EvalResult(step=3, checkpoint="c", metrics={}, per_example={"x": np.zeros(2)},
+                     samples={"ok": [{"a": 1}], "t": [{"a": 1}, {"score": math.nan}]})
+    with pytest.raises(ValueError, match="sample 1 of task 't' cannot be stored as JSON"):
+        ledger.record_metrics(bad, owner="w")
+    assert ledger.state(3) is StepState.EVALUATING
+    assert [p for p in tmp_path.joinpath("results").rglob("*") if p.is_file()] == []
+
+
 def test_result_without_arrays_writes_no_file_and_unknown_step_is_none(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.claim(1, owner="w")
@@ -382,7 +419,7 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
     make_ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         make_ledger(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.files import encode_result
 from tracker_eval.ledger.lease import LeaseClaim
-from tracker_eval.ledger.schema import _MIGRATIONS
+from tracker_eval.ledger.schema import _MIGRATIONS, SCHEMA_VERSION
 from tracker_eval.ledger.steps import LeaseLostError, Ledger, StepState
 
 
@@ -177,7 +177,7 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
 
     ledger = make_ledger(tmp_path)
     with sqlite3.connect(path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert check.execute("PRAGMA foreign_key_check").fetchall() == []
         indexes = {row[1] for row in check.execute("PRAGMA index_list(outbox)")}
@@ -187,6 +187,8 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     assert kept == [(1, "a", "delivered", 0, 0, None, 6.0), (1, "b", "delivered", 2, 0, None, 8.0),
                     (2, "a", "delivered", 0, 0, None, 9.0), (2, "b", "pending", 3, 0, "HTTP 503", None)]
     assert [row["state"] for row in ledger.rows()] == [StepState.DELIVERED, StepState.EVALUATED]
+    stored = ledger.result(2)  # results stored before samples existed read back without any
+    assert stored is not None and stored.samples == {} and stored.suite == "" and stored.metrics == {"loss": 2.0}
     # A version-1 process left no in-flight marks: its pending rows may have been sent; check them.
     assert ledger.in_flight_deliveries("b") == {2: 0.0} and ledger.in_flight_deliveries("a") == {}
     assert ledger.claim_logger("b", owner="d")

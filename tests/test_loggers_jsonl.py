@@ -10,7 +10,7 @@ import numpy as np
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
-from tracker_eval.loggers.jsonl import JsonlLogger, load_per_example, read_jsonl
+from tracker_eval.loggers.jsonl import JsonlLogger, load_per_example, load_samples, read_jsonl
 
 
 def _result(step: int, checkpoint: str | None = None) -> EvalResult:
@@ -100,3 +100,26 @@ def test_any_per_example_name_round_trips(tmp_path):
         assert list(read) == list(ODD_NAMES)
         for name, want in arrays.items():
             assert read[name].dtype == want.dtype and np.array_equal(read[name], want), name
+
+
+def test_samples_are_files_beside_the_metrics_referenced_by_task(tmp_path):
+    samples = {"my_mc": [{"doc_id": 0, "resps": [[[-0.30000000000000004, True]]], "acc": 1.0},
+                         {"doc_id": 1, "resps": [[[-2.5, False]]], "acc": 0.0}],
+               "gen/odd": [{"doc_id": 0, "resps": [["caf\u00e9 \u2603"]], "target": None}], "empty": []}
+    result = EvalResult(step=7, checkpoint="/ckpt/7", metrics={"my_mc/acc": 0.5}, suite="harness", samples=samples)
+    logger = JsonlLogger(context=LoggerContext(output_dir=str(tmp_path)))
+    logger.log_result(result)
+    logger.log_result(_result(8))
+    logger.close()
+    first, second = read_jsonl(tmp_path / "metrics.jsonl")
+    assert first["suite"] == "harness" and "samples" not in second
+    assert sorted(first["samples"]) == ["empty", "gen/odd", "my_mc"]
+    assert all(path.startswith("metrics.samples/harness/step_7_") for path in first["samples"].values())
+    folder = tmp_path / first["samples"]["my_mc"]
+    assert [json.loads(line) for line in folder.read_text().splitlines()] == samples["my_mc"]  # read independently
+    assert load_samples(tmp_path / "metrics.jsonl", first) == samples
+    context = LoggerContext(output_dir=str(tmp_path))
+    off = JsonlLogger(JsonlLogger.Config(path="other.jsonl", samples=False), context=context)
+    off.log_result(result)
+    off.close()
+    assert "samples" not in read_jsonl(tmp_path / "other.jsonl")[0] and not (tmp_path / "other.samples").exists()

@@ -233,3 +233,64 @@ def test_per_example_summary_metrics_at_the_checkpoint_step(mlflow_server, tmp_p
             assert [m.step for m in history].count(step) == 1, stat
             (point,) = [m for m in history if m.step == step]
             assert point.value == pytest.approx(value, rel=1e-12), stat
+
+
+# lm-eval's per-sample records as the harness suite hands them on (JSON-safe): nested lists, unicode,
+# None, floats that must come back bit for bit, a task name that is not a safe file name.
+SAMPLES = {
+    "t_mc": [{"doc_id": i, "arguments": [["Q: 2+2?", f" {c}"] for c in "34"], "resps": [[[-0.1 - i / 3, False]]],
+              "filtered_resps": [[-0.1 - i / 3, False]], "filter": "none", "metrics": ["acc"], "acc": float(i % 2)}
+             for i in range(3)],
+    "t_gen/x": [{"doc_id": 0, "resps": [["caf\u00e9 \u2603\n"]], "target": None, "exact_match": 0.0}],
+}
+
+
+def _read_samples(client, run_id: str, folder: str, tmp_path) -> dict[str, list[dict]]:
+    """Every ``<task>.jsonl`` under `folder` of the run, parsed line by line."""
+    import json
+
+    out = {}
+    for artifact in client.list_artifacts(run_id, folder):
+        local = client.download_artifacts(run_id, artifact.path, str(tmp_path / "download"))
+        with open(local) as f:
+            out[artifact.path.rsplit("/", 1)[1]] = [json.loads(line) for line in f]
+    return out
+
+
+def test_samples_are_jsonl_artifacts_per_task_and_a_resend_does_not_duplicate(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tracker_eval_mlflow.artifacts import log_step_artifacts
+
+    logger = _logger(mlflow_server.url, tmp_path, "samples-test")
+    first = _result(40, {"t_mc/acc": 1 / 3}, suite="harness", samples=SAMPLES)
+    later = _result(50, {"t_mc/acc": 0.5}, suite="harness", samples={"t_mc": SAMPLES["t_mc"][:1]})
+    logger.log_result(first)
+    logger.log_result(_result(45, {"loss": 0.5}))  # a result without samples logs none
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = logger.run_state()["run_id"]
+    # A process that died between the artifacts and the metrics of step 50, then a takeover that
+    # re-sends steps 40 and 50 (both in flight): the files are replaced, never added to.
+    log_step_artifacts(client, run_id, later)
+    again = _logger(mlflow_server.url, tmp_path, "samples-test")
+    again.reconcile({40: time.time(), 50: time.time()})
+    again.log_result(first)
+    again.log_result(later)
+    again.close()
+
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/harness"]
+    assert [a.path for a in client.list_artifacts(run_id, "samples/harness")] == [
+        "samples/harness/step_40", "samples/harness/step_50"]
+    assert _read_samples(client, run_id, "samples/harness/step_40", tmp_path / "a") == {
+        "t_gen_x.jsonl": SAMPLES["t_gen/x"], "t_mc.jsonl": SAMPLES["t_mc"]}
+    assert _read_samples(client, run_id, "samples/harness/step_50", tmp_path / "b") == {
+        "t_mc.jsonl": SAMPLES["t_mc"][:1]}
+    (key,) = [k for k in client.get_run(run_id).data.metrics if k.endswith("t_mc/acc")]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) == [(40, 1 / 3), (50, 0.5)]
+
+
+def test_a_sample_that_is_not_json_is_a_permanent_failure(mlflow_server, tmp_path):
+    logger = _logger(mlflow_server.url, tmp_path, "bad-samples")
+    bad = _result(1, {"acc": 1.0}, samples={"t": [{"x": float("inf")}]})
+    with pytest.raises(ValueError, match="sample 0 of task 't' cannot be stored as JSON") as error:
+        logger.log_result(bad)
+    assert classify(error.value) is FailureKind.PERMANENT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,52 @@ def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
     assert steps == [100, 200, 300]
     summary = reader.read_summary_updates(logger.wandb_dir, logger.run_id)
     assert summary["best/step"] == 300 and summary["best/loss"] == 0.25
+
+
+# lm-eval records of three request types, as the harness suite hands them on (JSON-safe).
+SAMPLES = {
+    "t_mc": [{"doc_id": i, "doc": {"q": "?"}, "target": i % 2, "arguments": [["Q: 2+2?", f" {c}"] for c in "34"],
+              "resps": [[[-0.1 - i / 3, False]], [[-0.7, True]]],
+              "filtered_resps": [[-0.1 - i / 3, False], [-0.7, True]], "filter": "none",
+              "metrics": ["acc", "acc_norm"], "acc": float(i % 2), "acc_norm": 1.0} for i in range(3)],
+    "t_ppl": [{"doc_id": 0, "target": "", "arguments": [["some text", None]], "resps": [[-41.25]],
+               "filtered_resps": [-41.25], "filter": "none", "metrics": ["word_perplexity", "bits_per_byte"],
+               "word_perplexity": [-41.25, 2], "bits_per_byte": [-41.25, 9]}],
+    "t_gen": [{"doc_id": 4, "target": "caf\u00e9", "arguments": [["Finish: ca", {"until": ["\n"], "max_gen_toks": 8}]],
+               "resps": [["f\u00e9 \u2603"]], "filtered_resps": ["f\u00e9"], "filter": "strict-match",
+               "metrics": ["exact_match"], "exact_match": 0.0}],
+}
+
+
+def test_samples_are_one_table_per_task_in_the_row_and_a_resend_does_not_duplicate(tmp_path):
+    context = LoggerContext(output_dir=str(tmp_path), run_key="wandb-samples")
+    logger = WandbLogger(WandbConfig(mode="offline", table_max_rows=2), context=context)
+    result = EvalResult(step=40, checkpoint="/ckpt/40", metrics={"t_mc/acc": 1 / 3}, suite="harness",
+                        samples=SAMPLES)
+    logger.log_result(result)
+    logger.flush()
+    # A takeover after the delivery was sent but not acknowledged: the row is not logged again.
+    again = WandbLogger(WandbConfig(mode="offline", table_max_rows=2), context=context)
+    again.reconcile({40: 0.0})
+    again.log_result(result)
+    again.close()
+    rows = reader.read_history(logger.wandb_dir, logger.run_id)
+    assert [r["checkpoint_step"] for r in rows] == [40]
+    tables = {task: reader.read_table(logger.wandb_dir, logger.run_id, rows[0], f"eval/harness/samples/{task}")
+              for task in SAMPLES}
+    for task, records in SAMPLES.items():
+        columns, data = tables[task]["columns"], tables[task]["data"]
+        metrics = records[0]["metrics"]
+        assert columns == ["doc_id", "filter", "target", "arguments", "resps", "filtered_resps", *metrics], task
+        assert len(data) == min(len(records), 2)  # table_max_rows
+        for record, cells in zip(records, data, strict=False):
+            cell = dict(zip(columns, cells, strict=True))
+            assert (cell["doc_id"], cell["filter"]) == (record["doc_id"], record["filter"])
+            for name in ("target", "arguments", "resps", "filtered_resps"):
+                assert json.loads(cell[name]) == record[name], (task, name)
+            for name in metrics:  # numbers stay numbers; per-sample pairs (perplexity) are JSON text
+                value = record[name]
+                assert (cell[name] == value) if isinstance(value, float) else (json.loads(cell[name]) == value)
 
 
 def test_failed_finish_is_retried_and_never_reported_as_written(tmp_path):

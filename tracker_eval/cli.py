@@ -4,7 +4,7 @@
     tracker-eval watch --config watch.yaml [key=value ...]
     tracker-eval status --config watch.yaml [--json]
     tracker-eval retry --config watch.yaml [--step N] [--logger ID]
-    tracker-eval demo
+    tracker-eval demo [--harness]
 
 Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors print one line
 (`tracker-eval: error: ...`) and no traceback (`--verbose` shows it).
@@ -65,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("overrides", nargs="*", metavar="key=value")
 
     de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
-    de.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
+    de.add_argument("--output-dir", default=None,
+                    help="where the demo writes everything (default runs/demo, with --harness runs/demo-harness)")
     de.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     de.add_argument("--no-wandb", action="store_true", help="skip the W&B logger")
     de.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logger")
     de.add_argument("--no-tensorboard", action="store_true", help="skip the TensorBoard logger")
     de.add_argument("--in-training", action="store_true", help="evaluate every other checkpoint inside training")
+    de.add_argument("--harness", action="store_true",
+                    help="train the byte-level LM on pydoc text; the LM Evaluation Harness scores each checkpoint")
+    de.add_argument("--limit", type=int, default=None,
+                    help="with --harness: documents per harness task (default 40)")
     return parser
 
 
@@ -117,12 +122,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 
         return run_demo(
-            output_dir=args.output_dir,
+            output_dir=args.output_dir or ("runs/demo-harness" if args.harness else "runs/demo"),
             steps=args.steps,
             wandb=not args.no_wandb,
             mlflow=not args.no_mlflow,
             tensorboard=not args.no_tensorboard,
             in_training=args.in_training,
+            harness=args.harness,
+            limit=args.limit,
         )
     raise UsageError(f"unknown command {args.command!r}")
 

@@ -1,6 +1,7 @@
 """The demo behind `tracker-eval demo`: a training process, a watcher beside it, a table and a plot.
 
-`run` (the command), `train` (the training process it starts), `plot` (metrics per checkpoint).
+`run` (the command), `train` (the training process it starts), `plot` (metrics per checkpoint),
+`harness` (`--harness`: the byte LM scored per checkpoint by the LM Evaluation Harness suite).
 
 May import: anything (it is an application on top of every stage).
 Public names: run_demo.

@@ -7,6 +7,7 @@ per checkpoint, the best checkpoint, a PNG plot, and the commands to browse the 
 
     tracker-eval demo                       # runs/demo, ~20 s after install on 2 CPU cores
     tracker-eval demo --in-training         # every other checkpoint evaluated inside training
+    tracker-eval demo --harness             # the byte LM, scored by the LM Evaluation Harness (demo/harness.py)
 """
 
 from __future__ import annotations
@@ -28,15 +29,21 @@ DEFAULT_STEPS = 200
 SAVE_EVERY = 20
 
 
-def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool, tensorboard: bool = True) -> dict[str, Any]:
-    """The embedded defaults of the demo (written to <output_dir>/demo.yaml for later commands)."""
+def demo_loggers(*, wandb: bool, mlflow: bool, tensorboard: bool, run_name: str = "demo-eval") -> list[dict[str, Any]]:
+    """The demo's loggers: console and JSONL always, the trackers unless switched off (all local)."""
     loggers: list[dict[str, Any]] = [{"type": "console"}, {"type": "jsonl"}]
     if mlflow:
-        loggers.append({"type": "mlflow", "experiment": "tracker-eval-demo", "run_name": "demo-eval"})
+        loggers.append({"type": "mlflow", "experiment": "tracker-eval-demo", "run_name": run_name})
     if wandb:
-        loggers.append({"type": "wandb", "project": "tracker-eval-demo", "mode": "offline", "name": "demo-eval"})
+        loggers.append({"type": "wandb", "project": "tracker-eval-demo", "mode": "offline", "name": run_name})
     if tensorboard:
-        loggers.append({"type": "tensorboard", "run_name": "demo-eval"})
+        loggers.append({"type": "tensorboard", "run_name": run_name})
+    return loggers
+
+
+def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool, tensorboard: bool = True) -> dict[str, Any]:
+    """The embedded defaults of the demo (written to <output_dir>/demo.yaml for later commands)."""
+    loggers = demo_loggers(wandb=wandb, mlflow=mlflow, tensorboard=tensorboard)
     return {
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
         "model": "tracker_eval.tasks.classification:make_model",
@@ -53,9 +60,19 @@ def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool, tenso
 
 def run_demo(
     *, output_dir: str = "runs/demo", steps: int | None = None, wandb: bool = True, mlflow: bool = True,
-    tensorboard: bool = True, in_training: bool = False,
+    tensorboard: bool = True, in_training: bool = False, harness: bool = False, limit: int | None = None,
 ) -> int:
-    """Runs training and the watcher side by side; returns the exit code."""
+    """Runs training and the watcher side by side (with `harness`: the LM and the harness suite);
+    returns the exit code."""
+    if harness:
+        if in_training:
+            raise ConfigError("--harness and --in-training do not go together; choose one")
+        from tracker_eval.demo.harness import run_harness_demo  # noqa: PLC0415
+
+        return run_harness_demo(output_dir=output_dir, steps=steps, wandb=wandb, mlflow=mlflow,
+                                tensorboard=tensorboard, limit=limit)
+    if limit is not None:
+        raise ConfigError("--limit sets the harness suite's documents per task; use it with --harness")
     steps = steps or DEFAULT_STEPS
     missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
@@ -68,7 +85,7 @@ def run_demo(
             f"--steps {steps} is below the checkpoint interval {SAVE_EVERY}; use --steps {SAVE_EVERY} or more"
         )
     output_dir = os.path.abspath(output_dir)
-    _fresh_dir(output_dir)
+    fresh_dir(output_dir)
     config_path = os.path.join(output_dir, "demo.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(demo_config(output_dir, steps=steps, wandb=wandb, mlflow=mlflow, tensorboard=tensorboard), f,
@@ -104,7 +121,7 @@ def run_demo(
     return code
 
 
-def _fresh_dir(output_dir: str) -> None:
+def fresh_dir(output_dir: str) -> None:
     """Starts from an empty directory; only a previous demo's directory is ever removed."""
     if os.path.exists(output_dir):
         if not os.path.exists(os.path.join(output_dir, _MARKER)):
@@ -135,15 +152,22 @@ def _summary(config: Any, config_path: str, *, seconds: float) -> None:
     plot = plot_metrics(doc["steps"], os.path.join(config.output_dir, "eval_metrics.png"),
                         title="tracker-eval demo: digits classifier, validation split",
                         best_step=best["step"] if best else None)
-    bin_dir = os.path.dirname(sys.executable)
     out = config.output_dir
     lines = ["", f"tracker-eval demo finished in {seconds:.0f} s. Metrics per checkpoint:", "",
              format_table(doc, prefix=config.metric_prefix), ""]
     if best:
         lines.append(f"best checkpoint: step {best['step']} (loss {best['value']:.4f}), "
                      f"{os.path.join(config.checkpoint_dir, str(best['step']))}")
-    lines += [f"plot:            {plot}", f"metrics (JSONL): {os.path.join(out, 'metrics.jsonl')}", "",
-              "browse the results:"]
+    lines += [f"plot:            {plot}", f"metrics (JSONL): {os.path.join(out, 'metrics.jsonl')}", ""]
+    lines += browse_lines(config, config_path)
+    print("\n".join(lines), flush=True)
+
+
+def browse_lines(config: Any, config_path: str) -> list[str]:
+    """The commands that open each configured tracker's view of the demo's results."""
+    bin_dir = os.path.dirname(sys.executable)
+    out = config.output_dir
+    lines = ["browse the results:"]
     types = {spec.get("type") for spec in config.loggers}
     if "mlflow" in types:
         lines.append(f"  {bin_dir}/mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db --port 5000"
@@ -153,4 +177,4 @@ def _summary(config: Any, config_path: str, *, seconds: float) -> None:
     if "tensorboard" in types:
         lines.append(f"  {bin_dir}/tensorboard --logdir {out}/tensorboard --port 6006   # then open http://127.0.0.1:6006")
     lines.append(f"  {bin_dir}/tracker-eval status --config {config_path}")
-    print("\n".join(lines), flush=True)
+    return lines

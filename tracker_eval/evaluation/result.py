@@ -1,7 +1,9 @@
 """The one evaluation result that every logger, the ledger and the CLI share.
 
 An `EvalResult` is what `ExtendedEvaluation.on_extended_evaluation_end` hands on: finalized scalar
-metrics, per-example arrays in dataset order, and the provenance needed to trust a number later.
+metrics, per-example arrays in dataset order, and the provenance needed to trust a number later. A
+suite's result (e.g. the LM Evaluation Harness) also names its suite and may carry per-sample
+records: task -> JSON records, stored beside the ledger and logged as artifacts or tables.
 
     result = EvalResult(step=300, checkpoint="/ckpt/300", metrics={"loss": 1.2},
                         per_example={"loss": np.array([...])}, provenance={...})
@@ -11,10 +13,12 @@ metrics, per-example arrays in dataset order, and the provenance needed to trust
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,12 @@ class EvalResult:
       per_example: un-reduced per-example arrays by name, one row per real example, dataset order.
       provenance: where the numbers came from: config hash, split, versions, mesh, host, wall time.
       time: unix time at which the metrics were finalized.
+      suite: the suite that produced the result (e.g. ``"harness"``); ``""`` for the stream's own
+        evaluation.
+      samples: per-sample records by task (lm-eval's ``samples``: document, arguments, responses,
+        filtered responses, per-sample metrics), each record a dict of JSON values (str, int, float,
+        bool, None, lists, dicts with str keys; no NaN or infinities). Stored with the result and
+        logged by trackers that can show them (MLflow artifacts, W&B tables).
     """
 
     step: int
@@ -40,9 +50,16 @@ class EvalResult:
     per_example: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     time: float = dataclasses.field(default_factory=time.time)
+    suite: str = ""
+    samples: Mapping[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     def to_json(self, *, per_example_lists: bool = False) -> dict[str, Any]:
-        """Returns a JSON-ready dict; per-example arrays become lists only when asked."""
+        """Returns a JSON-ready dict; per-example arrays become lists only when asked.
+
+        The per-sample records are never part of it (they can be large; the ledger, the JSONL
+        logger and the trackers keep them in files of their own). ``suite`` is present only when set,
+        so the dict of a stream's own result is unchanged.
+        """
         out: dict[str, Any] = {
             "step": int(self.step),
             "checkpoint": self.checkpoint,
@@ -50,15 +67,18 @@ class EvalResult:
             "provenance": dict(self.provenance),
             "time": self.time,
         }
+        if self.suite:
+            out["suite"] = self.suite
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
 
     @classmethod
     def from_json(
-        cls, data: Mapping[str, Any], *, per_example: Mapping[str, np.ndarray] | None = None
+        cls, data: Mapping[str, Any], *, per_example: Mapping[str, np.ndarray] | None = None,
+        samples: Mapping[str, list[dict[str, Any]]] | None = None,
     ) -> EvalResult:
-        """Inverse of `to_json` (scalar part); per-example arrays are passed separately."""
+        """Inverse of `to_json` (scalar part); per-example arrays and samples are passed separately."""
         return cls(
             step=int(data["step"]),
             checkpoint=str(data["checkpoint"]),
@@ -66,7 +86,50 @@ class EvalResult:
             per_example=dict(per_example or {}),
             provenance=dict(data.get("provenance", {})),
             time=float(data.get("time", time.time())),
+            suite=str(data.get("suite", "")),
+            samples=dict(samples or {}),
         )
+
+
+def samples_jsonl(task: str, records: Sequence[Any]) -> str:
+    """One task's per-sample records as JSONL text: a record a line, exact JSON, ASCII only.
+
+    The one spelling of samples on disk: the ledger, the JSONL logger and the MLflow artifacts all
+    write it, so a file read back with `json.loads` per line gives the records that went in.
+
+    Raises:
+      ValueError: a record is not plain JSON (NaN, infinities, objects JSON cannot hold), naming
+        the task and the record's index.
+    """
+    lines = []
+    for number, record in enumerate(records):
+        try:
+            lines.append(json.dumps(record, allow_nan=False) + "\n")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"sample {number} of task {task!r} cannot be stored as JSON ({error}); keep sample values to "
+                "str, int, finite float, bool, None, lists and dicts (lm-eval's records pass through json_safe)"
+            ) from error
+    return "".join(lines)
+
+
+def sample_file_name(task: str, *, taken: set[str] | None = None) -> str:
+    """A file name ``<task>.jsonl`` safe on any file system and in artifact paths.
+
+    Characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``; a name already in
+    `taken` (two tasks that differ only in such characters) gets ``-2``, ``-3``, ... and is added to it.
+    """
+    stem = _UNSAFE_FILE_CHARS.sub("_", str(task))[:100].lstrip(".") or "_"
+    name, count = f"{stem}.jsonl", 1
+    while taken is not None and name in taken:
+        count += 1
+        name = f"{stem}-{count}.jsonl"
+    if taken is not None:
+        taken.add(name)
+    return name
+
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def json_number(value: Any) -> float | int | None:

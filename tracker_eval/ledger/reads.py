@@ -1,7 +1,7 @@
 """Reading the step record of a stream: states, stored results, the best step and the status rows.
 
     ledger.steps(StepState.PENDING)     # [100, 200]
-    ledger.result(100)                  # the stored EvalResult, per-example arrays included
+    ledger.result(100)                  # the stored EvalResult, per-example arrays and samples included
     ledger.rows()                       # one dict per step, as `tracker-eval status` shows them
 
 `StepReads` is a base of `tracker_eval.ledger.steps.Ledger`; it never writes.
@@ -15,7 +15,7 @@ from typing import Any
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import read_best
 from tracker_eval.ledger.db import LedgerStore, read_snapshot
-from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays
+from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays, read_samples
 
 
 class StepState(enum.StrEnum):
@@ -61,12 +61,13 @@ class StepReads(LedgerStore):
 
 
     def result(self, step: int) -> EvalResult | None:
-        """The stored result of a step, per-example arrays included, or None when none is stored."""
+        """The stored result of a step, per-example arrays and samples included, or None when none is stored."""
         row = self._row(self._conn(), step)
         if row is None or row["result_json"] is None:
             return None
         arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
-        return decode_result(row["result_json"], per_example=arrays)
+        samples = {} if row["samples_path"] is None else read_samples(self.output_dir / row["samples_path"])
+        return decode_result(row["result_json"], per_example=arrays, samples=samples)
 
     def best(self) -> tuple[int, float] | None:
         """The best step so far and its value of `best_metric` (NaN ignored), or None."""

@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -111,6 +111,11 @@ _MIGRATIONS: dict[int, str] = {
     DROP TABLE outbox;
     ALTER TABLE outbox_v2 RENAME TO outbox;
     CREATE INDEX outbox_due ON outbox (stream_id, logger, state, step);
+    """,
+    # Version 3: a stored result may have per-sample records (e.g. lm-eval's samples of a suite),
+    # a folder beside the ledger like the per-example arrays; results stored before have none.
+    3: """
+    ALTER TABLE steps ADD COLUMN samples_path TEXT;
     """,
 }
 

@@ -29,13 +29,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import offer_best, reconcile_best
 from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
-from tracker_eval.ledger.files import encode_result, write_arrays
+from tracker_eval.ledger.files import ResultFiles, encode_result, write_result_files
 from tracker_eval.ledger.lease import lease_reclaimable
 from tracker_eval.ledger.outbox import Outbox
 from tracker_eval.ledger.reads import _CLAIMABLE, _STORED, StepReads, StepState
@@ -220,7 +219,8 @@ class Ledger(Outbox, StepReads):
     def record_metrics(self, result: EvalResult, *, owner: str) -> bool:
         """Stores a step's result and queues it for every configured logger, exactly once.
 
-        The per-example arrays are written durably to ``results/`` before the ledger commit.
+        The per-example arrays and per-sample records are written durably to ``results/`` before
+        the ledger commit.
 
         Args:
           result: the finalized result; `result.step` names the step.
@@ -232,29 +232,25 @@ class Ledger(Outbox, StepReads):
 
         Raises:
           LeaseLostError: `owner` does not hold the step's claim and no result is stored.
-          ValueError: the result cannot be stored (unserializable provenance, object arrays).
+          ValueError: the result cannot be stored (unserializable provenance, object arrays,
+            samples that are not plain JSON).
         """
         step = int(result.step)
         conn = self._conn()
         if not self._may_record(conn, step, owner):  # saves writing arrays that would be dropped
             return False
         payload = encode_result(result)
-        path = None
-        if result.per_example:
-            path = write_arrays(self._results_dir, stem=f"{step:012d}", arrays=result.per_example)
+        files = write_result_files(self._results_dir, stem=f"{step:012d}", result=result)
         try:
             with write_transaction(conn):
-                if not self._may_record(conn, step, owner):
-                    stored = False
-                else:
-                    self._store(conn, result, payload, path)
-                    stored = True
+                stored = self._may_record(conn, step, owner)
+                if stored:
+                    self._store(conn, result, payload, files)
         except BaseException:
-            if path is not None:
-                path.unlink(missing_ok=True)
+            files.discard()
             raise
-        if not stored and path is not None:
-            path.unlink(missing_ok=True)
+        if not stored:
+            files.discard()
         return stored
 
     def _may_record(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
@@ -269,12 +265,13 @@ class Ledger(Outbox, StepReads):
             )
         return True
 
-    def _store(self, conn: sqlite3.Connection, result: EvalResult, payload: str, path: Path | None) -> None:
+    def _store(self, conn: sqlite3.Connection, result: EvalResult, payload: str, files: ResultFiles) -> None:
         step = int(result.step)
-        relative = None if path is None else os.path.relpath(path, self.output_dir)
+        relative = {key: None if path is None else os.path.relpath(path, self.output_dir)
+                    for key, path in (("arrays_path", files.arrays), ("samples_path", files.samples))}
         state = StepState.EVALUATED if self.loggers else StepState.DELIVERED
         self._set(conn, step, state=state.value, owner=None, lease_expires_at=None, reason=None,
-                  result_json=payload, arrays_path=relative)
+                  result_json=payload, **relative)
         self._queue(conn, step)
         metric, mode = self._best
         if metric is not None and metric in result.metrics:

@@ -1,4 +1,5 @@
-"""JSONL logger: one line per evaluation in ``metrics.jsonl``, per-example arrays in ``.npz`` beside it.
+"""JSONL logger: one line per evaluation in ``metrics.jsonl``, per-example arrays in ``.npz`` and
+per-sample records in JSONL files beside it.
 
 Each line is written with one ``os.write`` on an ``O_APPEND`` descriptor and fsynced on flush, so a
 reader sees whole lines only (a crash can leave at most one unterminated last line, which
@@ -9,6 +10,7 @@ read again whenever this process takes over delivery (`reconcile`).
     logger.log_result(result); logger.flush()
     records = read_jsonl("runs/demo/metrics.jsonl")
     arrays = load_per_example("runs/demo/metrics.jsonl", records[0])  # {"loss": array([...])}
+    samples = load_samples("runs/demo/metrics.jsonl", records[0])      # {"my_mc": [{...}, ...]}
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.evaluation.result import EvalResult, sample_file_name, samples_jsonl
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.npz import read_npz, write_npz
 
@@ -36,6 +38,9 @@ class JsonlConfig:
     """File to append to; null = ``<output_dir>/metrics.jsonl``; relative paths are under output_dir."""
     per_example: bool = True
     """Write per-example arrays to ``<stem>.per_example/step_<step>_<id>.npz`` and reference them."""
+    samples: bool = True
+    """Write per-sample records (a suite's, e.g. lm-eval's) to
+    ``<stem>.samples/<suite>/step_<step>_<id>/<task>.jsonl`` and reference them by task."""
 
 
 class JsonlLogger:
@@ -71,6 +76,8 @@ class JsonlLogger:
             return
         record = result.to_json()
         record["per_example"] = self._write_npz(result) if self.config.per_example and result.per_example else None
+        if self.config.samples and result.samples:
+            record["samples"] = self._write_samples(result)
         line = json.dumps(record, sort_keys=True, allow_nan=False, default=_json_default) + "\n"
         if self._needs_newline:
             line = "\n" + line
@@ -102,6 +109,30 @@ class JsonlLogger:
         return str(target.relative_to(self.path.parent))
 
 
+    def _write_samples(self, result: EvalResult) -> dict[str, str]:
+        # Files first, each complete before the line that names it; a re-send writes the same names.
+        tag = hashlib.sha256(f"{result.suite}\0{result.checkpoint}".encode()).hexdigest()[:8]
+        folder = self.path.with_name(self.path.stem + ".samples") / (result.suite or "none") / (
+            f"step_{int(result.step)}_{tag}")
+        folder.mkdir(parents=True, exist_ok=True)
+        written, taken = {}, set()
+        for task, records in result.samples.items():
+            target = folder / sample_file_name(task, taken=taken)
+            temp = target.with_name(f".{target.name}.tmp")
+            with open(temp, "w", encoding="ascii") as handle:
+                handle.write(samples_jsonl(task, records))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+            written[str(task)] = str(target.relative_to(self.path.parent))
+        descriptor = os.open(folder, os.O_RDONLY)  # the new names survive a power cut with the line
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        return written
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Reads every complete record of a metrics file (missing file: empty list).
 
@@ -127,6 +158,13 @@ def load_per_example(path: str | os.PathLike[str], record: Mapping[str, Any]) ->
     if not reference:
         return {}
     return read_npz(pathlib.Path(path).parent / reference)
+
+
+def load_samples(path: str | os.PathLike[str], record: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Loads the per-sample records a record refers to, by task (empty dict when it has none)."""
+    folder = pathlib.Path(path).parent
+    return {task: [json.loads(line) for line in (folder / file).read_text().splitlines()]
+            for task, file in (record.get("samples") or {}).items()}
 
 
 def _ends_without_newline(path: pathlib.Path) -> bool:

@@ -1,4 +1,4 @@
-"""MLflow logger plug-in: metrics at step = checkpoint step, per-example arrays as artifacts.
+"""MLflow logger plug-in: metrics at step = checkpoint step, per-example arrays and samples as artifacts.
 
 Registered as ``type: mlflow`` in the ``tracker_eval.loggers`` entry-point group. ``mlflow`` is
 imported on first use (2-4 s), never when tracker-eval is imported.
@@ -16,12 +16,10 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import math
 import os
 import pathlib
 import re
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,7 +30,7 @@ from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.failures import FailureKind, mark
-from tracker_eval.npz import write_npz
+from tracker_eval_mlflow.artifacts import log_step_artifacts
 from tracker_eval_mlflow.failures import NonFiniteMetricError, classified
 
 if TYPE_CHECKING:
@@ -166,8 +164,9 @@ class MlflowLogger:
         todo = {k: v for k, v in values.items() if step not in held.get(k, set())}
         if not todo:
             return
-        if result.per_example or result.provenance:
-            self._log_step_artifact(client, run_id, result)
+        if result.per_example or result.provenance or result.samples:
+            # Before the metrics: a step whose metrics the run holds has its artifacts too.
+            log_step_artifacts(client, run_id, result)
         metrics = [Metric(key, value, timestamp, step) for key, value in todo.items()]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             chunk = metrics[start : start + MAX_METRICS_PER_BATCH]
@@ -223,16 +222,6 @@ class MlflowLogger:
                 history = client.get_metric_history(run_id, key) if key in self._known else []
                 self._held[key] = {int(m.step) for m in history}
         return self._held
-
-    def _log_step_artifact(self, client: MlflowClient, run_id: str, result: EvalResult) -> None:
-        with tempfile.TemporaryDirectory(prefix="tracker-eval-mlflow-") as tmp:
-            base = os.path.join(tmp, f"step_{int(result.step)}")
-            write_npz(base + ".npz", result.per_example, durable=False)
-            with open(base + ".json", "w") as f:
-                json.dump({"step": int(result.step), "checkpoint": result.checkpoint,
-                           "provenance": dict(result.provenance)}, f, default=str, sort_keys=True)
-            client.log_artifact(run_id, base + ".npz", artifact_path="per_example")
-            client.log_artifact(run_id, base + ".json", artifact_path="provenance")
 
     def _ensure_run(self) -> tuple[MlflowClient, str]:
         with self._lock:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -68,7 +69,8 @@ class WandbConfig:
     it durable) and the next resumes it, so attach only to a run no other process is writing (a
     finished training run); next to a live training run, share its ``group`` instead."""
     table_max_rows: int = 10000
-    """Rows of the per-example table per checkpoint (the histogram always covers every example)."""
+    """Rows of the per-example table, and of each task's samples table, per checkpoint (the
+    histograms always cover every example)."""
 
 
 class WandbLogger:
@@ -139,7 +141,8 @@ class WandbLogger:
         self._held = held
 
     def log_result(self, result: EvalResult) -> None:
-        """Logs one row ``{checkpoint_step, <prefix>/<metric>..., per-example table and histograms}``.
+        """Logs one row ``{checkpoint_step, <prefix>/<metric>..., per-example table and histograms,
+        one samples table per task}``.
 
         A checkpoint step the run already holds (on disk or sent by this logger) is skipped.
         """
@@ -168,6 +171,10 @@ class WandbLogger:
             cells = zip(*(columns[n][:rows].tolist() for n in names), strict=True)
             data = [[i, *values] for i, values in enumerate(cells)]
             row[key("per_example_table")] = wandb.Table(columns=["index", *names], data=data)
+        folder = f"{result.suite}/samples" if result.suite else "samples"
+        for task, records in result.samples.items():
+            columns_of_task, data = samples_table(records[: self.config.table_max_rows])
+            row[key(f"{folder}/{task}")] = wandb.Table(columns=columns_of_task, data=data)
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
@@ -243,6 +250,36 @@ class WandbLogger:
         run.define_metric(step_glob, step_metric=reader.STEP_KEY)
         self._run = run
         return run
+
+
+SAMPLE_COLUMNS = ("doc_id", "filter", "target", "arguments", "resps", "filtered_resps")
+
+
+def samples_table(records: list[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One task's lm-eval records as table columns and rows.
+
+    Columns: ``doc_id`` (a number), ``filter``, then ``target``, ``arguments``, ``resps`` and
+    ``filtered_resps`` as JSON text (their shapes vary by request type), then one column per
+    per-sample metric (those named in a record's ``metrics``): numbers where every record has a
+    number or nothing, else JSON text. The document itself is left out (the MLflow artifact and the
+    ledger keep whole records).
+    """
+    metrics = list(dict.fromkeys(m for record in records for m in record.get("metrics", ()) if m not in SAMPLE_COLUMNS))
+    numeric = {m for m in metrics if all(_is_number(r.get(m)) or r.get(m) is None for r in records)}
+    data = []
+    for record in records:
+        doc_id = record.get("doc_id")
+        cells: list[Any] = [doc_id if _is_number(doc_id) else json.dumps(doc_id), str(record.get("filter", ""))]
+        cells += [json.dumps(record.get(name)) for name in SAMPLE_COLUMNS[2:]]
+        for name in metrics:
+            value = record.get(name)
+            cells.append((None if value is None else float(value)) if name in numeric else json.dumps(value))
+        data.append(cells)
+    return [*SAMPLE_COLUMNS, *metrics], data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def derive_run_id(run_key: str) -> str:

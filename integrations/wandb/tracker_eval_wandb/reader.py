@@ -9,6 +9,7 @@ read all of them. There is no Python reader for ``.wandb`` files in wandb 0.31; 
     rows = read_history("runs/demo/wandb", "eval-1a2b3c")      # [{"checkpoint_step": 300, ...}, ...]
     held_steps("runs/demo/wandb", "eval-1a2b3c")               # {100, 300}
     held_steps("runs/demo/wandb", "eval-1a2b3c", modified_since=t)   # only files written since t
+    read_table("runs/demo/wandb", "eval-1a2b3c", rows[0], "eval/harness/samples/my_mc")  # {"columns", "data"}
 """
 
 from __future__ import annotations
@@ -99,6 +100,27 @@ def held_steps(
         if STEP_KEY in row and any(k.startswith(marker) for k in row if k != STEP_KEY):
             steps.add(int(row[STEP_KEY]))
     return steps
+
+
+def read_table(wandb_dir: str | os.PathLike[str], run_id: str, row: dict[str, Any], key: str) -> dict[str, Any]:
+    """The columns and data of the table logged under `key` in a history row (from `read_history`).
+
+    A row holds only a reference (``<key>.path``, under the run directory's ``files/``); the file is
+    looked for in every run directory of the run, newest first.
+
+    Raises:
+      KeyError: the row has no table under `key`.
+      FileNotFoundError: no run directory holds the table's file.
+    """
+    if row.get(f"{key}._type") != "table-file":
+        raise KeyError(f"the row has no table under {key!r}; its keys: {sorted(row)}")
+    relative = row[f"{key}.path"]
+    for directory in reversed(run_dirs(wandb_dir, run_id)):
+        path = directory / "files" / relative
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return {"columns": data["columns"], "data": data["data"]}
+    raise FileNotFoundError(f"no run directory of {run_id} under {wandb_dir} holds {relative}")
 
 
 def read_summary_updates(wandb_dir: str | os.PathLike[str], run_id: str) -> dict[str, Any]:
