@@ -183,29 +183,11 @@ class ExtendedEvaluation:
 
         Runs once per `eval_model` (not per batch); merging again combines several loaders.
         """
-        kinds = self._kinds or {}
-        out = {name: dict(value) for name, value in aggregated_metrics.items()}
-        for name, state in metric_lib.host_state(eval_metrics.get("reduced", {})).items():
-            out[name] = metric_lib.merge_host(kinds[name], out.get(name), state)
-        for name, rows in eval_metrics.get("per_example", {}).items():
-            previous = out.get(name, {}).get("rows")
-            out[name] = {"rows": rows if previous is None else np.concatenate([previous, rows])}
-        return out
+        return metric_lib.merge_fetched(self._kinds or {}, aggregated_metrics, eval_metrics)
 
     def finalize_metrics(self, aggregated_metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Final numbers: scalars as Python numbers, per-example metrics as arrays, derived added."""
-        kinds = self._kinds or {}
-        final: dict[str, Any] = {}
-        for name, state in aggregated_metrics.items():
-            if kinds.get(name) == "PerExample":
-                if "rows" in state:  # absent on processes other than 0, which receive no rows
-                    final[name] = state["rows"]
-            else:
-                final[name] = metric_lib.finalize_value(kinds[name], state)
-        if self.finalize_fn is not None:
-            scalars = {k: v for k, v in final.items() if not isinstance(v, np.ndarray)}
-            final.update(self.finalize_fn(dict(scalars)))
-        return final
+        return metric_lib.finalize_all(self._kinds or {}, aggregated_metrics, self.finalize_fn)
 
     def eval_model(self, data_loader: Iterable[Any], mode: str = "test", epoch_idx: int = 0) -> dict[str, Any]:
         """Evaluates the current state over `data_loader` and returns the final metrics.

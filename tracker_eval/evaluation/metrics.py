@@ -22,7 +22,7 @@ cross-device reduction at all; the host adds the partials once, in float64.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -252,6 +252,41 @@ def finalize_value(kind: str, state: Mapping[str, Any]) -> float:
     if kind == "Min":
         return _python_number(state["min"])
     raise ValueError(f"{kind} has no scalar value")
+
+
+def merge_fetched(
+    kinds: Mapping[str, str], aggregated: Mapping[str, Any], fetched: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`aggregated` with a fetched accumulator (``{"reduced", "per_example"}``) merged in, on the host.
+
+    Per-example rows are concatenated in order; reduced states merge by kind, so several loaders
+    (or several processes' states) combine exactly.
+    """
+    out = {name: dict(value) for name, value in aggregated.items()}
+    for name, state in host_state(fetched.get("reduced", {})).items():
+        out[name] = merge_host(kinds[name], out.get(name), state)
+    for name, rows in fetched.get("per_example", {}).items():
+        previous = out.get(name, {}).get("rows")
+        out[name] = {"rows": rows if previous is None else np.concatenate([previous, rows])}
+    return out
+
+
+def finalize_all(
+    kinds: Mapping[str, str], aggregated: Mapping[str, Any],
+    finalize_fn: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Final numbers: scalars as Python numbers, per-example metrics as arrays, `finalize_fn`'s added."""
+    final: dict[str, Any] = {}
+    for name, state in aggregated.items():
+        if kinds.get(name) == "PerExample":
+            if "rows" in state:  # absent on processes other than 0, which receive no rows
+                final[name] = state["rows"]
+        else:
+            final[name] = finalize_value(kinds[name], state)
+    if finalize_fn is not None:
+        scalars = {k: v for k, v in final.items() if not isinstance(v, np.ndarray)}
+        final.update(finalize_fn(dict(scalars)))
+    return final
 
 
 def _python_number(value: Any) -> float:
