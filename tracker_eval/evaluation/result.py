@@ -32,6 +32,9 @@ class EvalResult:
       per_example: un-reduced per-example arrays by name, one row per real example, dataset order.
       provenance: where the numbers came from: config hash, split, versions, mesh, host, wall time.
       time: unix time at which the metrics were finalized.
+      suite: the evaluation suite that produced it; "" for the one evaluation of a config without
+        ``suites`` (its metrics keep the keys ``<prefix>/<metric>``; a suite's are
+        ``<prefix>/<suite>/<metric>``).
     """
 
     step: int
@@ -40,6 +43,7 @@ class EvalResult:
     per_example: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     time: float = dataclasses.field(default_factory=time.time)
+    suite: str = ""
 
     def to_json(self, *, per_example_lists: bool = False) -> dict[str, Any]:
         """Returns a JSON-ready dict; per-example arrays become lists only when asked."""
@@ -50,6 +54,8 @@ class EvalResult:
             "provenance": dict(self.provenance),
             "time": self.time,
         }
+        if self.suite:  # a result without a suite keeps today's form
+            out["suite"] = self.suite
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
@@ -66,7 +72,13 @@ class EvalResult:
             per_example=dict(per_example or {}),
             provenance=dict(data.get("provenance", {})),
             time=float(data.get("time", time.time())),
+            suite=str(data.get("suite", "")),
         )
+
+
+def metric_key(prefix: str, suite: str, name: str) -> str:
+    """A metric's key in trackers: ``<prefix>/<suite>/<name>``, without the parts that are empty."""
+    return "/".join(part for part in (prefix, suite, name) if part)
 
 
 def json_number(value: Any) -> float | int | None:

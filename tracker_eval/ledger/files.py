@@ -77,6 +77,7 @@ def decode_result(text: str, *, per_example: Mapping[str, np.ndarray]) -> EvalRe
         per_example=dict(per_example),
         provenance=dict(data.get("provenance", {})),
         time=float(data["time"]),
+        suite=str(data.get("suite", "")),
     )
 
 

@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -111,6 +111,16 @@ _MIGRATIONS: dict[int, str] = {
     DROP TABLE outbox;
     ALTER TABLE outbox_v2 RENAME TO outbox;
     CREATE INDEX outbox_due ON outbox (stream_id, logger, state, step);
+    """,
+    # Version 3: evaluation suites. Each suite of a run is a stream of its own (its steps, outbox
+    # and best); `parent_id` names the run's stream (checkpoint_dir + the hash of the shared
+    # fields), which holds what the suites share: tracker run state, delivery leases, the summary
+    # mark and the heartbeat. `suite` is the suite's name, so a removed suite stays listed.
+    # Streams of configs without suites have neither.
+    3: """
+    ALTER TABLE streams ADD COLUMN parent_id INTEGER REFERENCES streams (stream_id);
+    ALTER TABLE streams ADD COLUMN suite TEXT;
+    CREATE INDEX streams_parent ON streams (parent_id, suite)
     """,
 }
 

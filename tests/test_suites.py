@@ -1,0 +1,267 @@
+"""Evaluation suites: several evaluations per checkpoint after one restore, each its own ledger
+stream, delivered once per (step, suite); a suite added later evaluates only itself on old steps."""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import subprocess
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from watcher_harness import (
+    CLASSIFICATION,
+    EXE,
+    WatcherProcess,
+    child_env,
+    mlflow_points,
+    publish,
+    wandb_rows,
+)
+
+from tracker_eval.config import load_config
+from tracker_eval.errors import ConfigError
+from tracker_eval.loggers.jsonl import read_jsonl
+
+pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+
+STEPS = (20, 40)
+TRAIN_LIMIT = 200  # the `test` suite: the first 200 training examples, another set than `val`
+
+
+def suite(**extra: Any) -> dict[str, Any]:
+    return {"eval_function": f"{CLASSIFICATION}:eval_function", "data": f"{CLASSIFICATION}:make_eval_data", **extra}
+
+
+VAL = suite(batch_size=64)
+TEST = suite(batch_size=48, split="train", data_kwargs={"limit": TRAIN_LIMIT})
+BROKEN = suite(batch_size=64, data_kwargs={"no_such_option": 1})  # the factory raises TypeError
+
+
+def write_suites_config(root: pathlib.Path, suites: dict[str, Any], *, loggers: list[dict[str, Any]],
+                        watch: dict[str, Any] | None = None, name: str = "watch.yaml") -> pathlib.Path:
+    config = {
+        "checkpoint_dir": str(root / "ckpts"),
+        "model": f"{CLASSIFICATION}:make_model",
+        "output_dir": str(root / "out"),
+        "suites": suites,
+        "loggers": loggers,
+        "watch": {"poll_interval_s": 0.3, "until_step": STEPS[-1], "idle_timeout_s": 120, **(watch or {})},
+    }
+    path = root / name
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def references(checkpoint_dir: pathlib.Path, step: int) -> dict[str, dict[str, float]]:
+    """Float64 numpy metrics of both suites' data at `step` (a plain Orbax restore of the whole state)."""
+    from reference import mlp_losses, restored_params  # noqa: PLC0415
+
+    from tracker_eval.tasks.classification import split_digits  # noqa: PLC0415 - the data only
+
+    params = restored_params(checkpoint_dir, step)
+    out = {}
+    for name, (split, limit) in {"val": ("validation", None), "test": ("train", TRAIN_LIMIT)}.items():
+        x, y = split_digits(split)
+        losses, correct = mlp_losses(params, x[:limit], y[:limit])
+        out[name] = {"loss": float(np.mean(losses)), "accuracy": float(np.mean(correct))}
+    return out
+
+
+def run_watch(config: pathlib.Path) -> WatcherProcess:
+    with WatcherProcess(config) as watcher:
+        code = watcher.wait_exit(timeout=300)
+    assert code == 0, watcher.tail()
+    return watcher
+
+
+def status_json(config: pathlib.Path) -> dict[str, Any]:
+    done = subprocess.run([EXE, "status", "--config", str(config), "--json"], capture_output=True, text=True,
+                          timeout=120, env=child_env())
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def jsonl_by_suite(out: pathlib.Path) -> dict[tuple[int, str], list[dict[str, float]]]:
+    found = collections.defaultdict(list)
+    for record in read_jsonl(out / "metrics.jsonl"):
+        found[(record["step"], record.get("suite", ""))].append(record["metrics"])
+    return dict(found)
+
+
+def test_two_suites_one_restore_each_step_and_suite_delivered_once(tmp_path, source_checkpoints, mlflow_server):
+    experiment = f"suites-{uuid.uuid4().hex[:8]}"
+    loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment},
+               {"type": "wandb"}]
+    config = write_suites_config(tmp_path, {"val": VAL, "test": TEST}, loggers=loggers,
+                                 watch={"best": {"suite": "test", "metric": "loss", "mode": "min"}})
+    for step in STEPS:
+        publish(source_checkpoints, tmp_path / "ckpts", step)
+    watcher = run_watch(config)
+    out = tmp_path / "out"
+    # One evaluation decision (one restore) per step, covering both suites.
+    assert watcher.text.count("evaluating step 20 (suites val, test)") == 1, watcher.tail()
+    assert watcher.text.count("evaluating step 40 (suites val, test)") == 1, watcher.tail()
+    want = {step: references(tmp_path / "ckpts", step) for step in STEPS}
+
+    jsonl = jsonl_by_suite(out)
+    assert sorted(jsonl) == sorted((step, name) for step in STEPS for name in ("val", "test"))
+    for (step, name), lines in jsonl.items():
+        assert len(lines) == 1, (step, name)
+        assert lines[0]["loss"] == pytest.approx(want[step][name]["loss"], rel=1e-5)
+        assert lines[0]["accuracy"] == pytest.approx(want[step][name]["accuracy"], rel=1e-9)
+
+    history = mlflow_points(mlflow_server.url, experiment)
+    for name in ("val", "test"):
+        for metric in ("loss", "accuracy"):
+            points = history[f"eval/{name}/{metric}"]
+            assert sorted(step for step, _ in points) == list(STEPS), (name, metric, points)
+            for step, value in points:
+                assert value == pytest.approx(want[step][name][metric], rel=1e-5)
+    assert not any(key in history for key in ("eval/loss", "eval/accuracy"))
+
+    rows = [r for r in wandb_rows(out) if "checkpoint_step" in r]
+    seen = collections.Counter()
+    for row in rows:
+        suites = {key.split("/")[1] for key in row if key.startswith("eval/")}
+        assert len(suites) == 1, row  # one row per (step, suite)
+        (name,) = suites
+        seen[(int(row["checkpoint_step"]), name)] += 1
+        assert row[f"eval/{name}/loss"] == pytest.approx(want[int(row["checkpoint_step"])][name]["loss"], rel=1e-5)
+    assert seen == {(step, name): 1 for step in STEPS for name in ("val", "test")}
+
+    doc = status_json(config)
+    assert doc["suites"] == ["val", "test"]
+    assert [row["step"] for row in doc["steps"]] == list(STEPS)
+    for row in doc["steps"]:
+        assert row["state"] == "delivered"
+        for name in ("val", "test"):
+            entry = row["suites"][name]
+            assert entry["state"] == "delivered" and entry["reason"] is None
+            assert entry["deliveries"] == {"jsonl": "delivered", "mlflow": "delivered", "wandb": "delivered"}
+            assert entry["metrics"]["loss"] == pytest.approx(want[row["step"]][name]["loss"], rel=1e-5)
+    best_step = min(STEPS, key=lambda s: want[s]["test"]["loss"])
+    assert doc["best"]["suite"] == "test" and doc["best"]["step"] == best_step
+    best = json.loads((out / "best.json").read_text())
+    assert best["suite"] == "test" and best["step"] == best_step
+
+
+def test_a_suite_added_later_evaluates_only_itself_and_a_failing_suite_does_not_stop_the_others(
+    tmp_path, source_checkpoints, mlflow_server
+):
+    experiment = f"suites-later-{uuid.uuid4().hex[:8]}"
+    loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment}]
+    for step in STEPS:
+        publish(source_checkpoints, tmp_path / "ckpts", step)
+    first = write_suites_config(tmp_path, {"val": VAL}, loggers=loggers, name="first.yaml")
+    run_watch(first)
+    out = tmp_path / "out"
+    assert sorted(jsonl_by_suite(out)) == [(step, "val") for step in STEPS]
+
+    # Later: `test` and a broken suite join; `val` has every step done and must not run again.
+    second = write_suites_config(tmp_path, {"val": VAL, "test": TEST, "broken": BROKEN}, loggers=loggers,
+                                 watch={"max_attempts": 1}, name="second.yaml")
+    watcher = run_watch(second)
+    assert "suites val" not in watcher.text and "suite 'val'" not in watcher.text, watcher.tail()
+    assert watcher.text.count("evaluating step 20 (suites test, broken)") == 1, watcher.tail()
+    want = {step: references(tmp_path / "ckpts", step) for step in STEPS}
+    jsonl = jsonl_by_suite(out)
+    assert sorted(jsonl) == sorted((step, name) for step in STEPS for name in ("val", "test"))
+    assert all(len(lines) == 1 for lines in jsonl.values()), jsonl
+    for step in STEPS:
+        assert jsonl[(step, "test")][0]["loss"] == pytest.approx(want[step]["test"]["loss"], rel=1e-5)
+    history = mlflow_points(mlflow_server.url, experiment)
+    for name in ("val", "test"):
+        assert sorted(step for step, _ in history[f"eval/{name}/loss"]) == list(STEPS), history
+    assert not any(key.startswith("eval/broken/") for key in history)
+
+    doc = status_json(second)
+    for row in doc["steps"]:
+        assert row["suites"]["val"]["state"] == "delivered"
+        assert row["suites"]["test"]["state"] == "delivered"
+        broken = row["suites"]["broken"]
+        assert broken["state"] == "given_up" and "TypeError" in broken["reason"] and not broken["metrics"]
+
+    # Removing suites keeps their history in the ledger and in status.
+    doc = status_json(first)
+    assert doc["suites"] == ["val", "test", "broken"]
+    for row in doc["steps"]:
+        assert row["state"] == "delivered"  # over the configured suite only
+        assert row["suites"]["test"]["metrics"]["loss"] == pytest.approx(want[row["step"]]["test"]["loss"], rel=1e-5)
+
+
+def test_one_restore_per_checkpoint_and_one_compile_per_suite(tmp_path, source_checkpoints):
+    from tracker_eval.runners.pipeline import Pipeline  # noqa: PLC0415
+
+    for step in STEPS:
+        publish(source_checkpoints, tmp_path / "ckpts", step)
+    config = load_config(write_suites_config(tmp_path, {"val": VAL, "test": TEST, "broken": BROKEN},
+                                             loggers=[]))
+    pipeline = Pipeline(config)
+    outcomes = [pipeline.evaluate_suites(step) for step in STEPS]
+    assert pipeline.restores == len(STEPS)
+    assert pipeline.suites["val"].evaluation.trace_count == 1
+    assert pipeline.suites["test"].evaluation.trace_count == 1
+    for step, outcome in zip(STEPS, outcomes, strict=True):
+        assert isinstance(outcome["broken"], TypeError)
+        want = references(tmp_path / "ckpts", step)
+        for name in ("val", "test"):
+            result = outcome[name]
+            assert result.suite == name and result.step == step
+            assert result.metrics["loss"] == pytest.approx(want[name]["loss"], rel=1e-5)
+            assert result.metrics["accuracy"] == pytest.approx(want[name]["accuracy"], rel=1e-9)
+    assert list(pipeline.evaluate_suites(STEPS[0], suites=["test"])) == ["test"]
+
+
+BASE = {"checkpoint_dir": "/ckpt", "model": f"{CLASSIFICATION}:make_model"}
+
+
+ONE = "  val: {data: a, eval_function: b, batch_size: 8}\n"
+TWO = ONE + "  test: {data: a, eval_function: b, batch_size: 8}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("suites:\n  Val: {data: a, eval_function: b, batch_size: 8}\n",
+         "suite name 'Val' is not valid; use lowercase letters, digits and _ ([a-z0-9_]+)"),
+        ("suites:\n" + ONE + ONE,
+         "key 'val' appears twice in one mapping (line 5); each key, and each suite name under suites, "
+         "may appear once"),
+        ("suites:\n  val: {eval_function: b, batch_size: 8}\n", "suites.val.data is required; set it under suites.val"),
+        ("batch_size: 8\nsuites:\n" + ONE,
+         "batch_size is a suite option when suites are set; move it under each suite (suites.<name>.batch_size) "
+         "or remove suites"),
+        ("suites:\n" + TWO + "watch: {best: {metric: loss}}\n",
+         "watch.best.suite is required with several suites; set it to one of val, test"),
+        ("suites:\n" + ONE + "watch: {best: {suite: tset, metric: loss}}\n",
+         "watch.best.suite 'tset' is not a suite of this config; it must be one of val"),
+    ],
+)
+def test_suite_config_errors_are_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint_dir: /ckpt\nmodel: m:f\n" + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(message), str(info.value)
+
+
+def test_a_config_error_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint_dir: /ckpt\nmodel: m:f\nsuites:\n  val: {eval_function: b, batch_size: 8}\n")
+    done = subprocess.run([EXE, "status", "--config", str(path)], capture_output=True, text=True, timeout=120,
+                          env=child_env())
+    assert done.returncode == 2
+    assert done.stderr == "tracker-eval: error: suites.val.data is required; set it under suites.val\n"
+
+
+def test_without_suites_the_stream_and_run_identity_are_unchanged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({**BASE, "eval_function": "e:f", "data": "d:f", "batch_size": 8}))
+    config = load_config(path)
+    assert [s.name for s in config.suite_list()] == [""]
+    assert config.run_hash() == config.suite_hash("") == config.config_hash()
+    assert "suites" not in config.to_dict()
