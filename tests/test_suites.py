@@ -265,3 +265,44 @@ def test_without_suites_the_stream_and_run_identity_are_unchanged(tmp_path):
     assert [s.name for s in config.suite_list()] == [""]
     assert config.run_hash() == config.suite_hash("") == config.config_hash()
     assert "suites" not in config.to_dict()
+
+
+def test_two_processes_one_suite_failing_on_one_process_the_next_suite_runs_on_both(tmp_path, source_checkpoints):
+    """Process 1's data of suite `flaky` raises mid-way: both processes abandon that suite (none waits
+    in a collective), then both evaluate `val` on the same restored params and agree with float64."""
+    import socket  # noqa: PLC0415
+
+    publish(source_checkpoints, tmp_path / "ckpts", STEPS[0])
+    flaky = suite(batch_size=40, data="flaky_data:make_eval_data", data_kwargs={"marker": str(tmp_path / "m")})
+    config = write_suites_config(tmp_path, {"flaky": flaky, "val": VAL}, loggers=[{"type": "jsonl"}])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    output = tmp_path / "result.json"
+    procs = [subprocess.Popen(
+        [EXE, "eval", "--config", str(config), "--output", str(output),
+         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "distributed.initialization_timeout_s=60"],
+        env=child_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=240))
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [1, 1], outs  # a suite failed: exit 1, the other delivered
+    assert "suite 'flaky' failed: PeerFailedError: process 1: OSError" in outs[0][1]
+    assert "suite 'flaky' failed: OSError: shard 2 of host 1" in outs[1][1]
+    want = references(tmp_path / "ckpts", STEPS[0])["val"]
+    payload = json.loads(output.read_text())
+    assert payload["step"] == STEPS[0] and set(payload["metrics"]) >= {"val/loss", "val/accuracy"}
+    assert not any(key.startswith("flaky/") for key in payload["metrics"])
+    assert payload["metrics"]["val/loss"] == pytest.approx(want["loss"], rel=1e-5)
+    marker = "tracker-eval: process 1: step 20 suite 'val' reduced metrics "
+    line = next(line for line in outs[1][1].splitlines() if line.startswith(marker))
+    follower = json.loads(line[len(marker):])
+    assert follower["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert follower["accuracy"] == pytest.approx(want["accuracy"], abs=1e-7)
+    records = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")]
+    assert [(r["step"], r["suite"]) for r in records] == [(STEPS[0], "val")]
