@@ -306,3 +306,81 @@ def test_two_processes_one_suite_failing_on_one_process_the_next_suite_runs_on_b
     assert follower["accuracy"] == pytest.approx(want["accuracy"], abs=1e-7)
     records = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")]
     assert [(r["step"], r["suite"]) for r in records] == [(STEPS[0], "val")]
+
+
+def test_the_lm_harness_kind_loads_through_its_entry_point_and_runs_beside_an_eval_suite(tmp_path):
+    """`kind: lm_harness` is found in the entry-point group and run on the same live params as an
+    eval suite; its metrics equal the plug-in used directly on those params, under its suite's keys."""
+    from tracker_eval_lm_harness.suite import HarnessSuite  # noqa: PLC0415
+
+    from tracker_eval.evaluation.state import EvalState  # noqa: PLC0415
+    from tracker_eval.runners.pipeline import Pipeline  # noqa: PLC0415
+    from tracker_eval.runners.suites import PluginSuite  # noqa: PLC0415
+    from tracker_eval.tasks import language_model as lm  # noqa: PLC0415
+
+    harness = {"kind": "lm_harness", "tasks": ["pydoc_cloze"], "limit": 8, "max_length": 64, "batch_size": 8,
+               "bootstrap_iters": 0, "num_fewshot": 0}
+    text = {"eval_function": "tracker_eval.tasks.language_model:eval_function",
+            "data": "tracker_eval.tasks.language_model:make_eval_data", "batch_size": 8,
+            "data_kwargs": {"seq_len": 32}}
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"checkpoint_dir": str(tmp_path / "ckpts"), "output_dir": str(tmp_path / "out"),
+                                "model": "tracker_eval.tasks.language_model:make_model",
+                                "suites": {"text": text, "harness": harness}}))
+    config = load_config(path)
+    pipeline = Pipeline(config, progress=False)
+    assert isinstance(pipeline.suites["harness"], PluginSuite)
+    params = lm.init_params(lm.make_model(), seed=3)
+    state = EvalState.create(apply_fn=None, params=params, step=7)
+    outcomes = pipeline.evaluate_state_suites(state, checkpoint="live")
+    assert list(outcomes) == ["text", "harness"]
+    result = outcomes["harness"]
+    assert not isinstance(result, Exception), result
+    assert result.suite == "harness" and result.step == 7 and result.checkpoint == "live"
+    direct = HarnessSuite(HarnessSuite.Config.from_mapping({k: v for k, v in harness.items() if k != "kind"}),
+                          adapter=pipeline.adapter, mesh=pipeline.mesh, name="direct")
+    try:
+        want = direct.run(params, step=7).metrics
+    finally:
+        direct.close()
+    assert set(result.metrics) == set(want) and "pydoc_cloze/acc" in want
+    assert result.metrics == pytest.approx(want, rel=1e-9)
+    assert not isinstance(outcomes["text"], Exception) and "loss" in outcomes["text"].metrics
+    pipeline.close()
+
+
+def _suite_result(step: int, name: str, loss: float) -> Any:
+    from tracker_eval.evaluation.result import EvalResult  # noqa: PLC0415
+
+    return EvalResult(step=step, checkpoint=f"/ckpt/{step}", metrics={"loss": loss}, suite=name,
+                      per_example={"example_loss": np.array([loss, loss + 1.0])})
+
+
+def test_jsonl_and_tensorboard_hold_each_step_and_suite_once_through_resends_and_a_restart(tmp_path):
+    """Two suites of one step are two results: both written; a resend of either (also by a new
+    logger instance, as after a crash) adds nothing."""
+    from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+    from tracker_eval_tensorboard.logger import TensorboardLogger  # noqa: PLC0415
+
+    from tracker_eval.loggers.base import LoggerContext  # noqa: PLC0415
+    from tracker_eval.loggers.jsonl import JsonlLogger  # noqa: PLC0415
+
+    context = LoggerContext(output_dir=str(tmp_path), run_key="stream@suites")
+    sent = [_suite_result(10, "val", 0.5), _suite_result(10, "test", 0.75), _suite_result(20, "val", 0.25)]
+    for attempt in range(2):
+        loggers = [JsonlLogger(context=context), TensorboardLogger(TensorboardLogger.Config(run_name="eval"),
+                                                                   context=context, name="tensorboard")]
+        for logger in loggers:
+            if attempt and hasattr(logger, "reconcile"):  # TensorBoard reads its files again at every flush
+                logger.reconcile({10: 0.0}, suite="test")
+            for result in sent if attempt == 0 else [*sent, sent[1]]:
+                logger.log_result(result)
+            logger.flush()
+            logger.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert sorted((r["step"], r["suite"], r["metrics"]["loss"]) for r in records) == [
+        (10, "test", 0.75), (10, "val", 0.5), (20, "val", 0.25)]
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "eval")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/val/loss")] == [(10, 0.5), (20, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/test/loss")] == [(10, 0.75)]
+    assert "eval/test/per_example/example_loss" in events.Tags()["tensors"]

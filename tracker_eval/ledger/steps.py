@@ -92,9 +92,8 @@ class Ledger(Outbox, StepReads):
           backoff_cap_s: longest delay between delivery attempts.
           busy_timeout_s: how long a write waits for another process's write.
           clock: source of unix time (tests pass a fake one).
-          run_hash: the run's hash when this stream is one suite of a run with several
-            (`EvalConfig.run_hash`): tracker run state, delivery leases, the summary mark and the
-            heartbeat are then kept once for the run, shared by all its suites' streams.
+          run_hash: the run's hash (`EvalConfig.run_hash`) when this stream is one suite of a run:
+            run state, delivery leases, summary marks and heartbeat are then the run's, shared.
           suite: the suite's name (recorded so `status` lists every suite the run ever had).
 
         Raises:
@@ -110,9 +109,8 @@ class Ledger(Outbox, StepReads):
             raise ConfigError(
                 f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s} and {backoff_cap_s}"
             )
-        super().__init__(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash,
-                         loggers=loggers, busy_timeout_s=busy_timeout_s, clock=clock, run_hash=run_hash,
-                         suite=suite)
+        super().__init__(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, loggers=loggers,
+                         busy_timeout_s=busy_timeout_s, clock=clock, run_hash=run_hash, suite=suite)
         self._best = (best_metric, best_mode)
         self._max_attempts = max_attempts
         self._max_delivery_attempts = max_delivery_attempts
