@@ -384,3 +384,36 @@ def test_jsonl_and_tensorboard_hold_each_step_and_suite_once_through_resends_and
     assert [(e.step, e.value) for e in events.Scalars("eval/val/loss")] == [(10, 0.5), (20, 0.25)]
     assert [(e.step, e.value) for e in events.Scalars("eval/test/loss")] == [(10, 0.75)]
     assert "eval/test/per_example/example_loss" in events.Tags()["tensors"]
+
+
+def test_in_training_evaluates_every_suite_on_the_live_params_and_records_each(tmp_path):
+    from reference import mlp_losses  # noqa: PLC0415
+
+    from tracker_eval import InTrainingEvaluation  # noqa: PLC0415
+    from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
+    from tracker_eval.tasks.classification import split_digits  # noqa: PLC0415
+    from tracker_eval.tasks.train import train_classifier  # noqa: PLC0415
+
+    config = write_suites_config(tmp_path, {"val": VAL, "broken": BROKEN}, loggers=[{"type": "jsonl"}])
+    got: dict[int, Any] = {}
+    with InTrainingEvaluation.from_config(str(config)) as evaluation:
+
+        def after_save(step, state):
+            got[step] = (evaluation.after_checkpoint(step=step, train_state=state), state.params)
+
+        train_classifier(tmp_path / "ckpts", steps=20, save_every=10, learning_rate=0.01, after_save=after_save)
+        assert evaluation.compile_count == 1  # the val suite's step, once for the run
+        ledgers = evaluation.stream.ledgers
+        stored = (StepState.EVALUATED, StepState.DELIVERED)  # delivery runs on its own threads
+        assert all(ledgers["val"].state(s) in stored for s in (10, 20))
+        assert [ledgers["broken"].state(s) for s in (10, 20)] == [StepState.FAILED] * 2
+        again = evaluation.after_checkpoint(step=10, params=got[10][1])  # stored: read back, not evaluated
+        assert evaluation.compile_count == 1 and again["val"].metrics == got[10][0]["val"].metrics
+    x, y = split_digits("validation")
+    for step, (results, params) in got.items():
+        assert list(results) == ["val"]  # the broken suite failed: left out, recorded, training went on
+        losses, correct = mlp_losses(params, x, y)
+        assert results["val"].metrics["loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+        assert results["val"].suite == "val" and results["val"].step == step
+    assert sorted((r["step"], r["suite"]) for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")) == [
+        (10, "val"), (20, "val")]
