@@ -9,7 +9,9 @@ already cached), measured in the same process. Medians over interleaved repeats,
 divided by three fresh single-suite runs of the same checkpoint (each builds, restores, compiles):
 what a user saves by moving three watchers into one config.
 
-Real Orbax checkpoints of the digits classifier; 8 fake CPU devices (`make bench` sets XLA_FLAGS).
+A real Orbax checkpoint of the byte-level language model (tracker_eval.tasks.language_model, width
+128); the three suites read its held-out text of two corpora; 8 fake CPU devices (`make bench` sets
+XLA_FLAGS).
 """
 
 from __future__ import annotations
@@ -27,21 +29,23 @@ from tracker_eval.config import load_config
 from tracker_eval.runners.pipeline import Pipeline
 
 REPEATS = 7
-CLASSIFICATION = "tracker_eval.tasks.classification"
+TASK = "tracker_eval.tasks.language_model"
+WIDTH = 128
 SUITES = {
-    "val": {"batch_size": 64},
-    "train_head": {"batch_size": 64, "split": "train", "data_kwargs": {"limit": 1000}},
-    "train": {"batch_size": 128, "split": "train"},
+    "digits_text": {"batch_size": 64, "data_kwargs": {"corpus": "sklearn"}},
+    "pydoc": {"batch_size": 64, "data_kwargs": {"corpus": "pydoc"}},
+    "pydoc_long": {"batch_size": 32, "data_kwargs": {"corpus": "pydoc", "seq_len": 256}},
 }
-STEP = 20
+STEP = 2
 
 
 def _config(root: pathlib.Path, suites: dict[str, dict[str, Any]]) -> Any:
-    spec = {name: {"eval_function": f"{CLASSIFICATION}:eval_function", "data": f"{CLASSIFICATION}:make_eval_data",
-                   **options} for name, options in suites.items()}
+    spec = {name: {"eval_function": f"{TASK}:eval_function", "data": f"{TASK}:make_eval_data",
+                   "finalize": f"{TASK}:finalize", **options} for name, options in suites.items()}
     path = root / f"{'-'.join(suites)}.yaml"
-    path.write_text(json.dumps({"checkpoint_dir": str(root / "ckpts"), "model": f"{CLASSIFICATION}:make_model",
-                                "output_dir": str(root / "out"), "loggers": [], "suites": spec}))
+    path.write_text(json.dumps({"checkpoint_dir": str(root / "ckpts"), "model": f"{TASK}:make_model",
+                                "model_kwargs": {"width": WIDTH}, "output_dir": str(root / "out"), "loggers": [],
+                                "suites": spec}))
     return load_config(path)
 
 
@@ -57,11 +61,11 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def run() -> dict[str, float]:
-    from tracker_eval.tasks.train import train_classifier  # noqa: PLC0415
+    from tracker_eval.tasks.train import train_language_model  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="bench-suites-") as tmp:
         root = pathlib.Path(tmp)
-        train_classifier(root / "ckpts", steps=STEP, save_every=STEP)
+        train_language_model(root / "ckpts", steps=STEP, save_every=STEP, width=WIDTH)
         config = _config(root, SUITES)
 
         # Cold: one run of three suites against three single-suite runs, each from nothing.
