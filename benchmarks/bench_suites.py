@@ -94,16 +94,18 @@ def run() -> dict[str, float]:
             for suite in pipeline.suites.values():
                 suite.evaluation.evaluate(restored, suite.data())
 
-        warm = {"suites": [], "bound": []}
+        warm = {"suites": [], "bound": [], "restore": []}
         for _ in range(REPEATS):
             warm["suites"].append(_timed(lambda: pipeline.evaluate_suites(STEP)))
             warm["bound"].append(_timed(bound))
+            warm["restore"].append(_timed(lambda: pipeline.restore(STEP)))
         med = {k: statistics.median(v) for k, v in {**cold, **warm}.items()}
         compiles = {name: suite.evaluation.trace_count for name, suite in pipeline.suites.items()}
         assert set(compiles.values()) == {1}, compiles
-    print(f"  3 suites on one checkpoint: {med['suites']:.3f} s vs bound {med['bound']:.3f} s; "
-          f"fresh: together {med['together']:.2f} s vs separate {med['separate']:.2f} s")
+    print(f"  3 suites on one checkpoint: {med['suites']:.3f} s vs bound {med['bound']:.3f} s (restore "
+          f"{med['restore']:.3f} s); fresh: together {med['together']:.2f} s vs separate {med['separate']:.2f} s")
     return {
         "suites_vs_bound_ratio": med["suites"] / med["bound"],
         "suites_vs_separate_ratio": med["together"] / med["separate"],
+        "suites_restore_share_of_bound": med["restore"] / med["bound"],
     }
