@@ -256,6 +256,11 @@ def test_a_config_error_exits_2_with_one_line(tmp_path):
                           env=child_env())
     assert done.returncode == 2
     assert done.stderr == "tracker-eval: error: suites.val.data is required; set it under suites.val\n"
+    path.write_text("checkpoint_dir: /ckpt\nmodel: m:f\nsuites:\n" + TWO)
+    done = subprocess.run([EXE, "eval", "--config", str(path), "--suite", "val", "--suite", "tset"],
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert done.returncode == 2
+    assert done.stderr == "tracker-eval: error: --suite 'tset' is not a suite of this config; suites: val, test\n"
 
 
 def test_without_suites_the_stream_and_run_identity_are_unchanged(tmp_path):
