@@ -59,9 +59,12 @@ def test_plot_is_a_valid_png(demo):
 def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
     out, _ = demo
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in sorted(records, key=lambda r: r["step"])] == STEPS
-    loss = {r["step"]: r["metrics"]["loss"] for r in records}
+    # Two suites per checkpoint, one line each.
+    assert sorted((r["step"], r["suite"]) for r in records) == [(s, n) for s in STEPS for n in ("train", "val")]
+    loss = {r["step"]: r["metrics"]["loss"] for r in records if r["suite"] == "val"}
+    train_loss = {r["step"]: r["metrics"]["loss"] for r in records if r["suite"] == "train"}
     assert loss[60] < loss[20]  # the metrics visibly improve over the checkpoints
+    assert train_loss != loss
     in_training = {r["step"] for r in records if r["provenance"].get("source") == "in-training"}
     # --in-training: every other checkpoint (here 40) is evaluated inside the training loop.
     assert in_training == ({40} if out.parent.name.startswith("demo-in-training") else set())
@@ -71,9 +74,11 @@ def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     experiment = client.get_experiment_by_name("tracker-eval-demo")
     (run,) = client.search_runs([experiment.experiment_id])
-    history = client.get_metric_history(run.info.run_id, "eval/loss")
+    history = client.get_metric_history(run.info.run_id, "eval/val/loss")
     assert sorted(m.step for m in history) == STEPS
     assert {m.step: m.value for m in history} == pytest.approx(loss, rel=1e-6)
+    history = client.get_metric_history(run.info.run_id, "eval/train/loss")
+    assert {m.step: m.value for m in history} == pytest.approx(train_loss, rel=1e-6)
     assert run.data.tags.get("tracker_eval.summary.best_step") == "60"
 
     from tracker_eval_wandb import reader
@@ -84,8 +89,8 @@ def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
 
     config = load_config(out / "demo.yaml")
     rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))
-    points = {int(r["checkpoint_step"]): r["eval/loss"] for r in rows if "eval/loss" in r}
-    assert sorted(points) == STEPS and len(rows) == len(STEPS)
+    points = {int(r["checkpoint_step"]): r["eval/val/loss"] for r in rows if "eval/val/loss" in r}
+    assert sorted(points) == STEPS and len(rows) == 2 * len(STEPS)  # one row per (step, suite)
     assert points == pytest.approx(loss, rel=1e-6)
     assert json.loads((out / "best.json").read_text())["step"] == 60
 
@@ -93,7 +98,9 @@ def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(str(out / "tensorboard" / "demo-eval")).Reload()
-    scalars = events.Scalars("eval/loss")
+    scalars = events.Scalars("eval/val/loss")
     assert sorted(e.step for e in scalars) == STEPS and len(scalars) == len(STEPS)
     assert {e.step: e.value for e in scalars} == pytest.approx(loss, rel=1e-6)  # stored as float32
-    assert "eval/per_example/example_loss" in events.Tags()["tensors"]
+    scalars = events.Scalars("eval/train/loss")
+    assert {e.step: e.value for e in scalars} == pytest.approx(train_loss, rel=1e-6)
+    assert "eval/val/per_example/example_loss" in events.Tags()["tensors"]

@@ -1,6 +1,6 @@
 """The `tracker-eval` command line: eval, watch, status, retry, demo.
 
-    tracker-eval eval --config eval.yaml [--step N] [--output result.json] [key=value ...]
+    tracker-eval eval --config eval.yaml [--step N] [--suite NAME ...] [--output result.json] [key=value ...]
     tracker-eval watch --config watch.yaml [key=value ...]
     tracker-eval status --config watch.yaml [--json]
     tracker-eval retry --config watch.yaml [--step N] [--logger ID]
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", required=True, help="YAML config file")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest finalized)")
     ev.add_argument("--output", default=None, help="write the result as JSON to this file")
+    ev.add_argument("--suite", action="append", default=None, metavar="NAME",
+                    help="evaluate only this suite (repeatable; default: every suite)")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, nested keys with dots")
 
     wa = sub.add_parser("watch", parents=[common], help="evaluate every new finalized checkpoint as it appears")
@@ -144,6 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tracker_eval.runners import distributed  # noqa: PLC0415
     from tracker_eval.runners.pipeline import Components, Pipeline  # noqa: PLC0415
 
+    suites = _chosen_suites(config, args.suite)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
     from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
@@ -169,7 +172,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f"finalized steps: {_short(steps)}"
                 )
         step = distributed.broadcast_from_primary(step if step is not None else -1)
-        pipeline = Pipeline(config, components=components)
+        pipeline = Pipeline(config, components=components, suites=suites)
+        if config.has_suites:
+            return _eval_suites(pipeline, step, session=session, output=args.output)
         result = pipeline.evaluate_step(step)
         if session is None:
             # Every process finalizes the same reduced metrics; saying so in each process's log lets
@@ -187,6 +192,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         if session is not None:
             session.close()
+
+
+def _chosen_suites(config: Any, chosen: Sequence[str] | None) -> list[str] | None:
+    """The suites `--suite` names (None: all), checked against the config."""
+    if not chosen:
+        return None
+    names = [suite.name for suite in config.suites]
+    if not names:
+        raise UsageError("--suite needs a config with suites; this config has one evaluation and no suites")
+    unknown = [name for name in chosen if name not in names]
+    if unknown:
+        raise UsageError(f"--suite {unknown[0]!r} is not a suite of this config; suites: {', '.join(names)}")
+    return list(dict.fromkeys(chosen))
+
+
+def _eval_suites(pipeline: Any, step: int, *, session: Any, output: str | None) -> int:
+    """Restores `step` once and evaluates each suite; exit code 1 when any suite failed."""
+    import jax  # noqa: PLC0415
+
+    outcomes = pipeline.evaluate_suites(step)
+    failed = {name: error for name, error in outcomes.items() if isinstance(error, Exception)}
+    results = [result for result in outcomes.values() if not isinstance(result, Exception)]
+    for name, error in failed.items():
+        print(f"tracker-eval: suite {name!r} failed: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+    if session is None:
+        for result in results:
+            LOG.info("tracker-eval: process %d: step %d suite %r reduced metrics %s", jax.process_index(), step,
+                     result.suite, json.dumps(result.to_json()["metrics"], sort_keys=True))
+        return 1 if failed else 0
+    for result in results:
+        if not session.has_console:
+            session.print_table(result)
+        for error in session.deliver(result).values():
+            print(f"tracker-eval: warning: {one_line(error)}", file=sys.stderr)
+    if output:
+        metrics = {f"{result.suite}/{name}": value for result in results
+                   for name, value in result.to_json(per_example_lists=True)["metrics"].items()}
+        _write_json(output, {"step": step, "checkpoint": pipeline.checkpoint_path(step), "metrics": metrics})
+    return 1 if failed else 0
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

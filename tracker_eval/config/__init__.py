@@ -1,5 +1,5 @@
-"""The run configuration: typed, frozen dataclasses (`schema`), their strict YAML loader (`load`) and
-the valid range of every numeric setting (`ranges`).
+"""The run configuration: typed, frozen dataclasses (`schema`), named evaluation suites (`suites`),
+their strict YAML loader (`load`) and the valid range of every numeric setting (`ranges`).
 
 Shared by every stage.
 
@@ -8,7 +8,7 @@ May import: the shared top level only (errors, redact).
     from tracker_eval.config import load_config
     config = load_config("configs/watch.yaml", overrides=["mesh.data=4"])
 
-Public names: EvalConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
+Public names: EvalConfig, SuiteConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
 load_config, validate, policy_name.
 """
 
@@ -21,6 +21,7 @@ from tracker_eval.config.schema import (
     MeshConfig,
     WatchConfig,
 )
+from tracker_eval.config.suites import SuiteConfig
 
 __all__ = [
     "BestConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "DistributedConfig",
     "EvalConfig",
     "MeshConfig",
+    "SuiteConfig",
     "WatchConfig",
     "load_config",
     "policy_name",

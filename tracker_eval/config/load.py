@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker_eval.config.ranges import check_ranges
+from tracker_eval.config.ranges import RANGES, check_ranges
 from tracker_eval.config.schema import CACHE_MODES, EvalConfig
+from tracker_eval.config.suites import EVAL_KIND, EVAL_SUITE_KEYS, parse_suites
 from tracker_eval.errors import ConfigError, one_line
 
 REQUIRED_KEYS = ("checkpoint_dir", "model", "eval_function", "data", "batch_size")
@@ -66,17 +68,38 @@ def load_config(
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be read: {one_line(e)}") from None
     except Exception as e:  # yaml errors and the like
+        duplicate = _DUPLICATE.search(str(e))
+        if duplicate:  # YAML itself would keep the last of two equal keys; a second suite "val" is a mistake
+            raise ConfigError(
+                f"config {str(path)!r}: key {duplicate.group(1)!r} appears twice in one mapping (line "
+                f"{duplicate.group(2)}); each key, and each suite name under suites, may appear once"
+            ) from None
         raise ConfigError(f"config {str(path)!r} could not be parsed: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(raw).__name__}")
-    missing = [k for k in REQUIRED_KEYS if raw.get(k) is None]
+    suites = raw.pop("suites", None)
+    if suites is not None:
+        misplaced = [k for k in EVAL_SUITE_KEYS if k in raw]
+        if misplaced:
+            raise ConfigError(
+                f"{misplaced[0]} is a suite option when suites are set; move it under each suite "
+                f"(suites.<name>.{misplaced[0]}) or remove suites"
+            )
+        missing = [k for k in REQUIRED_KEYS if k not in EVAL_SUITE_KEYS and raw.get(k) is None]
+    else:
+        missing = [k for k in REQUIRED_KEYS if raw.get(k) is None]
     if missing:
         raise ConfigError(
             f"missing required config key(s) {missing}; set them in the YAML file or as key=value overrides"
         )
     config = _build(EvalConfig, raw, prefix="")
+    if suites is not None:
+        config = dataclasses.replace(config, suites=parse_suites(suites, build=_build))
     validate(config)
     return config
+
+
+_DUPLICATE = re.compile(r"found duplicate key (\S+)\s+in \"[^\"]*\", line (\d+)")
 
 
 PARAMS_SHARDINGS = ("auto", "replicated", "fsdp")
@@ -89,7 +112,7 @@ def validate(config: EvalConfig) -> None:
     Raises:
       ConfigError: naming the key, the bad value and the valid choices.
     """
-    check_ranges(config)
+    check_ranges(config, skip=("batch_size",) if config.suites else ())
     sizes = dataclasses.asdict(config.mesh)
     for axis, size in sizes.items():
         if size == 0 or size < -1:
@@ -102,12 +125,35 @@ def validate(config: EvalConfig) -> None:
         )
     if config.cache not in CACHE_MODES:
         raise ConfigError(f"cache {config.cache!r} is not one of {', '.join(CACHE_MODES)}")
+    _validate_suites(config)
     policy_name(config.watch.policy)
-    if config.watch.best is not None and config.watch.best.mode not in ("min", "max"):
-        raise ConfigError(f"watch.best.mode {config.watch.best.mode!r} is not one of min, max")
+    best = config.watch.best
+    if best is not None and best.mode not in ("min", "max"):
+        raise ConfigError(f"watch.best.mode {best.mode!r} is not one of min, max")
+    if best is not None:
+        names = [s.name for s in config.suites]
+        if best.suite is None and len(names) > 1:
+            raise ConfigError(f"watch.best.suite is required with several suites; set it to one of {', '.join(names)}")
+        if best.suite is not None and best.suite not in names:
+            valid = f"one of {', '.join(names)}" if names else "left out in a config without suites"
+            raise ConfigError(f"watch.best.suite {best.suite!r} is not a suite of this config; it must be {valid}")
     for i, spec in enumerate(config.loggers):
         if not isinstance(spec.get("type"), str):
             raise ConfigError(f"loggers[{i}] needs a 'type' (e.g. console, jsonl, wandb, mlflow), got {dict(spec)!r}")
+
+
+def _validate_suites(config: EvalConfig) -> None:
+    """Values of each `kind: eval` suite's options that types alone cannot check."""
+    for suite in config.suites:
+        if suite.kind != EVAL_KIND:
+            continue
+        where = f"suites.{suite.name}"
+        if suite.options["cache"] not in CACHE_MODES:
+            raise ConfigError(f"{where}.cache {suite.options['cache']!r} is not one of {', '.join(CACHE_MODES)}")
+        for key in ("batch_size", "cache_max_mb"):
+            valid, value = RANGES[key], suite.options[key]
+            if not valid.contains(value):
+                raise ConfigError(f"{where}.{key} must be in {valid.text()}, got {value!r}; set it within that range")
 
 
 def policy_name(policy: Any) -> tuple[str, int]:

@@ -64,13 +64,16 @@ RANGES: dict[str, Range] = {
 }
 
 
-def check_ranges(config: Any) -> None:
-    """Checks every setting of `RANGES` that the config has (a null `distributed` block has none).
+def check_ranges(config: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Checks every setting of `RANGES` that the config has (a null `distributed` block has none),
+    except those in `skip` (a config with suites has no top-level batch_size: each suite has one).
 
     Raises:
       ConfigError: one line naming the key, its valid range and the bad value.
     """
     for key, valid in RANGES.items():
+        if key in skip:
+            continue
         found, value = _lookup(config, key)
         if not found or (value is None and valid.nullable):
             continue

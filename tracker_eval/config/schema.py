@@ -16,7 +16,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from tracker_eval.config.suites import EVAL_KIND, SuiteConfig, stable_hash, suite_hash
+
 CACHE_MODES = ("host", "device", "none")
+_SUITE_ONLY = ("split", "finalize", "data_kwargs", "cache", "cache_max_mb")
 """Values of `EvalConfig.cache`."""
 
 
@@ -52,6 +55,8 @@ class BestConfig:
     """Scalar metric name as returned by the eval function (no prefix)."""
     mode: str = "min"
     """min or max."""
+    suite: str | None = None
+    """The suite whose metric it is; may be omitted in a config with one suite (or none)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +115,16 @@ class EvalConfig:
     """An Orbax CheckpointManager root: <dir>/<step>/..."""
     model: str
     """Import path pkg.module:attr of a zero-arg factory -> flax.linen Module, flax.nnx Module or apply_fn."""
-    eval_function: str
+    eval_function: str | None = None
     """Import path of (params, apply_fn, batch, rng) -> (dict[str, Metric], mutable); xlstm-jax's
-    {"value", "count"} metrics and scalars are accepted too."""
-    data: str
-    """Import path of (*, split, batch_size, process_index, process_count, **data_kwargs) -> iterable of batches."""
-    batch_size: int
-    """Global batch size; with N processes each yields its 1/N slice of every global batch."""
+    {"value", "count"} metrics and scalars are accepted too. Required without `suites`; with
+    `suites` it is a suite option."""
+    data: str | None = None
+    """Import path of (*, split, batch_size, process_index, process_count, **data_kwargs) -> iterable
+    of batches. Required without `suites`; with `suites` it is a suite option."""
+    batch_size: int | None = None
+    """Global batch size; with N processes each yields its 1/N slice of every global batch. Required
+    without `suites`; with `suites` it is a suite option."""
     split: str = "validation"
     """Data split passed to the data factory."""
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -148,6 +156,69 @@ class EvalConfig:
     """Watcher settings."""
     distributed: DistributedConfig | None = None
     """JAX distributed runtime settings; null = single process."""
+    suites: tuple[SuiteConfig, ...] = ()
+    """Named suites evaluated on every checkpoint after one restore (see `tracker_eval.config.suites`);
+    empty = the evaluation the top-level keys describe, as one suite named ""."""
+
+    @property
+    def has_suites(self) -> bool:
+        """Whether the config names its suites (`suites:`), rather than one top-level evaluation."""
+        return bool(self.suites)
+
+    def suite_list(self) -> tuple[SuiteConfig, ...]:
+        """The suites in config order; without `suites`, one eval suite named "" (today's evaluation)."""
+        if self.suites:
+            return self.suites
+        return (SuiteConfig(name="", kind=EVAL_KIND, options={}),)
+
+    def run_hash(self) -> str:
+        """Identity of the run shared by its suites: the tracker runs and the ledger's run-level state.
+
+        Without `suites` it is `config_hash()`, so existing ledgers and tracker runs continue.
+        """
+        if not self.suites:
+            return self.config_hash()
+        return stable_hash({
+            "model": self.model,
+            "model_kwargs": dict(self.model_kwargs),
+            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "seed": self.seed,
+        })
+
+    def suite_hash(self, name: str) -> str:
+        """The ledger stream identity of suite `name` (`config_hash()` for the suite "")."""
+        if not self.suites:
+            return self.config_hash()
+        return suite_hash(self.run_hash(), self.suite(name))
+
+    def suite(self, name: str) -> SuiteConfig:
+        """The suite called `name`.
+
+        Raises:
+          KeyError: no such suite.
+        """
+        for suite in self.suite_list():
+            if suite.name == name:
+                return suite
+        raise KeyError(name)
+
+    def for_suite(self, name: str) -> EvalConfig:
+        """This config as one `kind: eval` suite sees it: the suite's options in the top-level eval
+        keys, no `suites` (the config itself for the suite "")."""
+        if not self.suites:
+            return self
+        suite = self.suite(name)
+        if suite.kind != EVAL_KIND:
+            return dataclasses.replace(self, suites=())
+        return dataclasses.replace(self, suites=(), **dict(suite.options))
+
+    def best_suite(self) -> str | None:
+        """The suite whose metric `watch.best` tracks, or None when best tracking is off."""
+        if self.watch.best is None:
+            return None
+        if self.watch.best.suite is not None:
+            return self.watch.best.suite
+        return self.suite_list()[0].name
 
     def config_hash(self) -> str:
         """Hash of the fields that change the numbers (not mesh, batch size, loggers or paths).
@@ -174,7 +245,16 @@ class EvalConfig:
         """Plain dict of the config as trackers record it (run config), secrets masked."""
         from tracker_eval.redact import redact  # noqa: PLC0415
 
-        return redact(_plain(dataclasses.asdict(self)))
+        plain = _plain(dataclasses.asdict(self))
+        # Keys a config without suites never had stay out, so its trackers' run config is unchanged.
+        suites = plain.pop("suites")
+        if self.suites:
+            plain["suites"] = {s["name"]: {"kind": s["kind"], **s["options"]} for s in suites}
+            for key in ("eval_function", "data", "batch_size", *_SUITE_ONLY):
+                plain.pop(key, None)
+        if plain["watch"]["best"] is not None and plain["watch"]["best"]["suite"] is None:
+            del plain["watch"]["best"]["suite"]
+        return redact(plain)
 
 
 def _plain(value: Any) -> Any:

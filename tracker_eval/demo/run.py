@@ -1,9 +1,11 @@
 """`tracker-eval demo`: the whole product on a laptop, no account and no server.
 
 A training process trains the built-in digits classifier and writes Orbax checkpoints every few
-steps; the watcher beside it evaluates each one as it appears and logs to the console, JSONL,
-MLflow (an embedded sqlite store), W&B (offline) and TensorBoard event files. At the end: a table
-per checkpoint, the best checkpoint, a PNG plot, and the commands to browse the results.
+steps; the watcher beside it evaluates each one as it appears, in two suites after one restore
+(``val``: the held-out split; ``train``: the first 400 training examples, to see the gap), and logs
+to the console, JSONL, MLflow (an embedded sqlite store), W&B (offline) and TensorBoard event
+files. At the end: a table per checkpoint, the best checkpoint, a PNG plot, and the commands to
+browse the results.
 
     tracker-eval demo                       # runs/demo, ~20 s after install on 2 CPU cores
     tracker-eval demo --in-training         # every other checkpoint evaluated inside training
@@ -27,6 +29,7 @@ from tracker_eval.errors import ConfigError
 _MARKER = ".tracker-eval-demo"
 DEFAULT_STEPS = 200
 SAVE_EVERY = 20
+TRAIN_EXAMPLES = 400  # the `train` suite: enough training examples to show the gap to `val`
 
 
 def demo_loggers(*, wandb: bool, mlflow: bool, tensorboard: bool, run_name: str = "demo-eval") -> list[dict[str, Any]]:
@@ -44,16 +47,18 @@ def demo_loggers(*, wandb: bool, mlflow: bool, tensorboard: bool, run_name: str 
 def demo_config(output_dir: str, *, steps: int, wandb: bool, mlflow: bool, tensorboard: bool = True) -> dict[str, Any]:
     """The embedded defaults of the demo (written to <output_dir>/demo.yaml for later commands)."""
     loggers = demo_loggers(wandb=wandb, mlflow=mlflow, tensorboard=tensorboard)
+    task = "tracker_eval.tasks.classification"
+    suite = {"eval_function": f"{task}:eval_function", "data": f"{task}:make_eval_data", "batch_size": 64}
     return {
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
-        "model": "tracker_eval.tasks.classification:make_model",
-        "eval_function": "tracker_eval.tasks.classification:eval_function",
-        "data": "tracker_eval.tasks.classification:make_eval_data",
-        "split": "validation",
-        "batch_size": 64,
+        "model": f"{task}:make_model",
+        "suites": {
+            "val": {**suite, "split": "validation"},
+            "train": {**suite, "split": "train", "data_kwargs": {"limit": TRAIN_EXAMPLES}},
+        },
         "output_dir": output_dir,
         "watch": {"poll_interval_s": 1.0, "until_step": steps, "idle_timeout_s": 120,
-                  "best": {"metric": "loss", "mode": "min"}},
+                  "best": {"suite": "val", "metric": "loss", "mode": "min"}},
         "loggers": loggers,
     }
 
@@ -149,14 +154,18 @@ def _summary(config: Any, config_path: str, *, seconds: float) -> None:
 
     doc = collect_status(config)
     best = doc["best"]
-    plot = plot_metrics(doc["steps"], os.path.join(config.output_dir, "eval_metrics.png"),
-                        title="tracker-eval demo: digits classifier, validation split",
+    # One panel per suite and metric ("val/loss", "train/loss", ...).
+    points = [{"step": s["step"], "metrics": {f"{name}/{k}": v for name, entry in s.get("suites", {}).items()
+                                              for k, v in entry["metrics"].items()} or s.get("metrics", {})}
+              for s in doc["steps"]]
+    plot = plot_metrics(points, os.path.join(config.output_dir, "eval_metrics.png"),
+                        title="tracker-eval demo: digits classifier, suites val and train",
                         best_step=best["step"] if best else None)
     out = config.output_dir
     lines = ["", f"tracker-eval demo finished in {seconds:.0f} s. Metrics per checkpoint:", "",
              format_table(doc, prefix=config.metric_prefix), ""]
     if best:
-        lines.append(f"best checkpoint: step {best['step']} (loss {best['value']:.4f}), "
+        lines.append(f"best checkpoint: step {best['step']} ({best.get('suite', '')} loss {best['value']:.4f}), "
                      f"{os.path.join(config.checkpoint_dir, str(best['step']))}")
     lines += [f"plot:            {plot}", f"metrics (JSONL): {os.path.join(out, 'metrics.jsonl')}", ""]
     lines += browse_lines(config, config_path)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         note = ""
         if evaluation is not None and (step // args.save_every) % 2 == 0:
             result = evaluation.after_checkpoint(step=step, train_state=state)
+            if isinstance(result, dict):  # a config with suites: the first suite's loss
+                result = next(iter(result.values()), None)
             if result is not None:
                 note = f", evaluated in-training: loss {result.metrics['loss']:.4f}"
         print(f"train: step {step:>4}/{args.steps}  train loss {recent:.4f}  checkpoint saved{note}", flush=True)

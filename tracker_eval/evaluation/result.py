@@ -36,8 +36,9 @@ class EvalResult:
       per_example: un-reduced per-example arrays by name, one row per real example, dataset order.
       provenance: where the numbers came from: config hash, split, versions, mesh, host, wall time.
       time: unix time at which the metrics were finalized.
-      suite: the suite that produced the result (e.g. ``"harness"``); ``""`` for the stream's own
-        evaluation.
+      suite: the evaluation suite that produced it; "" for the one evaluation of a config without
+        ``suites`` (its metrics keep the keys ``<prefix>/<metric>``; a suite's are
+        ``<prefix>/<suite>/<metric>``).
       samples: per-sample records by task (lm-eval's ``samples``: document, arguments, responses,
         filtered responses, per-sample metrics), each record a dict of JSON values (str, int, float,
         bool, None, lists, dicts with str keys; no NaN or infinities). Stored with the result and
@@ -67,7 +68,7 @@ class EvalResult:
             "provenance": dict(self.provenance),
             "time": self.time,
         }
-        if self.suite:
+        if self.suite:  # a result without a suite keeps today's form
             out["suite"] = self.suite
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
@@ -89,6 +90,11 @@ class EvalResult:
             suite=str(data.get("suite", "")),
             samples=dict(samples or {}),
         )
+
+
+def metric_key(prefix: str, suite: str, name: str) -> str:
+    """A metric's key in trackers: ``<prefix>/<suite>/<name>``, without the parts that are empty."""
+    return "/".join(part for part in (prefix, suite, name) if part)
 
 
 def samples_jsonl(task: str, records: Sequence[Any]) -> str:

@@ -129,6 +129,8 @@ class LedgerStore:
         loggers: Sequence[str],
         busy_timeout_s: float,
         clock: Callable[[], float],
+        run_hash: str | None = None,
+        suite: str = "",
     ) -> None:
         if len(set(loggers)) != len(loggers) or not all(isinstance(n, str) and n for n in loggers):
             raise ConfigError(f"loggers={list(loggers)!r} must be distinct non-empty names")
@@ -145,16 +147,14 @@ class LedgerStore:
         self._path = self.output_dir / LEDGER_FILENAME
         key = hashlib.sha256(f"{self.checkpoint_dir}\0{config_hash}".encode()).hexdigest()[:16]
         self._results_dir = self.output_dir / RESULTS_DIRNAME / key
+        self.suite = suite
         conn = self._conn()
         with write_transaction(conn):
-            conn.execute(
-                "INSERT OR IGNORE INTO streams (checkpoint_dir, config_hash) VALUES (?, ?)",
-                (self.checkpoint_dir, config_hash),
-            )
-            (self._stream,) = conn.execute(
-                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
-                (self.checkpoint_dir, config_hash),
-            ).fetchone()
+            self._stream = self._run_stream = _stream_id(conn, self.checkpoint_dir, config_hash)
+            if run_hash is not None and run_hash != config_hash:
+                self._run_stream = _stream_id(conn, self.checkpoint_dir, run_hash)
+                conn.execute("UPDATE streams SET parent_id = ?, suite = ? WHERE stream_id = ?",
+                             (self._run_stream, suite, self._stream))
 
     def close(self) -> None:
         """Closes every connection this instance opened (from any thread)."""
@@ -196,7 +196,7 @@ class LedgerStore:
     def get_run_state(self, logger: str) -> dict[str, Any]:
         """What `logger` stored to find its tracker run again after a restart ({} when nothing)."""
         row = self._conn().execute(
-            "SELECT state_json FROM run_state WHERE stream_id = ? AND logger = ?", (self._stream, logger)
+            "SELECT state_json FROM run_state WHERE stream_id = ? AND logger = ?", (self._run_stream, logger)
         ).fetchone()
         return {} if row is None else json.loads(row[0])
 
@@ -206,7 +206,7 @@ class LedgerStore:
         with write_transaction(conn):
             conn.execute(
                 "INSERT OR REPLACE INTO run_state (stream_id, logger, state_json) VALUES (?, ?, ?)",
-                (self._stream, logger, json.dumps(dict(state))),
+                (self._run_stream, logger, json.dumps(dict(state))),
             )
 
     def touch_heartbeat(self, owner: str) -> None:
@@ -215,15 +215,23 @@ class LedgerStore:
         with write_transaction(conn):
             conn.execute(
                 "INSERT OR REPLACE INTO meta (stream_id, key, value, updated_at) VALUES (?, 'heartbeat', ?, ?)",
-                (self._stream, owner, self._clock()),
+                (self._run_stream, owner, self._clock()),
             )
 
     def last_heartbeat(self) -> tuple[str, float] | None:
         """The owner and unix time of the latest heartbeat, or None when there was none."""
         row = self._conn().execute(
-            "SELECT value, updated_at FROM meta WHERE stream_id = ? AND key = 'heartbeat'", (self._stream,)
+            "SELECT value, updated_at FROM meta WHERE stream_id = ? AND key = 'heartbeat'", (self._run_stream,)
         ).fetchone()
         return None if row is None else (row[0], row[1])
+
+
+def _stream_id(conn: sqlite3.Connection, checkpoint_dir: str, config_hash: str) -> int:
+    conn.execute("INSERT OR IGNORE INTO streams (checkpoint_dir, config_hash) VALUES (?, ?)",
+                 (checkpoint_dir, config_hash))
+    (stream,) = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
+                             (checkpoint_dir, config_hash)).fetchone()
+    return int(stream)
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -49,13 +49,13 @@ class LoggerLeases(LedgerStore):
         with write_transaction(conn):
             row = conn.execute(
                 "SELECT owner, expires_at FROM leases WHERE stream_id = ? AND name = ?",
-                (self._stream, _lease_name(logger)),
+                (self._run_stream, _lease_name(logger)),
             ).fetchone()
             if row is not None and row[0] != owner and not lease_reclaimable(row[0], expires_at=row[1], now=now):
                 return LeaseClaim.REFUSED
             conn.execute(
                 "INSERT OR REPLACE INTO leases (stream_id, name, owner, expires_at) VALUES (?, ?, ?, ?)",
-                (self._stream, _lease_name(logger), owner, now + ttl_s),
+                (self._run_stream, _lease_name(logger), owner, now + ttl_s),
             )
             # An expired lease still counts as held until someone else takes it over: nobody sent.
             return LeaseClaim.RENEWED if row is not None and row[0] == owner else LeaseClaim.ACQUIRED
@@ -66,14 +66,14 @@ class LoggerLeases(LedgerStore):
         with write_transaction(conn):
             cursor = conn.execute(
                 "DELETE FROM leases WHERE stream_id = ? AND name = ? AND owner = ?",
-                (self._stream, _lease_name(logger), owner),
+                (self._run_stream, _lease_name(logger), owner),
             )
             return cursor.rowcount == 1
 
     def summary_sent(self, logger: str) -> str | None:
         """The summary (as its holder encoded it) that `logger`'s tracker was last given, or None."""
         row = self._conn().execute(
-            "SELECT value FROM meta WHERE stream_id = ? AND key = ?", (self._stream, _summary_key(logger))
+            "SELECT value FROM meta WHERE stream_id = ? AND key = ?", (self._run_stream, _summary_key(logger))
         ).fetchone()
         return None if row is None else row[0]
 
@@ -88,12 +88,12 @@ class LoggerLeases(LedgerStore):
             self._check_lease(conn, logger, owner)
             conn.execute(
                 "INSERT OR REPLACE INTO meta (stream_id, key, value, updated_at) VALUES (?, ?, ?, ?)",
-                (self._stream, _summary_key(logger), text, self._clock()),
+                (self._run_stream, _summary_key(logger), text, self._clock()),
             )
 
     def _check_lease(self, conn: sqlite3.Connection, logger: str, owner: str) -> None:
         lease = conn.execute(
-            "SELECT owner FROM leases WHERE stream_id = ? AND name = ?", (self._stream, _lease_name(logger))
+            "SELECT owner FROM leases WHERE stream_id = ? AND name = ?", (self._run_stream, _lease_name(logger))
         ).fetchone()
         # An expired lease still counts as held until someone else takes it over.
         if lease is None or lease[0] != owner:

@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -116,6 +116,16 @@ _MIGRATIONS: dict[int, str] = {
     # a folder beside the ledger like the per-example arrays; results stored before have none.
     3: """
     ALTER TABLE steps ADD COLUMN samples_path TEXT;
+    """,
+    # Version 4: evaluation suites. Each suite of a run is a stream of its own (its steps, outbox
+    # and best); `parent_id` names the run's stream (checkpoint_dir + the hash of the shared
+    # fields), which holds what the suites share: tracker run state, delivery leases, the summary
+    # mark and the heartbeat. `suite` is the suite's name, so a removed suite stays listed.
+    # Streams of configs without suites have neither.
+    4: """
+    ALTER TABLE streams ADD COLUMN parent_id INTEGER REFERENCES streams (stream_id);
+    ALTER TABLE streams ADD COLUMN suite TEXT;
+    CREATE INDEX streams_parent ON streams (parent_id, suite)
     """,
 }
 

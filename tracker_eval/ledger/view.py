@@ -58,11 +58,14 @@ class LedgerStatus:
 class LedgerView(StepReads):
     """`StepReads` over a connection that cannot write; built by `read_ledger`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, output_dir: Path, stream: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, output_dir: Path, stream: int, run_stream: int | None = None,
+                 suite: str = "") -> None:
         # Deliberately not LedgerStore.__init__: that one creates the directory and the stream row.
         self._view = conn
         self.output_dir = output_dir
         self._stream = stream
+        self._run_stream = stream if run_stream is None else run_stream
+        self.suite = suite
 
     def _conn(self) -> sqlite3.Connection:
         return self._view
@@ -121,6 +124,88 @@ def read_ledger(
             view = LedgerView(conn, output_dir=Path(output_dir), stream=found[0])
             return LedgerStatus(rows=view.rows(), best=view.best_by(*best) if best else None,
                                 heartbeat=view.last_heartbeat())
+        finally:
+            conn.execute("COMMIT")
+
+    try:
+        return _read_without_writing(path, read, busy_timeout_s=busy_timeout_s)
+    except sqlite3.Error as error:
+        raise LedgerError(f"cannot read the ledger {path}: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """What the ledger holds for every suite a run ever had, read in one consistent snapshot.
+
+    Attributes:
+      suites: suite name -> its rows (`StepReads.rows`): the configured suites in config order,
+        then suites the ledger has from earlier configs (removed, or whose options changed).
+      best: the best (step, value) of the requested suite's metric, or None.
+      heartbeat: the latest watcher heartbeat (owner, unix time), or None.
+    """
+
+    suites: dict[str, list[dict[str, Any]]]
+    best: tuple[int, float] | None
+    heartbeat: tuple[str, float] | None
+
+
+def read_run(
+    output_dir: str | os.PathLike[str],
+    *,
+    checkpoint_dir: str | os.PathLike[str],
+    run_hash: str,
+    suites: dict[str, str],
+    best: tuple[str, str, str] | None = None,
+    busy_timeout_s: float = 30.0,
+) -> RunStatus | None:
+    """Reads every suite stream of a run (a config with suites) without writing anything.
+
+    Args:
+      output_dir: the directory holding ``ledger.sqlite``.
+      checkpoint_dir: the run's checkpoint directory.
+      run_hash: the run's hash (`EvalConfig.run_hash`).
+      suites: configured suite name -> its stream hash (`EvalConfig.suite_hash`), config order.
+      best: (suite, metric, mode) whose best step to report, or None.
+      busy_timeout_s: how long a read waits while a writer recovers the file.
+
+    Returns:
+      The status, or None when there is no ledger (or no such run in it) yet.
+
+    Raises:
+      LedgerError: the file cannot be read, or has a schema this version cannot read.
+    """
+    path = Path(output_dir) / LEDGER_FILENAME
+    if not path.exists():
+        return None
+    checkpoint = normalize_checkpoint_dir(checkpoint_dir)
+
+    def read(conn: sqlite3.Connection) -> RunStatus | None:
+        if not _schema_ready(conn, path):
+            return None
+        conn.execute("BEGIN")
+        try:
+            found = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
+                                 (checkpoint, run_hash)).fetchone()
+            if found is None:
+                return None
+            run_stream = found[0]
+            streams = conn.execute("SELECT stream_id, suite, config_hash FROM streams WHERE parent_id = ? "
+                                   "ORDER BY stream_id", (run_stream,)).fetchall()
+            chosen: dict[str, int] = {}
+            for stream, suite, config_hash in streams:
+                # A configured suite reads its current stream; any other the newest it had.
+                if suite in suites and suites[suite] != config_hash:
+                    continue
+                chosen[suite] = stream
+            order = [name for name in suites if name in chosen] + [n for n in chosen if n not in suites]
+            views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=chosen[name], run_stream=run_stream,
+                                      suite=name) for name in order}
+            best_value = None
+            if best is not None and best[0] in views:
+                best_value = views[best[0]].best_by(best[1], best[2])
+            heartbeat = LedgerView(conn, output_dir=Path(output_dir), stream=run_stream).last_heartbeat()
+            return RunStatus(suites={name: view.rows() for name, view in views.items()}, best=best_value,
+                             heartbeat=heartbeat)
         finally:
             conn.execute("COMMIT")
 

@@ -31,12 +31,16 @@ class Logger(Protocol):
       * ``log_result`` for a step the destination already holds must not add a second point:
         a crash between delivery and the ledger's acknowledgement makes re-sends possible.
       * ``close`` releases resources and implies ``flush``; it is called exactly once.
-      * Optional ``reconcile(in_flight)``: called (on the logger's thread) whenever this process
-        takes over delivery to the logger from another one. Forget cached knowledge of what the
-        destination holds; ``in_flight`` maps each step whose earlier attempt may have reached the
-        destination without being acknowledged to the unix time that attempt began. Every other
-        undelivered step is known, from the ledger, never to have been sent, so a logger whose full
-        read-back is expensive checks only these.
+      * Optional ``reconcile(in_flight, *, suite="")``: called (on the logger's thread) whenever
+        this process takes over delivery to the logger from another one, once per suite. Forget
+        cached knowledge of what the destination holds for that suite; ``in_flight`` maps each of
+        its steps whose earlier attempt may have reached the destination without being
+        acknowledged to the unix time that attempt began. Every other undelivered step is known,
+        from the ledger, never to have been sent, so a logger whose full read-back is expensive
+        checks only these. A ``reconcile`` without ``suite`` gets the steps alone.
+      * Suites: one logger instance gets every suite's results; ``result.suite`` names it. Keys
+        are ``<prefix>/<suite>/<metric>`` (`tracker_eval.evaluation.result.metric_key`), and
+        "already holds" means the (step, suite) pair.
       * Failures: raise `tracker_eval.loggers.failures.PermanentDeliveryError` (or chain from it)
         when the destination will never take this result, `TrackerUnavailableError` when it cannot
         be reached; anything else is retried and counts toward ``watch.max_delivery_attempts``.

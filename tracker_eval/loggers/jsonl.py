@@ -3,8 +3,9 @@ per-sample records in JSONL files beside it.
 
 Each line is written with one ``os.write`` on an ``O_APPEND`` descriptor and fsynced on flush, so a
 reader sees whole lines only (a crash can leave at most one unterminated last line, which
-`read_jsonl` skips). A (step, checkpoint) already in the file is not written again; the file is
-read again whenever this process takes over delivery (`reconcile`).
+`read_jsonl` skips). A (step, checkpoint, suite) already in the file is not written again; the
+file is read again whenever this process takes over delivery (`reconcile`). A suite's records carry
+``"suite"``; those of a config without suites have none.
 
     logger = JsonlLogger(JsonlLogger.Config(), context=LoggerContext(output_dir="runs/demo"), name="jsonl")
     logger.log_result(result); logger.flush()
@@ -44,7 +45,7 @@ class JsonlConfig:
 
 
 class JsonlLogger:
-    """Appends one JSON line per result; idempotent on (step, checkpoint)."""
+    """Appends one JSON line per result; idempotent on (step, checkpoint, suite)."""
 
     Config = JsonlConfig
 
@@ -58,11 +59,12 @@ class JsonlLogger:
         self._dirty = False
         self.reconcile({})
 
-    def reconcile(self, in_flight: Mapping[int, float]) -> None:
+    def reconcile(self, in_flight: Mapping[int, float], *, suite: str = "") -> None:
         """Re-reads which results the file holds: another process may have appended (or died
-        mid-line) since this one looked. Reading the whole file is cheap, so `in_flight` is not needed."""
-        del in_flight
-        self._seen = {(r["step"], r["checkpoint"]) for r in read_jsonl(self.path)}
+        mid-line) since this one looked. Reading the whole file is cheap, so `in_flight` (and the
+        suite it belongs to) is not needed."""
+        del in_flight, suite
+        self._seen = {(r["step"], r["checkpoint"], r.get("suite", "")) for r in read_jsonl(self.path)}
         # A crash mid-write can leave an unterminated last line; start ours on a fresh line.
         self._needs_newline = _ends_without_newline(self.path)
 
@@ -70,8 +72,8 @@ class JsonlLogger:
         """Nothing to do: the config belongs to the ledger and the run directory, not the metrics file."""
 
     def log_result(self, result: EvalResult) -> None:
-        """Appends the result's line (and writes its .npz first); skips a (step, checkpoint) already there."""
-        key = (int(result.step), result.checkpoint)
+        """Appends the result's line (and writes its .npz first); skips a (step, checkpoint, suite) already there."""
+        key = (int(result.step), result.checkpoint, result.suite)
         if key in self._seen:
             return
         record = result.to_json()
@@ -105,7 +107,8 @@ class JsonlLogger:
     def _write_npz(self, result: EvalResult) -> str:
         folder = self.path.with_name(self.path.stem + ".per_example")
         tag = hashlib.sha256(result.checkpoint.encode()).hexdigest()[:8]
-        target = write_npz(folder / f"step_{int(result.step)}_{tag}.npz", result.per_example)
+        suite = f"{result.suite}_" if result.suite else ""
+        target = write_npz(folder / f"step_{int(result.step)}_{suite}{tag}.npz", result.per_example)
         return str(target.relative_to(self.path.parent))
 
 

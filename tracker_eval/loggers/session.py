@@ -12,6 +12,7 @@ unknown option) are `ConfigError`s before anything starts.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from collections.abc import Mapping
@@ -30,6 +31,14 @@ from tracker_eval.loggers.registry import parse_logger_specs
 LOG = logging.getLogger(__name__)
 
 
+def _takes_suite(method: Any) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "suite" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _start_error(name: str, error: Exception) -> LoggerError:
     # The same error type as every other logger failure, so callers report all of them one way;
     # a logger that cannot start never saw the result, so the result is not at fault.
@@ -38,8 +47,10 @@ def _start_error(name: str, error: Exception) -> LoggerError:
 
 def run_key(config: EvalConfig) -> str:
     """Identity of an evaluation stream: checkpoint directory (normalized as the ledger does, so a URL
-    stays a URL and a relative path means the same from any working directory) and eval-config hash."""
-    return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{config.config_hash()}"
+    stays a URL and a relative path means the same from any working directory) and the run's hash
+    (the eval-config hash without suites; with suites, that of the fields they share, so all
+    suites of a run go to one tracker run)."""
+    return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{config.run_hash()}"
 
 
 class LoggerSession:
@@ -154,15 +165,21 @@ class LoggerSession:
             failures.update({n: e for n, e in outcomes.items() if e is not None})
         return failures
 
-    def reconcile(self, name: str, in_flight: Mapping[int, float]) -> Exception | None:
+    def reconcile(self, name: str, in_flight: Mapping[int, float], *, suite: str = "") -> Exception | None:
         """Has logger `name` learn again what its destination holds (this process just took over
-        its delivery); `in_flight` maps each step another process may have sent without
-        acknowledging it to the unix time that attempt began. None when done, or the logger has no
-        ``reconcile``; else the error."""
+        its delivery); `in_flight` maps each step of `suite` that another process may have sent
+        without acknowledging it to the unix time that attempt began. None when done, or the logger
+        has no ``reconcile``; else the error.
+
+        A suite's steps go to ``reconcile(in_flight, suite=NAME)``; a logger whose ``reconcile``
+        takes no ``suite`` is called as before, with the steps alone.
+        """
         method = getattr(self.fanout.loggers.get(name), "reconcile", None)
         if not callable(method):
             return None
         steps = dict(in_flight)
+        if suite and _takes_suite(method):
+            return self.fanout.call(name, "reconcile", lambda lg: lg.reconcile(steps, suite=suite))
         return self.fanout.call(name, "reconcile", lambda lg: lg.reconcile(steps))
 
     def summarizes(self, name: str) -> bool:

@@ -1,7 +1,9 @@
 """Runners: what puts the stages together and runs them, as a command or inside training.
 
-`pipeline` (config -> restored params -> EvalResult), `stream` (ledger, loggers and delivery of one
-stream on process 0), `delivery` (outbox worker threads), `watcher` (`tracker-eval watch`),
+`pipeline` (config -> restored params -> one EvalResult per suite), `suites` (suite kinds: the
+built-in eval and plug-ins), `stream` (ledgers, loggers and delivery of one stream on process 0),
+`delivery` (outbox worker threads), `watcher` (`tracker-eval watch`), `schedule` (which step and
+suites the watcher claims next),
 `in_training` (InTrainingEvaluation), `claim` (keeps an evaluation claim alive, for both),
 `status` (`tracker-eval status`), `retry` (`tracker-eval retry`), `distributed` (JAX runtime
 start-up, process-0 decisions, peer monitor).

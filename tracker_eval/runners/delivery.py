@@ -19,6 +19,10 @@ anything else after ``max_delivery_attempts``. An undeliverable result no longer
 back. The best-checkpoint summary travels the same way, under the same lease: the holder sends the
 ledger's current best whenever it differs from what the tracker was last given, so a tracker never
 ends on an older best. One thread per logger keeps a hanging tracker from delaying the others.
+
+A run with several suites has one ledger stream per suite; one `Delivery` serves them all, so each
+logger gets every (step, suite) result from one thread, in step order (suites of one step in config
+order), under one delivery lease that the suites' streams share.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tracker_eval.errors import one_line
@@ -46,27 +50,32 @@ class Delivery:
     """Per-logger outbox workers over one ledger stream.
 
     Args:
-      ledger: the stream's ledger.
+      ledger: the stream's ledger, or each suite's ledger by suite name (config order).
       session: the stream's loggers.
       owner: this process's owner id for delivery leases.
       idle_wait_s: how often an idle worker looks at the outbox again.
       lease_ttl_s: delivery lease length (must outlive one delivery).
       best_metric: the tracked metric (``watch.best.metric``), whose best step each tracker's
         summary gets; None for no summary.
+      best_suite: the suite whose ledger tracks `best_metric` (``watch.best.suite``).
     """
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: Ledger | Mapping[str, Ledger],
         session: LoggerSession,
         *,
         owner: str,
         idle_wait_s: float = 1.0,
         lease_ttl_s: float = 30.0,
         best_metric: str | None = None,
+        best_suite: str | None = None,
     ) -> None:
         self.lease_ttl_s = lease_ttl_s
-        self.ledger = ledger
+        self.ledgers: dict[str, Ledger] = dict(ledger) if isinstance(ledger, Mapping) else {ledger.suite: ledger}
+        # Leases, summary marks and run state are the run's: any suite's ledger reaches them.
+        self.ledger = next(iter(self.ledgers.values()))
+        self.best_suite = best_suite if best_suite in self.ledgers else self.ledger.suite
         self.session = session
         self.owner = owner
         self.idle_wait_s = idle_wait_s
@@ -96,7 +105,8 @@ class Delivery:
 
     def pending(self) -> dict[str, int]:
         """Undelivered results per logger (undeliverable ones are not waited for)."""
-        return {name: len(self.ledger.pending_deliveries(name)) for name in self.logger_names}
+        return {name: sum(len(ledger.pending_deliveries(name)) for ledger in self.ledgers.values())
+                for name in self.logger_names}
 
     def summaries_pending(self) -> list[str]:
         """Loggers whose tracker has not been given the ledger's current best yet."""
@@ -168,31 +178,39 @@ class Delivery:
             self._synced.discard(name)  # refused, or taken over: what the tracker holds may have changed
         if not claim:
             return False  # another process delivers to this logger
-        pending = self.ledger.pending_deliveries(name)
+        pending = self._pending_in_order(name)
         now = time.time()
-        if not pending or pending[0][1] > now:
+        if not pending or pending[0][2] > now:
             if self._send_summary(name):
                 return True
             if pending:
-                self._sleep(pending[0][1] - now)
+                self._sleep(pending[0][2] - now)
                 return True
             return False
-        step = pending[0][0]
-        result = self.ledger.result(step)
+        step, suite, _ = pending[0]
+        ledger = self.ledgers[suite]
+        result = ledger.result(step)
         if result is None:
             return False
         error = self._prepare(name)
         if error is None:
-            self.ledger.begin_delivery(step, name, owner=self.owner)
+            ledger.begin_delivery(step, name, owner=self.owner)
             error = self.session.deliver(result, [name]).get(name)
         if error is None:
-            self.ledger.mark_delivered(step, name, owner=self.owner)
+            ledger.mark_delivered(step, name, owner=self.owner)
             if name in self._failing:
                 LOG.warning("tracker-eval: logger %r is back; delivering its backlog in step order", name)
                 del self._failing[name]
             return True
-        self._record_failure(step, name, error)
+        self._record_failure(ledger, step, name, error)
         return False
+
+    def _pending_in_order(self, name: str) -> list[tuple[int, str, float]]:
+        """(step, suite, next attempt) of every result `name` lacks: by step, then suite order."""
+        order = {suite: i for i, suite in enumerate(self.ledgers)}
+        pending = [(step, suite, due) for suite, ledger in self.ledgers.items()
+                   for step, due in ledger.pending_deliveries(name)]
+        return sorted(pending, key=lambda item: (item[0], order[item[1]]))
 
     def _prepare(self, name: str) -> Exception | None:
         """Starts a logger that could not start, and has it learn what its tracker holds if this
@@ -204,18 +222,19 @@ class Delivery:
         if starting:
             self._synced.discard(name)
         if name not in self._synced:
-            error = self.session.reconcile(name, self.ledger.in_flight_deliveries(name))
-            if error is not None:  # the tracker cannot be read: not the result's fault
-                return LoggerError(name, "reconcile", one_line(error, limit=300), kind=FailureKind.UNAVAILABLE)
+            for suite, ledger in self.ledgers.items():
+                error = self.session.reconcile(name, ledger.in_flight_deliveries(name), suite=suite)
+                if error is not None:  # the tracker cannot be read: not the result's fault
+                    return LoggerError(name, "reconcile", one_line(error, limit=300), kind=FailureKind.UNAVAILABLE)
             self._synced.add(name)
         return None
 
-    def _record_failure(self, step: int, name: str, error: Exception) -> None:
+    def _record_failure(self, ledger: Ledger, step: int, name: str, error: Exception) -> None:
         kind = getattr(error, "kind", FailureKind.TRANSIENT)
         # The logger and step are in the row already; keep what the tracker said.
         text = error.reason if isinstance(error, LoggerError) else one_line(error)
         reason = " ".join(text.split())[:300]
-        delay = self.ledger.mark_delivery_failed(step, name, reason, owner=self.owner,
+        delay = ledger.mark_delivery_failed(step, name, reason, owner=self.owner,
                                                  counted=kind is FailureKind.TRANSIENT,
                                                  permanent=kind is FailureKind.PERMANENT)
         if math.isinf(delay):
@@ -229,8 +248,9 @@ class Delivery:
         self._failing[name] = reason
 
     def _summary(self) -> dict[str, Any] | None:
-        best = self.ledger.best() if self.best_metric is not None else None
-        return None if best is None else {"best_step": best[0], f"best_{self.best_metric}": best[1]}
+        best = self.ledgers[self.best_suite].best() if self.best_metric is not None else None
+        metric = f"{self.best_suite}/{self.best_metric}" if self.best_suite else self.best_metric
+        return None if best is None else {"best_step": best[0], f"best_{metric}": best[1]}
 
     def _send_summary(self, name: str) -> bool:
         """Gives the tracker the ledger's current best if it has not got it; True when sent."""

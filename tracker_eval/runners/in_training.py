@@ -12,7 +12,9 @@ It evaluates the live params (no restore, one compile for the whole run) and rec
 the same ledger as `tracker-eval watch` (same output_dir, checkpoint_dir and eval config), so a
 watcher beside training skips steps evaluated here, and a step the watcher already evaluated is
 returned from the ledger without evaluating again. Delivery follows the outbox rules: a tracker
-outage never stops training; undelivered results are sent later by either side.
+outage never stops training; undelivered results are sent later by either side. With several
+suites every suite evaluates the live params, each recorded in its own ledger stream, and
+`after_checkpoint` returns their results by suite name.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ class InTrainingEvaluation:
 
     @property
     def compile_count(self) -> int:
-        """Compilations of the eval step in this process so far (1 for a whole training run)."""
-        return self.pipeline.evaluation.trace_count
+        """Compilations of the eval steps in this process so far (1 per eval suite for a whole run)."""
+        return sum(suite.evaluation.trace_count for suite in self.pipeline.suites.values()
+                   if hasattr(suite, "evaluation"))
 
     def after_checkpoint(
         self,
@@ -87,7 +90,7 @@ class InTrainingEvaluation:
         train_state: Any = None,
         params: Any = None,
         mutable_variables: Any = None,
-    ) -> EvalResult | None:
+    ) -> EvalResult | dict[str, EvalResult] | None:
         """Evaluates `step` now, unless the ledger already holds (or another process is evaluating) it.
 
         Every process of a multi-process job calls this; process 0 decides and records.
@@ -101,7 +104,9 @@ class InTrainingEvaluation:
         Returns:
           The step's result (stored earlier or just evaluated); None when another process is
           evaluating it right now, or the evaluation failed (recorded in the ledger, warned, and
-          training goes on; with ``raise_on_error`` the error is raised instead).
+          training goes on; with ``raise_on_error`` the error is raised instead). With suites, the
+          results by suite name of those that have one (a failed suite is left out, or raised
+          with ``raise_on_error``).
         """
         try:
             return self._after_checkpoint(step, train_state, params, mutable_variables)
@@ -116,7 +121,9 @@ class InTrainingEvaluation:
 
     def _after_checkpoint(
         self, step: int, train_state: Any, params: Any, mutable_variables: Any
-    ) -> EvalResult | None:
+    ) -> EvalResult | dict[str, EvalResult] | None:
+        if self.config.has_suites:
+            return self._after_checkpoint_suites(step, self._live_state(step, train_state, params, mutable_variables))
         started = time.perf_counter()
         decision = self._decide(step) if self.primary else None
         decision = self.channel.exchange(decision)
@@ -130,12 +137,7 @@ class InTrainingEvaluation:
         if self.primary:
             renewal = ClaimRenewal(self.ledger, step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s)
         try:
-            if train_state is not None:
-                state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
-            else:
-                state = EvalState.create(apply_fn=None, params=params, mutable_variables=mutable_variables,
-                                         rng=jax.random.key(self.config.seed))
-            state = state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
+            state = self._live_state(step, train_state, params, mutable_variables)
             result = self.pipeline.evaluate_state(state, checkpoint=self.pipeline.checkpoint_path(step),
                                                   attempt=self.channel.seq, source="in-training")
         except Exception as error:
@@ -157,6 +159,57 @@ class InTrainingEvaluation:
             return None
         return result
 
+    def _live_state(self, step: int, train_state: Any, params: Any, mutable_variables: Any) -> EvalState:
+        if train_state is not None:
+            state = EvalState.from_train_state(train_state=train_state, rng=jax.random.key(self.config.seed))
+        else:
+            state = EvalState.create(apply_fn=None, params=params, mutable_variables=mutable_variables,
+                                     rng=jax.random.key(self.config.seed))
+        return state.replace(step=step, apply_fn=self.pipeline.adapter.apply_fn)
+
+    def _after_checkpoint_suites(self, step: int, state: EvalState) -> dict[str, EvalResult]:
+        """Every suite whose ledger lacks `step` evaluates the live params; each is recorded in its own stream."""
+        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
+
+        names = [suite.name for suite in self.config.suites]
+        mask = 0
+        if self.primary:
+            for i, name in enumerate(names):
+                ledger = self.stream.ledgers[name]
+                ledger.register([step])
+                if ledger.claim(step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s):
+                    mask |= 1 << i
+        mask = self.channel.exchange(mask)
+        claimed = [name for i, name in enumerate(names) if mask >> i & 1]
+        renewals = [ClaimRenewal(self.stream.ledgers[name], step, owner=self.owner,
+                                 ttl_s=self.config.watch.lease_ttl_s) for name in claimed] if self.primary else []
+        try:
+            outcomes = self.pipeline.evaluate_state_suites(
+                state, checkpoint=self.pipeline.checkpoint_path(step), suites=claimed, attempt=self.channel.seq,
+                source="in-training") if claimed else {}
+        finally:
+            for renewal in renewals:
+                renewal.stop()
+        results: dict[str, EvalResult] = {}
+        failed = None
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, Exception):
+                failed = failed or outcome
+                if self.primary:
+                    self._mark_failed(step, outcome, suite=name)
+                LOG.warning("tracker-eval: in-training evaluation of step %d suite %r failed: %s: %s", step, name,
+                            type(outcome).__name__, one_line(outcome, limit=400))
+            elif not self.primary or self._record(outcome):
+                results[name] = outcome
+        if self.primary:
+            for name in names:
+                ledger = self.stream.ledgers[name]
+                if name not in results and ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED):
+                    results[name] = ledger.result(step)
+        if failed is not None and self.raise_on_error:
+            raise failed
+        return results
+
     def _record(self, result: EvalResult) -> bool:
         """Stores the result; False (with one warning) when another process took the step over."""
         from tracker_eval.ledger.steps import LeaseLostError  # noqa: PLC0415
@@ -169,11 +222,12 @@ class InTrainingEvaluation:
             return False
         return True
 
-    def _mark_failed(self, step: int, error: Exception) -> None:
+    def _mark_failed(self, step: int, error: Exception, *, suite: str = "") -> None:
         from tracker_eval.ledger.steps import LeaseLostError  # noqa: PLC0415
 
+        ledger = self.stream.ledgers[suite] if suite else self.ledger
         try:
-            self.ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)
+            ledger.mark_failed(step, f"{type(error).__name__}: {one_line(error, limit=400)}", owner=self.owner)
         except LeaseLostError:
             pass  # taken over meanwhile: the new holder's outcome counts; the error is still reported
 
@@ -195,7 +249,7 @@ class InTrainingEvaluation:
         if not self.primary:
             return
         self.stream.close(drain_s=self.close_drain_s, close_timeout_s=30.0)
-        self.ledger.close()
+        self.stream.close_ledgers()
 
     def __enter__(self) -> InTrainingEvaluation:
         return self

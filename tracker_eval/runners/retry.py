@@ -32,7 +32,7 @@ def run_retry(
     Raises:
       ConfigError: `logger` is not configured, there is no ledger, or `step` is not in it.
     """
-    from tracker_eval.runners.stream import logger_names, open_ledger  # noqa: PLC0415
+    from tracker_eval.runners.stream import logger_names, open_ledgers  # noqa: PLC0415
 
     config = load_config(config_path, overrides=overrides)
     names = logger_names(config)
@@ -41,13 +41,18 @@ def run_retry(
     if not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
         raise ConfigError(f"no ledger in output_dir={config.output_dir!r}: nothing was evaluated there yet; "
                           "check --config (and its output_dir)")
-    with open_ledger(config, loggers=names) as ledger:
-        if step is not None and ledger.state(step) is None:
-            known = ledger.steps()
+    ledgers = open_ledgers(config, loggers=names)
+    try:
+        if step is not None and all(ledger.state(step) is None for ledger in ledgers.values()):
+            known = sorted({s for ledger in ledgers.values() for s in ledger.steps()})
             shown = ", ".join(map(str, known[:10])) + (" ..." if len(known) > 10 else "")
             raise ConfigError(f"--step {step} is not in the ledger of {config.output_dir!r}; known steps: "
                               f"{shown or 'none'}")
-        queued = ledger.requeue_undeliverable(step=step, logger=logger)
+        queued = [(s, name if not suite else f"{name} (suite {suite})") for suite, ledger in ledgers.items()
+                  for s, name in ledger.requeue_undeliverable(step=step, logger=logger)]
+    finally:
+        for ledger in ledgers.values():
+            ledger.close()
     scope = "".join([f" of step {step}" if step is not None else "", f" to {logger!r}" if logger else ""])
     if not queued:
         print(f"tracker-eval: nothing to re-queue: no undeliverable delivery{scope}")

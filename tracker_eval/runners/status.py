@@ -6,6 +6,10 @@
     # undeliverable} and delivery_errors {logger: last error}
     tracker-eval status --config watch.yaml --health   # exit 0 only with a recent watcher heartbeat
 
+With suites, each step row has ``suites: {name: {state, reason, metrics, deliveries}}`` (suites the
+run had under an earlier config too) and ``state``, the least advanced of the configured suites';
+the table has a column group per suite.
+
 It never writes: the ledger is opened read-only (`tracker_eval.ledger.view`), also on a read-only mount.
 """
 
@@ -41,6 +45,8 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
     except StorageUnavailableError:
         listed = []  # the ledger still answers (and --health must not fail with a bucket's outage)
     newest = listed[-1] if listed else None
+    if config.has_suites:
+        return _collect_suites(config, newest)
     best_config = config.watch.best
     try:
         status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
@@ -78,6 +84,52 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
     }
 
 
+# From least to most advanced: a step's state over its configured suites is the first one any has.
+_PROGRESS = ("evaluating", "pending", "failed", "evaluated", "given_up", "skipped", "delivered")
+
+
+def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
+    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.view import read_run  # noqa: PLC0415
+
+    names = [suite.name for suite in config.suites]
+    best_config = config.watch.best
+    best = (config.best_suite(), best_config.metric, best_config.mode) if best_config else None
+    try:
+        status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir, run_hash=config.run_hash(),
+                          suites={name: config.suite_hash(name) for name in names}, best=best)
+    except LedgerError as error:
+        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+    if status is None:
+        return {"steps": [], "suites": names, "newest_step": newest, "lag_steps": newest,
+                "newest_evaluated_step": None, "best": None, "heartbeat": None}
+    by_step: dict[int, dict[str, Any]] = {}
+    for name, rows in status.suites.items():
+        for row in rows:
+            by_step.setdefault(row["step"], {})[name] = {
+                "state": str(row["state"]), "reason": row["reason"], "attempts": row["attempts"],
+                "metrics": row["metrics"], "deliveries": dict(row["deliveries"]),
+                "delivery_errors": dict(row["delivery_errors"])}
+    steps = []
+    for step in sorted(by_step):
+        current = [by_step[step].get(name, {"state": "pending"})["state"] for name in names]
+        steps.append({"step": step, "state": min(current, key=_PROGRESS.index), "suites": by_step[step]})
+    heartbeat = status.heartbeat
+    stored = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered")]
+    done = [s["step"] for s in steps if s["state"] in ("evaluated", "delivered", "skipped", "given_up")]
+    lag = None if newest is None else newest - max(done) if done else newest
+    return {
+        "steps": steps,
+        "suites": list(status.suites),
+        "newest_step": newest,
+        "lag_steps": lag,
+        "newest_evaluated_step": max(stored) if stored else None,
+        "best": None if status.best is None else {"suite": best[0], "step": status.best[0], "value": status.best[1]},
+        "heartbeat": None if heartbeat is None else {"owner": heartbeat[0],
+                                                     "age_s": round(time.time() - heartbeat[1], 1)},
+    }
+
+
 def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool = False, health: bool = False) -> int:
     """Entry point of `tracker-eval status`; returns the exit code."""
     config = load_config(config_path, overrides=overrides)
@@ -97,10 +149,12 @@ def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool
 
 
 def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
-    """A readable table: step, state, headline metrics, delivery per logger."""
+    """A readable table: step, state, headline metrics, delivery per logger (per suite with suites)."""
     steps = doc["steps"]
     if not steps:
         return f"no evaluations recorded yet; newest checkpoint: {doc['newest_step']}"
+    if "suites" in doc:
+        return _suites_table(doc)
     metric_names = sorted({k for s in steps for k in s["metrics"]})[:4]
     loggers = sorted({k for s in steps for k in s["deliveries"]})
     header = ["step", "state", *metric_names, *loggers]
@@ -122,6 +176,36 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     if stuck:
         footer += "\nundeliverable (fix the cause, then `tracker-eval retry --config FILE [--step N] [--logger ID]`):"
         footer += "".join(f"\n  step {step} -> {name}: {reason[:160]}" for step, name, reason in stuck)
+    return text + footer
+
+
+def _suites_table(doc: dict[str, Any]) -> str:
+    """One row per step; per suite a column group: state, up to two metrics, deliveries done/all."""
+    groups = []
+    for name in doc["suites"]:
+        rows = [s["suites"][name] for s in doc["steps"] if name in s["suites"]]
+        groups.append((name, sorted({k for r in rows for k in r["metrics"]})[:2]))
+    header = ["step", *[f"{name}/{col}" for name, metrics in groups for col in ("state", *metrics, "delivered")]]
+    lines = [header]
+    for s in doc["steps"]:
+        cells = [str(s["step"])]
+        for name, metrics in groups:
+            entry = s["suites"].get(name)
+            if entry is None:
+                cells += ["-"] * (2 + len(metrics))
+                continue
+            explained = entry["reason"] and entry["state"] in ("failed", "given_up", "skipped")
+            cells.append((entry["state"] + (f" ({entry['reason']})" if explained else ""))[:40])
+            cells += [_fmt(entry["metrics"].get(metric)) for metric in metrics]
+            done = sum(state == "delivered" for state in entry["deliveries"].values())
+            cells.append(f"{done}/{len(entry['deliveries'])}")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+    best = doc.get("best")
+    footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
+    if best:
+        footer += f", best: step {best['step']} ({best['suite']}: {_fmt(best['value'])})"
     return text + footer
 
 

@@ -2,7 +2,8 @@
 
 A stream is one checkpoint directory evaluated under one eval config. The watcher and
 `InTrainingEvaluation` both open it the same way, so they share the ledger, the tracker runs and
-the outbox rules:
+the outbox rules. A config with several suites has one ledger stream per suite (`ledgers`, in
+config order) and one set of tracker runs for all of them:
 
     stream = PrimaryStream.open(config)
     stream.ledger.claim(step, owner=stream.owner)
@@ -29,28 +30,37 @@ BEST_FILENAME = "best.json"
 _UNDRAINED_CLOSE_S = 5.0
 
 
-def open_ledger(config: EvalConfig, *, loggers: list[str]) -> Any:
-    """The ledger of the config's stream in `output_dir`.
+def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = None) -> Any:
+    """The ledger of one suite's stream in `output_dir` (by default the config's first suite; the
+    only one of a config without suites).
 
     Raises:
       ConfigError: `output_dir` cannot hold it (not writable, not a local file system).
     """
     from tracker_eval.ledger.steps import Ledger, LedgerError  # noqa: PLC0415
 
-    best = config.watch.best
+    name = config.suite_list()[0].name if suite is None else suite
+    best = config.watch.best if config.best_suite() == name else None
     try:
         return Ledger(
             config.output_dir,
             checkpoint_dir=config.checkpoint_dir,
-            config_hash=config.config_hash(),
+            config_hash=config.suite_hash(name),
             loggers=loggers,
             best_metric=best.metric if best else None,
             best_mode=best.mode if best else "min",
             max_attempts=config.watch.max_attempts,
             max_delivery_attempts=config.watch.max_delivery_attempts,
+            run_hash=config.run_hash() if config.has_suites else None,
+            suite=name,
         )
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r} cannot hold the ledger: {error}") from None
+
+
+def open_ledgers(config: EvalConfig, *, loggers: list[str]) -> dict[str, Any]:
+    """Every suite's ledger, by suite name in config order ({"": ledger} without suites)."""
+    return {suite.name: open_ledger(config, loggers=loggers, suite=suite.name) for suite in config.suite_list()}
 
 
 def logger_names(config: EvalConfig) -> list[str]:
@@ -65,7 +75,7 @@ class PrimaryStream:
     """Ledger, loggers (attached to the runs the ledger remembers) and outbox delivery threads."""
 
     config: EvalConfig
-    ledger: Any
+    ledgers: dict[str, Any]
     session: Any
     delivery: Any
     owner: str
@@ -83,7 +93,8 @@ class PrimaryStream:
         from tracker_eval.runners.delivery import Delivery  # noqa: PLC0415
 
         names = logger_names(config)
-        ledger = open_ledger(config, loggers=names)
+        ledgers = open_ledgers(config, loggers=names)
+        ledger = next(iter(ledgers.values()))  # run state is the run's: any suite's ledger has it
         owner = make_owner_id()
         session = LoggerSession.open(config, run_state={name: ledger.get_run_state(name) for name in names})
         session.persist_run_states(ledger)
@@ -93,19 +104,25 @@ class PrimaryStream:
         # host is taken over at once whatever the lease says.
         lease_s = max(config.watch.lease_ttl_s, config.watch.delivery_deadline_s + 30.0)
         best = config.watch.best
-        delivery = Delivery(ledger, session, owner=owner, lease_ttl_s=lease_s,
-                            best_metric=best.metric if best else None)
+        delivery = Delivery(ledgers, session, owner=owner, lease_ttl_s=lease_s,
+                            best_metric=best.metric if best else None, best_suite=config.best_suite())
         delivery.start()
-        stream = cls(config=config, ledger=ledger, session=session, delivery=delivery, owner=owner)
+        stream = cls(config=config, ledgers=ledgers, session=session, delivery=delivery, owner=owner)
         # Again at every start: a crash between the ledger's commit and best.json, or a tracker
         # that was down when the best changed, is repaired here.
         stream.publish_best()
         return stream
 
+    @property
+    def ledger(self) -> Any:
+        """The first suite's ledger (the only one without suites); run-level state is shared."""
+        return next(iter(self.ledgers.values()))
+
     def record(self, result: Any) -> bool:
-        """Stores an evaluated result (under this process's claim), publishes a new best checkpoint
-        and wakes delivery; False when the claim was lost and the result was not stored."""
-        recorded = self.ledger.record_metrics(result, owner=self.owner)
+        """Stores an evaluated result in its suite's ledger (under this process's claim), publishes
+        a new best checkpoint and wakes delivery; False when the claim was lost and the result was
+        not stored."""
+        recorded = self.ledgers[result.suite].record_metrics(result, owner=self.owner)
         self.publish_best()
         self.delivery.notify()
         return recorded
@@ -124,12 +141,15 @@ class PrimaryStream:
         path = os.path.join(self.config.output_dir, BEST_FILENAME)
         with open(f"{path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            best = self.ledger.best()
+            suite = self.config.best_suite()
+            best = self.ledgers[suite].best()
             if best is None or best == self.published_best:
                 return
             step, value = best
             payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
                        "checkpoint": join_path(self.config.checkpoint_dir, str(step))}
+            if suite:
+                payload["suite"] = suite
             with open(f"{path}.tmp", "w") as f:
                 json.dump(payload, f, indent=2)
             os.replace(f"{path}.tmp", path)
@@ -155,3 +175,8 @@ class PrimaryStream:
         self.session.persist_run_states(self.ledger)
         self.delivery.release(keep=busy)
         return drained
+
+    def close_ledgers(self) -> None:
+        """Closes every suite's ledger connections."""
+        for ledger in self.ledgers.values():
+            ledger.close()

@@ -7,6 +7,10 @@ Process 0 lists checkpoints, applies the ordering policy, claims a step in the l
 every process which step to evaluate; all processes restore and evaluate it; process 0 records
 the metrics in the ledger before any logger sees them, and per-logger delivery threads empty the
 outbox in step order, through tracker outages and restarts.
+
+With several suites, each suite's ledger stream has its own steps: process 0 claims a step in every
+suite where it is due (a suite added later is due on the steps the others have done, under
+`watch.policy`), the step is restored once, and only the claimed suites evaluate it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tracker_eval.config import EvalConfig, load_config, policy_name
+from tracker_eval.config import EvalConfig, load_config
 from tracker_eval.errors import one_line
 from tracker_eval.runners import distributed
 from tracker_eval.runners.claim import ClaimRenewal
+from tracker_eval.runners.schedule import Schedule
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -53,7 +58,6 @@ class Watcher:
 
         self.config = config
         self.watch = config.watch
-        self.policy, self.every_n = policy_name(config.watch.policy)
         self.stop_requested = threading.Event()
         self.stop_reason = ""
         self.primary = distributed.is_primary()
@@ -63,12 +67,12 @@ class Watcher:
         self.delivery: Any = None
         self.events: Any = None
         self.poller: Any = None
-        self._retry_after: dict[int, float] = {}
-        self._evaluated_seen: dict[int, float] = {}
+        self.ledgers: dict[str, Any] = {}
         if self.primary:
             self._open_primary()
+        self.schedule = Schedule(config, self.ledgers)
         self.pipeline = Pipeline(config, components=components)
-        self.pipeline.evaluation.should_abort = self.stop_requested.is_set
+        self.pipeline.set_should_abort(self.stop_requested.is_set)
         self.channel = distributed.DecisionChannel(namespace=f"tracker_eval/{self.pipeline.stream_key}/decisions")
 
     def _open_primary(self) -> None:
@@ -80,6 +84,7 @@ class Watcher:
         self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s)
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
+        self.ledgers = self.stream.ledgers
         self.owner = self.stream.owner
         self.events = DirectoryEvents(self.config.checkpoint_dir, enabled=self.watch.fast_path)
 
@@ -103,7 +108,7 @@ class Watcher:
         self._last_new = time.monotonic()  # idle time counts from the start
         if self.primary:
             LOG.info("tracker-eval: watching %s (policy %s, every %.3g s%s)", self.config.checkpoint_dir,
-                     self.policy if self.policy != "every_n_steps" else f"every {self.every_n} steps",
+                     self.schedule.policy_text(),
                      self.watch.poll_interval_s, ", fast path on" if self.events.active else "")
         try:
             while True:
@@ -112,7 +117,7 @@ class Watcher:
                 if decision == STOP:
                     break
                 if decision >= 0:
-                    self._evaluate(decision)
+                    self._evaluate(*self.schedule.decode(decision))
                 elif self.primary:
                     self._wait()
         finally:
@@ -131,73 +136,16 @@ class Watcher:
         if listed is None:
             self._last_new = time.monotonic()
         else:
-            new = ledger.register(listed)
-            if new:
+            if self.schedule.register(listed):
                 self._last_new = time.monotonic()
-                LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
-            self._apply_policy()
-            for step in self._claimable():
-                # Another live watcher may hold a step: try the next one instead of waiting.
-                if ledger.claim(step, owner=self.owner, ttl_s=self.watch.lease_ttl_s):
-                    return step
-        reason = self._finished()
+            decision = self.schedule.claim_next(owner=self.owner)
+            if decision is not None:
+                return decision
+        reason = self.schedule.finished(last_new=self._last_new)
         if reason:
             self.request_stop(reason)
             return STOP
         return IDLE
-
-    def _apply_policy(self) -> None:
-        from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, StepState  # noqa: PLC0415
-
-        pending = self.ledger.steps(StepState.PENDING)
-        skips: dict[int, str] = {}
-        if self.policy == "every_n_steps":
-            skips = {step: f"policy every_n_steps={self.every_n}" for step in pending if step % self.every_n}
-        elif self.policy == "latest" and pending:
-            newest = self.ledger.newest_step()
-            skips = {step: f"policy latest: newer step {newest} was found" for step in pending if step < newest}
-        for step, reason in skips.items():
-            try:
-                self.ledger.mark_skipped(step, reason)
-            except (LeaseLostError, IllegalTransitionError):
-                pass  # claimed or stored meanwhile by another process (e.g. in-training): theirs now
-
-    def _claimable(self) -> list[int]:
-        """Steps worth a claim, ascending; EVALUATING too, since claim() takes over a dead holder's."""
-        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
-
-        now = time.monotonic()
-        steps = self.ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING)
-        return [step for step in steps if self._retry_after.get(step, 0.0) <= now]
-
-    def _finished(self) -> str:
-        """A stop reason when `until_step` or `idle_timeout_s` is reached, else ''."""
-        from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
-
-        until = self.watch.until_step
-        if until is not None:
-            known = self.ledger.rows()
-            relevant = [r for r in known if r["step"] <= until]
-            reached = any(r["step"] >= until for r in known)
-            if reached and relevant and all(self._settled(r, StepState) for r in relevant):
-                return f"until_step {until} reached"
-        idle = self.watch.idle_timeout_s
-        if idle is not None and time.monotonic() - self._last_new >= idle:
-            if not self.ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING):
-                return f"no new checkpoint for {idle:g} s"
-        return ""
-
-    def _settled(self, row: dict[str, Any], states: Any) -> bool:
-        state = row["state"]
-        if state in (states.DELIVERED, states.SKIPPED, states.GIVEN_UP):
-            return True
-        if state == states.EVALUATED:
-            waiting = [n for n, d in row["deliveries"].items() if d == "pending" and n in self.ledger.loggers]
-            if not waiting:
-                return True  # whatever is missing is undeliverable: waiting cannot bring it
-            seen = self._evaluated_seen.setdefault(row["step"], time.monotonic())
-            return time.monotonic() - seen >= self.watch.outbox_wait_s
-        return False
 
     def _wait(self) -> None:
         deadline = time.monotonic() + self.watch.poll_interval_s
@@ -208,60 +156,75 @@ class Watcher:
             # Short slices so a signal or a finished delivery is noticed quickly.
             if self.events.wait(min(left, 0.5)):
                 return
-            if self.watch.until_step is not None and self._finished():
+            if self.watch.until_step is not None and self.schedule.finished(last_new=self._last_new):
                 return
 
-    def _evaluate(self, step: int) -> None:
+    def _evaluate(self, step: int, names: list[str]) -> None:
         import jax  # noqa: PLC0415
 
         from tracker_eval.checkpoints.tree import CheckpointUnreachableError, CheckpointVanishedError  # noqa: PLC0415
         from tracker_eval.evaluation.evaluator import EvalAborted  # noqa: PLC0415
 
-        LOG.info("tracker-eval: evaluating step %d", step)
-        renewal = None
+        LOG.info("tracker-eval: evaluating step %d%s", step, _suites_text(names))
+        renewals = []
         if self.primary:
-            renewal = ClaimRenewal(self.ledger, step, owner=self.owner, ttl_s=self.watch.lease_ttl_s, heartbeat=True)
+            renewals = [ClaimRenewal(self.ledgers[name], step, owner=self.owner, ttl_s=self.watch.lease_ttl_s,
+                                     heartbeat=i == 0) for i, name in enumerate(names)]
         try:
             # The decision's number names this attempt in the key-value store on every process.
-            result = self.pipeline.evaluate_step(step, attempt=self.channel.seq)
+            if self.config.has_suites:
+                outcomes = self.pipeline.evaluate_suites(step, suites=names, attempt=self.channel.seq)
+            else:
+                outcomes = {"": self.pipeline.evaluate_step(step, attempt=self.channel.seq)}
         except EvalAborted:
             if self.primary:
-                self.ledger.release(step, owner=self.owner)
+                for name in names:
+                    self.ledgers[name].release(step, owner=self.owner)
             LOG.info("tracker-eval: evaluation of step %d abandoned (%s)", step, self.stop_reason or "stop")
             return
         except CheckpointVanishedError as error:
             if self.primary:
-                with self._claim_kept(step):
-                    self.ledger.mark_skipped(step, one_line(error, limit=400), owner=self.owner)
+                for name in names:
+                    with self._claim_kept(step):
+                        self.ledgers[name].mark_skipped(step, one_line(error, limit=400), owner=self.owner)
             LOG.warning("tracker-eval: step %d skipped: %s", step, one_line(error, limit=400))
             return
         except CheckpointUnreachableError as error:
             if self.primary:  # not the checkpoint's fault: the attempt is given back
-                self.ledger.release(step, owner=self.owner)
+                for name in names:
+                    self.ledgers[name].release(step, owner=self.owner)
                 self.poller.failed_elsewhere(error)
             LOG.warning("tracker-eval: step %d not read, storage unreachable (will retry): %s", step,
                         one_line(error, limit=400))
             return
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
+            outcomes = dict.fromkeys(names, error)
+        finally:
+            for renewal in renewals:
+                renewal.stop()
+        for name, outcome in outcomes.items():
+            self._conclude(step, name, outcome, jax.process_index())
+
+    def _conclude(self, step: int, name: str, outcome: Any, process: int) -> None:
+        """Records one suite's outcome of a step (process 0), or says it in this process's log."""
+        where = f"step {step}" + (f" suite {name!r}" if name else "")
+        if isinstance(outcome, Exception):
             if self.primary:
                 with self._claim_kept(step):
-                    self._record_failure(step, error)
+                    self._record_failure(name, step, outcome)
             else:  # process 0 records it; this process says why its part failed, for the job's logs
-                LOG.warning("tracker-eval: process %d: step %d failed: %s: %s", jax.process_index(),
-                            step, type(error).__name__, one_line(error, limit=400))
+                LOG.warning("tracker-eval: process %d: %s failed: %s: %s", process, where,
+                            type(outcome).__name__, one_line(outcome, limit=400))
             return
-        finally:
-            if renewal is not None:
-                renewal.stop()
         if not self.primary:
             # Every process finalizes the same reduced metrics; saying so lets an operator check.
-            LOG.info("tracker-eval: process %d: step %d reduced metrics %s", jax.process_index(), step,
-                     json.dumps(result.to_json()["metrics"], sort_keys=True))
+            LOG.info("tracker-eval: process %d: %s reduced metrics %s", process, where,
+                     json.dumps(outcome.to_json()["metrics"], sort_keys=True))
             return
-        LOG.info("tracker-eval: step %d evaluated in %.1f s: %s", step, result.provenance.get("eval_wall_s", 0.0),
-                 _headline(result.metrics))
+        LOG.info("tracker-eval: %s evaluated in %.1f s: %s", where, outcome.provenance.get("eval_wall_s", 0.0),
+                 _headline(outcome.metrics))
         with self._claim_kept(step):
-            self.stream.record(result)
+            self.stream.record(outcome)
 
     @contextlib.contextmanager
     def _claim_kept(self, step: int) -> Iterator[None]:
@@ -279,16 +242,17 @@ class Watcher:
                         "watch.lease_ttl_s=%g s), so its outcome is dropped: %s", step, self.watch.lease_ttl_s,
                         one_line(error, limit=300))
 
-    def _record_failure(self, step: int, error: Exception) -> None:
+    def _record_failure(self, name: str, step: int, error: Exception) -> None:
         from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         reason = f"{type(error).__name__}: {one_line(error, limit=400)}"
-        state = self.ledger.mark_failed(step, reason, owner=self.owner)
-        self._retry_after[step] = time.monotonic() + self.watch.poll_interval_s
+        state = self.ledgers[name].mark_failed(step, reason, owner=self.owner)
+        self.schedule.retry_after[(name, step)] = time.monotonic() + self.watch.poll_interval_s
+        where = f"step {step}" + (f" suite {name!r}" if name else "")
         if state == StepState.GIVEN_UP:
-            LOG.warning("tracker-eval: step %d given up after %d attempts: %s", step, self.watch.max_attempts, reason)
+            LOG.warning("tracker-eval: %s given up after %d attempts: %s", where, self.watch.max_attempts, reason)
         else:
-            LOG.warning("tracker-eval: step %d failed (will retry): %s", step, reason)
+            LOG.warning("tracker-eval: %s failed (will retry): %s", where, reason)
 
     def _shutdown(self) -> None:
         signalled = self.stop_reason.startswith("signal")
@@ -296,7 +260,8 @@ class Watcher:
             drain_s = _STOP_DRAIN_S
         else:
             # One wait in all: what until_step's settling already waited counts against it.
-            waited = time.monotonic() - min(self._evaluated_seen.values()) if self._evaluated_seen else 0.0
+            seen = self.schedule.evaluated_seen
+            waited = time.monotonic() - min(seen.values()) if seen else 0.0
             drain_s = max(0.0, self.watch.outbox_wait_s - waited)
         drained = self.stream.close(drain_s=drain_s, close_timeout_s=3.0 if signalled else 30.0)
         self.events.close()
@@ -304,11 +269,11 @@ class Watcher:
         waiting = {k: v for k, v in self.delivery.pending().items() if v}
         LOG.info("tracker-eval: stopped (%s)%s", self.stop_reason or "done",
                  "" if drained else f"; undelivered results wait in the outbox: {waiting}")
-        self.ledger.close()
+        self.stream.close_ledgers()
 
 
-def _steps_text(steps: Sequence[int]) -> str:
-    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]} ... {steps[-1]} ({len(steps)})"
+def _suites_text(names: Sequence[str]) -> str:
+    return f" (suite{'s' if len(names) > 1 else ''} {', '.join(names)})" if any(names) else ""
 
 
 def _headline(metrics: Any) -> str:

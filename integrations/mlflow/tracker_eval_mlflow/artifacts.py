@@ -1,7 +1,7 @@
 """The artifacts of one checkpoint step in an MLflow run: per-example arrays, provenance, samples.
 
     log_step_artifacts(client, run_id, result)
-    # per_example/step_300.npz, provenance/step_300.json,
+    # per_example/step_300.npz, provenance/step_300.json (step_300_<suite>.* for a suite's result),
     # samples/harness/step_300/my_mc.jsonl (one per task: lm-eval's per-sample records, a record a line)
 
 Every path is a function of the step (and suite and task), so sending the same step again replaces
@@ -37,10 +37,11 @@ def log_step_artifacts(client: MlflowClient, run_id: str, result: EvalResult) ->
     """
     with tempfile.TemporaryDirectory(prefix="tracker-eval-mlflow-") as tmp:
         if result.per_example or result.provenance:
-            base = os.path.join(tmp, f"step_{int(result.step)}")
+            base = os.path.join(tmp, f"step_{int(result.step)}" + (f"_{result.suite}" if result.suite else ""))
             write_npz(base + ".npz", result.per_example, durable=False)
             with open(base + ".json", "w") as f:
                 json.dump({"step": int(result.step), "checkpoint": result.checkpoint,
+                           **({"suite": result.suite} if result.suite else {}),
                            "provenance": dict(result.provenance)}, f, default=str, sort_keys=True)
             client.log_artifact(run_id, base + ".npz", artifact_path="per_example")
             client.log_artifact(run_id, base + ".json", artifact_path="provenance")

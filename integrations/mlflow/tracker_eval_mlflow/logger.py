@@ -28,6 +28,7 @@ import numpy as np
 
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
+from tracker_eval.evaluation.result import metric_key
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.failures import FailureKind, mark
 from tracker_eval_mlflow.artifacts import log_step_artifacts
@@ -144,10 +145,11 @@ class MlflowLogger:
         with classified():
             self._log_result(result)
 
-    def reconcile(self, in_flight: Mapping[int, float]) -> None:
+    def reconcile(self, in_flight: Mapping[int, float], *, suite: str = "") -> None:
         """Forgets which (key, step) pairs the run holds; they are read again, per key, on the next
-        send (one request per metric key, whatever the history's length)."""
-        del in_flight
+        send (one request per metric key, whatever the history's length). A suite's keys hold its
+        name, so one read-back serves every suite."""
+        del in_flight, suite
         self._held = None
 
     def _log_result(self, result: EvalResult) -> None:
@@ -159,7 +161,7 @@ class MlflowLogger:
         values = self._metric_values(result)
         for name, array in result.per_example.items():
             for stat, number in per_example_summary(array).items():
-                values[sanitize_key(f"{self.prefix}/per_example/{name}/{stat}")] = number
+                values[sanitize_key(metric_key(self.prefix, result.suite, f"per_example/{name}/{stat}"))] = number
         held = self._held_steps(client, run_id, list(values))
         todo = {k: v for k, v in values.items() if step not in held.get(k, set())}
         if not todo:
@@ -205,7 +207,7 @@ class MlflowLogger:
                     )
                 if self.config.nan_policy == "skip":
                     continue
-            key = sanitize_key(f"{self.prefix}/{name}" if self.prefix else name)
+            key = sanitize_key(metric_key(self.prefix, result.suite, name))
             if key in values:  # the same result would clash every time: undeliverable at once
                 raise mark(ValueError(f"metric names {name!r} and another map to the same MLflow key {key!r}; "
                                       "rename one"), FailureKind.PERMANENT)

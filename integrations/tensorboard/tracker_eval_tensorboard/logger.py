@@ -16,6 +16,7 @@ from its files, so a step is never written twice, across crashes and restarts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ import numpy as np
 
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
+from tracker_eval.evaluation.result import metric_key
 from tracker_eval.loggers.base import LoggerContext
 
 META = "tracker_eval"  # tags of text summaries about the run, apart from the metrics
@@ -76,6 +78,7 @@ class TensorboardLogger:
         self._log = RunLog(self.run_dir)
         # What the run's files hold, read once and then kept up to date under the run's lock.
         self._held_steps: set[int] = set()
+        self._held_tags: set[tuple[int, str]] = set()  # (step, tag): a suite's tags hold its name
         self._held_texts: set[tuple[str, int, str]] = set()
         self._pending: list[_Pending] = []
         self._config: dict[str, Any] = {}
@@ -89,9 +92,11 @@ class TensorboardLogger:
 
     def log_result(self, result: EvalResult) -> None:
         """Buffers one event at ``result.step``: scalars ``<prefix>/<metric>`` and histograms
-        ``<prefix>/per_example/<name>``; the first one the run gets also carries the provenance text.
+        ``<prefix>/per_example/<name>`` (``<prefix>/<suite>/...`` for a suite's result); the first
+        one the run gets also carries the provenance text.
 
-        A checkpoint step the run already holds, or that was logged since the last flush, is skipped.
+        A result whose tags the run already holds at that step, or that was logged since the last
+        flush, is skipped: two suites of one step have other tags, and both are written.
 
         Raises:
           ValueError: a negative step (TensorBoard steps of a run are >= 0 here).
@@ -99,9 +104,7 @@ class TensorboardLogger:
         step = int(result.step)
         if step < 0:
             raise ValueError(f"checkpoint step {step} is negative; the tensorboard logger needs steps >= 0")
-        if step in self._held_steps or any(p.step == step for p in self._pending):
-            return
-        key = (lambda n: f"{self.prefix}/{n}") if self.prefix else (lambda n: n)
+        key = functools.partial(metric_key, self.prefix, result.suite)
         values = [self._summaries.scalar(key(n), float(v)) for n, v in result.metrics.items()]
         for n, array in result.per_example.items():
             finite = finite_values(array)
@@ -109,9 +112,12 @@ class TensorboardLogger:
                 values.append(self._summaries.histogram(key(f"per_example/{n}"), finite, buckets=HISTOGRAM_BUCKETS))
         if not values:
             return
+        tags = frozenset(value.tag for value in values)
+        if self._holds(step, tags) or any(p.step == step and p.tags & tags for p in self._pending):
+            return
         provenance = None if self._has_provenance() else provenance_markdown(self.run_key, self._config, result)
         event = self._summaries.make_event(step, values, wall_time=result.time)
-        self._pending.append(_Pending(event=event, step=step, provenance=provenance))
+        self._pending.append(_Pending(event=event, step=step, tags=tags, provenance=provenance))
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
         """Buffers the text ``tracker_eval/best`` at step ``values["best_step"]`` (else the newest
@@ -138,7 +144,7 @@ class TensorboardLogger:
             self._take(changes)
             todo, provenance = [], self._has_provenance()
             for item in self._pending:
-                if item.step is not None and item.step not in self._held_steps:
+                if item.step is not None and not self._holds(item.step, item.tags):
                     event = item.event
                     if not provenance and item.provenance is not None:
                         event = _with_value(event, self._summaries.text(PROVENANCE_TAG, item.provenance))
@@ -160,18 +166,22 @@ class TensorboardLogger:
         """New generations this logger wrote because a step arrived late (tests, benchmarks)."""
         return self._log.compactions
 
+    def _holds(self, step: int, tags: frozenset[str]) -> bool:
+        return any((step, tag) in self._held_tags for tag in tags)
+
     def _has_provenance(self) -> bool:
         return any(tag == PROVENANCE_TAG for tag, _, _ in self._held_texts)
 
     def _take(self, changes: Any) -> None:
         if changes.reset:
-            self._held_steps, self._held_texts = set(), set()
+            self._held_steps, self._held_tags, self._held_texts = set(), set(), set()
         for event in changes.events:
             self._note(event)
 
     def _note(self, event: Any) -> None:
         if not _is_meta(event):
             self._held_steps.add(event.step)
+            self._held_tags.update((event.step, value.tag) for value in event.summary.value)
         self._held_texts.update(self._summaries.texts_of(event, prefix=f"{META}/"))
 
     def _check_stream(self) -> None:
@@ -196,6 +206,7 @@ class _Pending:
 
     event: Any
     step: int | None = None
+    tags: frozenset[str] = frozenset()
     text: tuple[str, int, str] | None = None
     provenance: str | None = None
 

@@ -23,6 +23,7 @@ ledger (``tracker-eval eval``) the first `log_result` reads every directory of t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ import numpy as np
 
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
+from tracker_eval.evaluation.result import metric_key
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval_wandb import reader
 
@@ -95,8 +97,9 @@ class WandbLogger:
         self.run_id: str = self.config.run_id or context.run_state.get("run_id") or derive_run_id(run_key)
         self._run: Any = None
         self._config: dict[str, Any] = {}
-        self._held: set[int] | None = None  # steps on disk: None until reconciled or read in full
-        self._pending: set[int] = set()  # logged since the last finish
+        # suite -> steps on disk; a suite not in it is read in full on first use (no ledger).
+        self._held: dict[str, set[int]] = {}
+        self._pending: set[tuple[int, str]] = set()  # (step, suite) logged since the last finish
         self._dirty = False
         self.finish_seconds: list[float] = []  # cost of each flush (finish), for benchmarks
 
@@ -123,9 +126,10 @@ class WandbLogger:
         # The first Table imports pandas (~0.5 s of CPU): pay it here, before evaluations start.
         wandb.Table(columns=["index"], data=[[0]])
 
-    def reconcile(self, in_flight: Mapping[int, float]) -> None:
-        """Learns which of the `in_flight` steps the run holds (another process may have sent them
-        and died before acknowledging); every other undelivered step is known not to be there.
+    def reconcile(self, in_flight: Mapping[int, float], *, suite: str = "") -> None:
+        """Learns which of the `in_flight` steps of `suite` the run holds (another process may have
+        sent them and died before acknowledging); every other undelivered step of that suite is
+        known not to be there. A suite's rows are those with keys under ``<prefix>/<suite>/``.
 
         Only the run directories whose ``.wandb`` file was written at or after the oldest of those
         attempts began are read, one inspector call each; with nothing in flight, none.
@@ -136,23 +140,27 @@ class WandbLogger:
         held: set[int] = set()
         if in_flight:
             since = min(in_flight.values()) - _MTIME_SLACK_S
-            held = reader.held_steps(self.wandb_dir, self.run_id, prefix=self.prefix, modified_since=since)
+            held = reader.held_steps(self.wandb_dir, self.run_id, prefix=metric_key(self.prefix, suite, ""),
+                                     modified_since=since)
             held &= set(in_flight)
-        self._held = held
+        if not suite:
+            self._held.clear()  # a logger of a config without suites forgets everything, as before
+        self._held[suite] = held
 
     def log_result(self, result: EvalResult) -> None:
         """Logs one row ``{checkpoint_step, <prefix>/<metric>..., per-example table and histograms,
         one samples table per task}``.
 
-        A checkpoint step the run already holds (on disk or sent by this logger) is skipped.
+        A (checkpoint step, suite) the run already holds (on disk or sent by this logger) is skipped;
+        a suite's keys are ``<prefix>/<suite>/<metric>``, so one step's suites are one row each.
         """
         step = int(result.step)
-        if step in self._held_steps() or step in self._pending:
+        if step in self._held_steps(result.suite) or (step, result.suite) in self._pending:
             return
         run = self._ensure_run()
         import wandb
 
-        key = (lambda n: f"{self.prefix}/{n}") if self.prefix else (lambda n: n)
+        key = functools.partial(metric_key, self.prefix, result.suite)
         row: dict[str, Any] = {reader.STEP_KEY: step}
         row.update({key(n): float(v) for n, v in result.metrics.items()})
         columns = {}
@@ -178,7 +186,7 @@ class WandbLogger:
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
-        self._pending.add(step)
+        self._pending.add((step, result.suite))
         self._dirty = True
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
@@ -200,7 +208,8 @@ class WandbLogger:
         self._run.finish()
         self._run = None
         self.finish_seconds.append(time.perf_counter() - start)
-        self._held_steps().update(self._pending)
+        for step, suite in self._pending:
+            self._held_steps(suite).add(step)
         self._pending.clear()
         self._dirty = False
 
@@ -211,10 +220,11 @@ class WandbLogger:
             run, self._run = self._run, None
             run.finish()
 
-    def _held_steps(self) -> set[int]:
-        if self._held is None:
-            self._held = reader.held_steps(self.wandb_dir, self.run_id, prefix=self.prefix)
-        return self._held
+    def _held_steps(self, suite: str) -> set[int]:
+        if suite not in self._held:
+            self._held[suite] = reader.held_steps(self.wandb_dir, self.run_id,
+                                                  prefix=metric_key(self.prefix, suite, ""))
+        return self._held[suite]
 
     def _ensure_run(self) -> Any:
         if self._run is not None:
