@@ -12,16 +12,12 @@ imported on first use (2-4 s), never when tracker-eval is imported.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import math
 import os
-import pathlib
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +29,7 @@ from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.failures import FailureKind, mark
 from tracker_eval_mlflow.artifacts import log_step_artifacts
 from tracker_eval_mlflow.failures import NonFiniteMetricError, classified
+from tracker_eval_mlflow.run import find_or_create_run, run_lock
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -42,7 +39,6 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
-RUN_KEY_TAG = "tracker_eval.run_key"
 _INVALID_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 @dataclasses.dataclass(frozen=True)
@@ -239,37 +235,10 @@ class MlflowLogger:
                 if self._run_id is not None and self._experiment_id is None:
                     self._experiment_id = client.get_run(self._run_id).info.experiment_id
                 if self._run_id is None:
-                    self._run_id, self._experiment_id = self._find_or_create_run(client)
+                    self._run_id, self._experiment_id = find_or_create_run(
+                        client, experiment=self.config.experiment, run_key=self.run_key,
+                        run_name=self.config.run_name, tags=self.config.tags, tracking_uri=self.tracking_uri)
             return client, self._run_id
-
-    def _find_or_create_run(self, client: MlflowClient) -> tuple[str, str]:
-        experiment = client.get_experiment_by_name(self.config.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            experiment_id = client.create_experiment(self.config.experiment, artifact_location=self._artifact_root())
-        quoted = self.run_key.replace("'", "\\'")
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'", max_results=1)
-        if runs:
-            return runs[0].info.run_id, experiment_id
-        tags = {RUN_KEY_TAG: self.run_key, **{k: str(v) for k, v in self.config.tags.items()}}
-        run_name = self.config.run_name or f"eval-{_short(self.run_key)}"
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        return run.info.run_id, experiment_id
-
-
-    def _artifact_root(self) -> str | None:
-        """Where a new experiment of a local store keeps artifacts: beside the database file.
-
-        MLflow's default for a sqlite store is ``./mlruns`` of the current directory, which scatters
-        per-example arrays wherever the job happened to start (or fails in a read-only one). A
-        server (http, https, databricks, ...) chooses its own artifact root.
-        """
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None
-        database = pathlib.Path(self.tracking_uri[len("sqlite:///") :])
-        return (database.parent.absolute() / "mlflow-artifacts").as_uri()
-
 
 def per_example_summary(values: Any) -> dict[str, float]:
     """Count, mean, min, 5th/50th/95th percentile and max of a per-example array's finite values.
@@ -289,32 +258,6 @@ def per_example_summary(values: Any) -> dict[str, float]:
             "p05": float(p05), "p50": float(p50), "p95": float(p95), "max": float(finite.max())}
 
 
-@contextlib.contextmanager
-def run_lock(tracking_uri: str, output_dir: str) -> Iterator[None]:
-    """Serializes finding or creating the stream's run between processes that share it.
-
-    MLflow has no "create if absent": two processes that search for the run's tag at once, find
-    nothing and both create a run split one stream over two runs (a watcher starting beside
-    training's `InTrainingEvaluation`). Processes of one stream share `output_dir` (the ledger is
-    SQLite on a local disk), so an exclusive lock there orders them: the first creates the run and
-    the next one finds it. For an embedded ``sqlite:///`` store the lock sits beside the database
-    instead: its first use also creates and migrates the store, and two processes doing that at
-    once break each other's migration ("duplicate column name", alembic version mismatches),
-    whatever their output_dir.
-    """
-    if tracking_uri.startswith("sqlite:///"):
-        path = pathlib.Path(f"{tracking_uri[len('sqlite:///'):]}.lock")
-    else:
-        path = pathlib.Path(output_dir) / "mlflow-run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def sanitize_key(key: str) -> str:
     """An MLflow-valid metric/param/tag key: invalid characters become ``_``, at most 250 characters."""
     key = _INVALID_KEY_CHARS.sub("_", key).replace("..", "_.").lstrip("/")
@@ -331,6 +274,3 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[name] = value
     return flat
 
-
-def _short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
