@@ -1,10 +1,11 @@
 """The ledger: the durable record of each checkpoint step and of which tracker holds its result.
 
 One SQLite file per output directory. `db` (connections, transactions, the stream handle) and
-`schema` (versioned tables) store it; `steps` is the step state machine (claim, record, fail, skip)
-and `reads` its read side; `view` opens it read-only (status); `outbox` tracks delivery per logger
-(pending, delivered, undeliverable) and `logger_lease` who delivers to each logger; `lease` tells a
-dead holder; `files` keeps per-example arrays and exact JSON beside the file; `best` the best step.
+`schema` (versioned tables) store it; `steps` is the step state machine (record, fail, skip) on
+`claims` (register, claim, renew, release) and `reads` its read side; `view` opens it read-only
+(status); `outbox` tracks delivery per logger (pending, delivered, undeliverable) and
+`logger_lease` who delivers to each logger; `lease` tells a dead holder; `files` keeps per-example
+arrays and exact JSON beside the file; `best` the best step.
 
 May import: the shared top level and evaluation (EvalResult).
 Public names: Ledger, StepState, LedgerError, LeaseLostError, IllegalTransitionError, LeaseClaim,

@@ -28,28 +28,29 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import offer_best, reconcile_best
+from tracker_eval.ledger.claims import Claims
 from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
 from tracker_eval.ledger.files import ResultFiles, encode_result, write_result_files
-from tracker_eval.ledger.lease import lease_reclaimable
 from tracker_eval.ledger.outbox import Outbox
-from tracker_eval.ledger.reads import _CLAIMABLE, _STORED, StepReads, StepState
+from tracker_eval.ledger.reads import _STORED, StepState
 
 __all__ = ["IllegalTransitionError", "Ledger", "LedgerError", "LeaseLostError", "StepState"]
 
 _BEST_MODES = ("min", "max")
 
 
-class Ledger(Outbox, StepReads):
+class Ledger(Outbox, Claims):
     """Durable per-step state, stored results and per-logger outbox of one evaluation stream.
 
     Safe to share between threads (one SQLite connection per thread) and between processes (SQLite
     locking; claims decide who evaluates or delivers what). Delivery methods (`claim_logger`,
-    `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.ledger.outbox.Outbox`; run state and
+    `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.ledger.outbox.Outbox`, claims
+    (`register`, `claim`, `renew`, `release`) from `tracker_eval.ledger.claims.Claims`; run state and
     heartbeat from `tracker_eval.ledger.db.LedgerStore`.
     """
 
@@ -122,104 +123,7 @@ class Ledger(Outbox, StepReads):
     def __enter__(self) -> Ledger:
         return self
 
-    def _insert_pending(self, conn: sqlite3.Connection, step: int) -> bool:
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO steps (stream_id, step, state, updated_at) VALUES (?, ?, 'pending', ?)",
-            (self._stream, int(step), self._clock()),
-        )
-        return cursor.rowcount == 1
-
-    # Evaluation: register, claim, record, fail, skip.
-
-    def register(self, steps: Iterable[int]) -> list[int]:
-        """Adds steps not yet known as pending; known steps keep their state.
-
-        Args:
-          steps: checkpoint steps, in any order (a late, lower step is simply added).
-
-        Returns:
-          The newly added steps, ascending.
-        """
-        conn = self._conn()
-        with write_transaction(conn):
-            added = [step for step in sorted({int(s) for s in steps}) if self._insert_pending(conn, step)]
-        return added
-
-    def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
-        """Takes the step for evaluation: pending, retryable-failed or stale-evaluating -> evaluating.
-
-        An evaluating step is stale when its lease expired or its owner is a dead process of this
-        host. Each claim counts as an attempt; a stale step that has used up `max_attempts` (its
-        evaluations keep dying) is given up instead. An unknown step is registered first.
-
-        Args:
-          step: the checkpoint step.
-          owner: the claimant's id (`tracker_eval.ledger.lease.make_owner_id`).
-          ttl_s: lease length; `renew` before it runs out.
-
-        Returns:
-          True when `owner` now holds the step (also when it already did), False otherwise.
-        """
-        conn = self._conn()
-        now = self._clock()
-        with write_transaction(conn):
-            self._insert_pending(conn, step)
-            row = self._row(conn, step)
-            state, attempts, holder = StepState(row["state"]), row["attempts"], row["owner"]
-            if state is StepState.EVALUATING and holder == owner:
-                self._set(conn, step, lease_expires_at=now + ttl_s)
-                return True
-            stale = state is StepState.EVALUATING and lease_reclaimable(
-                holder, expires_at=row["lease_expires_at"], now=now
-            )
-            if not (state in _CLAIMABLE or stale):
-                return False
-            reason = row["reason"]
-            if stale:
-                how = "expired" if row["lease_expires_at"] <= now else "its owner died"
-                reason = f"took over from {holder}: lease {how}"
-            if state is not StepState.PENDING and attempts >= self._max_attempts:
-                self._set(conn, step, state=StepState.GIVEN_UP.value, owner=None, lease_expires_at=None,
-                          reason=f"gave up after {attempts} attempts; last: {reason}")
-                return False
-            self._set(conn, step, state=StepState.EVALUATING.value, owner=owner,
-                      lease_expires_at=now + ttl_s, attempts=attempts + 1, reason=reason)
-            return True
-
-    def renew(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
-        """Extends `owner`'s evaluation lease by `ttl_s` from now.
-
-        Returns:
-          False when `owner` no longer holds the step (stop evaluating it).
-        """
-        conn = self._conn()
-        with write_transaction(conn):
-            if not self._holds(conn, step, owner):
-                return False
-            self._set(conn, step, lease_expires_at=self._clock() + ttl_s)
-            return True
-
-    def release(self, step: int, *, owner: str) -> bool:
-        """Gives an unfinished evaluation back (e.g. on SIGTERM): evaluating -> pending.
-
-        The abandoned attempt is not counted against `max_attempts`.
-
-        Returns:
-          False when `owner` did not hold the step.
-        """
-        conn = self._conn()
-        with write_transaction(conn):
-            if not self._holds(conn, step, owner):
-                return False
-            attempts = self._row(conn, step)["attempts"]
-            self._set(conn, step, state=StepState.PENDING.value, owner=None, lease_expires_at=None,
-                      attempts=max(attempts - 1, 0))
-            return True
-
-    def _holds(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
-        # An expired lease still counts as held until someone else takes it over.
-        row = self._row(conn, step)
-        return row is not None and row["state"] == StepState.EVALUATING and row["owner"] == owner
+    # Evaluation: register, claim, renew and release come from `Claims`; record, fail, skip.
 
     def record_metrics(self, result: EvalResult, *, owner: str) -> bool:
         """Stores a step's result and queues it for every configured logger, exactly once.
