@@ -1,5 +1,6 @@
-"""`tracker-eval demo --harness` end to end at a small size: the byte LM's checkpoints scored by the
-harness, delivered to MLflow and JSONL, equal to lm-eval over a float64 reference of each checkpoint."""
+"""`tracker-eval demo --harness` end to end at a small size: the watcher scores the byte LM's checkpoints
+with the config's suites `harness` (lm_harness) and `text` (held-out loss), delivered to MLflow and
+JSONL, equal to lm-eval (and a loss) over a float64 reference of each checkpoint."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from tracker_eval_lm_harness.offline import prepare_environment
 
 prepare_environment()  # before lm-eval (and with it `datasets`) is imported by the reference
 
-from harness_reference import ReferenceLM, tiny_lm_logits  # noqa: E402
+import numpy as np  # noqa: E402
+from harness_reference import ReferenceLM, log_softmax, tiny_lm_logits  # noqa: E402
 from tracker_eval_lm_harness.tasks import SHIPPED  # noqa: E402
 
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
 STEPS, LIMIT, MAX_LENGTH = [50, 100], 8, 256  # MAX_LENGTH: the demo suite's max_length
-HEADLINE = ["pydoc_cloze/acc", "pydoc_cloze/acc_norm", "pydoc_gen/exact_match", "pydoc_ppl/bits_per_byte",
-            "pydoc_ppl/word_perplexity"]
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +35,38 @@ def demo(tmp_path_factory):
     return out, proc
 
 
-def _reference(step: int, checkpoint_dir: pathlib.Path) -> dict:
-    """lm-eval's own simple_evaluate on the shipped tasks, every request answered by a float64 numpy
-    forward pass of the checkpoint's params (read here with Orbax, not through tracker-eval)."""
+def _params(step: int, checkpoint_dir: pathlib.Path) -> dict:
+    """The checkpoint's params, read here with Orbax, not through tracker-eval."""
     import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(str(checkpoint_dir / str(step) / "default"))["params"]
+
+
+def _reference(params: dict) -> dict:
+    """lm-eval's own simple_evaluate on the shipped tasks, every request answered by a float64 numpy
+    forward pass of the params."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    tree = ocp.PyTreeCheckpointer().restore(str(checkpoint_dir / str(step) / "default"))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(SHIPPED)
         return evaluator.simple_evaluate(
-            model=ReferenceLM(tiny_lm_logits(tree["params"]), max_length=MAX_LENGTH), tasks=["pydoc"],
+            model=ReferenceLM(tiny_lm_logits(params), max_length=MAX_LENGTH), tasks=["pydoc"],
             task_manager=TaskManager(include_path=str(SHIPPED), include_defaults=False), limit=LIMIT,
             bootstrap_iters=100, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
             fewshot_random_seed=1234)
+
+
+def _text_loss(params: dict) -> float:
+    """The token-weighted loss on the held-out pydoc sequences, one float64 forward pass per sequence."""
+    from tracker_eval.tasks.language_model import sequences
+
+    data, logits = sequences("validation", corpus_name="pydoc"), tiny_lm_logits(params)
+    total = count = 0.0
+    for inputs, targets, mask in zip(data["inputs"], data["targets"], data["mask"], strict=True):
+        logp = log_softmax(logits(list(inputs)))[np.arange(len(targets)), targets]
+        total, count = total - float(np.sum(logp * mask)), count + float(np.sum(mask))
+    return total / count
 
 
 def _named(results: dict) -> dict[str, float]:
@@ -62,29 +79,41 @@ def _named(results: dict) -> dict[str, float]:
     return out
 
 
-def test_scores_rise_and_equal_lm_eval_over_a_float64_reference_in_mlflow(demo):
+def test_the_watcher_delivers_every_suite_equal_to_float64_references_in_mlflow(demo):
     out, proc = demo
     assert "Traceback" not in proc.stderr and "it/s]" not in proc.stderr  # no lm-eval progress bars
-    for step in STEPS:
-        assert f"harness: step {step:>4}  pydoc_cloze/acc" in proc.stdout
+    for step in STEPS:  # the console logger's table of each suite's result
+        assert f"eval/harness step {step} (" in proc.stdout and f"eval/text step {step} (" in proc.stdout
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("tracker-eval-demo").experiment_id])
-    keys = list(run.data.metrics)
 
-    def history(name: str) -> dict[int, float]:
-        (key,) = [k for k in keys if k.endswith(f"/{name}")]
+    def history(key: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
-    delivered = {name: history(name) for name in HEADLINE}
-    assert all(sorted(points) == STEPS for points in delivered.values()), delivered
-    # The LM learns: held-out bits per byte fall from the first checkpoint to the last.
-    assert delivered["pydoc_ppl/bits_per_byte"][100] < delivered["pydoc_ppl/bits_per_byte"][50]
+    expected = {}
     for step in STEPS:
-        expected = _named(_reference(step, out / "checkpoints"))
-        for name in HEADLINE:
-            assert delivered[name][step] == pytest.approx(expected[name], rel=1e-4, abs=1e-9), (step, name)
+        params = _params(step, out / "checkpoints")
+        expected[step] = {f"eval/harness/{name}": value for name, value in _named(_reference(params)).items()}
+        expected[step]["eval/text/loss"] = _text_loss(params)
+    # Exactly lm-eval's metric names under <prefix>/<suite>/<task>/<metric>: every task's, stderr included.
+    harness_keys = {key for key in run.data.metrics if key.startswith("eval/harness/")}
+    assert harness_keys == {key for key in expected[STEPS[0]] if key.startswith("eval/harness/")}
+    for key in ("eval/harness/pydoc_cloze/acc", "eval/harness/pydoc_cloze/acc_norm",
+                "eval/harness/pydoc_cloze/acc_stderr", "eval/harness/pydoc_gen/exact_match",
+                "eval/harness/pydoc_ppl/bits_per_byte",
+                "eval/harness/pydoc_ppl/word_perplexity", "eval/text/loss"):
+        assert key in run.data.metrics, sorted(run.data.metrics)
+    delivered = {key: history(key) for key in expected[STEPS[0]]}
+    assert all(sorted(points) == STEPS for points in delivered.values()), delivered
+    for step in STEPS:
+        for key, value in expected[step].items():
+            assert delivered[key][step] == pytest.approx(value, rel=1e-4, abs=1e-9), (step, key)
+    # The LM learns: held-out bits per byte and loss fall from the first checkpoint to the last.
+    bits_per_byte = delivered["eval/harness/pydoc_ppl/bits_per_byte"]
+    assert bits_per_byte[100] < bits_per_byte[50]
+    assert delivered["eval/text/loss"][100] < delivered["eval/text/loss"][50]
 
     # Per-sample records: an MLflow artifact per task, the same records in the JSONL logger's files.
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples/harness/step_100")]
@@ -92,7 +121,8 @@ def test_scores_rise_and_equal_lm_eval_over_a_float64_reference_in_mlflow(demo):
     local = client.download_artifacts(run.info.run_id, artifacts[0], str(out.parent / "download"))
     records = [json.loads(line) for line in pathlib.Path(local).read_text().splitlines()]
     assert sorted(r["doc_id"] for r in records) == list(range(LIMIT))
-    (line,) = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] == 100]
+    lines = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
+    (line,) = [r for r in lines if r["step"] == 100 and r.get("suite") == "harness"]
     on_disk = (out / line["samples"]["pydoc_cloze"]).read_text().splitlines()
     assert [json.loads(text) for text in on_disk] == records
-    assert sum(r["acc"] for r in records) / LIMIT == pytest.approx(delivered["pydoc_cloze/acc"][100])
+    assert sum(r["acc"] for r in records) / LIMIT == pytest.approx(delivered["eval/harness/pydoc_cloze/acc"][100])

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -99,13 +100,36 @@ def run_demo(
           f"{SAVE_EVERY}; the watcher evaluates each one as it appears.\n  output: {output_dir}", flush=True)
 
     from tracker_eval.config import load_config  # noqa: PLC0415
-    from tracker_eval.runners.watcher import Watcher  # noqa: PLC0415
 
     config = load_config(config_path)
+    extra = ["--in-training-config", config_path] if in_training else []
+    return watch_beside_training(config, command=training_command(config.checkpoint_dir, steps=steps,
+                                                                  save_every=SAVE_EVERY, extra=extra),
+                                 summary=lambda seconds: _summary(config, config_path, seconds=seconds))
+
+
+def training_command(checkpoint_dir: str, *, steps: int, save_every: int, extra: Sequence[str] = ()) -> list[str]:
+    """The demo's training process (`tracker_eval.demo.train`) with its checkpoint settings and `extra` flags."""
+    return [sys.executable, "-m", "tracker_eval.demo.train", "--checkpoint-dir", checkpoint_dir,
+            "--steps", str(steps), "--save-every", str(save_every), *extra]
+
+
+def watch_beside_training(config: Any, *, command: Sequence[str], summary: Callable[[float], None]) -> int:
+    """Runs the watcher on `config` while the training process `command` writes its checkpoints.
+
+    Args:
+      config: the demo's loaded config; its ``watch.until_step`` ends the watcher.
+      command: the training process.
+      summary: called with the seconds taken once both are done, unless training failed.
+
+    Returns:
+      The watcher's exit code, or 1 when the training process failed.
+    """
+    from tracker_eval.runners.watcher import Watcher  # noqa: PLC0415
+
     watcher = Watcher(config)
     watcher.install_signal_handlers()
-    trainer = _start_training(config.checkpoint_dir, steps=steps,
-                              in_training_config=config_path if in_training else None)
+    trainer = subprocess.Popen(command, env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"})
     start = time.monotonic()
     try:
         code = watcher.run()
@@ -122,7 +146,7 @@ def run_demo(
     if trainer.returncode not in (0, None) and not watcher.stop_reason.startswith("signal"):
         print(f"tracker-eval demo: the training process failed (exit {trainer.returncode})", file=sys.stderr)
         return 1
-    _summary(config, config_path, seconds=time.monotonic() - start)
+    summary(time.monotonic() - start)
     return code
 
 
@@ -137,15 +161,6 @@ def fresh_dir(output_dir: str) -> None:
             shutil.rmtree(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     open(os.path.join(output_dir, _MARKER), "w").close()
-
-
-def _start_training(checkpoint_dir: str, *, steps: int, in_training_config: str | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tracker_eval.demo.train", "--checkpoint-dir", checkpoint_dir,
-               "--steps", str(steps), "--save-every", str(SAVE_EVERY)]
-    if in_training_config:
-        command += ["--in-training-config", in_training_config]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return subprocess.Popen(command, env=env)
 
 
 def _summary(config: Any, config_path: str, *, seconds: float) -> None:
