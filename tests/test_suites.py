@@ -342,6 +342,7 @@ def test_the_lm_harness_kind_loads_through_its_entry_point_and_runs_beside_an_ev
     result = outcomes["harness"]
     assert not isinstance(result, Exception), result
     assert result.suite == "harness" and result.step == 7 and result.checkpoint == "live"
+    assert result.provenance["eval_wall_s"] > 0  # the watcher's "evaluated in" line reads it
     direct = HarnessSuite(HarnessSuite.Config.from_mapping({k: v for k, v in harness.items() if k != "kind"}),
                           adapter=pipeline.adapter, mesh=pipeline.mesh, name="direct")
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -194,12 +195,15 @@ class PluginSuite:
     ) -> EvalResult:
         """Runs the plug-in on the state's params; its own messages keep the processes together."""
         del exchange
+        start = time.perf_counter()
         out = self.impl.run(state.params, step=int(state.step))
+        wall = {"eval_wall_s": round(time.perf_counter() - start, 4)}  # as an eval suite's provenance has
         return EvalResult(
             step=int(state.step),
             checkpoint=checkpoint,
             metrics=dict(out.metrics),
-            provenance={"config_hash": self.identity, "suite": self.name, **provenance, **dict(out.provenance)},
+            provenance={"config_hash": self.identity, "suite": self.name, **wall, **provenance,
+                        **dict(out.provenance)},
             suite=self.name,
             samples=dict(getattr(out, "samples", None) or {}),
         )
