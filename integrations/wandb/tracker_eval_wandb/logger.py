@@ -179,10 +179,9 @@ class WandbLogger:
             cells = zip(*(columns[n][:rows].tolist() for n in names), strict=True)
             data = [[i, *values] for i, values in enumerate(cells)]
             row[key("per_example_table")] = wandb.Table(columns=["index", *names], data=data)
-        folder = f"{result.suite}/samples" if result.suite else "samples"
-        for task, records in result.samples.items():
+        for task, records in result.samples.items():  # <prefix>/<suite>/samples/<task>
             columns_of_task, data = samples_table(records[: self.config.table_max_rows])
-            row[key(f"{folder}/{task}")] = wandb.Table(columns=columns_of_task, data=data)
+            row[key(f"samples/{task}")] = wandb.Table(columns=columns_of_task, data=data)
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
