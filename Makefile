@@ -32,7 +32,7 @@ demo: install
 
 # Lint first: it takes a second and fails before the 6-minute suite starts.
 test: install system-deps lint
-	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check --no-cache .
