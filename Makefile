@@ -30,7 +30,7 @@ system-deps:
 demo: install
 	$(BIN)/tracker-eval demo
 
-# Lint first: it takes a second and fails before the 6-minute suite starts.
+# Lint first: it takes a second and fails before the suite (about 15-20 minutes on 2 cores) starts.
 test: install system-deps lint
 	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
