@@ -106,31 +106,13 @@ def read_ledger(
     Raises:
       LedgerError: the file cannot be read, or has a schema this version cannot read.
     """
-    path = Path(output_dir) / LEDGER_FILENAME
-    if not path.exists():
-        return None
-    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
+    def read(conn: sqlite3.Connection, stream: int) -> LedgerStatus:
+        view = LedgerView(conn, output_dir=Path(output_dir), stream=stream)
+        return LedgerStatus(rows=view.rows(), best=view.best_by(*best) if best else None,
+                            heartbeat=view.last_heartbeat())
 
-    def read(conn: sqlite3.Connection) -> LedgerStatus | None:
-        if not _schema_ready(conn, path):
-            return None
-        conn.execute("BEGIN")  # one snapshot for every query below
-        try:
-            found = conn.execute(
-                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key
-            ).fetchone()
-            if found is None:
-                return None
-            view = LedgerView(conn, output_dir=Path(output_dir), stream=found[0])
-            return LedgerStatus(rows=view.rows(), best=view.best_by(*best) if best else None,
-                                heartbeat=view.last_heartbeat())
-        finally:
-            conn.execute("COMMIT")
-
-    try:
-        return _read_without_writing(path, read, busy_timeout_s=busy_timeout_s)
-    except sqlite3.Error as error:
-        raise LedgerError(f"cannot read the ledger {path}: {error}") from error
+    return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, read=read,
+                        busy_timeout_s=busy_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,43 +156,54 @@ def read_run(
     Raises:
       LedgerError: the file cannot be read, or has a schema this version cannot read.
     """
+    def read(conn: sqlite3.Connection, run_stream: int) -> RunStatus:
+        streams = conn.execute("SELECT stream_id, suite, config_hash FROM streams WHERE parent_id = ? "
+                               "ORDER BY stream_id", (run_stream,)).fetchall()
+        chosen: dict[str, int] = {}
+        for stream, suite, config_hash in streams:
+            # A configured suite reads its current stream; any other the newest it had.
+            if suite in suites and suites[suite] != config_hash:
+                continue
+            chosen[suite] = stream
+        order = [name for name in suites if name in chosen] + [n for n in chosen if n not in suites]
+        views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=chosen[name], run_stream=run_stream,
+                                  suite=name) for name in order}
+        best_value = None
+        if best is not None and best[0] in views:
+            best_value = views[best[0]].best_by(best[1], best[2])
+        heartbeat = LedgerView(conn, output_dir=Path(output_dir), stream=run_stream).last_heartbeat()
+        return RunStatus(suites={name: view.rows() for name, view in views.items()}, best=best_value,
+                         heartbeat=heartbeat)
+
+    return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+                        busy_timeout_s=busy_timeout_s)
+
+
+def _read_stream(
+    output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], config_hash: str,
+    read: Callable[[sqlite3.Connection, int], T], busy_timeout_s: float,
+) -> T | None:
+    """`read(conn, stream_id)` of one stream, in one snapshot, without writing; None when there is
+    no ledger, no schema yet or no such stream."""
     path = Path(output_dir) / LEDGER_FILENAME
     if not path.exists():
         return None
-    checkpoint = normalize_checkpoint_dir(checkpoint_dir)
+    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
 
-    def read(conn: sqlite3.Connection) -> RunStatus | None:
+    def snapshot(conn: sqlite3.Connection) -> T | None:
         if not _schema_ready(conn, path):
             return None
-        conn.execute("BEGIN")
+        conn.execute("BEGIN")  # one snapshot for every query of `read`
         try:
-            found = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
-                                 (checkpoint, run_hash)).fetchone()
-            if found is None:
-                return None
-            run_stream = found[0]
-            streams = conn.execute("SELECT stream_id, suite, config_hash FROM streams WHERE parent_id = ? "
-                                   "ORDER BY stream_id", (run_stream,)).fetchall()
-            chosen: dict[str, int] = {}
-            for stream, suite, config_hash in streams:
-                # A configured suite reads its current stream; any other the newest it had.
-                if suite in suites and suites[suite] != config_hash:
-                    continue
-                chosen[suite] = stream
-            order = [name for name in suites if name in chosen] + [n for n in chosen if n not in suites]
-            views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=chosen[name], run_stream=run_stream,
-                                      suite=name) for name in order}
-            best_value = None
-            if best is not None and best[0] in views:
-                best_value = views[best[0]].best_by(best[1], best[2])
-            heartbeat = LedgerView(conn, output_dir=Path(output_dir), stream=run_stream).last_heartbeat()
-            return RunStatus(suites={name: view.rows() for name, view in views.items()}, best=best_value,
-                             heartbeat=heartbeat)
+            found = conn.execute(
+                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key
+            ).fetchone()
+            return None if found is None else read(conn, found[0])
         finally:
             conn.execute("COMMIT")
 
     try:
-        return _read_without_writing(path, read, busy_timeout_s=busy_timeout_s)
+        return _read_without_writing(path, snapshot, busy_timeout_s=busy_timeout_s)
     except sqlite3.Error as error:
         raise LedgerError(f"cannot read the ledger {path}: {error}") from error
 
