@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -124,9 +125,7 @@ def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_
         children.append(a)
         # B stalls past its delivery leases (SIGSTOP; the expiry is fast-forwarded in the ledger),
         # so A, alive all along, takes every logger over.
-        os.kill(b.process.pid, signal.SIGSTOP)
-        with sqlite3.connect(out / "ledger.sqlite", timeout=30) as raw:
-            raw.execute("UPDATE leases SET expires_at = 0 WHERE name LIKE 'deliver:%'")
+        _stop_outside_a_write(b.process.pid, out / "ledger.sqlite")
         _store(config, {30: _metrics(30), 40: _metrics(40), 50: _metrics(50)})
         # A delivers 30, writes 40 to every tracker and is killed before acknowledging it.
         assert a.wait(timeout=180) == -signal.SIGKILL, "".join(a.errors[-30:])
@@ -182,3 +181,20 @@ def test_best_summary_never_moves_backwards_with_two_processes(tmp_path, mlflow_
     assert (tags["tracker_eval.summary.best_step"], float(tags["tracker_eval.summary.best_loss"])) == ("40", 0.1)
     summary = wandb_summary(out)
     assert (summary["best_step"], summary["best_loss"]) == (40, 0.1)
+
+
+def _stop_outside_a_write(pid: int, ledger: pathlib.Path) -> None:
+    """SIGSTOPs `pid` and expires its delivery leases. Stopped in the middle of a ledger write it
+    would hold SQLite's write lock for ever, so then it is let go on briefly and stopped again."""
+    for _ in range(50):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with sqlite3.connect(ledger, timeout=2) as raw:
+                raw.execute("UPDATE leases SET expires_at = 0 WHERE name LIKE 'deliver:%'")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError("the ledger stayed locked by the stopped process")
