@@ -37,6 +37,17 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
         return error
 
 
+def _raised_from(outer: BaseException, cause: BaseException | None, *, handling: BaseException) -> BaseException:
+    """`outer` raised ``from cause`` (None: ``from None``) while `handling` was being handled."""
+    try:
+        try:
+            raise handling
+        except BaseException:
+            raise outer from cause
+    except BaseException as error:  # noqa: BLE001
+        return error
+
+
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
@@ -53,6 +64,14 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
         (_chained(RuntimeError("wrapped"), PermanentDeliveryError("HTTP 404")), FailureKind.PERMANENT),
         (mark(_chained(RuntimeError("HTTP 400"), TimeoutError()), FailureKind.PERMANENT), FailureKind.PERMANENT),
         (mark(RuntimeError("HTTP 503"), FailureKind.UNAVAILABLE), FailureKind.UNAVAILABLE),
+        # A refusal raised "from None" (or from another cause) while handling a connection error is
+        # not an outage: the suppressed context is no part of the chain, as in a traceback.
+        (_raised_from(RuntimeError("HTTP 403 refused"), None, handling=ConnectionRefusedError(111, "refused")),
+         FailureKind.TRANSIENT),
+        (_raised_from(RuntimeError("HTTP 400"), ValueError("NaN"), handling=TimeoutError("timed out")),
+         FailureKind.TRANSIENT),
+        (_raised_from(RuntimeError("API request failed"), ConnectionRefusedError(111, "refused"),
+                      handling=ValueError("parse")), FailureKind.UNAVAILABLE),
     ],
     ids=lambda v: v.value if isinstance(v, FailureKind) else type(v).__name__,
 )

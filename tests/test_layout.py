@@ -120,3 +120,43 @@ def test_the_checker_sees_an_upward_import(tmp_path: pathlib.Path) -> None:
 def test_no_module_is_a_grab_bag() -> None:
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 340}
     assert not long, f"modules past ~300 lines, split them by concept: {long}"
+
+
+def _circles(modules: dict[str, pathlib.Path]) -> list[list[str]]:
+    """Import circles among `modules` (function-level imports included), each as the modules round it."""
+    graph = {name: {imported for _, imported in _imports(path, name) if imported in modules and imported != name}
+             for name, path in modules.items()}
+    found, done, path = [], set(), []
+
+    def visit(name: str) -> None:
+        path.append(name)
+        for imported in sorted(graph[name]):
+            if imported in path:
+                found.append(path[path.index(imported):] + [imported])
+            elif imported not in done:
+                visit(imported)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            visit(name)
+    return found
+
+
+def test_the_demo_modules_import_one_way() -> None:
+    """`demo/run.py` and `demo/harness.py` once imported each other; what both need lives below them."""
+    demo = {name: path for name, path in MODULES.items() if name.startswith("tracker_eval.demo")}
+    assert len(demo) >= 5
+    assert not _circles(demo), f"import circles in the demo: {_circles(demo)}"
+
+
+def test_the_circle_finder_sees_a_lazy_circle(tmp_path: pathlib.Path) -> None:
+    """A circle closed by a function-level import is a circle too."""
+    package = tmp_path / "tracker_eval" / "demo"
+    package.mkdir(parents=True)
+    (package / "a.py").write_text("from tracker_eval.demo.b import x\n")
+    (package / "b.py").write_text("def x():\n    from tracker_eval.demo.a import y\n")
+    (package / "c.py").write_text("from tracker_eval.demo.b import x\n")
+    modules = {f"tracker_eval.demo.{n}": package / f"{n}.py" for n in "abc"}
+    assert _circles(modules) == [["tracker_eval.demo.a", "tracker_eval.demo.b", "tracker_eval.demo.a"]]

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from tracker_eval.demo.beside import browse_lines, demo_loggers, fresh_dir, training_command, watch_beside_training
 from tracker_eval.errors import ConfigError
 
 SAVE_EVERY = 50
@@ -40,8 +41,6 @@ def harness_demo_config(
 ) -> dict[str, Any]:
     """The demo's config: the byte LM, the suites `harness` (shipped held-out tasks, `limit` documents
     each) and `text` (held-out loss), the demo's loggers."""
-    from tracker_eval.demo.run import demo_loggers  # noqa: PLC0415
-
     return {
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
         "model": f"{_LM}:make_model",
@@ -62,7 +61,6 @@ def run_harness_demo(
     *, output_dir: str, steps: int | None, wandb: bool, mlflow: bool, tensorboard: bool, limit: int | None = None,
 ) -> int:
     """Trains the byte LM and watches its checkpoints with the harness suite; returns the exit code."""
-    from tracker_eval.demo.run import fresh_dir, training_command, watch_beside_training  # noqa: PLC0415
     from tracker_eval.runners.suites import load_kind  # noqa: PLC0415
 
     steps = steps or DEFAULT_STEPS
@@ -99,7 +97,6 @@ def run_harness_demo(
 
 def _summary(config: Any, config_path: str, *, seconds: float) -> None:
     from tracker_eval.demo.plot import plot_metrics  # noqa: PLC0415
-    from tracker_eval.demo.run import browse_lines  # noqa: PLC0415
     from tracker_eval.runners.status import collect_status  # noqa: PLC0415
 
     doc = collect_status(config)

@@ -69,7 +69,8 @@ def classify(error: BaseException) -> FailureKind:
 
     Returns:
       The first kind stated (`mark`, `PermanentDeliveryError`, `TrackerUnavailableError`) found
-      walking ``__cause__``/``__context__`` from `error` inward; otherwise
+      walking ``__cause__``/``__context__`` from `error` inward (a context that
+      ``raise ... from`` suppressed is not part of the chain, as in a traceback); otherwise
       UNAVAILABLE for connection errors, timeouts, name resolution and a full disk, else TRANSIENT.
     """
     for link in _chain(error):
@@ -93,5 +94,12 @@ def _chain(error: BaseException) -> list[BaseException]:
     link: BaseException | None = error
     while link is not None and not any(link is s for s in seen) and len(seen) < 32:
         seen.append(link)
-        link = link.__cause__ or link.__context__
+        # As Python's own traceback does: ``raise X from None`` (or ``from cause``) hides the
+        # exception being handled, so a refusal raised while handling a connection error is a refusal.
+        if link.__cause__ is not None:
+            link = link.__cause__
+        elif link.__suppress_context__:
+            link = None
+        else:
+            link = link.__context__
     return seen
