@@ -88,7 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so that a reader gone early (`| head`) is seen below, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as error:
         if args.verbose:
             LOG.exception("config error")
@@ -103,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tracker-eval: failed: {type(error).__name__}: {one_line(error)}"
               + ("" if args.verbose else " (run with --verbose for details)"), file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    """`tracker-eval status --json | head`: the reader has what it wanted; end quietly, as `cat` does."""
+    # Python would report the unflushed rest of stdout at exit; point stdout at /dev/null instead.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -149,7 +162,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     suites = _chosen_suites(config, args.suite)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
-    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
     from tracker_eval.checkpoints.remote import bound_storage_waits  # noqa: PLC0415
     from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
 
@@ -158,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         step = args.step
         if distributed.is_primary():
-            steps = finalized_steps(config.checkpoint_dir)
+            steps = _listed_steps(config.checkpoint_dir)
             if step is None:
                 if not steps:
                     raise UsageError(
@@ -192,6 +204,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         if session is not None:
             session.close()
+
+
+def _listed_steps(checkpoint_dir: str) -> list[int]:
+    """The finalized steps; a bucket that does not exist is the `checkpoint_dir` mistake it most likely is."""
+    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.tree import StorageLocationMissingError  # noqa: PLC0415
+
+    try:
+        return finalized_steps(checkpoint_dir)
+    except StorageLocationMissingError as error:
+        raise UsageError(str(error)) from None
 
 
 def _chosen_suites(config: Any, chosen: Sequence[str] | None) -> list[str] | None:

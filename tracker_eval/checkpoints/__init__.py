@@ -10,7 +10,7 @@ a step holds for people, `fswatch` notices new steps on local disks before the n
 May import: the shared top level only (config, errors, imports, locations, logs).
 Public names: finalized_steps, open_lister, StepLister, restore_eval_variables, describe_checkpoint,
 CheckpointError, CorruptCheckpointError, CheckpointVanishedError, CheckpointUnreachableError,
-StorageUnavailableError, DirectoryEvents.
+StorageUnavailableError, StorageLocationMissingError, DirectoryEvents.
 """
 
 from tracker_eval.imports import lazy_exports
@@ -26,6 +26,7 @@ _EXPORTS = {
     "CheckpointVanishedError": "tree",
     "CheckpointUnreachableError": "tree",
     "StorageUnavailableError": "tree",
+    "StorageLocationMissingError": "tree",
     "DirectoryEvents": "fswatch",
 }
 __all__ = sorted(_EXPORTS)

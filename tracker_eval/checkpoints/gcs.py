@@ -35,7 +35,7 @@ from typing import Any
 import requests
 
 from tracker_eval.checkpoints.listing import check_is_root
-from tracker_eval.checkpoints.tree import COMMIT_MARKER, StorageUnavailableError
+from tracker_eval.checkpoints.tree import COMMIT_MARKER, StorageLocationMissingError, StorageUnavailableError
 from tracker_eval.errors import ConfigError, one_line
 
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
@@ -172,6 +172,8 @@ class GcsStepLister:
             ) from error
         if response.status_code == 200 or (missing_ok and response.status_code == 404):
             return response
+        if response.status_code == 404 and url == self._objects:  # a list under a bucket that does not exist
+            raise StorageLocationMissingError(f"cannot {what} {self.location}: {_explain(response, self.bucket)}")
         raise StorageUnavailableError(f"cannot {what} {self.location}: {_explain(response, self.bucket)}")
 
 

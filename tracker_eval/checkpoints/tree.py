@@ -60,6 +60,13 @@ class StorageUnavailableError(Exception):
     refreshed): nothing is known about the checkpoints, so try again later rather than judge them."""
 
 
+class StorageLocationMissingError(StorageUnavailableError):
+    """The storage answered that the location's container (a GCS bucket) does not exist.
+
+    A watcher waits for it like for any outage (the bucket may be created later); a one-shot
+    command (`tracker-eval eval`) reports it as the `checkpoint_dir` mistake it most likely is."""
+
+
 class CheckpointUnreachableError(CheckpointError, StorageUnavailableError):
     """A step's files could not be read and the storage could not even say whether the step still
     exists: not the checkpoint's fault, so the attempt is not counted against it."""

@@ -3,8 +3,10 @@
     tracker-eval status --config watch.yaml            # a table
     tracker-eval status --config watch.yaml --json     # {"steps": [...], "newest_step": N, "lag_steps": K}
     # each step: state, reason, attempts, metrics, deliveries {logger: pending | delivered |
-    # undeliverable} and delivery_errors {logger: last error}
+    # undeliverable} and delivery_errors {logger: last error}; storage_error: why checkpoint_dir
+    # could not be listed (a bucket missing, its server down), else null
     tracker-eval status --config watch.yaml --health   # exit 0 only with a recent watcher heartbeat
+                                                       # (from the ledger alone: no storage read)
 
 With suites, each step row has ``suites: {name: {state, reason, metrics, deliveries}}`` (suites the
 run had under an earlier config too) and ``state``, the least advanced of the configured suites';
@@ -21,32 +23,49 @@ from collections.abc import Sequence
 from typing import Any
 
 from tracker_eval.config import EvalConfig, load_config
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 _HEALTHY_WITHIN_S = 120.0
 
 
-def collect_status(config: EvalConfig) -> dict[str, Any]:
+def collect_status(config: EvalConfig, *, list_checkpoints: bool = True) -> dict[str, Any]:
     """The status document (the `--json` output).
 
     Reads the ledger without writing anything under `output_dir` (also on a read-only mount): a
     status with another logger list or `watch.best` than the watcher's changes nothing; the best
     step is reported by the config's `watch.best`, computed from the stored results if need be.
+
+    Args:
+      config: the watcher's config.
+      list_checkpoints: list `checkpoint_dir` for the newest step and the lag. The health check
+        needs only the ledger's heartbeat, so it answers where the storage cannot be read (no
+        credentials for a bucket, a bucket server down).
+
+    Returns:
+      The document; ``storage_error`` says in one line why the checkpoints could not be listed
+      (then ``newest_step`` is None), and is None when they were.
     """
     from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
     from tracker_eval.checkpoints.tree import StorageUnavailableError  # noqa: PLC0415
-    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
-    from tracker_eval.ledger.view import read_ledger  # noqa: PLC0415
     from tracker_eval.runners.stream import logger_names  # noqa: PLC0415
 
     logger_names(config)  # a bad logger spec is the same error here as in `watch`
-    try:
-        listed = finalized_steps(config.checkpoint_dir)
-    except StorageUnavailableError:
-        listed = []  # the ledger still answers (and --health must not fail with a bucket's outage)
+    listed: list[int] = []
+    storage_error = None
+    if list_checkpoints:
+        try:
+            listed = finalized_steps(config.checkpoint_dir)
+        except StorageUnavailableError as error:  # the ledger still answers
+            storage_error = one_line(error, limit=300)
     newest = listed[-1] if listed else None
-    if config.has_suites:
-        return _collect_suites(config, newest)
+    doc = _collect_suites(config, newest) if config.has_suites else _collect_stream(config, newest)
+    return {**doc, "storage_error": storage_error}
+
+
+def _collect_stream(config: EvalConfig, newest: int | None) -> dict[str, Any]:
+    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.view import read_ledger  # noqa: PLC0415
+
     best_config = config.watch.best
     try:
         status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
@@ -133,7 +152,7 @@ def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
 def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool = False, health: bool = False) -> int:
     """Entry point of `tracker-eval status`; returns the exit code."""
     config = load_config(config_path, overrides=overrides)
-    doc = collect_status(config)
+    doc = collect_status(config, list_checkpoints=not health)
     if health:
         beat = doc["heartbeat"]
         limit = max(_HEALTHY_WITHIN_S, 3 * config.watch.poll_interval_s)
@@ -152,7 +171,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     """A readable table: step, state, headline metrics, delivery per logger (per suite with suites)."""
     steps = doc["steps"]
     if not steps:
-        return f"no evaluations recorded yet; newest checkpoint: {doc['newest_step']}"
+        return f"no evaluations recorded yet; newest checkpoint: {_newest(doc)}"
     if "suites" in doc:
         return _suites_table(doc)
     metric_names = sorted({k for s in steps for k in s["metrics"]})[:4]
@@ -168,7 +187,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines)
     best = doc.get("best")
-    footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
+    footer = f"\nnewest checkpoint: {_newest(doc)}, lag: {doc['lag_steps']} steps"
     if best:
         footer += f", best: step {best['step']} ({_fmt(best['value'])})"
     stuck = [(s["step"], name, s["delivery_errors"].get(name, ""))
@@ -203,10 +222,16 @@ def _suites_table(doc: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines)
     best = doc.get("best")
-    footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
+    footer = f"\nnewest checkpoint: {_newest(doc)}, lag: {doc['lag_steps']} steps"
     if best:
         footer += f", best: step {best['step']} ({best['suite']}: {_fmt(best['value'])})"
     return text + footer
+
+
+def _newest(doc: dict[str, Any]) -> str:
+    """The newest checkpoint, or why it is not known (a bucket missing, its server down)."""
+    error = doc.get("storage_error")
+    return f"unknown ({error})" if error else str(doc["newest_step"])
 
 
 def _fmt(value: Any) -> str:
