@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -27,6 +28,33 @@ class FailingLogger:
 
     def log_result(self, result):
         raise RuntimeError(self.config.reason)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class CredentialEchoLogger:
+    """Fails the way tracker libraries do when they quote their request: its URL with user info, a
+    header, a query parameter and the environment's keys in the clear."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        url: str = "https://api.example.com"
+
+    def __init__(self, config=None, *, context, name="echo"):
+        self.config = config or self.Config()
+        self.name = name
+
+    def log_config(self, config):
+        pass
+
+    def log_result(self, result):
+        token, key = os.environ.get("MLFLOW_TRACKING_TOKEN", ""), os.environ.get("WANDB_API_KEY", "")
+        raise RuntimeError(f"POST {self.config.url}/graphql?api_key={key} failed: 401 Unauthorized "
+                           f"(Authorization: Bearer {token}); rejected key {key} and token {token}")
 
     def flush(self):
         pass

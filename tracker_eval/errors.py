@@ -9,6 +9,8 @@ the bad value, the valid choices and the fix, so a typo fails before any work st
 
 from __future__ import annotations
 
+from tracker_eval.redact import redact_text
+
 
 class ConfigError(ValueError):
     """Invalid configuration: the message names the bad value, the valid choices and the fix."""
@@ -20,8 +22,10 @@ _JAX_TRACEBACK_NOTE = "\n--------------------\n"
 def one_line(error: BaseException, *, limit: int | None = None) -> str:
     """The error's message on one line for a log or ledger entry, cut to `limit` characters if given.
 
-    JAX appends a note about its filtered traceback frames to errors raised under tracing; that
-    note says nothing about the error and is dropped.
+    Credentials in it (a tracker's URL with user info, a token) are masked (`tracker_eval.redact`):
+    every error text tracker-eval prints or stores goes through here. JAX appends a note about its
+    filtered traceback frames to errors raised under tracing; that note says nothing about the
+    error and is dropped.
     """
     text = str(error).split(_JAX_TRACEBACK_NOTE, 1)[0]
-    return " ".join(text.split())[:limit] or type(error).__name__
+    return redact_text(" ".join(text.split()))[:limit] or type(error).__name__

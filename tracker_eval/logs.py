@@ -1,6 +1,12 @@
-"""Quiet, readable output: our own log lines plainly formatted, noisy libraries held back.
+"""Quiet, readable output: our own log lines plainly formatted, noisy libraries held back, no secrets.
 
     configure_logging(verbose=False)   # absl/orbax/jax/wandb/mlflow chatter only with --verbose
+
+Every log record of the process, whichever library logs it and whichever handler prints it
+(MLflow prints through its own), is masked by `tracker_eval.redact.redact_text` when it is made:
+its message and its traceback. Python warnings go through logging, and uncaught exceptions (main
+thread or any other) are printed the same way, so a tracker's URL with credentials is never
+printed.
 """
 
 from __future__ import annotations
@@ -9,8 +15,12 @@ import logging
 import os
 import re
 import sys
+import threading
+import traceback
 import warnings
 from typing import Any
+
+from tracker_eval.redact import redact_text
 
 NOISY = ("absl", "jax", "jax._src", "orbax", "orbax.checkpoint", "etils", "wandb", "mlflow", "alembic",
          "sqlalchemy", "urllib3", "git", "matplotlib", "PIL", "tensorstore", "fsspec", "google.auth", "google.cloud")
@@ -64,8 +74,49 @@ class _AsyncioLeftovers(logging.Filter):
         return not ("exception was never retrieved" in record.getMessage() and is_failed_read_leftover(error))
 
 
+_DEFAULT_RECORD_FACTORY = logging.getLogRecordFactory()
+
+
+def _redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """A log record whose message and traceback are already rendered with credentials masked."""
+    record = _DEFAULT_RECORD_FACTORY(*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is logging's to report, as it would
+        return record
+    record.msg, record.args = redact_text(message), None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+    if record.stack_info:
+        record.stack_info = redact_text(record.stack_info)
+    return record
+
+
+def _uncaught(kind: type[BaseException], error: BaseException, tb: Any, *, thread: str = "") -> None:
+    where = f" in thread {thread}" if thread else ""
+    text = "".join(traceback.format_exception(kind, error, tb))
+    print(redact_text(f"tracker-eval: uncaught error{where}:\n{text}").rstrip("\n"), file=sys.stderr)
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    _uncaught(args.exc_type, args.exc_value, args.exc_traceback,
+              thread=args.thread.name if args.thread is not None else "?")
+
+
+def mask_secrets_in_output() -> None:
+    """Masks credentials in every log record, warning and uncaught exception of this process."""
+    if logging.getLogRecordFactory() is not _redacted_record:
+        logging.setLogRecordFactory(_redacted_record)
+    logging.captureWarnings(True)
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
+
+
 def configure_logging(*, verbose: bool = False) -> None:
     """Our logger prints `tracker-eval: message`; libraries log warnings+ only unless verbose."""
+    mask_secrets_in_output()
     if verbose:
         os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
     root = logging.getLogger()

@@ -21,6 +21,7 @@ from tracker_eval.config.ranges import RANGES, check_ranges
 from tracker_eval.config.schema import CACHE_MODES, EvalConfig
 from tracker_eval.config.suites import EVAL_KIND, EVAL_SUITE_KEYS, parse_suites
 from tracker_eval.errors import ConfigError, one_line
+from tracker_eval.redact import remember_secrets
 
 REQUIRED_KEYS = ("checkpoint_dir", "model", "eval_function", "data", "batch_size")
 
@@ -77,6 +78,7 @@ def load_config(
         raise ConfigError(f"config {str(path)!r} could not be parsed: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(raw).__name__}")
+    remember_secrets(raw)  # e.g. the password of a tracking_uri: masked wherever an error text quotes it
     suites = raw.pop("suites", None)
     if suites is not None:
         misplaced = [k for k in EVAL_SUITE_KEYS if k in raw]

@@ -27,6 +27,7 @@ from typing import Any
 from tracker_eval.errors import ConfigError
 from tracker_eval.ledger.schema import SchemaError, migrate
 from tracker_eval.locations import normalize_checkpoint_dir
+from tracker_eval.redact import redact_text
 
 LEDGER_FILENAME = "ledger.sqlite"
 RESULTS_DIRNAME = "results"
@@ -186,6 +187,8 @@ class LedgerStore:
         ).fetchone()
 
     def _set(self, conn: sqlite3.Connection, step: int, **fields: Any) -> None:
+        if isinstance(fields.get("reason"), str):
+            fields["reason"] = redact_text(fields["reason"])  # an error text may quote a credential
         fields["updated_at"] = self._clock()
         assignments = ", ".join(f"{name} = ?" for name in fields)
         conn.execute(

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from tracker_eval.ledger.db import IllegalTransitionError, write_transaction
 from tracker_eval.ledger.logger_lease import LoggerLeases
+from tracker_eval.redact import redact_text
 
 
 class Outbox(LoggerLeases):
@@ -187,7 +188,7 @@ class Outbox(LoggerLeases):
         Args:
           step: the checkpoint step.
           logger: the logger name.
-          reason: the error (kept for the status view).
+          reason: the error (kept for the status view, credentials masked).
           owner: holder of the logger's delivery lease.
           counted: whether this failure counts toward `max_delivery_attempts`.
           permanent: the tracker will never accept this result as it is.
@@ -201,6 +202,7 @@ class Outbox(LoggerLeases):
           IllegalTransitionError: the step has no pending delivery for `logger`.
         """
         base, cap = self._backoff
+        reason = redact_text(reason)  # what a tracker said may quote its URL with credentials
         conn = self._conn()
         with write_transaction(conn):
             state = self._outbox_state(conn, step, logger, owner)

@@ -25,6 +25,7 @@ from typing import Any
 from tracker_eval.evaluation.activity import wait_until_idle
 from tracker_eval.loggers.base import Logger
 from tracker_eval.loggers.failures import FailureKind, classify
+from tracker_eval.redact import redact_text
 
 
 class LoggerError(RuntimeError):
@@ -35,7 +36,8 @@ class LoggerError(RuntimeError):
       operation: ``log_config``, ``log_result``, ``flush``, ``deliver``, ``set_summary``, ``reconcile``
         or ``close``.
       step: the result's step where there is one.
-      reason: a one-line reason (never contains secrets we hold; trackers' own messages pass through).
+      reason: a one-line reason; credentials a tracker's own message quotes are masked
+        (`tracker_eval.redact.redact_text`).
       kind: how delivery treats it (`tracker_eval.loggers.failures.classify` of what the logger
         raised; a call past its deadline or skipped as busy is an outage).
     """
@@ -50,6 +52,7 @@ class LoggerError(RuntimeError):
         kind: FailureKind = FailureKind.TRANSIENT,
     ) -> None:
         where = f" of step {step}" if step is not None else ""
+        reason = redact_text(reason)
         super().__init__(f"logger {logger!r}: {operation}{where} failed: {reason}")
         self.logger = logger
         self.operation = operation
