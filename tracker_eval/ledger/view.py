@@ -121,7 +121,8 @@ class RunStatus:
 
     Attributes:
       suites: suite name -> its rows (`StepReads.rows`): the configured suites in config order,
-        then suites the ledger has from earlier configs (removed, or whose options changed).
+        then what the ledger has from earlier configs: a removed suite's newest version under its
+        name, and every other version of a suite as ``<suite>-v<N>`` (its N-th set of options).
       best: the best (step, value) of the requested suite's metric, or None.
       heartbeat: the latest watcher heartbeat (owner, unix time), or None.
     """
@@ -145,8 +146,8 @@ def read_run(
     Args:
       output_dir: the directory holding ``ledger.sqlite``.
       checkpoint_dir: the run's checkpoint directory.
-      run_hash: the run's hash (`EvalConfig.run_hash`).
-      suites: configured suite name -> its stream hash (`EvalConfig.suite_hash`), config order.
+      run_hash: the run's hash (`tracker_eval.identity.run_hash`).
+      suites: configured suite name -> its stream hash (`tracker_eval.identity.suite_hash`), config order.
       best: (suite, metric, mode) whose best step to report, or None.
       busy_timeout_s: how long a read waits while a writer recovers the file.
 
@@ -159,15 +160,23 @@ def read_run(
     def read(conn: sqlite3.Connection, run_stream: int) -> RunStatus:
         streams = conn.execute("SELECT stream_id, suite, config_hash FROM streams WHERE parent_id = ? "
                                "ORDER BY stream_id", (run_stream,)).fetchall()
-        chosen: dict[str, int] = {}
+        versions: dict[str, list[tuple[int, str]]] = {}
         for stream, suite, config_hash in streams:
-            # A configured suite reads its current stream; any other the newest it had.
-            if suite in suites and suites[suite] != config_hash:
-                continue
-            chosen[suite] = stream
+            versions.setdefault(suite, []).append((stream, config_hash))
+        chosen: dict[str, int] = {}
+        earlier: dict[str, int] = {}
+        for suite, found in versions.items():
+            # A configured suite shows its current stream; a removed one its newest.
+            current = [s for s, h in found if h == suites[suite]] if suite in suites else [found[-1][0]]
+            for number, (stream, _) in enumerate(found, start=1):
+                if current and stream == current[0]:
+                    chosen[suite] = stream
+                else:
+                    earlier[f"{suite}-v{number}"] = stream
         order = [name for name in suites if name in chosen] + [n for n in chosen if n not in suites]
-        views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=chosen[name], run_stream=run_stream,
-                                  suite=name) for name in order}
+        streams_by_name = {**{name: chosen[name] for name in order}, **earlier}
+        views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=stream, run_stream=run_stream,
+                                  suite=name) for name, stream in streams_by_name.items()}
         best_value = None
         if best is not None and best[0] in views:
             best_value = views[best[0]].best_by(best[1], best[2])

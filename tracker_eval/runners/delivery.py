@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tracker_eval.errors import one_line
+from tracker_eval.identity import suite_label
 from tracker_eval.ledger.lease import LeaseClaim
 from tracker_eval.ledger.steps import Ledger, LedgerError
 from tracker_eval.loggers.failures import FailureKind
@@ -223,7 +224,8 @@ class Delivery:
             self._synced.discard(name)
         if name not in self._synced:
             for suite, ledger in self.ledgers.items():
-                error = self.session.reconcile(name, ledger.in_flight_deliveries(name), suite=suite)
+                error = self.session.reconcile(name, ledger.in_flight_deliveries(name),
+                                               suite=suite_label(suite, ledger.suite_version))
                 if error is not None:  # the tracker cannot be read: not the result's fault
                     return LoggerError(name, "reconcile", one_line(error, limit=300), kind=FailureKind.UNAVAILABLE)
             self._synced.add(name)

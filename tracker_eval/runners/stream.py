@@ -37,6 +37,7 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
     Raises:
       ConfigError: `output_dir` cannot hold it (not writable, not a local file system).
     """
+    from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash  # noqa: PLC0415
     from tracker_eval.ledger.steps import Ledger, LedgerError  # noqa: PLC0415
 
     name = config.suite_list()[0].name if suite is None else suite
@@ -45,13 +46,14 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
         return Ledger(
             config.output_dir,
             checkpoint_dir=config.checkpoint_dir,
-            config_hash=config.suite_hash(name),
+            config_hash=suite_hash(config, name),
+            earlier_hashes=earlier_suite_hashes(config, name),
             loggers=loggers,
             best_metric=best.metric if best else None,
             best_mode=best.mode if best else "min",
             max_attempts=config.watch.max_attempts,
             max_delivery_attempts=config.watch.max_delivery_attempts,
-            run_hash=config.run_hash() if config.has_suites else None,
+            run_hash=run_hash(config) if config.has_suites else None,
             suite=name,
         )
     except LedgerError as error:

@@ -31,6 +31,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
+from tracker_eval.identity import tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 
 META = "tracker_eval"  # tags of text summaries about the run, apart from the metrics
@@ -104,7 +105,7 @@ class TensorboardLogger:
         step = int(result.step)
         if step < 0:
             raise ValueError(f"checkpoint step {step} is negative; the tensorboard logger needs steps >= 0")
-        key = functools.partial(metric_key, self.prefix, result.suite)
+        key = functools.partial(metric_key, self.prefix, tracker_suite(result))
         values = [self._summaries.scalar(key(n), float(v)) for n, v in result.metrics.items()]
         for n, array in result.per_example.items():
             finite = finite_values(array)

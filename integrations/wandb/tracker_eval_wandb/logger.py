@@ -38,6 +38,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
+from tracker_eval.identity import tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval_wandb import reader
 
@@ -155,12 +156,13 @@ class WandbLogger:
         a suite's keys are ``<prefix>/<suite>/<metric>``, so one step's suites are one row each.
         """
         step = int(result.step)
-        if step in self._held_steps(result.suite) or (step, result.suite) in self._pending:
+        suite = tracker_suite(result)
+        if step in self._held_steps(suite) or (step, suite) in self._pending:
             return
         run = self._ensure_run()
         import wandb
 
-        key = functools.partial(metric_key, self.prefix, result.suite)
+        key = functools.partial(metric_key, self.prefix, suite)
         row: dict[str, Any] = {reader.STEP_KEY: step}
         row.update({key(n): float(v) for n, v in result.metrics.items()})
         columns = {}
@@ -185,7 +187,7 @@ class WandbLogger:
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
-        self._pending.add((step, result.suite))
+        self._pending.add((step, suite))
         self._dirty = True
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
