@@ -6,6 +6,7 @@
     tracker_run_key(config)      # the tracker run every logger derives its run name or id from
     tracker_suite(result)        # "val", or "val-v2" for the second set of options `val` ever had
     delivery_key(result)         # (step, checkpoint, tracker suite): each logger's idempotence key
+    best_key("val", "loss")      # "best_val/loss": the run summary's key of the best value
 
 Two results are the same result when they have the same ledger stream and step. A stream is the
 checkpoint directory plus a hash of what changes the numbers, after defaults are applied: restating
@@ -142,6 +143,13 @@ def tracker_suite(result: Any) -> str:
 def delivery_key(result: Any) -> tuple[int, str, str]:
     """(step, checkpoint, tracker suite): a destination that holds this key holds this result."""
     return int(result.step), str(result.checkpoint), tracker_suite(result)
+
+
+def best_key(tracker_suite_name: str, metric: str) -> str:
+    """The run summary's key of the best value: ``best_<metric>`` without suites, else
+    ``best_<tracker suite>/<metric>`` like the metric's own key (``eval/val/loss`` -> ``best_val/loss``),
+    since several suites may have a metric of that name."""
+    return f"best_{tracker_suite_name}/{metric}" if tracker_suite_name else f"best_{metric}"
 
 
 def record_key(record: Mapping[str, Any]) -> tuple[int, str, str]:

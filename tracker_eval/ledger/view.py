@@ -188,6 +188,36 @@ def read_run(
                         busy_timeout_s=busy_timeout_s)
 
 
+def read_suite_versions(
+    output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], run_hash: str,
+    suites: dict[str, tuple[str, ...]], busy_timeout_s: float = 30.0,
+) -> dict[str, int]:
+    """Which version each suite is (`tracker_eval.ledger.db.LedgerStore.suite_version`), without writing.
+
+    Args:
+      suites: suite name -> its stream hash, then hashes an earlier release gave it.
+
+    Returns:
+      name -> version: a stream's rank among the run's streams of that name; for a suite the
+      ledger has no stream of yet, the version its stream will get (1 without a ledger).
+    """
+    def read(conn: sqlite3.Connection, run_stream: int) -> dict[str, int]:
+        found: dict[str, list[str]] = {}
+        for suite, config_hash in conn.execute("SELECT suite, config_hash FROM streams WHERE parent_id = ? "
+                                               "ORDER BY stream_id", (run_stream,)):
+            found.setdefault(suite, []).append(config_hash)
+        versions = {}
+        for name, hashes in suites.items():
+            held = found.get(name, [])
+            known = [held.index(h) + 1 for h in hashes if h in held]
+            versions[name] = known[0] if known else len(held) + 1
+        return versions
+
+    versions = _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+                            busy_timeout_s=busy_timeout_s)
+    return versions if versions is not None else dict.fromkeys(suites, 1)
+
+
 def _read_stream(
     output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], config_hash: str,
     read: Callable[[sqlite3.Connection, int], T], busy_timeout_s: float,

@@ -60,6 +60,25 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
         raise ConfigError(f"output_dir={config.output_dir!r} cannot hold the ledger: {error}") from None
 
 
+def suite_versions(config: EvalConfig) -> dict[str, int]:
+    """Each suite's version as the ledger counts it, read without writing (`tracker-eval eval`, which
+    delivers without a ledger, keys its results as the watcher does); all 1 without suites, and
+    with a warning when the ledger cannot be read (e.g. an older schema that `watch` upgrades)."""
+    from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash  # noqa: PLC0415
+    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.view import read_suite_versions  # noqa: PLC0415
+
+    if not config.has_suites:
+        return {"": 1}
+    hashes = {s.name: (suite_hash(config, s.name), *earlier_suite_hashes(config, s.name)) for s in config.suites}
+    try:
+        return read_suite_versions(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                                   run_hash=run_hash(config), suites=hashes)
+    except LedgerError as error:
+        LOG.warning("tracker-eval: warning: suite versions unknown, delivering as version 1: %s", error)
+        return dict.fromkeys(hashes, 1)
+
+
 def open_ledgers(config: EvalConfig, *, loggers: list[str]) -> dict[str, Any]:
     """Every suite's ledger, by suite name in config order ({"": ledger} without suites)."""
     return {suite.name: open_ledger(config, loggers=loggers, suite=suite.name) for suite in config.suite_list()}
