@@ -20,7 +20,7 @@ from watcher_harness import mlflow_points, mlflow_run, publish, wandb_rows, wand
 
 from tracker_eval.config import load_config
 from tracker_eval.evaluation.result import EvalResult
-from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
+from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
 from tracker_eval.ledger.steps import Ledger
 from tracker_eval.ledger.view import read_suite_versions
 from tracker_eval.runners.stream import open_ledger
@@ -187,3 +187,12 @@ def test_versions_count_in_the_order_the_ledger_saw_them_and_results_carry_their
                                    suites={"val": ("b",), "test": ("t",), "new": ("x",), "old": ("z", "a")})
     assert versions == {"val": 2, "test": 1, "new": 1, "old": 1}
     assert read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run", suites={"val": ("z",)}) == {"val": 4}
+
+
+def test_the_readme_documents_the_best_value_key_the_trackers_get():
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert best_key("", "loss") == "best_loss" and "`best_<metric>`" in readme
+    assert best_key("val", "loss") == "best_val/loss" and "`best_<suite>/<metric>`" in readme
+    for tracker in ("### `wandb`", "### `mlflow`", "### `tensorboard`"):
+        section = readme.split(tracker, 1)[1].split("\n### ", 1)[0]
+        assert "best_<suite>/<metric>" in section, tracker  # each tracker's section says it with suites
