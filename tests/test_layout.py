@@ -120,3 +120,21 @@ def test_the_checker_sees_an_upward_import(tmp_path: pathlib.Path) -> None:
 def test_no_module_is_a_grab_bag() -> None:
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 340}
     assert not long, f"modules past ~300 lines, split them by concept: {long}"
+
+
+# What decides "the same result" (`tracker_eval/identity.py`): no other module may define these.
+IDENTITY = {"stable_hash", "stream_hash", "config_hash", "run_hash", "suite_hash", "run_key", "tracker_run_key",
+            "tracker_run_name", "tracker_run_id", "suite_label", "tracker_suite", "delivery_key", "record_key",
+            "best_key", "default_run_name", "derive_run_id"}
+
+
+def test_result_identity_has_one_owner() -> None:
+    plugins = sorted((PACKAGE.parent / "integrations").glob("*/tracker_eval_*/**/*.py"))
+    found = []
+    for path in [*MODULES.values(), *plugins]:
+        if path == PACKAGE / "identity.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in IDENTITY:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert not found, f"identity is tracker_eval/identity.py's to derive; defined elsewhere: {found}"

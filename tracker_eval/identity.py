@@ -3,7 +3,7 @@
     stream_hash(config)          # a config without suites: its one ledger stream (and tracker run)
     run_hash(config)             # a config with suites: what its suites share (the tracker run)
     suite_hash(config, "val")    # one suite's ledger stream: the run, the name, the kind, its numbers
-    tracker_run_key(config)      # the tracker run every logger derives its run name or id from
+    tracker_run_key(config)      # the tracker run; tracker_run_name / tracker_run_id of it name it
     tracker_suite(result)        # "val", or "val-v2" for the second set of options `val` ever had
     delivery_key(result)         # (step, checkpoint, tracker suite): each logger's idempotence key
     best_key("val", "loss")      # "best_val/loss": the run summary's key of the best value
@@ -127,6 +127,17 @@ def tracker_run_key(config: EvalConfig) -> str:
     """The tracker run of a stream: checkpoint directory (normalized as the ledger does) and
     `run_hash`, so all suites of a run, and every version of each, go to one tracker run."""
     return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{run_hash(config)}"
+
+
+def tracker_run_name(run_key: str) -> str:
+    """``eval-<10 hex digits>``: the default name of a tracker run (MLflow run, TensorBoard run
+    directory), stable for a run key across restarts and processes."""
+    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:10]
+
+
+def tracker_run_id(run_key: str) -> str:
+    """``eval-<16 hex digits>``: a deterministic W&B run id (letters, digits and ``-``) for a run key."""
+    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:16]
 
 
 def suite_label(suite: str, version: int) -> str:

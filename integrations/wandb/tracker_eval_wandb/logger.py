@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
-from tracker_eval.identity import tracker_suite
+from tracker_eval.identity import tracker_run_id, tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval_wandb import reader
 
@@ -293,9 +292,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def derive_run_id(run_key: str) -> str:
-    """A deterministic W&B run id for a run key (letters and digits, stable across restarts)."""
-    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:16]
+derive_run_id = tracker_run_id
+"""A deterministic W&B run id for a run key (`tracker_eval.identity.tracker_run_id`)."""
 
 
 def _default_mode() -> str:
