@@ -85,10 +85,10 @@ def test_jsonl_mlflow_wandb_and_tensorboard_hold_one_point_per_checkpoint(demo):
     from tracker_eval_wandb.logger import derive_run_id
 
     from tracker_eval.config import load_config
-    from tracker_eval.loggers.session import run_key
+    from tracker_eval.identity import tracker_run_key
 
     config = load_config(out / "demo.yaml")
-    rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))
+    rows = reader.read_history(out / "wandb", derive_run_id(tracker_run_key(config)))
     points = {int(r["checkpoint_step"]): r["eval/val/loss"] for r in rows if "eval/val/loss" in r}
     assert sorted(points) == STEPS and len(rows) == 2 * len(STEPS)  # one row per (step, suite)
     assert points == pytest.approx(loss, rel=1e-6)

@@ -26,6 +26,8 @@ from watcher_harness import (
     wait_for,
 )
 
+from tracker_eval.identity import stream_hash
+
 pytest_plugins = ["fixtures_gcs", "watcher_harness"]
 
 CLASSIFICATION = "tracker_eval.tasks.classification"
@@ -187,4 +189,4 @@ def test_training_on_gcs_with_a_watcher_interrupted_and_deleted_steps_and_an_out
         conn.close()
     keys = run_keys(out)
     assert {k["cwd"] for k in keys} == {str(watcher_dir), str(trainer_dir)}, keys
-    assert {k["run_key"] for k in keys} == {f"{root}@{load_config(config).config_hash()}"}, keys
+    assert {k["run_key"] for k in keys} == {f"{root}@{stream_hash(load_config(config))}"}, keys

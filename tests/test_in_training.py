@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from reference import validation_metrics
 
+from tracker_eval.identity import stream_hash
+
 pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,8 +47,8 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
 
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
+    from tracker_eval.identity import tracker_run_key
     from tracker_eval.ledger.steps import StepState
-    from tracker_eval.loggers.session import run_key
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
@@ -97,7 +99,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     config = load_config(config_path)
     from tracker_eval.ledger.steps import Ledger
 
-    with Ledger(out, checkpoint_dir=ckpts, config_hash=config.config_hash(),
+    with Ledger(out, checkpoint_dir=ckpts, config_hash=stream_hash(config),
                 loggers=["jsonl", "mlflow", "wandb"]) as ledger:
         rows = ledger.rows()
         expected = {step: ledger.result(step).metrics["loss"] for step in STEPS}
@@ -121,7 +123,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     assert sorted(m.step for m in history) == STEPS
     assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
 
-    rows = reader.read_history(out / "wandb", derive_run_id(run_key(config)))
+    rows = reader.read_history(out / "wandb", derive_run_id(tracker_run_key(config)))
     points = sorted((int(r["checkpoint_step"]), r["eval/loss"]) for r in rows if "eval/loss" in r)
     assert [s for s, _ in points] == STEPS
     assert dict(points) == pytest.approx(expected, rel=1e-6)
@@ -133,8 +135,8 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
 
     from tracker_eval import InTrainingEvaluation
     from tracker_eval.config import load_config
+    from tracker_eval.identity import tracker_run_key
     from tracker_eval.ledger.steps import StepState
-    from tracker_eval.loggers.session import run_key
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
@@ -169,7 +171,7 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
     best = json.loads((out / "best.json").read_text())
     assert best["step"] == best_step and best["mode"] == "max"
     assert best["value"] == pytest.approx(losses[best_step], rel=1e-12)
-    summary = reader.read_summary_updates(out / "wandb", derive_run_id(run_key(load_config(config_path))))
+    summary = reader.read_summary_updates(out / "wandb", derive_run_id(tracker_run_key(load_config(config_path))))
     assert summary["best_step"] == best_step
 
 

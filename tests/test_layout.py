@@ -160,3 +160,21 @@ def test_the_circle_finder_sees_a_lazy_circle(tmp_path: pathlib.Path) -> None:
     (package / "c.py").write_text("from tracker_eval.demo.b import x\n")
     modules = {f"tracker_eval.demo.{n}": package / f"{n}.py" for n in "abc"}
     assert _circles(modules) == [["tracker_eval.demo.a", "tracker_eval.demo.b", "tracker_eval.demo.a"]]
+
+
+# What decides "the same result" (`tracker_eval/identity.py`): no other module may define these.
+IDENTITY = {"stable_hash", "stream_hash", "config_hash", "run_hash", "suite_hash", "run_key", "tracker_run_key",
+            "tracker_run_name", "tracker_run_id", "suite_label", "tracker_suite", "delivery_key", "record_key",
+            "best_key", "default_run_name", "derive_run_id"}
+
+
+def test_result_identity_has_one_owner() -> None:
+    plugins = sorted((PACKAGE.parent / "integrations").glob("*/tracker_eval_*/**/*.py"))
+    found = []
+    for path in [*MODULES.values(), *plugins]:
+        if path == PACKAGE / "identity.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in IDENTITY:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert not found, f"identity is tracker_eval/identity.py's to derive; defined elsewhere: {found}"

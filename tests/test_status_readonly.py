@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.identity import stream_hash
 from tracker_eval.ledger import view
 from tracker_eval.ledger.steps import Ledger
 
@@ -54,7 +55,7 @@ def _writer_ledger(config_path: pathlib.Path) -> Ledger:
     from tracker_eval.config import load_config
 
     config = load_config(config_path)
-    return Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
+    return Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config),
                   loggers=["jsonl", "console"], best_metric="loss", best_mode="min")
 
 
@@ -129,7 +130,7 @@ def _read(config: pathlib.Path):
 
     loaded = load_config(config)
     return view.read_ledger(loaded.output_dir, checkpoint_dir=loaded.checkpoint_dir,
-                            config_hash=loaded.config_hash(), best=("loss", "min"))
+                            config_hash=stream_hash(loaded), best=("loss", "min"))
 
 
 def test_wal_of_a_killed_writer_is_read_and_never_written(tmp_path, monkeypatch):

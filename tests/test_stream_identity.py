@@ -7,9 +7,9 @@ import pathlib
 import pytest
 
 from tracker_eval.config import load_config
+from tracker_eval.identity import stream_hash, tracker_run_key
 from tracker_eval.ledger.steps import Ledger
 from tracker_eval.locations import is_url, normalize_checkpoint_dir
-from tracker_eval.loggers.session import run_key
 
 MINIMAL = {
     "model": "tracker_eval.tasks.classification:make_model",
@@ -24,8 +24,8 @@ def _identity(checkpoint_dir: str, *, cwd: pathlib.Path, output_dir: pathlib.Pat
     """(run key, ledger stream directory, ledger stream id) as a process started in `cwd` sees them."""
     monkeypatch.chdir(cwd)
     config = load_config(base={**MINIMAL, "checkpoint_dir": checkpoint_dir, "output_dir": str(output_dir)})
-    with Ledger(output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash()) as ledger:
-        return run_key(config), ledger.checkpoint_dir, ledger._stream
+    with Ledger(output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config)) as ledger:
+        return tracker_run_key(config), ledger.checkpoint_dir, ledger._stream
 
 
 def test_training_and_watcher_in_different_directories_share_one_identity(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from watcher_harness import (
 
 from tracker_eval.config import load_config
 from tracker_eval.errors import ConfigError
+from tracker_eval.identity import run_hash, stream_hash, suite_hash
 from tracker_eval.loggers.jsonl import read_jsonl
 
 pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
@@ -268,7 +269,7 @@ def test_without_suites_the_stream_and_run_identity_are_unchanged(tmp_path):
     path.write_text(json.dumps({**BASE, "eval_function": "e:f", "data": "d:f", "batch_size": 8}))
     config = load_config(path)
     assert [s.name for s in config.suite_list()] == [""]
-    assert config.run_hash() == config.suite_hash("") == config.config_hash()
+    assert run_hash(config) == suite_hash(config, "") == stream_hash(config)
     assert "suites" not in config.to_dict()
 
 

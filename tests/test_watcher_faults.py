@@ -26,6 +26,8 @@ from watcher_harness import (
     write_config,
 )
 
+from tracker_eval.identity import stream_hash
+
 pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
 
 
@@ -160,7 +162,7 @@ def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_go
         # Suspended past its lease (a paused VM, a stalled disk): another process takes the step over.
         watcher.signal(signal.SIGSTOP)
         try:
-            with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=loaded.config_hash(),
+            with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=stream_hash(loaded),
                         loggers=["jsonl"]) as other:
                 wait_for(lambda: other.claim(20, owner="other-holder", ttl_s=600), timeout=60,
                          what="the lease of step 20 to expire", interval=0.1)
@@ -168,7 +170,7 @@ def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_go
             watcher.signal(signal.SIGCONT)
         wait_for(lambda: "claim was taken over" in watcher.text, timeout=120, what="the lost-claim warning",
                  watchers=[watcher])
-        with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=loaded.config_hash(),
+        with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=stream_hash(loaded),
                     loggers=["jsonl"]) as other:
             assert other.release(20, owner="other-holder")  # handed back: evaluated again, once
         code = watcher.wait_exit(timeout=120)

@@ -13,6 +13,7 @@ Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -239,6 +240,11 @@ def _eval_suites(pipeline: Any, step: int, *, session: Any, output: str | None) 
     results = [result for result in outcomes.values() if not isinstance(result, Exception)]
     for name, error in failed.items():
         print(f"tracker-eval: suite {name!r} failed: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+    if session is not None:
+        from tracker_eval.runners.stream import suite_versions  # noqa: PLC0415
+
+        versions = suite_versions(pipeline.config)  # keyed as the watcher keys them (tracker_eval.identity)
+        results = [dataclasses.replace(r, suite_version=versions.get(r.suite, 1)) for r in results]
     if session is None:
         for result in results:
             LOG.info("tracker-eval: process %d: step %d suite %r reduced metrics %s", jax.process_index(), step,

@@ -2,7 +2,7 @@
 
     config = EvalConfig(checkpoint_dir="/ckpt", model="pkg.m:make", eval_function="pkg.e:fn",
                         data="pkg.d:make", batch_size=64)
-    config.config_hash()   # which fields change the numbers
+    config.for_suite("val")  # one suite's view of the config
     config.to_dict()       # as trackers record it, secrets masked
 
 `tracker_eval.config.load` builds these from YAML, strictly.
@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from tracker_eval.config.suites import EVAL_KIND, SuiteConfig, stable_hash, suite_hash
+from tracker_eval.config.suites import EVAL_KIND, SuiteConfig
 
 CACHE_MODES = ("host", "device", "none")
 _SUITE_ONLY = ("split", "finalize", "data_kwargs", "cache", "cache_max_mb")
@@ -171,26 +169,6 @@ class EvalConfig:
             return self.suites
         return (SuiteConfig(name="", kind=EVAL_KIND, options={}),)
 
-    def run_hash(self) -> str:
-        """Identity of the run shared by its suites: the tracker runs and the ledger's run-level state.
-
-        Without `suites` it is `config_hash()`, so existing ledgers and tracker runs continue.
-        """
-        if not self.suites:
-            return self.config_hash()
-        return stable_hash({
-            "model": self.model,
-            "model_kwargs": dict(self.model_kwargs),
-            "checkpoint": dataclasses.asdict(self.checkpoint),
-            "seed": self.seed,
-        })
-
-    def suite_hash(self, name: str) -> str:
-        """The ledger stream identity of suite `name` (`config_hash()` for the suite "")."""
-        if not self.suites:
-            return self.config_hash()
-        return suite_hash(self.run_hash(), self.suite(name))
-
     def suite(self, name: str) -> SuiteConfig:
         """The suite called `name`.
 
@@ -219,27 +197,6 @@ class EvalConfig:
         if self.watch.best.suite is not None:
             return self.watch.best.suite
         return self.suite_list()[0].name
-
-    def config_hash(self) -> str:
-        """Hash of the fields that change the numbers (not mesh, batch size, loggers or paths).
-
-        Exact evaluation gives the same metrics on any mesh and batch size, so a job rescheduled
-        onto another cluster shape keeps its ledger; changing the model, eval function, data or
-        restore paths starts a new stream.
-        """
-        keyed = {
-            "model": self.model,
-            "eval_function": self.eval_function,
-            "data": self.data,
-            "split": self.split,
-            "checkpoint": dataclasses.asdict(self.checkpoint),
-            "finalize": self.finalize,
-            "model_kwargs": dict(self.model_kwargs),
-            "data_kwargs": dict(self.data_kwargs),
-            "seed": self.seed,
-        }
-        blob = json.dumps(keyed, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the config as trackers record it (run config), secrets masked."""

@@ -6,30 +6,30 @@
       harness: {kind: lm_harness, tasks: [pydoc_cloze]}
 
     specs = parse_suites(raw["suites"])      # (SuiteConfig("val", "eval", {...}), ...), strictly
-    suite_hash(run_hash, specs[0])           # the suite's stream identity in the ledger
+    load_kind("lm_harness", where="suites.harness")   # a plug-in kind's class, by entry point
 
 A suite is a `kind` (default ``eval``: today's evaluation) and that kind's options. The ``eval``
 kind's options are checked here (`EvalSuiteOptions`); a plug-in kind's options are checked by the
 kind's own ``Config.from_mapping`` when the suites are built (`tracker_eval.runners.suites`). A
-config without ``suites`` is one suite named ``""`` whose keys and ledger stream are today's.
+config without ``suites`` is one suite named ``""`` whose keys and ledger stream are today's. Which
+options change a suite's identity is `tracker_eval.identity`'s to say.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import importlib.metadata
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 
 SUITE_NAME = re.compile(r"^[a-z0-9_]+$")
 """Valid suite names: they become tracker keys (``eval/<suite>/loss``) and ledger labels."""
 EVAL_KIND = "eval"
-# Options that change how fast, not which numbers: a new value keeps the suite's ledger stream.
-_NOT_IN_IDENTITY = ("batch_size", "cache", "cache_max_mb")
+ENTRY_POINT_GROUP = "tracker_eval.suites"
+"""Where plug-in suite kinds register (e.g. ``lm_harness``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +116,18 @@ def parse_suites(raw: Any, *, build: Any) -> tuple[SuiteConfig, ...]:
     return tuple(parsed)
 
 
-def stable_hash(value: Any) -> str:
-    """A short hash of a JSON-able value, independent of key order."""
-    blob = json.dumps(value, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def load_kind(name: str, *, where: str) -> type:
+    """The class registered for suite kind `name` in the entry-point group ``tracker_eval.suites``.
 
-
-def suite_hash(run_hash: str, suite: SuiteConfig) -> str:
-    """The ledger stream identity of one suite of a run: the run's shared fields (`run_hash`), the
-    suite's name and kind, and every option that changes its numbers (not batch size or cache)."""
-    identity = {k: v for k, v in suite.options.items() if k not in _NOT_IN_IDENTITY}
-    return stable_hash({"run": run_hash, "suite": suite.name, "kind": suite.kind, "options": identity})
+    Raises:
+      ConfigError: no such kind is installed (lists the installed ones), or it does not import.
+    """
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        installed = ", ".join([EVAL_KIND, *sorted(found)])
+        raise ConfigError(f"{where}.kind {name!r} is not an installed suite kind; installed: {installed} "
+                          f"(plug-in kinds register in the entry-point group {ENTRY_POINT_GROUP!r})")
+    try:
+        return found[name].load()
+    except Exception as error:  # noqa: BLE001 - a broken plug-in is the user's to fix now
+        raise ConfigError(f"{where}.kind {name!r} could not be loaded: {one_line(error, limit=300)}") from None

@@ -61,7 +61,7 @@ def run_harness_demo(
     *, output_dir: str, steps: int | None, wandb: bool, mlflow: bool, tensorboard: bool, limit: int | None = None,
 ) -> int:
     """Trains the byte LM and watches its checkpoints with the harness suite; returns the exit code."""
-    from tracker_eval.runners.suites import load_kind  # noqa: PLC0415
+    from tracker_eval.config.suites import load_kind  # noqa: PLC0415
 
     steps = steps or DEFAULT_STEPS
     if steps < SAVE_EVERY:

@@ -43,6 +43,8 @@ class EvalResult:
         filtered responses, per-sample metrics), each record a dict of JSON values (str, int, float,
         bool, None, lists, dicts with str keys; no NaN or infinities). Stored with the result and
         logged by trackers that can show them (MLflow artifacts, W&B tables).
+      suite_version: which set of the suite's number-changing options produced it, counted by the
+        ledger (1 = the first); trackers key version N > 1 apart (`tracker_eval.identity`).
     """
 
     step: int
@@ -53,6 +55,7 @@ class EvalResult:
     time: float = dataclasses.field(default_factory=time.time)
     suite: str = ""
     samples: Mapping[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    suite_version: int = 1
 
     def to_json(self, *, per_example_lists: bool = False) -> dict[str, Any]:
         """Returns a JSON-ready dict; per-example arrays become lists only when asked.
@@ -70,6 +73,8 @@ class EvalResult:
         }
         if self.suite:  # a result without a suite keeps today's form
             out["suite"] = self.suite
+        if self.suite_version != 1:
+            out["suite_version"] = int(self.suite_version)
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
@@ -89,6 +94,7 @@ class EvalResult:
             time=float(data.get("time", time.time())),
             suite=str(data.get("suite", "")),
             samples=dict(samples or {}),
+            suite_version=int(data.get("suite_version", 1)),
         )
 
 

@@ -121,6 +121,10 @@ class LedgerStore:
     Subclasses add the outbox and the step state machine; construct `tracker_eval.ledger.steps.Ledger`.
     """
 
+    suite_version = 1
+    """Which version of its suite this stream is: its rank among the run's streams of that suite
+    name, in the order the ledger first saw them (`tracker_eval.identity.suite_label`)."""
+
     def __init__(
         self,
         output_dir: str | os.PathLike[str],
@@ -132,6 +136,7 @@ class LedgerStore:
         clock: Callable[[], float],
         run_hash: str | None = None,
         suite: str = "",
+        earlier_hashes: Sequence[str] = (),
     ) -> None:
         if len(set(loggers)) != len(loggers) or not all(isinstance(n, str) and n for n in loggers):
             raise ConfigError(f"loggers={list(loggers)!r} must be distinct non-empty names")
@@ -151,11 +156,15 @@ class LedgerStore:
         self.suite = suite
         conn = self._conn()
         with write_transaction(conn):
+            _adopt_earlier(conn, self.checkpoint_dir, config_hash, earlier_hashes)
             self._stream = self._run_stream = _stream_id(conn, self.checkpoint_dir, config_hash)
             if run_hash is not None and run_hash != config_hash:
                 self._run_stream = _stream_id(conn, self.checkpoint_dir, run_hash)
                 conn.execute("UPDATE streams SET parent_id = ?, suite = ? WHERE stream_id = ?",
                              (self._run_stream, suite, self._stream))
+                (self.suite_version,) = conn.execute(
+                    "SELECT COUNT(*) FROM streams WHERE parent_id = ? AND suite = ? AND stream_id <= ?",
+                    (self._run_stream, suite, self._stream)).fetchone()
 
     def close(self) -> None:
         """Closes every connection this instance opened (from any thread)."""
@@ -235,6 +244,20 @@ def _stream_id(conn: sqlite3.Connection, checkpoint_dir: str, config_hash: str) 
     (stream,) = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
                              (checkpoint_dir, config_hash)).fetchone()
     return int(stream)
+
+
+def _adopt_earlier(conn: sqlite3.Connection, checkpoint_dir: str, config_hash: str, earlier: Sequence[str]) -> None:
+    # A stream an earlier release hashed otherwise (e.g. a plug-in suite's raw options) becomes this
+    # one's when it has none yet: its steps, deliveries and best stay, nothing is evaluated again.
+    if not earlier or conn.execute("SELECT 1 FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
+                                   (checkpoint_dir, config_hash)).fetchone() is not None:
+        return
+    for old in earlier:
+        found = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
+                             (checkpoint_dir, old)).fetchone()
+        if found is not None:
+            conn.execute("UPDATE streams SET config_hash = ? WHERE stream_id = ?", (config_hash, found[0]))
+            return
 
 
 def _check_writable(output_dir: Path) -> None:

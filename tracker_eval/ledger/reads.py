@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any
 
@@ -67,7 +68,9 @@ class StepReads(LedgerStore):
             return None
         arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
         samples = {} if row["samples_path"] is None else read_samples(self.output_dir / row["samples_path"])
-        return decode_result(row["result_json"], per_example=arrays, samples=samples)
+        result = decode_result(row["result_json"], per_example=arrays, samples=samples)
+        # The version is the stream's (the ledger counts it), not the evaluating process's.
+        return dataclasses.replace(result, suite_version=self.suite_version)
 
     def best(self) -> tuple[int, float] | None:
         """The best step so far and its value of `best_metric` (NaN ignored), or None."""

@@ -71,6 +71,7 @@ class Ledger(Outbox, Claims):
         clock: Callable[[], float] = time.time,
         run_hash: str | None = None,
         suite: str = "",
+        earlier_hashes: Sequence[str] = (),
     ) -> None:
         """Opens (creating if needed) the ledger in `output_dir` and binds it to one stream.
 
@@ -92,9 +93,11 @@ class Ledger(Outbox, Claims):
           backoff_cap_s: longest delay between delivery attempts.
           busy_timeout_s: how long a write waits for another process's write.
           clock: source of unix time (tests pass a fake one).
-          run_hash: the run's hash (`EvalConfig.run_hash`) when this stream is one suite of a run:
+          run_hash: the run's hash (`tracker_eval.identity.run_hash`) when this stream is one suite of a run:
             run state, delivery leases, summary marks and heartbeat are then the run's, shared.
           suite: the suite's name (recorded so `status` lists every suite the run ever had).
+          earlier_hashes: hashes earlier releases gave this stream; one found is adopted as this
+            stream (`tracker_eval.identity.earlier_suite_hashes`).
 
         Raises:
           LedgerError: `output_dir` is not writable, or the ledger file cannot be opened.
@@ -110,7 +113,8 @@ class Ledger(Outbox, Claims):
                 f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s} and {backoff_cap_s}"
             )
         super().__init__(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, loggers=loggers,
-                         busy_timeout_s=busy_timeout_s, clock=clock, run_hash=run_hash, suite=suite)
+                         busy_timeout_s=busy_timeout_s, clock=clock, run_hash=run_hash, suite=suite,
+                         earlier_hashes=earlier_hashes)
         self._best = (best_metric, best_mode)
         self._max_attempts = max_attempts
         self._max_delivery_attempts = max_delivery_attempts

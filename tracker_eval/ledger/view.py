@@ -121,7 +121,8 @@ class RunStatus:
 
     Attributes:
       suites: suite name -> its rows (`StepReads.rows`): the configured suites in config order,
-        then suites the ledger has from earlier configs (removed, or whose options changed).
+        then what the ledger has from earlier configs: a removed suite's newest version under its
+        name, and every other version of a suite as ``<suite>-v<N>`` (its N-th set of options).
       best: the best (step, value) of the requested suite's metric, or None.
       heartbeat: the latest watcher heartbeat (owner, unix time), or None.
     """
@@ -145,8 +146,8 @@ def read_run(
     Args:
       output_dir: the directory holding ``ledger.sqlite``.
       checkpoint_dir: the run's checkpoint directory.
-      run_hash: the run's hash (`EvalConfig.run_hash`).
-      suites: configured suite name -> its stream hash (`EvalConfig.suite_hash`), config order.
+      run_hash: the run's hash (`tracker_eval.identity.run_hash`).
+      suites: configured suite name -> its stream hash (`tracker_eval.identity.suite_hash`), config order.
       best: (suite, metric, mode) whose best step to report, or None.
       busy_timeout_s: how long a read waits while a writer recovers the file.
 
@@ -159,15 +160,23 @@ def read_run(
     def read(conn: sqlite3.Connection, run_stream: int) -> RunStatus:
         streams = conn.execute("SELECT stream_id, suite, config_hash FROM streams WHERE parent_id = ? "
                                "ORDER BY stream_id", (run_stream,)).fetchall()
-        chosen: dict[str, int] = {}
+        versions: dict[str, list[tuple[int, str]]] = {}
         for stream, suite, config_hash in streams:
-            # A configured suite reads its current stream; any other the newest it had.
-            if suite in suites and suites[suite] != config_hash:
-                continue
-            chosen[suite] = stream
+            versions.setdefault(suite, []).append((stream, config_hash))
+        chosen: dict[str, int] = {}
+        earlier: dict[str, int] = {}
+        for suite, found in versions.items():
+            # A configured suite shows its current stream; a removed one its newest.
+            current = [s for s, h in found if h == suites[suite]] if suite in suites else [found[-1][0]]
+            for number, (stream, _) in enumerate(found, start=1):
+                if current and stream == current[0]:
+                    chosen[suite] = stream
+                else:
+                    earlier[f"{suite}-v{number}"] = stream
         order = [name for name in suites if name in chosen] + [n for n in chosen if n not in suites]
-        views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=chosen[name], run_stream=run_stream,
-                                  suite=name) for name in order}
+        streams_by_name = {**{name: chosen[name] for name in order}, **earlier}
+        views = {name: LedgerView(conn, output_dir=Path(output_dir), stream=stream, run_stream=run_stream,
+                                  suite=name) for name, stream in streams_by_name.items()}
         best_value = None
         if best is not None and best[0] in views:
             best_value = views[best[0]].best_by(best[1], best[2])
@@ -177,6 +186,36 @@ def read_run(
 
     return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
                         busy_timeout_s=busy_timeout_s)
+
+
+def read_suite_versions(
+    output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], run_hash: str,
+    suites: dict[str, tuple[str, ...]], busy_timeout_s: float = 30.0,
+) -> dict[str, int]:
+    """Which version each suite is (`tracker_eval.ledger.db.LedgerStore.suite_version`), without writing.
+
+    Args:
+      suites: suite name -> its stream hash, then hashes an earlier release gave it.
+
+    Returns:
+      name -> version: a stream's rank among the run's streams of that name; for a suite the
+      ledger has no stream of yet, the version its stream will get (1 without a ledger).
+    """
+    def read(conn: sqlite3.Connection, run_stream: int) -> dict[str, int]:
+        found: dict[str, list[str]] = {}
+        for suite, config_hash in conn.execute("SELECT suite, config_hash FROM streams WHERE parent_id = ? "
+                                               "ORDER BY stream_id", (run_stream,)):
+            found.setdefault(suite, []).append(config_hash)
+        versions = {}
+        for name, hashes in suites.items():
+            held = found.get(name, [])
+            known = [held.index(h) + 1 for h in hashes if h in held]
+            versions[name] = known[0] if known else len(held) + 1
+        return versions
+
+    versions = _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+                            busy_timeout_s=busy_timeout_s)
+    return versions if versions is not None else dict.fromkeys(suites, 1)
 
 
 def _read_stream(

@@ -39,8 +39,10 @@ class Logger(Protocol):
         from the ledger, never to have been sent, so a logger whose full read-back is expensive
         checks only these. A ``reconcile`` without ``suite`` gets the steps alone.
       * Suites: one logger instance gets every suite's results; ``result.suite`` names it. Keys
-        are ``<prefix>/<suite>/<metric>`` (`tracker_eval.evaluation.result.metric_key`), and
-        "already holds" means the (step, suite) pair.
+        are ``<prefix>/<tracker suite>/<metric>`` (`tracker_eval.evaluation.result.metric_key` of
+        `tracker_eval.identity.tracker_suite`: ``val``, or ``val-v2`` once the suite's options
+        changed), and "already holds" means `tracker_eval.identity.delivery_key`: the step and
+        that tracker suite. ``reconcile``'s ``suite`` is a tracker suite too.
       * Failures: raise `tracker_eval.loggers.failures.PermanentDeliveryError` (or chain from it)
         when the destination will never take this result, `TrackerUnavailableError` when it cannot
         be reached; anything else is retried and counts toward ``watch.max_delivery_attempts``.

@@ -19,6 +19,7 @@ import numpy as np
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult, metric_key
+from tracker_eval.identity import tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 
 _STREAMS = ("stdout", "stderr")
@@ -59,7 +60,7 @@ class ConsoleLogger:
             mean = float(np.nanmean(array)) if array.size and not np.isnan(array).all() else math.nan
             rows.append((f"per_example/{name}", f"n={array.size} mean={self._number(mean)}"))
         width = max((len(name) for name, _ in rows), default=0)
-        lines = [f"{metric_key(self.prefix, result.suite, '')} step {result.step} ({result.checkpoint})"]
+        lines = [f"{metric_key(self.prefix, tracker_suite(result), '')} step {result.step} ({result.checkpoint})"]
         lines += [f"  {name:<{width}}  {text}" for name, text in rows] or ["  (no metrics)"]
         # One write per table: print() writes text and newline separately, and a log line from
         # another thread could land between them.

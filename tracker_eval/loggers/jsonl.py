@@ -3,9 +3,10 @@ per-sample records in JSONL files beside it.
 
 Each line is written with one ``os.write`` on an ``O_APPEND`` descriptor and fsynced on flush, so a
 reader sees whole lines only (a crash can leave at most one unterminated last line, which
-`read_jsonl` skips). A (step, checkpoint, suite) already in the file is not written again; the
-file is read again whenever this process takes over delivery (`reconcile`). A suite's records carry
-``"suite"``; those of a config without suites have none.
+`read_jsonl` skips). A result whose `tracker_eval.identity.delivery_key` (step, checkpoint, suite
+and its version) is already in the file is not written again; the file is read again whenever this
+process takes over delivery (`reconcile`). A suite's records carry ``"suite"`` (and
+``"suite_version"`` from its second version on); those of a config without suites have neither.
 
     logger = JsonlLogger(JsonlLogger.Config(), context=LoggerContext(output_dir="runs/demo"), name="jsonl")
     logger.log_result(result); logger.flush()
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tracker_eval.evaluation.result import EvalResult, sample_file_name, samples_jsonl
+from tracker_eval.identity import delivery_key, record_key, tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.npz import read_npz, write_npz
 
@@ -45,7 +47,7 @@ class JsonlConfig:
 
 
 class JsonlLogger:
-    """Appends one JSON line per result; idempotent on (step, checkpoint, suite)."""
+    """Appends one JSON line per result; idempotent on `tracker_eval.identity.delivery_key`."""
 
     Config = JsonlConfig
 
@@ -64,7 +66,7 @@ class JsonlLogger:
         mid-line) since this one looked. Reading the whole file is cheap, so `in_flight` (and the
         suite it belongs to) is not needed."""
         del in_flight, suite
-        self._seen = {(r["step"], r["checkpoint"], r.get("suite", "")) for r in read_jsonl(self.path)}
+        self._seen = {record_key(r) for r in read_jsonl(self.path)}
         # A crash mid-write can leave an unterminated last line; start ours on a fresh line.
         self._needs_newline = _ends_without_newline(self.path)
 
@@ -72,8 +74,8 @@ class JsonlLogger:
         """Nothing to do: the config belongs to the ledger and the run directory, not the metrics file."""
 
     def log_result(self, result: EvalResult) -> None:
-        """Appends the result's line (and writes its .npz first); skips a (step, checkpoint, suite) already there."""
-        key = (int(result.step), result.checkpoint, result.suite)
+        """Appends the result's line (and writes its .npz first); skips a result already there."""
+        key = delivery_key(result)
         if key in self._seen:
             return
         record = result.to_json()
@@ -107,7 +109,8 @@ class JsonlLogger:
     def _write_npz(self, result: EvalResult) -> str:
         folder = self.path.with_name(self.path.stem + ".per_example")
         tag = hashlib.sha256(result.checkpoint.encode()).hexdigest()[:8]
-        suite = f"{result.suite}_" if result.suite else ""
+        label = tracker_suite(result)
+        suite = f"{label}_" if label else ""
         target = write_npz(folder / f"step_{int(result.step)}_{suite}{tag}.npz", result.per_example)
         return str(target.relative_to(self.path.parent))
 
@@ -115,7 +118,7 @@ class JsonlLogger:
     def _write_samples(self, result: EvalResult) -> dict[str, str]:
         # Files first, each complete before the line that names it; a re-send writes the same names.
         tag = hashlib.sha256(f"{result.suite}\0{result.checkpoint}".encode()).hexdigest()[:8]
-        folder = self.path.with_name(self.path.stem + ".samples") / (result.suite or "none") / (
+        folder = self.path.with_name(self.path.stem + ".samples") / (tracker_suite(result) or "none") / (
             f"step_{int(result.step)}_{tag}")
         folder.mkdir(parents=True, exist_ok=True)
         written, taken = {}, set()

@@ -21,7 +21,7 @@ from typing import Any
 from tracker_eval.config import EvalConfig
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
-from tracker_eval.locations import normalize_checkpoint_dir
+from tracker_eval.identity import tracker_run_key
 from tracker_eval.loggers.base import Logger, LoggerContext
 from tracker_eval.loggers.console import ConsoleLogger
 from tracker_eval.loggers.failures import FailureKind
@@ -43,14 +43,6 @@ def _start_error(name: str, error: Exception) -> LoggerError:
     # The same error type as every other logger failure, so callers report all of them one way;
     # a logger that cannot start never saw the result, so the result is not at fault.
     return LoggerError(name, "start", f"{type(error).__name__}: {error}", kind=FailureKind.UNAVAILABLE)
-
-
-def run_key(config: EvalConfig) -> str:
-    """Identity of an evaluation stream: checkpoint directory (normalized as the ledger does, so a URL
-    stays a URL and a relative path means the same from any working directory) and the run's hash
-    (the eval-config hash without suites; with suites, that of the fields they share, so all
-    suites of a run go to one tracker run)."""
-    return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{config.run_hash()}"
 
 
 class LoggerSession:
@@ -107,7 +99,7 @@ class LoggerSession:
         loggers: list[Logger] = []
         failed: dict[str, Exception] = {}
         retry: dict[str, Any] = {}
-        key = run_key(config)
+        key = tracker_run_key(config)
         for spec in specs:
             if only is not None and spec.name not in only:
                 continue

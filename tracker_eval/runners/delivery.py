@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tracker_eval.errors import one_line
+from tracker_eval.identity import best_key, suite_label
 from tracker_eval.ledger.lease import LeaseClaim
 from tracker_eval.ledger.steps import Ledger, LedgerError
 from tracker_eval.loggers.failures import FailureKind
@@ -223,7 +224,8 @@ class Delivery:
             self._synced.discard(name)
         if name not in self._synced:
             for suite, ledger in self.ledgers.items():
-                error = self.session.reconcile(name, ledger.in_flight_deliveries(name), suite=suite)
+                error = self.session.reconcile(name, ledger.in_flight_deliveries(name),
+                                               suite=suite_label(suite, ledger.suite_version))
                 if error is not None:  # the tracker cannot be read: not the result's fault
                     return LoggerError(name, "reconcile", one_line(error, limit=300), kind=FailureKind.UNAVAILABLE)
             self._synced.add(name)
@@ -248,9 +250,12 @@ class Delivery:
         self._failing[name] = reason
 
     def _summary(self) -> dict[str, Any] | None:
-        best = self.ledgers[self.best_suite].best() if self.best_metric is not None else None
-        metric = f"{self.best_suite}/{self.best_metric}" if self.best_suite else self.best_metric
-        return None if best is None else {"best_step": best[0], f"best_{metric}": best[1]}
+        if self.best_metric is None:
+            return None
+        ledger = self.ledgers[self.best_suite]
+        best = ledger.best()
+        key = best_key(suite_label(self.best_suite, ledger.suite_version), self.best_metric)
+        return None if best is None else {"best_step": best[0], key: best[1]}
 
     def _send_summary(self, name: str) -> bool:
         """Gives the tracker the ledger's current best if it has not got it; True when sent."""

@@ -33,6 +33,7 @@ from tracker_eval.evaluation.models import adapt_model
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
+from tracker_eval.identity import run_hash
 from tracker_eval.imports import resolve
 from tracker_eval.locations import join_path
 from tracker_eval.runners.suites import EvalSuite, build_suites, resolve_suite
@@ -99,7 +100,7 @@ class Pipeline:
         self.adapter = adapt_model(self.components.model_factory(**config.model_kwargs))
         self.suites = build_suites(config, self.components, adapter=self.adapter, mesh=self.mesh, names=suites,
                                    listeners=listeners, progress=progress)
-        self.config_hash = config.run_hash()
+        self.config_hash = run_hash(config)
         # Names this stream's keys in the runtime's key-value store. Every process builds its
         # pipelines in the same order, so the count agrees even where paths or data_kwargs differ
         # between hosts (a hash of the config would not).

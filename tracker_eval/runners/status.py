@@ -24,6 +24,7 @@ from typing import Any
 
 from tracker_eval.config import EvalConfig, load_config
 from tracker_eval.errors import ConfigError, one_line
+from tracker_eval.identity import run_hash, stream_hash, suite_hash
 
 _HEALTHY_WITHIN_S = 120.0
 
@@ -69,7 +70,7 @@ def _collect_stream(config: EvalConfig, newest: int | None) -> dict[str, Any]:
     best_config = config.watch.best
     try:
         status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
-                             config_hash=config.config_hash(),
+                             config_hash=stream_hash(config),
                              best=(best_config.metric, best_config.mode) if best_config else None)
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
@@ -115,8 +116,8 @@ def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
     best_config = config.watch.best
     best = (config.best_suite(), best_config.metric, best_config.mode) if best_config else None
     try:
-        status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir, run_hash=config.run_hash(),
-                          suites={name: config.suite_hash(name) for name in names}, best=best)
+        status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir, run_hash=run_hash(config),
+                          suites={name: suite_hash(config, name) for name in names}, best=best)
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
     if status is None:

@@ -37,6 +37,7 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
     Raises:
       ConfigError: `output_dir` cannot hold it (not writable, not a local file system).
     """
+    from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash  # noqa: PLC0415
     from tracker_eval.ledger.steps import Ledger, LedgerError  # noqa: PLC0415
 
     name = config.suite_list()[0].name if suite is None else suite
@@ -45,17 +46,37 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
         return Ledger(
             config.output_dir,
             checkpoint_dir=config.checkpoint_dir,
-            config_hash=config.suite_hash(name),
+            config_hash=suite_hash(config, name),
+            earlier_hashes=earlier_suite_hashes(config, name),
             loggers=loggers,
             best_metric=best.metric if best else None,
             best_mode=best.mode if best else "min",
             max_attempts=config.watch.max_attempts,
             max_delivery_attempts=config.watch.max_delivery_attempts,
-            run_hash=config.run_hash() if config.has_suites else None,
+            run_hash=run_hash(config) if config.has_suites else None,
             suite=name,
         )
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r} cannot hold the ledger: {error}") from None
+
+
+def suite_versions(config: EvalConfig) -> dict[str, int]:
+    """Each suite's version as the ledger counts it, read without writing (`tracker-eval eval`, which
+    delivers without a ledger, keys its results as the watcher does); all 1 without suites, and
+    with a warning when the ledger cannot be read (e.g. an older schema that `watch` upgrades)."""
+    from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash  # noqa: PLC0415
+    from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
+    from tracker_eval.ledger.view import read_suite_versions  # noqa: PLC0415
+
+    if not config.has_suites:
+        return {"": 1}
+    hashes = {s.name: (suite_hash(config, s.name), *earlier_suite_hashes(config, s.name)) for s in config.suites}
+    try:
+        return read_suite_versions(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                                   run_hash=run_hash(config), suites=hashes)
+    except LedgerError as error:
+        LOG.warning("tracker-eval: warning: suite versions unknown, delivering as version 1: %s", error)
+        return dict.fromkeys(hashes, 1)
 
 
 def open_ledgers(config: EvalConfig, *, loggers: list[str]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ once per run, so its compiled step is reused for every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -20,16 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 
 from tracker_eval.config import EvalConfig
-from tracker_eval.config.suites import EVAL_KIND
-from tracker_eval.errors import ConfigError, one_line
+from tracker_eval.config.suites import EVAL_KIND, load_kind
 from tracker_eval.evaluation.cache import BatchCache, CachedData
 from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
 from tracker_eval.evaluation.models import ModelAdapter
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.state import EvalState
+from tracker_eval.identity import suite_hash
 from tracker_eval.imports import resolve
-
-ENTRY_POINT_GROUP = "tracker_eval.suites"
 
 
 @runtime_checkable
@@ -85,23 +82,6 @@ class PluginComponents:
 
     kind: type
     options: Any
-
-
-def load_kind(name: str, *, where: str) -> type:
-    """The class registered for suite kind `name` in the entry-point group ``tracker_eval.suites``.
-
-    Raises:
-      ConfigError: no such kind is installed (lists the installed ones), or it does not import.
-    """
-    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    if name not in found:
-        installed = ", ".join([EVAL_KIND, *sorted(found)])
-        raise ConfigError(f"{where}.kind {name!r} is not an installed suite kind; installed: {installed} "
-                          f"(plug-in kinds register in the entry-point group {ENTRY_POINT_GROUP!r})")
-    try:
-        return found[name].load()
-    except Exception as error:  # noqa: BLE001 - a broken plug-in is the user's to fix now
-        raise ConfigError(f"{where}.kind {name!r} could not be loaded: {one_line(error, limit=300)}") from None
 
 
 def resolve_suite(config: EvalConfig, name: str) -> EvalComponents | PluginComponents:
@@ -238,7 +218,7 @@ def build_suites(
     for suite in config.suite_list():
         if wanted is not None and suite.name not in wanted:
             continue
-        identity = config.suite_hash(suite.name)
+        identity = suite_hash(config, suite.name)
         if not config.has_suites:
             built[suite.name] = EvalSuite(suite.name, config, EvalComponents(
                 components.eval_function, components.data_factory, components.finalize), adapter=adapter,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tracker_eval import EvalResult
 from tracker_eval.evaluation.result import sample_file_name, samples_jsonl
+from tracker_eval.identity import tracker_suite
 from tracker_eval.loggers.failures import FailureKind, mark
 from tracker_eval.npz import write_npz
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 def samples_artifact_dir(result: EvalResult) -> str:
     """Where a step's per-sample records go: ``samples/<suite, or none>/step_<step>``."""
-    return f"samples/{result.suite or 'none'}/step_{int(result.step)}"
+    return f"samples/{tracker_suite(result) or 'none'}/step_{int(result.step)}"
 
 
 def log_step_artifacts(client: MlflowClient, run_id: str, result: EvalResult) -> None:
@@ -37,7 +38,7 @@ def log_step_artifacts(client: MlflowClient, run_id: str, result: EvalResult) ->
     """
     with tempfile.TemporaryDirectory(prefix="tracker-eval-mlflow-") as tmp:
         if result.per_example or result.provenance:
-            base = os.path.join(tmp, f"step_{int(result.step)}" + (f"_{result.suite}" if result.suite else ""))
+            base = os.path.join(tmp, f"step_{int(result.step)}" + (f"_{tracker_suite(result)}" if result.suite else ""))
             write_npz(base + ".npz", result.per_example, durable=False)
             with open(base + ".json", "w") as f:
                 json.dump({"step": int(result.step), "checkpoint": result.checkpoint,

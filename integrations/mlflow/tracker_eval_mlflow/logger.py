@@ -25,6 +25,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
+from tracker_eval.identity import tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval.loggers.failures import FailureKind, mark
 from tracker_eval_mlflow.artifacts import log_step_artifacts
@@ -155,9 +156,10 @@ class MlflowLogger:
         step = int(result.step)
         timestamp = int(result.time * 1000)
         values = self._metric_values(result)
+        suite = tracker_suite(result)
         for name, array in result.per_example.items():
             for stat, number in per_example_summary(array).items():
-                values[sanitize_key(metric_key(self.prefix, result.suite, f"per_example/{name}/{stat}"))] = number
+                values[sanitize_key(metric_key(self.prefix, suite, f"per_example/{name}/{stat}"))] = number
         held = self._held_steps(client, run_id, list(values))
         todo = {k: v for k, v in values.items() if step not in held.get(k, set())}
         if not todo:
@@ -203,7 +205,7 @@ class MlflowLogger:
                     )
                 if self.config.nan_policy == "skip":
                     continue
-            key = sanitize_key(metric_key(self.prefix, result.suite, name))
+            key = sanitize_key(metric_key(self.prefix, tracker_suite(result), name))
             if key in values:  # the same result would clash every time: undeliverable at once
                 raise mark(ValueError(f"metric names {name!r} and another map to the same MLflow key {key!r}; "
                                       "rename one"), FailureKind.PERMANENT)

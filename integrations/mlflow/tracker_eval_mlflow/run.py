@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import pathlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from tracker_eval.identity import tracker_run_name
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -64,7 +65,7 @@ def find_or_create_run(
     if runs:
         return runs[0].info.run_id, experiment_id
     all_tags = {RUN_KEY_TAG: run_key, **{k: str(v) for k, v in tags.items()}}
-    name = run_name or f"eval-{hashlib.sha256(run_key.encode()).hexdigest()[:10]}"
+    name = run_name or tracker_run_name(run_key)
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     return run.info.run_id, experiment_id
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
+from tracker_eval.identity import tracker_run_name, tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 
 META = "tracker_eval"  # tags of text summaries about the run, apart from the metrics
@@ -104,7 +104,7 @@ class TensorboardLogger:
         step = int(result.step)
         if step < 0:
             raise ValueError(f"checkpoint step {step} is negative; the tensorboard logger needs steps >= 0")
-        key = functools.partial(metric_key, self.prefix, result.suite)
+        key = functools.partial(metric_key, self.prefix, tracker_suite(result))
         values = [self._summaries.scalar(key(n), float(v)) for n, v in result.metrics.items()]
         for n, array in result.per_example.items():
             finite = finite_values(array)
@@ -211,9 +211,8 @@ class _Pending:
     provenance: str | None = None
 
 
-def default_run_name(run_key: str) -> str:
-    """``eval-<10 hex digits>``: stable for a stream (checkpoint directory + config hash)."""
-    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:10]
+default_run_name = tracker_run_name
+"""``eval-<10 hex digits>`` of the run key (`tracker_eval.identity.tracker_run_name`), as MLflow names its run."""
 
 
 def finite_values(values: Any) -> np.ndarray | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import numpy as np
 from tracker_eval import EvalResult
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import metric_key
+from tracker_eval.identity import tracker_run_id, tracker_suite
 from tracker_eval.loggers.base import LoggerContext
 from tracker_eval_wandb import reader
 
@@ -155,12 +155,13 @@ class WandbLogger:
         a suite's keys are ``<prefix>/<suite>/<metric>``, so one step's suites are one row each.
         """
         step = int(result.step)
-        if step in self._held_steps(result.suite) or (step, result.suite) in self._pending:
+        suite = tracker_suite(result)
+        if step in self._held_steps(suite) or (step, suite) in self._pending:
             return
         run = self._ensure_run()
         import wandb
 
-        key = functools.partial(metric_key, self.prefix, result.suite)
+        key = functools.partial(metric_key, self.prefix, suite)
         row: dict[str, Any] = {reader.STEP_KEY: step}
         row.update({key(n): float(v) for n, v in result.metrics.items()})
         columns = {}
@@ -185,7 +186,7 @@ class WandbLogger:
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
-        self._pending.add((step, result.suite))
+        self._pending.add((step, suite))
         self._dirty = True
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
@@ -291,9 +292,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def derive_run_id(run_key: str) -> str:
-    """A deterministic W&B run id for a run key (letters and digits, stable across restarts)."""
-    return "eval-" + hashlib.sha256(run_key.encode()).hexdigest()[:16]
+derive_run_id = tracker_run_id
+"""A deterministic W&B run id for a run key (`tracker_eval.identity.tracker_run_id`)."""
 
 
 def _default_mode() -> str:

@@ -1,0 +1,198 @@
+"""Result identity (`tracker_eval.identity`): a changed suite's new numbers reach every tracker under
+keys of their own, restating a default or changing packing is not a change, and an existing ledger's
+streams stay its streams."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import pathlib
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from test_suites import VAL, jsonl_by_suite, run_watch, status_json, suite, write_suites_config
+from tracker_eval_tensorboard.logger import default_run_name
+from watcher_harness import mlflow_points, mlflow_run, publish, wandb_rows, wandb_summary
+
+from tracker_eval.config import load_config
+from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
+from tracker_eval.ledger.steps import Ledger
+from tracker_eval.ledger.view import read_suite_versions
+from tracker_eval.runners.stream import open_ledger
+
+pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+
+STEPS = (20, 40)
+LIMIT = 100  # the changed suite: the first 100 validation examples instead of all of them
+
+
+def val_references(checkpoint_dir: pathlib.Path, step: int) -> dict[int, dict[str, float]]:
+    """Float64 numpy loss and accuracy of the validation set at `step`: version 1 (all examples)
+    and version 2 (the first `LIMIT`)."""
+    from reference import mlp_losses, restored_params  # noqa: PLC0415
+
+    from tracker_eval.tasks.classification import split_digits  # noqa: PLC0415 - the data only
+
+    params = restored_params(checkpoint_dir, step)
+    x, y = split_digits("validation")
+    out = {}
+    for version, limit in ((1, None), (2, LIMIT)):
+        losses, correct = mlp_losses(params, x[:limit], y[:limit])
+        out[version] = {"loss": float(np.mean(losses)), "accuracy": float(np.mean(correct))}
+    return out
+
+
+def test_a_changed_suite_reaches_every_tracker_under_its_own_keys_and_status_keeps_the_old_results(
+    tmp_path, source_checkpoints, mlflow_server
+):
+    experiment = f"identity-{uuid.uuid4().hex[:8]}"
+    loggers = [{"type": "jsonl"}, {"type": "tensorboard"}, {"type": "wandb"},
+               {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment}]
+    for step in STEPS:
+        publish(source_checkpoints, tmp_path / "ckpts", step)
+    best = {"best": {"metric": "loss", "mode": "min"}}
+    first = write_suites_config(tmp_path, {"val": VAL}, loggers=loggers, watch=best, name="first.yaml")
+    run_watch(first)
+    changed = write_suites_config(tmp_path, {"val": suite(batch_size=64, data_kwargs={"limit": LIMIT})},
+                                  loggers=loggers, watch=best, name="changed.yaml")
+    watcher = run_watch(changed)
+    assert watcher.text.count("evaluating step 20") == 1, watcher.tail()  # the new version, once
+    out = tmp_path / "out"
+    want = {step: val_references(tmp_path / "ckpts", step) for step in STEPS}
+    labels = {1: "val", 2: "val-v2"}
+
+    # JSONL: each (step, version) once, the second version marked as such.
+    records = collections.defaultdict(list)
+    for (step, name), lines in jsonl_by_suite(out).items():
+        records[(step, name)] += lines
+    versions = collections.Counter()
+    from tracker_eval.loggers.jsonl import read_jsonl  # noqa: PLC0415
+
+    for record in read_jsonl(out / "metrics.jsonl"):
+        version = record.get("suite_version", 1)
+        versions[(record["step"], version)] += 1
+        assert record["suite"] == "val"
+        assert record["metrics"]["loss"] == pytest.approx(want[record["step"]][version]["loss"], rel=1e-5)
+    assert versions == {(step, version): 1 for step in STEPS for version in (1, 2)}
+
+    # MLflow, TensorBoard (event files read back), W&B offline: one point per key and step, each
+    # version's values under its own keys in the one tracker run.
+    history = mlflow_points(mlflow_server.url, experiment)
+    config = load_config(changed)
+    accumulator = event_accumulator.EventAccumulator(
+        str(out / "tensorboard" / default_run_name(tracker_run_key(config)))).Reload()
+    rows = [r for r in wandb_rows(out) if "checkpoint_step" in r]
+    for version, label in labels.items():
+        for metric in ("loss", "accuracy"):
+            key = f"eval/{label}/{metric}"
+            expected = [(step, want[step][version][metric]) for step in STEPS]
+            for tracker, points in (("mlflow", sorted(history[key])),
+                                    ("tensorboard", [(e.step, e.value) for e in accumulator.Scalars(key)]),
+                                    ("wandb", sorted((int(r["checkpoint_step"]), r[key]) for r in rows if key in r))):
+                assert [step for step, _ in points] == list(STEPS), (tracker, key, points)
+                for (step, value), (_, reference) in zip(points, expected, strict=True):
+                    assert value == pytest.approx(reference, rel=1e-5), (tracker, key, step)
+
+    # The best value's summary key names the suite version like its metric keys (README, `watch.best.suite`).
+    summary, tags = wandb_summary(out), mlflow_run(mlflow_server.url, experiment).data.tags
+    for version, label in labels.items():
+        lowest = min(want[step][version]["loss"] for step in STEPS)
+        assert summary[f"best_{label}/loss"] == pytest.approx(lowest, rel=1e-5), summary
+        assert float(tags[f"tracker_eval.summary.best_{label}/loss"]) == pytest.approx(lowest, rel=1e-5), tags
+    assert "best_loss" not in summary
+
+    # status: the configured suite shows the new numbers, the earlier version stays listed.
+    doc = status_json(changed)
+    assert doc["suites"] == ["val", "val-v1"]
+    for row in doc["steps"]:
+        assert row["suites"]["val"]["state"] == "delivered"
+        for name, version in (("val", 2), ("val-v1", 1)):
+            metrics = row["suites"][name]["metrics"]
+            assert metrics["loss"] == pytest.approx(want[row["step"]][version]["loss"], rel=1e-5)
+
+
+def _harness_config(tmp_path: pathlib.Path, options: dict[str, Any], name: str) -> Any:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({
+        "checkpoint_dir": str(tmp_path / "ckpts"), "model": "tracker_eval.tasks.classification:make_model",
+        "output_dir": str(tmp_path / "out"), "loggers": [{"type": "jsonl"}],
+        "suites": {"harness": {"kind": "lm_harness", "tasks": ["pydoc_cloze"], **options}},
+    }))
+    return load_config(path)
+
+
+def _earlier_rule(config: Any, options: dict[str, Any]) -> str:
+    """The stream hash the previous release gave a harness suite: its raw options (bar batch_size)."""
+    raw = {k: v for k, v in {"tasks": ["pydoc_cloze"], **options}.items() if k != "batch_size"}
+    blob = json.dumps({"run": run_hash(config), "suite": "harness", "kind": "lm_harness", "options": raw},
+                      sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def test_restating_a_default_or_packing_keeps_a_plugin_suite_s_stream_and_an_earlier_stream_is_adopted(tmp_path):
+    plain = _harness_config(tmp_path, {}, "plain")
+    same = {name: _harness_config(tmp_path, options, name) for name, options in {
+        "max_length": {"max_length": 512}, "packing": {"packing": True}, "batch": {"batch_size": 8},
+        "seed": {"fewshot_seed": 1234, "bootstrap_iters": 1000}}.items()}
+    for name, config in same.items():
+        assert suite_hash(config, "harness") == suite_hash(plain, "harness"), name
+    for options in ({"max_length": 256}, {"limit": 5}, {"num_fewshot": 1}):
+        assert suite_hash(_harness_config(tmp_path, options, "other"), "harness") != suite_hash(plain, "harness")
+
+    # A ledger written by the previous release under the raw-options hash, with `packing: true`.
+    options = {"packing": True, "max_length": 512}
+    config = _harness_config(tmp_path, options, "old")
+    earlier = _earlier_rule(config, options)
+    assert earlier_suite_hashes(config, "harness") == (earlier,)
+    result = EvalResult(step=20, checkpoint="/c/20", metrics={"acc": 0.25}, suite="harness")
+    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=earlier,
+                run_hash=run_hash(config), suite="harness", loggers=["jsonl"]) as old:
+        old.register([20])
+        assert old.claim(20, owner="a")
+        old.record_metrics(result, owner="a")
+    # Today's rule gives another hash; opening the suite's ledger takes the earlier stream over.
+    assert suite_hash(config, "harness") != earlier
+    with open_ledger(config, loggers=["jsonl"], suite="harness") as ledger:
+        assert ledger.steps() == [20] and ledger.result(20).metrics == {"acc": 0.25}
+        assert ledger.suite_version == 1
+    with open_ledger(plain, loggers=["jsonl"], suite="harness") as ledger:  # the same stream, spelled plainly
+        assert ledger.steps() == [20] and ledger.suite_version == 1
+
+
+def test_versions_count_in_the_order_the_ledger_saw_them_and_results_carry_theirs(tmp_path):
+    def opened(config_hash: str) -> Ledger:
+        return Ledger(tmp_path, checkpoint_dir="/c", config_hash=config_hash, run_hash="run", suite="val")
+
+    for config_hash, version in (("a", 1), ("b", 2), ("a", 1), ("c", 3), ("b", 2)):
+        with opened(config_hash) as ledger:
+            assert ledger.suite_version == version, config_hash
+    with Ledger(tmp_path, checkpoint_dir="/c", config_hash="t", run_hash="run", suite="test") as ledger:
+        assert ledger.suite_version == 1  # versions count per suite name
+    with opened("b") as ledger:
+        ledger.register([20])
+        assert ledger.claim(20, owner="a")
+        ledger.record_metrics(EvalResult(step=20, checkpoint="/c/20", metrics={"loss": 1.0}, suite="val"),
+                              owner="a")
+        stored = ledger.result(20)
+    assert stored.suite_version == 2
+    assert stored.to_json()["suite_version"] == 2
+    assert EvalResult.from_json(stored.to_json()).suite_version == 2
+    # `tracker-eval eval` (no ledger of its own) reads the same versions without writing.
+    versions = read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run",
+                                   suites={"val": ("b",), "test": ("t",), "new": ("x",), "old": ("z", "a")})
+    assert versions == {"val": 2, "test": 1, "new": 1, "old": 1}
+    assert read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run", suites={"val": ("z",)}) == {"val": 4}
+
+
+def test_the_readme_documents_the_best_value_key_the_trackers_get():
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert best_key("", "loss") == "best_loss" and "`best_<metric>`" in readme
+    assert best_key("val", "loss") == "best_val/loss" and "`best_<suite>/<metric>`" in readme
+    for tracker in ("### `wandb`", "### `mlflow`", "### `tensorboard`"):
+        section = readme.split(tracker, 1)[1].split("\n### ", 1)[0]
+        assert "best_<suite>/<metric>" in section, tracker  # each tracker's section says it with suites
