@@ -31,9 +31,10 @@ from tracker_eval.evaluation.models import ModelAdapter
 from tracker_eval.evaluation.sharding import place_params
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
-from tracker_eval_lm_harness.offline import prepare_environment, preserved_random_state
+from tracker_eval_lm_harness.offline import prepare_environment
 from tracker_eval_lm_harness.results import json_safe, metric_values
 from tracker_eval_lm_harness.rows import width_ladder
+from tracker_eval_lm_harness.seeds import Seeds
 from tracker_eval_lm_harness.tokenizer import load_tokenizer
 
 
@@ -88,8 +89,8 @@ class HarnessSuite:
         from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
 
         eos = self.tokenizer.decode([self.tokenizer.eot_token_id], skip_special_tokens=False)
-        with preserved_random_state():  # lm-eval draws task ids from the global stream while loading
-            self.tasks = TaskSet(config, eos=eos, scratch=self._scratch)
+        self.seeds = Seeds(random_seed=config.random_seed, numpy_seed=config.numpy_random_seed)
+        self.tasks = TaskSet(config, eos=eos, scratch=self._scratch, seeds=self.seeds)
         self._checked = False
 
     def run(self, params: Any, *, step: int) -> HarnessResult:
@@ -123,7 +124,7 @@ class HarnessSuite:
         self.engine.device_seconds = 0.0
         try:
             self.tasks.reset()
-            with preserved_random_state():
+            with self.seeds.running():
                 results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
                                              bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
         except BaseException as error:
