@@ -314,9 +314,11 @@ def test_tasks_and_models_the_suite_cannot_serve_fail_with_one_line(tiny, tmp_pa
         HarnessSuite(config, adapter=conv_only, mesh=mesh).run(params, step=1)
 
 
-def test_two_processes_follow_process_0_and_match_the_reference(task_dir, reference, tmp_path):
+def test_two_processes_follow_process_0_match_the_reference_and_fail_or_stop_together(task_dir, reference, tmp_path):
     """2 processes x 4 devices: process 0 drives lm-eval, process 1 runs the same batches; the scores of
-    two checkpoints match the float64 reference, and both processes return them."""
+    two checkpoints match the float64 reference, and both processes return them. Process 1 failing
+    inside the engine fails that run on both at once (none waits in a broadcast) and the next run
+    scores again; a stop request on process 0 abandons the run on both; no run's keys stay behind."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -334,13 +336,24 @@ def test_two_processes_follow_process_0_and_match_the_reference(task_dir, refere
             if proc.poll() is None:
                 proc.kill()
     assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in done]
-    leader, follower = (json.loads(out.read_text()) for out in outs)
-    for seed, mine, theirs in zip((3, 4), leader, follower, strict=True):
+    (leader, keys), (follower, _) = ((d["runs"], d["keys"]) for d in (json.loads(out.read_text()) for out in outs))
+    for index, seed in ((0, 3), (1, 4), (3, 4)):
+        mine, theirs = leader[index], follower[index]
+        assert "error" not in mine and "error" not in theirs, (mine.get("error"), theirs.get("error"))
         assert theirs["metrics"] == mine["metrics"] and theirs["samples"] == {}
         _assert_same_answers(mine["samples"], reference[seed]["samples"])
         _assert_same_metrics(mine["metrics"], reference[seed])
     assert leader[0]["metrics"] != leader[1]["metrics"]  # two checkpoints, two sets of scores
     assert len(leader[1]["provenance"]["compiled_shapes"]) <= 3 and leader[1]["provenance"]["compiles_this_run"] == 0
+    failed = follower[2]
+    assert failed["error"] == "RuntimeError: injected engine failure on process 1"
+    assert leader[2]["error"] == "PeerFailedError: process 1: RuntimeError: injected engine failure on process 1"
+    # The README's bound for eval suites: a process waiting on the agreement learns at once (< POLL_S).
+    assert 0 <= leader[2]["ended_at"] - failed["failed_at"] < 5.0, (leader[2], failed)
+    assert leader[4]["error"].startswith("EvalAborted: evaluation abandoned at a stop request")
+    assert follower[4]["error"].startswith("EvalAborted: process 0 abandoned this evaluation at a stop request")
+    assert not [k for k in keys if "harness" in k], keys
+    print(f"process 0 raised {leader[2]['ended_at'] - failed['failed_at']:.2f} s after process 1 failed")
 
 
 @pytest.mark.parametrize("packing", [False, True])
