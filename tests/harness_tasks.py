@@ -127,3 +127,58 @@ def write_tasks(folder: pathlib.Path, *, greedy: Callable[[str, dict], str]) -> 
     _write_jsonl(data / "gen.jsonl", [{"prompt": p, "target": greedy(p, options) if i % 2 == 0 else "not this"}
                                       for i, p in enumerate(prompts)])
     return folder
+
+
+SHUFFLE = """task: t_shuffle
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: data/shuffle.jsonl}
+output_type: multiple_choice
+test_split: test
+process_docs: !function shuffle_docs.process_docs
+doc_to_text: "{{context}}\\n(A) {{choices[0]}} (B) {{choices[1]}} (C) {{choices[2]}} (D) {{choices[3]}}\\nAnswer:"
+doc_to_choice: [" A", " B", " C", " D"]
+doc_to_target: label
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+metadata: {version: 1.0}
+"""
+
+SHUFFLE_DOCS = '''"""As lm-eval's GPQA tasks do: the choices of every document are shuffled with the global `random`.
+
+Recomputed at every call (as with `datasets` caching off), so every run draws from `random` again.
+"""
+
+import random
+
+
+def process_docs(dataset):
+    def shuffle(doc):
+        choices = list(doc["choices"])
+        answer = choices[doc["label"]]
+        random.shuffle(choices)
+        return {"choices": choices, "label": choices.index(answer)}
+
+    return dataset.map(shuffle, load_from_cache_file=False)
+'''
+
+
+def write_shuffle_task(folder: pathlib.Path, *, documents: int = 40) -> pathlib.Path:
+    """Writes `t_shuffle` into `folder`: 4-choice questions whose choices `process_docs` shuffles with
+    Python's global `random`, listed in the prompt (the answer is a letter), so each shuffle scores
+    differently. Returns `folder`."""
+    rnd = random.Random(11)
+    text = pydoc_text.text("heldout")
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (folder / "t_shuffle.yaml").write_text(SHUFFLE)
+    (folder / "shuffle_docs.py").write_text(SHUFFLE_DOCS)
+    words = ["value", "list", "module", "class", "string", "object", "import", "method"]
+    docs = []
+    for _ in range(documents):
+        start = rnd.randrange(0, len(text) - 100)
+        docs.append({"context": text[start:start + 24].strip(), "choices": rnd.sample(words, 4),
+                     "label": rnd.randrange(4)})
+    _write_jsonl(data / "shuffle.jsonl", docs)
+    return folder

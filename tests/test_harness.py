@@ -26,7 +26,7 @@ prepare_environment()  # before lm-eval (and with it `datasets`) is imported by 
 from harness_config import MAX_LENGTH, TASKS, suite_options  # noqa: E402
 from harness_models import TinyAttentionLM  # noqa: E402
 from harness_reference import ReferenceLM, attention_lm_logits, tiny_lm_logits  # noqa: E402
-from harness_tasks import write_tasks  # noqa: E402
+from harness_tasks import write_shuffle_task, write_tasks  # noqa: E402
 from tracker_eval_lm_harness.suite import HarnessSuite  # noqa: E402
 from tracker_eval_lm_harness.tasks import SHIPPED  # noqa: E402
 
@@ -60,9 +60,11 @@ def task_dir(tmp_path_factory, tiny):
     return write_tasks(tmp_path_factory.mktemp("tasks"), greedy=reference.complete)
 
 
-def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, limit=None, tokenizer=None):
+def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, limit=None, tokenizer=None,
+                       seeds=(None, None)):
     """lm-eval's own simple_evaluate over the float64 reference, run from inside the task folder
-    (where lm-eval resolves the YAMLs' relative data paths itself)."""
+    (where lm-eval resolves the YAMLs' relative data paths itself); `seeds`: its random_seed and
+    numpy_random_seed (None: left unseeded)."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
@@ -71,8 +73,8 @@ def _reference_results(logits_fn, *, include_path, tasks=TASKS, num_fewshot=1, l
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
         return evaluator.simple_evaluate(
             model=ReferenceLM(logits_fn, max_length=MAX_LENGTH, tokenizer=tokenizer), tasks=tasks,
-            task_manager=manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=None,
-            numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=1234)
+            task_manager=manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=100, random_seed=seeds[0],
+            numpy_random_seed=seeds[1], torch_random_seed=None, fewshot_random_seed=1234)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,39 @@ def test_shipped_pydoc_tasks_match_the_reference_and_their_samples_survive_the_l
     _assert_same_answers(back.samples, reference["samples"])
 
 
+def test_a_task_that_shuffles_with_random_equals_simple_evaluate_run_after_run(tiny, tmp_path):
+    """`process_docs` shuffles each question's choices with Python's global `random` (as lm-eval's GPQA
+    tasks do): every run, and a suite built again as after a restart, sees the documents of lm-eval's
+    own `simple_evaluate` with its default seeds (or with the suite's seeds), and the caller's random
+    and numpy streams are left as they were."""
+    model, params = tiny
+    folder = write_shuffle_task(tmp_path / "shuffle")
+    options = {"tasks": ["t_shuffle"], "include_path": str(folder), "max_length": MAX_LENGTH, "batch_size": 8,
+               "bootstrap_iters": 100}
+    mesh = make_mesh(MeshConfig(8, 1, 1))
+    random.seed(99)
+    np.random.seed(99)
+    caller = random.getstate(), np.random.get_state()
+    runs = []
+    for index, extra in enumerate([{}, {}, {"random_seed": 5}]):
+        config = HarnessSuite.Config.from_mapping({**options, **extra})
+        suite = HarnessSuite(config, adapter=adapt_model(model), mesh=mesh, name=f"shuffle{index}")
+        runs += [suite.run(params, step=1) for _ in range(2 if index == 0 else 1)]
+        suite.close()
+    assert random.getstate() == caller[0]
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), caller[1], strict=True))
+    logits = tiny_lm_logits(params)
+    default = _reference_results(logits, include_path=folder, tasks=["t_shuffle"], num_fewshot=None, seeds=(0, 1234))
+    seeded = _reference_results(logits, include_path=folder, tasks=["t_shuffle"], num_fewshot=None, seeds=(5, 1234))
+    for result, want in zip(runs, [default, default, default, seeded], strict=True):
+        _assert_same_answers(result.samples, want["samples"])  # the arguments hold the shuffled prompts
+        _assert_same_metrics(result.metrics, want)
+    prompts = [[r["arguments"][0][0] for r in run.samples["t_shuffle"]] for run in (runs[0], runs[3])]
+    assert prompts[0] != prompts[1], "another random_seed must shuffle otherwise"
+    key = HarnessSuite.Config.from_mapping(options).numbers_key()
+    assert (key["random_seed"], key["numpy_random_seed"], key["fewshot_seed"]) == (0, 1234, 1234)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"tasks": []}, "tasks is empty"),
     ({"tasks": ["x"], "max_length": 1}, "max_length must be at least 2"),
@@ -245,6 +280,7 @@ def test_shipped_pydoc_tasks_match_the_reference_and_their_samples_survive_the_l
     ({"tasks": ["x"], "include_path": "/nonexistent"}, "is not a folder"),
     ({"tasks": ["x"], "bootstrap": 10}, "unknown key 'bootstrap'"),
     ({"tasks": "pydoc"}, "tasks must be a list of names"),
+    ({"tasks": ["x"], "numpy_random_seed": -1}, "numpy_random_seed must lie in [0, 2**32 - 1]"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(options, message):
     with pytest.raises(ConfigError) as error:
@@ -278,9 +314,11 @@ def test_tasks_and_models_the_suite_cannot_serve_fail_with_one_line(tiny, tmp_pa
         HarnessSuite(config, adapter=conv_only, mesh=mesh).run(params, step=1)
 
 
-def test_two_processes_follow_process_0_and_match_the_reference(task_dir, reference, tmp_path):
+def test_two_processes_follow_process_0_match_the_reference_and_fail_or_stop_together(task_dir, reference, tmp_path):
     """2 processes x 4 devices: process 0 drives lm-eval, process 1 runs the same batches; the scores of
-    two checkpoints match the float64 reference, and both processes return them."""
+    two checkpoints match the float64 reference, and both processes return them. Process 1 failing
+    inside the engine fails that run on both at once (none waits in a broadcast) and the next run
+    scores again; a stop request on process 0 abandons the run on both; no run's keys stay behind."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -298,13 +336,24 @@ def test_two_processes_follow_process_0_and_match_the_reference(task_dir, refere
             if proc.poll() is None:
                 proc.kill()
     assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in done]
-    leader, follower = (json.loads(out.read_text()) for out in outs)
-    for seed, mine, theirs in zip((3, 4), leader, follower, strict=True):
+    (leader, keys), (follower, _) = ((d["runs"], d["keys"]) for d in (json.loads(out.read_text()) for out in outs))
+    for index, seed in ((0, 3), (1, 4), (3, 4)):
+        mine, theirs = leader[index], follower[index]
+        assert "error" not in mine and "error" not in theirs, (mine.get("error"), theirs.get("error"))
         assert theirs["metrics"] == mine["metrics"] and theirs["samples"] == {}
         _assert_same_answers(mine["samples"], reference[seed]["samples"])
         _assert_same_metrics(mine["metrics"], reference[seed])
     assert leader[0]["metrics"] != leader[1]["metrics"]  # two checkpoints, two sets of scores
     assert len(leader[1]["provenance"]["compiled_shapes"]) <= 3 and leader[1]["provenance"]["compiles_this_run"] == 0
+    failed = follower[2]
+    assert failed["error"] == "RuntimeError: injected engine failure on process 1"
+    assert leader[2]["error"] == "PeerFailedError: process 1: RuntimeError: injected engine failure on process 1"
+    # The README's bound for eval suites: a process waiting on the agreement learns at once (< POLL_S).
+    assert 0 <= leader[2]["ended_at"] - failed["failed_at"] < 5.0, (leader[2], failed)
+    assert leader[4]["error"].startswith("EvalAborted: evaluation abandoned at a stop request")
+    assert follower[4]["error"].startswith("EvalAborted: process 0 abandoned this evaluation at a stop request")
+    assert not [k for k in keys if "harness" in k], keys
+    print(f"process 0 raised {leader[2]['ended_at'] - failed['failed_at']:.2f} s after process 1 failed")
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -178,3 +178,56 @@ def test_result_identity_has_one_owner() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in IDENTITY:
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
     assert not found, f"identity is tracker_eval/identity.py's to derive; defined elsewhere: {found}"
+
+
+PLUGINS = PACKAGE.parent / "integrations"
+
+
+def _plugin_graph(package: pathlib.Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (`if TYPE_CHECKING:` imports included)."""
+    name = package.name
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == name:  # `from pkg import module`
+                found |= {f"{name}.{alias.name}" for alias in node.names
+                          if (package / f"{alias.name}.py").exists() or (package / alias.name).is_dir()}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"{name}."):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name.startswith(f"{name}.")}
+        graph[module] = found - {module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` as [a, b, ..., a], or [] when dependencies run one way."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                return [*stack[stack.index(target):], target]
+            if target not in state and (found := visit(target)):
+                return found
+        stack.pop()
+        state[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+@pytest.mark.parametrize("package", sorted(p.parent.name for p in PLUGINS.glob("*/*/__init__.py")))
+def test_plugin_modules_import_one_way(package: str) -> None:
+    (folder,) = PLUGINS.glob(f"*/{package}")
+    assert _cycle(_plugin_graph(folder)) == []
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the checker sees one

@@ -93,6 +93,9 @@ class Solo:
     def gathered_rows(self) -> list[bytes]:
         return []
 
+    def agree_ready(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -250,6 +253,15 @@ class Exchange:
             else:
                 kvstore.put(self.client, f"{self.prefix}/rows/{self.me}", rows)
         self._agree("go 0 0 1", lambda reports: "go 0 1")
+
+    def agree_ready(self) -> None:
+        """A round with nothing to decide: returns once every process is ready for a collective (a
+        plug-in's own protocol calls it before each one).
+
+        Raises:
+          PeerFailedError: a process failed instead (before or while the others waited).
+        """
+        self._agree("go", lambda reports: "go")
 
     def gathered_rows(self) -> list[bytes]:
         """Process 0: every process's posted rows in process order (deleted once read); else []."""

@@ -125,10 +125,12 @@ class Pipeline:
         raise AttributeError("this pipeline has no suite of kind eval")
 
     def set_should_abort(self, should_abort: Callable[[], bool]) -> None:
-        """Lets every eval-kind suite stop between batches when `should_abort()` says so."""
+        """Lets every suite, of any kind, stop between batches when `should_abort()` says so."""
         for suite in self.suites.values():
             if isinstance(suite, EvalSuite):
                 suite.evaluation.should_abort = should_abort
+            else:
+                suite.should_abort = should_abort
 
     def data(self) -> CachedData:
         """The first eval-kind suite's slice of its split, behind its cache."""

@@ -47,8 +47,15 @@ class SuiteKind(Protocol):
     ``Kind(config, adapter=..., mesh=..., name=..., output_dir=...)``.
     """
 
-    def run(self, params: Any, *, step: int) -> SuiteOutput:
-        """Scores `params` (already on the mesh); called by every process of the job."""
+    def run(self, params: Any, *, step: int, exchange: Any, should_abort: Callable[[], bool] | None) -> SuiteOutput:
+        """Scores `params` (already on the mesh); called by every process of the job.
+
+        `exchange` is the attempt's `agreement` among processes: a failure on one process must reach
+        the others through it (`exchange.fail`, `check`, `agree_ready` before each collective), so
+        none waits in a collective its peer never joins; its keys go when the attempt ends.
+        `should_abort()` turning True (a stop request) asks the suite to raise `EvalAborted`
+        between batches, on every process.
+        """
 
     def close(self) -> None:
         """Releases what the suite holds."""
@@ -169,14 +176,14 @@ class PluginSuite:
         self.identity = identity
         self.impl: SuiteKind = components.kind(components.options, adapter=adapter, mesh=mesh, name=name,
                                                output_dir=output_dir)
+        self.should_abort: Callable[[], bool] | None = None
 
     def evaluate(
         self, state: EvalState, *, checkpoint: str, provenance: Mapping[str, Any], exchange: Any
     ) -> EvalResult:
-        """Runs the plug-in on the state's params; its own messages keep the processes together."""
-        del exchange
+        """Runs the plug-in on the state's params under the attempt's agreement among processes."""
         start = time.perf_counter()
-        out = self.impl.run(state.params, step=int(state.step))
+        out = self.impl.run(state.params, step=int(state.step), exchange=exchange, should_abort=self.should_abort)
         wall = {"eval_wall_s": round(time.perf_counter() - start, 4)}  # as an eval suite's provenance has
         return EvalResult(
             step=int(state.step),

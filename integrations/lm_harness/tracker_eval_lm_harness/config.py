@@ -49,6 +49,11 @@ class HarnessConfig:
     must honour them; false = one request per row, the model called with tokens only."""
     fewshot_seed: int = 1234
     """Seed of the few-shot sampler (lm-eval's default), reset before every checkpoint's run."""
+    random_seed: int = 0
+    """Seed of Python's global `random` before the tasks load (lm-eval's `simple_evaluate` default);
+    task code such as a `process_docs` that shuffles draws from it. Every run starts where loading left it."""
+    numpy_random_seed: int = 1234
+    """Seed of numpy's global generator before the tasks load (lm-eval's default), replayed the same way."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -80,12 +85,16 @@ class HarnessConfig:
                 )
             if isinstance(self.limit, int) and self.limit < 1:
                 raise ConfigError(f"limit must be a positive number of documents or null (all), got {self.limit}")
+        if not 0 <= self.numpy_random_seed < 2**32:
+            raise ConfigError(f"numpy_random_seed must lie in [0, 2**32 - 1] (numpy's range), "
+                              f"got {self.numpy_random_seed}")
         if self.bootstrap_iters < 0:
             raise ConfigError(f"bootstrap_iters must be >= 0 (0 = no stderr), got {self.bootstrap_iters}")
 
     def numbers_key(self) -> dict[str, Any]:
         """The options that change the scores, for the stream's config hash: all but `batch_size` and
-        `packing`, which give the same numbers (to float rounding) however the rows are cut."""
+        `packing`, which give the same numbers (to float rounding) however the rows are cut. The
+        seeds are in: they choose few-shot examples and whatever task code draws at random."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("batch_size", "packing")}
 

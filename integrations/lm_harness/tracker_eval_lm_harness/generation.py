@@ -16,18 +16,46 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
+import numpy as np
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from tracker_eval_lm_harness.rows import step_batch
 
-if TYPE_CHECKING:
-    from tracker_eval_lm_harness.lm import HarnessLM
-
 # Options that do not change greedy decoding (the backend ignores them without sampling).
 _GREEDY_NEUTRAL = {"do_sample", "temperature", "top_p", "top_k"}
+
+
+class Runner(Protocol):
+    """Runs fixed-shape batches (`engine.Engine` is one)."""
+
+    rows: int
+
+    def execute(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> list[np.ndarray]: ...
+
+
+class Decoder(Protocol):
+    """What decoding needs of the LM (`lm.HarnessLM` is one). Named here, so that this module
+    depends on no LM class and `lm` alone imports `generation`."""
+
+    engine: Runner
+    params: Any
+    widths: tuple[int, ...]
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def max_gen_toks(self) -> int: ...
+
+    @property
+    def eot_token_id(self) -> int: ...
+
+    def tok_decode(self, tokens: Any, skip_special_tokens: bool = True) -> str: ...
+
+    def generation_context(self, text: str, *, max_tokens: int) -> list[int]: ...
 
 
 def greedy_settings(
@@ -62,7 +90,7 @@ def greedy_settings(
     return until, max_new
 
 
-def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
+def generate_until(lm: Decoder, requests: Sequence[Any]) -> list[str]:
     """The continuation of every request (`args == (context, gen_kwargs)`), in request order."""
     eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
     groups: dict[str, list[int]] = {}
@@ -80,7 +108,7 @@ def generate_until(lm: HarnessLM, requests: Sequence[Any]) -> list[str]:
 
 
 def greedy_tokens(
-    lm: HarnessLM, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str]
+    lm: Decoder, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str]
 ) -> list[list[int]]:
     """The greedy new tokens after each context, until it is ended (see the module docstring)."""
     generated: list[list[int]] = [[] for _ in contexts]

@@ -1,8 +1,6 @@
 """Keeps lm-eval and Hugging Face `datasets` off the network and out of the user's caches.
 
     prepare_environment()                  # before anything imports `datasets` (lm_eval.evaluator does)
-    with preserved_random_state():     # lm-eval advances the global `random` stream even unseeded
-        lm_eval.evaluator.evaluate(...)
 
 `datasets` reads HF_DATASETS_OFFLINE and HF_HUB_OFFLINE when it is imported, and without them a
 local `load_dataset("json")` still sends a usage request out. Its arrow cache goes to a temporary
@@ -13,13 +11,10 @@ this process instead of a forked pool.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 
 _cache_dir: str | None = None
 
@@ -58,13 +53,3 @@ def _patch_imported() -> None:
         config.HF_DATASETS_OFFLINE = True
         config.HF_HUB_OFFLINE = True
         config.HF_DATASETS_CACHE = type(config.HF_DATASETS_CACHE)(os.environ["HF_DATASETS_CACHE"])
-
-
-@contextlib.contextmanager
-def preserved_random_state() -> Iterator[None]:
-    """Restores Python's global `random` state on exit (lm-eval draws from it for task ids)."""
-    state = random.getstate()
-    try:
-        yield
-    finally:
-        random.setstate(state)

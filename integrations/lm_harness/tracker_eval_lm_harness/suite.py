@@ -16,25 +16,34 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import itertools
 import json
+import logging
 import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from tracker_eval.errors import ConfigError, one_line
+from tracker_eval.evaluation import agreement
+from tracker_eval.evaluation.evaluator import EvalAborted
 from tracker_eval.evaluation.models import ModelAdapter
 from tracker_eval.evaluation.sharding import place_params
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
-from tracker_eval_lm_harness.offline import prepare_environment, preserved_random_state
+from tracker_eval_lm_harness.offline import prepare_environment
 from tracker_eval_lm_harness.results import json_safe, metric_values
 from tracker_eval_lm_harness.rows import width_ladder
+from tracker_eval_lm_harness.seeds import Seeds
 from tracker_eval_lm_harness.tokenizer import load_tokenizer
+
+LOG = logging.getLogger(__name__)
+_SERIALS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +77,7 @@ class HarnessSuite:
           adapter: the stream's model: `apply_fn({"params": p}, tokens[, segment_ids=, positions=])`
             -> logits (batch, length, vocab).
           mesh: the (data, fsdp, tensor) evaluation mesh; batches are split over data x fsdp.
-          name: the suite's name (namespaces its multi-process messages).
+          name: the suite's name.
           output_dir: the stream's output folder; the suite writes nothing there (records are returned).
 
         Raises:
@@ -84,33 +93,60 @@ class HarnessSuite:
         self.widths = width_ladder(config.max_length)
         unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
         self.rows = -(-config.batch_size // unit) * unit
-        self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing, namespace=name)
+        self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing)
+        self._serial = next(_SERIALS)  # same on every process: they build suites in the same order
+        self._calls = 0
         from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
 
         eos = self.tokenizer.decode([self.tokenizer.eot_token_id], skip_special_tokens=False)
-        with preserved_random_state():  # lm-eval draws task ids from the global stream while loading
-            self.tasks = TaskSet(config, eos=eos, scratch=self._scratch)
+        self.seeds = Seeds(random_seed=config.random_seed, numpy_seed=config.numpy_random_seed)
+        self.tasks = TaskSet(config, eos=eos, scratch=self._scratch, seeds=self.seeds)
         self._checked = False
 
-    def run(self, params: Any, *, step: int) -> HarnessResult:
+    def run(self, params: Any, *, step: int, exchange: agreement.Exchange | agreement.Solo | None = None,
+            should_abort: Callable[[], bool] | None = None) -> HarnessResult:
         """Scores every task on `params`; called by every process of the job.
 
         Args:
           params: the model's params (placed on the mesh here if they are not already).
           step: the checkpoint's step (recorded in the provenance).
+          exchange: this attempt's agreement among processes (the pipeline's per suite); by default
+            one is opened and closed here, keyed by the suite and its count of runs.
+          should_abort: process 0 abandons the run between batches once it returns True.
 
         Raises:
           ConfigError: the model breaks the contract (logits shape, vocab, packing arguments).
           ValueError: a request the suite cannot serve, with a one-line reason.
-          RuntimeError: on processes other than 0, when process 0 failed.
+          EvalAborted: `should_abort` said so on process 0 (on every process).
+          PeerFailedError: another process failed this run (its reason in the message).
         """
+        self._calls += 1
+        prefix = f"tracker_eval/harness-{self._serial}/{int(step)}/{self._calls}"
+        with agreement.scope(exchange, lambda: prefix) as opened:
+            self.engine.begin(opened, should_abort=should_abort)
+            try:
+                return self._run(params, step=step)
+            except (EvalAborted, agreement.PeerFailedError) as error:
+                if isinstance(error, EvalAborted) and jax.process_index() == 0:
+                    self.engine.stopped(one_line(error, limit=200))
+                raise
+            except BaseException as error:
+                if opened.solo:
+                    raise
+                try:  # every process learns of it at its next wait, instead of waiting in a broadcast
+                    opened.fail(error)
+                except Exception as unreported:  # noqa: BLE001 - the store is gone: the job is ending
+                    LOG.warning("tracker-eval: could not tell the other processes that this one failed: %s",
+                                one_line(unreported, limit=200))
+                raise
+
+    def _run(self, params: Any, *, step: int) -> HarnessResult:
         start = time.perf_counter()
         params = place_params(params, self.mesh, rule="auto")
         if not self._checked:
             self._check_model(params)
             self._checked = True
         compiled_before = len(self.engine.compiled_shapes)
-        self.engine.begin()
         if jax.process_index() != 0:
             shared = json.loads(self.engine.follow(params))
             return HarnessResult(metrics=shared["metrics"], samples={}, provenance=shared["provenance"])
@@ -121,14 +157,10 @@ class HarnessSuite:
         lm = HarnessLM(tokenizer=self.tokenizer, engine=self.engine, params=params,
                        max_length=self.config.max_length, widths=self.widths, packing=self.config.packing)
         self.engine.device_seconds = 0.0
-        try:
-            self.tasks.reset()
-            with preserved_random_state():
-                results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
-                                             bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
-        except BaseException as error:
-            self.engine.abort(one_line(error, limit=500))
-            raise
+        self.tasks.reset()
+        with self.seeds.running():
+            results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
+                                         bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
         metrics = metric_values(results)
         seconds = time.perf_counter() - start
         provenance = {

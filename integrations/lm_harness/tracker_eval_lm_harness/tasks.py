@@ -6,8 +6,8 @@
 
 Names are looked up among the shipped `pydoc_*` tasks and the config's `include_path` first;
 indexing lm-eval's ~15,000 bundled tasks (~13 s) happens only when a name is not found there.
-What `simple_evaluate` does to tasks (num_fewshot, few-shot seed) is done here once, so each
-checkpoint's run is lm-eval's `evaluate` on the same task objects.
+What `simple_evaluate` does to tasks (global seeds before loading, num_fewshot, few-shot seed) is
+done here once, so each checkpoint's run is lm-eval's `evaluate` on the same task objects.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.generation import greedy_settings
+from tracker_eval_lm_harness.seeds import Seeds
 from tracker_eval_lm_harness.shims import write_shims
 
 SHIPPED = pathlib.Path(__file__).parent / "pydoc_tasks"
@@ -41,13 +42,14 @@ def task_manager(paths: list[pathlib.Path], *, builtin: bool) -> Any:
 class TaskSet:
     """The configured tasks and groups as lm-eval task objects."""
 
-    def __init__(self, config: HarnessConfig, *, eos: str, scratch: str) -> None:
+    def __init__(self, config: HarnessConfig, *, eos: str, scratch: str, seeds: Seeds) -> None:
         """Loads and checks every task.
 
         Args:
           config: the suite's config.
           eos: the tokenizer's end-of-text text (added to generation stop sequences).
           scratch: a private folder for the include_path shims.
+          seeds: the global seeds; the tasks load under `seeds.loading()`, as in `simple_evaluate`.
 
         Raises:
           ConfigError: an unknown name, a task whose data cannot be loaded offline, or a generative
@@ -71,7 +73,8 @@ class TaskSet:
         task_logger = logging.getLogger("lm_eval.api.task")
         task_logger.addFilter(note)
         try:
-            self.loaded: dict[str, Any] = manager.load(list(config.tasks))
+            with seeds.loading():
+                self.loaded: dict[str, Any] = manager.load(list(config.tasks))
         except Exception as error:  # noqa: BLE001 - datasets and lm-eval raise many kinds
             raise ConfigError(
                 f"tasks {list(config.tasks)} could not be loaded: {one_line(error, limit=300)}; task data must "
