@@ -149,8 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     suites = _chosen_suites(config, args.suite)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
     distributed.initialize(config.distributed)
-    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.listing import survey  # noqa: PLC0415
     from tracker_eval.checkpoints.remote import bound_storage_waits  # noqa: PLC0415
+    from tracker_eval.checkpoints.roots import configured_names  # noqa: PLC0415
     from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
 
     bound_storage_waits()  # a dead bucket fails in seconds, not after minutes of library retries
@@ -158,13 +159,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         step = args.step
         if distributed.is_primary():
-            steps = finalized_steps(config.checkpoint_dir)
+            listed = survey(config.checkpoint_dir, step_names=configured_names(config.checkpoint))
+            steps = listed.steps
+            if listed.notice:
+                print(f"tracker-eval: warning: {listed.notice}", file=sys.stderr)
             if step is None:
                 if not steps:
-                    raise UsageError(
+                    raise UsageError(listed.notice or (
                         f"no finalized checkpoint in checkpoint_dir={config.checkpoint_dir!r}; "
                         "point it at an Orbax CheckpointManager directory"
-                    )
+                    ))
                 step = steps[-1]
             elif step not in steps:
                 raise UsageError(

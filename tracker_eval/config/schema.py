@@ -28,11 +28,24 @@ class CheckpointConfig:
     """Where, inside an Orbax checkpoint, the evaluation finds what it needs."""
 
     item: str | None = None
-    """Item of a composite checkpoint holding the train state; null = the only item there is."""
-    params: str = "params"
-    """Path (dots or slashes) inside that item to the params subtree."""
+    """Item of a composite checkpoint holding the train state; null = the only pytree item there is."""
+    params: str | None = "params"
+    """Path (dots or slashes) inside that item to the params subtree; null = the item's root (an
+    item that is the params tree itself, as xlstm-jax's `params` item or `nnx.state(model)`)."""
     mutable: tuple[str, ...] = ()
     """Other collections to restore next to params, e.g. [batch_stats]."""
+    step_prefix: str | None = None
+    """Step folders are <step_prefix>_<N> (Orbax's CheckpointManagerOptions.step_prefix, e.g.
+    checkpoint for xlstm-jax); '' = plain <N>; null = detected from the folder names."""
+    step_format_fixed_length: int | None = None
+    """<N> is zero-padded to this many digits (Orbax's step_format_fixed_length); null = none, or
+    detected with the prefix when step_prefix is null too."""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the numbers: where the step folders are found does not."""
+        fields = dataclasses.asdict(self)
+        del fields["step_prefix"], fields["step_format_fixed_length"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +194,7 @@ class EvalConfig:
         return stable_hash({
             "model": self.model,
             "model_kwargs": dict(self.model_kwargs),
-            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "checkpoint": self.checkpoint.identity(),
             "seed": self.seed,
         })
 
@@ -232,7 +245,7 @@ class EvalConfig:
             "eval_function": self.eval_function,
             "data": self.data,
             "split": self.split,
-            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "checkpoint": self.checkpoint.identity(),
             "finalize": self.finalize,
             "model_kwargs": dict(self.model_kwargs),
             "data_kwargs": dict(self.data_kwargs),
