@@ -24,6 +24,8 @@ from typing import Any
 from tracker_eval.errors import ConfigError
 
 LOG = logging.getLogger("tracker_eval")
+# (root, names) said once per process: `eval` lists the root and then restores from it.
+_SAID: set[tuple[str, StepNames]] = set()
 
 # Written by every CheckpointManager save; names each item and the handler that wrote it.
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
@@ -163,15 +165,14 @@ class RootNaming:
         self.configured = configured
         self.names = configured or StepNames()
         self.notice: str | None = None
-        self._said: StepNames | None = None
 
     def read(self, folders: Iterable[str]) -> dict[int, str]:
         """{step: folder name} of the folders that are steps; updates `names` and `notice`."""
         folders = list(folders)
         if self.configured is None:
             self.names = detect(folders) or StepNames()
-            if self.names != StepNames() and self.names != self._said:
-                self._said = self.names
+            if self.names != DEFAULT_NAMES and (self.location, self.names) not in _SAID:
+                _SAID.add((self.location, self.names))
                 LOG.info("tracker-eval: checkpoint_dir %r: step folders are named %s (detected; %s sets it)",
                          self.location, self.names.pattern(), self.names.settings())
         steps = {}
