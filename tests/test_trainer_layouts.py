@@ -13,6 +13,7 @@ import pathlib
 import shutil
 from typing import Any
 
+import named_mesh_model
 import numpy as np
 import pytest
 import trainer_writers as tw
@@ -176,3 +177,21 @@ def test_gcs_lister_reads_prefixed_step_names_and_only_committed_steps(
     assert result["step"] == 10 and result["metrics"]["loss"] == pytest.approx(tw.reference(10)[0], rel=1e-5)
     gcs.write_marker(f"{url}/checkpoint_20")
     assert survey(url).steps == [10, 20]
+
+
+@pytest.mark.parametrize("factory", ["make_model", "make_model_current"])
+def test_model_with_collectives_over_its_own_mesh_axis_names(tmp_path: pathlib.Path, factory: str) -> None:
+    root = tmp_path / "ckpts"
+    named_mesh_model.write(root, 10)
+    settings = {**named_mesh_model.settings(), "model": f"named_mesh_model:{factory}"}
+    result = _eval(_config(tmp_path, root, settings), tmp_path)
+    x, y = tw.dataset()
+    assert result["metrics"]["loss"] == pytest.approx(named_mesh_model.reference(10, x, y), rel=1e-5)
+    (record,) = (json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+    assert record["provenance"]["mesh_shape"] == {"dp": 1, "fsdp": 2, "tp": 2}
+
+
+def test_named_mesh_settings_are_checked(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    settings = {"model": "named_mesh_model:make_model", "mesh": {"axes": {"dp": 2, "tp": 2}}}
+    assert main(["eval", "--config", str(_config(tmp_path, tmp_path, settings))]) == 2
+    assert "mesh.axes {'dp': 2, 'tp': 2} needs mesh.batch_axes" in capsys.readouterr().err

@@ -50,7 +50,11 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
+    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1).
+
+    Either the three axes data/fsdp/tensor, or `axes` with the model's own names (those its
+    collectives use, e.g. xlstm-jax's dp/fsdp/pp/tp) and `batch_axes` naming which split the batch.
+    """
 
     data: int = -1
     """Data-parallel axis: the global batch is split over data x fsdp."""
@@ -58,6 +62,10 @@ class MeshConfig:
     """Fully-sharded axis: batch is split over it and params may be sharded over it."""
     tensor: int = 1
     """Tensor-parallel axis for eval functions that shard activations on non-batch axes."""
+    axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """{name: size} in mesh order, replacing data/fsdp/tensor, e.g. {dp: -1, fsdp: 2, tp: 2}; {} = unused."""
+    batch_axes: tuple[str, ...] = ()
+    """With `axes`: the axes that split the batch, e.g. [dp, fsdp]; params_sharding fsdp uses an axis named fsdp."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,18 @@ Every eval function calls `apply_fn({"params": params}, *inputs)`, whichever kin
 
 For nnx the params are a pure dict (`nnx.state(model, nnx.Param).to_pure_dict()`, the form that
 checkpoints hold), merged back into the module's graph inside the traced function.
+
+A model that wraps itself in `shard_map` (as xlstm-jax's trainer wraps its model) needs the
+evaluation's mesh: `build_model` passes it to a factory that takes a `mesh` argument, and the
+factory runs (as the eval step is traced) with that mesh current (`jax.set_mesh`):
+
+    model = build_model(make_model, {"config": ...}, mesh=mesh)   # make_model(config=..., mesh=mesh)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +51,20 @@ class ModelAdapter:
             return self.apply_fn({**mutable, **variables}, *args, **kwargs)
 
         return apply
+
+
+def build_model(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, mesh: jax.sharding.Mesh) -> Any:
+    """Calls the model factory with `kwargs`, and `mesh=` when it takes one, with `mesh` current.
+
+    A `mesh` in `kwargs` (model_kwargs) is the user's and wins.
+    """
+    try:
+        takes_mesh = "mesh" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        takes_mesh = False
+    extra = {"mesh": mesh} if takes_mesh and "mesh" not in kwargs else {}
+    with jax.set_mesh(mesh):
+        return factory(**kwargs, **extra)
 
 
 def adapt_model(model: Any) -> ModelAdapter:

@@ -29,7 +29,7 @@ from tracker_eval.config import EvalConfig
 from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.cache import BatchCache, CachedData
 from tracker_eval.evaluation.evaluator import EvalAborted, ExtendedEvaluation, ResultListener
-from tracker_eval.evaluation.models import adapt_model
+from tracker_eval.evaluation.models import adapt_model, build_model
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
@@ -96,7 +96,7 @@ class Pipeline:
         self.config = config
         self.components = components or Components.resolve(config)
         self.mesh = make_mesh(config.mesh)
-        self.adapter = adapt_model(self.components.model_factory(**config.model_kwargs))
+        self.adapter = adapt_model(build_model(self.components.model_factory, config.model_kwargs, mesh=self.mesh))
         self.suites = build_suites(config, self.components, adapter=self.adapter, mesh=self.mesh, names=suites,
                                    listeners=listeners, progress=progress)
         self.config_hash = config.run_hash()
