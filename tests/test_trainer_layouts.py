@@ -36,7 +36,8 @@ STEPS = (10, 20)
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[pathlib.Path, dict[str, Any]]]:
     """Each layout's root with steps 10 and 20, and the settings that read it."""
     base = tmp_path_factory.mktemp("layouts")
-    return {layout: (base / layout, tw.write(layout, base / layout, STEPS)) for layout in tw.LAYOUTS}
+    layouts = (*tw.LAYOUTS, "nnx_batchnorm")
+    return {layout: (base / layout, tw.write(layout, base / layout, STEPS)) for layout in layouts}
 
 
 def _config(tmp_path: pathlib.Path, root: pathlib.Path, settings: dict[str, Any], **extra: Any) -> pathlib.Path:
@@ -99,6 +100,12 @@ def test_eval_of_each_trainers_layout_equals_the_float64_reference(
     assert detected == ([said] if layout == "xlstm" else [])  # said once: eval lists, then restores
 
 
+def test_nnx_state_with_batch_statistics_restores_them(written: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    root, settings = written["nnx_batchnorm"]
+    result = _eval(_config(tmp_path, root, settings), tmp_path)
+    assert result["metrics"]["loss"] == pytest.approx(tw.reference_batchnorm(20), rel=1e-5)
+
+
 def test_watch_evaluates_every_layout_equal_to_the_reference(written: dict[str, Any], tmp_path: pathlib.Path) -> None:
     watchers = {}
     for layout in ("xlstm", "maxtext", "nnx"):
@@ -106,7 +113,16 @@ def test_watch_evaluates_every_layout_equal_to_the_reference(written: dict[str, 
         (tmp_path / layout).mkdir()
         config = _config(tmp_path / layout, root, settings, watch={"until_step": 20, "poll_interval_s": 0.2})
         watchers[layout] = WatcherProcess(config).start()
+    # And one that reads no step: the xlstm root with another step_prefix. It says so, once.
+    root, settings = written["xlstm"]
+    (tmp_path / "stray").mkdir()
+    wrong = {**settings, "checkpoint": {**settings["checkpoint"], "step_prefix": "ckpt"}}
+    watch = {"idle_timeout_s": 2, "poll_interval_s": 0.2}
+    stray = WatcherProcess(_config(tmp_path / "stray", root, wrong, watch=watch)).start()
     try:
+        assert stray.wait_exit(timeout=240) == 0, stray.tail()
+        said = [line for _, line in stray.lines if "do not match the step names" in line]
+        assert len(said) == 1 and "set checkpoint.step_prefix: checkpoint to read them" in said[0], stray.tail()
         for layout, watcher in watchers.items():
             assert watcher.wait_exit(timeout=240) == 0, watcher.tail()
             points = jsonl_points(tmp_path / layout / "out")
@@ -114,7 +130,7 @@ def test_watch_evaluates_every_layout_equal_to_the_reference(written: dict[str, 
             for step in STEPS:
                 assert points[step][-1]["loss"] == pytest.approx(tw.reference(step)[0], rel=1e-5), layout
     finally:
-        for watcher in watchers.values():
+        for watcher in [*watchers.values(), stray]:
             watcher.kill9()
 
 

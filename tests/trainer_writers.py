@@ -31,6 +31,7 @@ from flax.training import train_state
 from tracker_eval.metrics import Mean, PerExample
 
 LAYOUTS = ("xlstm", "maxtext", "nnx", "ours")
+BN_EPSILON = 1e-5  # nnx.BatchNorm's default
 EXAMPLES = 13  # not a multiple of any batch size used: the last batch is padded
 
 
@@ -62,6 +63,20 @@ def reference(step: int) -> tuple[float, np.ndarray]:
     return float(losses.mean()), losses
 
 
+def batch_stats(step: int) -> dict[str, np.ndarray]:
+    """Saved BatchNorm statistics and affine params of `step` (the nnx model with batch norm)."""
+    return {"mean": np.array([0.1, -0.2, 0.3]) * step / 10, "var": np.array([1.5, 0.5, 2.0]),
+            "scale": np.array([1.1, 0.9, 1.2]), "bias": np.array([0.05, -0.05, 0.0])}
+
+
+def reference_batchnorm(step: int) -> float:
+    """Mean loss of the nnx model with batch norm in eval mode (its saved statistics), float64."""
+    v, bn, (x, y) = values(step), batch_stats(step), dataset()
+    pred = (x * v["scale"][0]) @ v["kernel"] + v["bias"]
+    pred = (pred - bn["mean"]) / np.sqrt(bn["var"] + BN_EPSILON) * bn["scale"] + bn["bias"]
+    return float(((pred - y) ** 2).mean(-1).mean())
+
+
 class ToyLinen(nn.Module):
     """A norm scale stacked as (1, 4), as xlstm-jax stacks tensor-parallel norm params (read as row 0),
     then a dense layer."""
@@ -90,6 +105,19 @@ class ToyNnx(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.dense(x * self.norm.scale[...][0])
+
+
+class ToyNnxBatchNorm(ToyNnx):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        super().__init__(rngs)
+        self.bn = nnx.BatchNorm(3, epsilon=BN_EPSILON, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.bn(super().__call__(x))
+
+
+def make_nnx_batchnorm() -> nnx.Module:
+    return ToyNnxBatchNorm(nnx.Rngs(0))
 
 
 def make_linen() -> nn.Module:
@@ -126,9 +154,9 @@ def write(layout: str, root: str | os.PathLike[str], steps: tuple[int, ...]) -> 
     if layout == "maxtext":
         _write_maxtext(root, steps)
         return {"model": "trainer_writers:make_linen", "checkpoint": {"item": "items", "params": "params.params"}}
-    if layout == "nnx":
-        _write_nnx(root, steps)
-        return {"model": "trainer_writers:make_nnx", "checkpoint": {"params": None}}
+    if layout in ("nnx", "nnx_batchnorm"):
+        _write_nnx(root, steps, batchnorm=layout == "nnx_batchnorm")
+        return {"model": f"trainer_writers:make_{layout}", "checkpoint": {"params": None}}
     _write_ours(root, steps)
     return {"model": "trainer_writers:make_linen", "checkpoint": {"item": "state", "params": "params"}}
 
@@ -172,13 +200,17 @@ def _write_maxtext(root: str, steps: tuple[int, ...]) -> None:
             manager.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(state.replace(step=step))))
 
 
-def _write_nnx(root: str, steps: tuple[int, ...]) -> None:
+def _write_nnx(root: str, steps: tuple[int, ...], *, batchnorm: bool) -> None:
     with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=True)) as manager:
         for step in steps:
-            model = make_nnx()
-            nnx.replace_by_pure_dict(params := nnx.state(model, nnx.Param), plain_params(step))
-            nnx.update(model, params)
-            manager.save(step, args=ocp.args.StandardSave(nnx.state(model)))
+            model = make_nnx_batchnorm() if batchnorm else make_nnx()
+            values = plain_params(step)
+            if batchnorm:
+                values["bn"] = {k: jnp.asarray(v, jnp.float32) for k, v in batch_stats(step).items()}
+            state = nnx.state(model)
+            nnx.replace_by_pure_dict(state, values)
+            nnx.update(model, state)
+            manager.save(step, args=ocp.args.StandardSave(nnx.state(model)))  # every variable, stats too
             manager.wait_until_finished()
 
 

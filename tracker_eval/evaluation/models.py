@@ -93,18 +93,41 @@ def _nnx_apply(model: Any) -> Callable[..., Any]:
 
     graphdef, params_template, rest_template = nnx.split(model, nnx.Param, ...)
 
+    params_paths = nnx.to_pure_dict(params_template)
+
     def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # A saved `nnx.state(model)` holds every variable (batch statistics too), not just the
+        # params: what is not a Param goes to the rest of the module's state.
+        own, others_saved = _split_by_template(variables["params"], params_paths)
         params = jax.tree.map(lambda x: x, params_template)
-        nnx.replace_by_pure_dict(params, variables["params"])
+        nnx.replace_by_pure_dict(params, own)
         rest = jax.tree.map(lambda x: x, rest_template)
-        others = {k: v for k, v in variables.items() if k != "params"}
-        for collection in others.values():
+        others = [collection for k, collection in variables.items() if k != "params"]
+        for collection in [others_saved, *others] if others_saved else others:
             nnx.replace_by_pure_dict(rest, collection)
         module = nnx.merge(graphdef, params, rest)
         module.eval()
         return module(*args, **kwargs)
 
     return apply
+
+
+def _split_by_template(pure: Any, template: Any) -> tuple[Any, dict[str, Any]]:
+    """(the part of `pure` whose paths are in `template`, the rest), both nested dicts."""
+    if not isinstance(pure, Mapping) or not isinstance(template, Mapping):
+        return pure, {}
+    inside: dict[Any, Any] = {}
+    outside: dict[Any, Any] = {}
+    for key, value in pure.items():
+        if key not in template:
+            outside[key] = value
+            continue
+        own, rest = _split_by_template(value, template[key])
+        if not isinstance(own, Mapping) or own:
+            inside[key] = own
+        if rest:
+            outside[key] = rest
+    return inside, outside
 
 
 def nnx_params(model: Any) -> dict[str, Any]:
