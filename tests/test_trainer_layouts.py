@@ -108,10 +108,12 @@ def test_nnx_state_with_batch_statistics_restores_them(written: dict[str, Any], 
 
 def test_watch_evaluates_every_layout_equal_to_the_reference(written: dict[str, Any], tmp_path: pathlib.Path) -> None:
     watchers = {}
+    root_of = {layout: written[layout][0] for layout in ("xlstm", "maxtext", "nnx")}
     for layout in ("xlstm", "maxtext", "nnx"):
         root, settings = written[layout]
         (tmp_path / layout).mkdir()
-        config = _config(tmp_path / layout, root, settings, watch={"until_step": 20, "poll_interval_s": 0.2})
+        watch = {"until_step": 20, "poll_interval_s": 0.2, "best": {"metric": "loss", "mode": "min"}}
+        config = _config(tmp_path / layout, root, settings, watch=watch)
         watchers[layout] = WatcherProcess(config).start()
     # And one that reads no step: the xlstm root with another step_prefix. It says so, once.
     root, settings = written["xlstm"]
@@ -129,6 +131,9 @@ def test_watch_evaluates_every_layout_equal_to_the_reference(written: dict[str, 
             assert sorted(points) == list(STEPS), (layout, watcher.tail())
             for step in STEPS:
                 assert points[step][-1]["loss"] == pytest.approx(tw.reference(step)[0], rel=1e-5), layout
+            best = json.loads((tmp_path / layout / "out" / "best.json").read_text())
+            folder = "checkpoint_10" if layout == "xlstm" else "10"  # step 10 has the lower loss
+            assert (best["step"], best["checkpoint"]) == (10, str(root_of[layout] / folder)), layout
     finally:
         for watcher in [*watchers.values(), stray]:
             watcher.kill9()
