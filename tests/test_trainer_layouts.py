@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 import shutil
 from typing import Any
 
@@ -216,3 +217,23 @@ def test_named_mesh_settings_are_checked(tmp_path: pathlib.Path, capsys: pytest.
     settings = {"model": "named_mesh_model:make_model", "mesh": {"axes": {"dp": 2, "tp": 2}}}
     assert main(["eval", "--config", str(_config(tmp_path, tmp_path, settings))]) == 2
     assert "mesh.axes {'dp': 2, 'tp': 2} needs mesh.batch_axes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"checkpoint": {"step_prefix": "runs/checkpoint"}}, "checkpoint.step_prefix 'runs/checkpoint' must be"),
+        ({"checkpoint": {"step_format_fixed_length": 0}}, "checkpoint.step_format_fixed_length must be >= 1"),
+        ({"mesh": {"axes": {"dp": 2}, "batch_axes": ["data"]}}, "mesh.batch_axes names 'data', which is not in"),
+        ({"mesh": {"axes": {"dp": 2}, "batch_axes": ["dp"], "fsdp": 2}}, "mesh.axes replaces mesh.data/fsdp/tensor"),
+        ({"mesh": {"axes": {"dp": -1, "tp": -1}, "batch_axes": ["dp"]}}, "at most one mesh axis may be -1"),
+    ],
+)
+def test_step_name_and_mesh_settings_are_checked(
+    tmp_path: pathlib.Path, settings: dict[str, Any], message: str
+) -> None:
+    from tracker_eval.config import load_config  # noqa: PLC0415
+    from tracker_eval.errors import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(_config(tmp_path, tmp_path, {"model": "trainer_writers:make_linen", **settings}))

@@ -5,7 +5,8 @@ Orbax and Flax versions this project installs:
 
 - xlstm-jax's `ModelCheckpoint`: `step_prefix="checkpoint"`, items step/params/rng/metadata/opt_state,
   params are the item itself and keep flax's `nn.Partitioned` boxes (`.../kernel/value`), a stacked
-  tensor-parallel norm scale of shape (1, 4).
+  tensor-parallel norm scale of shape (1, 4), saved from a 4-device (fsdp=2, tp=2) mesh (the test
+  process has 8 devices, the watchers 2: both restore other device counts).
 - MaxText's `create_orbax_checkpoint_manager`: plain `<N>` steps, one `items` item written by a
   PyTreeCheckpointHandler (OCDBT, zarr3) holding the whole train state, params under `params.params`.
 - flax.nnx: `nnx.state(model)` saved with `StandardSave` in the default item (`.../kernel/value`).
@@ -170,6 +171,17 @@ def boxed_params(step: int) -> dict[str, Any]:
     }
 
 
+def _on_four_devices(params: Any) -> Any:
+    """Params placed as a 4-device (fsdp=2, tp=2) training job holds them (restored on other counts)."""
+    from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
+    specs = {"norm": {"scale": P(None, "fsdp")}, "dense": {"kernel": P("fsdp", None), "bias": P()}}
+    return jax.tree.map(lambda box, spec: box.replace_boxed(jax.device_put(box.unbox(), NamedSharding(mesh, spec))),
+                        params, specs, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def _write_xlstm(root: str, steps: tuple[int, ...]) -> None:
     handlers = {"step": ocp.ArrayCheckpointHandler(), "params": ocp.StandardCheckpointHandler(),
                 "rng": ocp.ArrayCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler(),
@@ -178,7 +190,7 @@ def _write_xlstm(root: str, steps: tuple[int, ...]) -> None:
                                            enable_async_checkpointing=False)
     with ocp.CheckpointManager(root, item_names=tuple(handlers), item_handlers=handlers, options=options) as manager:
         for step in steps:
-            params = boxed_params(step)
+            params = _on_four_devices(boxed_params(step)) if len(jax.devices()) >= 4 else boxed_params(step)
             opt_state = optax.adamw(1e-3).init(params)
             manager.save(step, args=ocp.args.Composite(
                 step=ocp.args.ArraySave(jnp.asarray(step)),
