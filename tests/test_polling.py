@@ -7,12 +7,15 @@ import logging
 
 import pytest
 
+from tracker_eval.checkpoints.roots import StepNames
 from tracker_eval.checkpoints.tree import StorageUnavailableError
 from tracker_eval.runners import polling
 
 
 class ScriptedLister:
     location = "gs://bucket/run"
+    step_names = StepNames()
+    notice = None
 
     def __init__(self, answers: list[object]) -> None:
         self.answers = answers
@@ -32,7 +35,7 @@ class ScriptedLister:
 def test_failing_polls_back_off_and_are_logged_once(monkeypatch, caplog):
     down = StorageUnavailableError("cannot list gs://bucket/run: ConnectionError")
     lister = ScriptedLister([[10], down, down, down, down, [10, 20]])
-    monkeypatch.setattr(polling, "open_lister", lambda _: lister)
+    monkeypatch.setattr(polling, "open_lister", lambda _, **__: lister)
     now = [0.0]
     poller = polling.StepPoller("gs://bucket/run", poll_interval_s=1.0, clock=lambda: now[0])
     caplog.set_level(logging.INFO, logger="tracker_eval")
@@ -58,7 +61,7 @@ def test_failing_polls_back_off_and_are_logged_once(monkeypatch, caplog):
 def test_backoff_is_capped_and_a_restore_failure_backs_off_too(monkeypatch):
     down = StorageUnavailableError("HTTP 503")
     lister = ScriptedLister([down])
-    monkeypatch.setattr(polling, "open_lister", lambda _: lister)
+    monkeypatch.setattr(polling, "open_lister", lambda _, **__: lister)
     now = [0.0]
     poller = polling.StepPoller("gs://bucket/run", poll_interval_s=20.0, clock=lambda: now[0])
     poller.failed_elsewhere(down)  # a restore found the storage unreachable
@@ -73,7 +76,7 @@ def test_backoff_is_capped_and_a_restore_failure_backs_off_too(monkeypatch):
 
 @pytest.mark.parametrize("error", [ValueError("a bug"), KeyError("x")])
 def test_other_errors_are_not_taken_for_an_outage(monkeypatch, error):
-    monkeypatch.setattr(polling, "open_lister", lambda _: ScriptedLister([error]))
+    monkeypatch.setattr(polling, "open_lister", lambda _, **__: ScriptedLister([error]))
     poller = polling.StepPoller("gs://bucket/run", poll_interval_s=1.0)
     with pytest.raises(type(error)):
         poller.poll()

@@ -171,13 +171,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         step = args.step
         if distributed.is_primary():
-            steps = _listed_steps(config.checkpoint_dir)
+            listed = _listed_steps(config)
+            steps = listed.steps
+            if listed.notice:
+                print(f"tracker-eval: warning: {listed.notice}", file=sys.stderr)
             if step is None:
                 if not steps:
-                    raise UsageError(
+                    raise UsageError(listed.notice or (
                         f"no finalized checkpoint in checkpoint_dir={config.checkpoint_dir!r}; "
                         "point it at an Orbax CheckpointManager directory"
-                    )
+                    ))
                 step = steps[-1]
             elif step not in steps:
                 raise UsageError(
@@ -207,13 +210,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session.close()
 
 
-def _listed_steps(checkpoint_dir: str) -> list[int]:
-    """The finalized steps; a bucket that does not exist is the `checkpoint_dir` mistake it most likely is."""
-    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+def _listed_steps(config: Any) -> Any:
+    """The root's survey (finalized steps, a notice on folders not read); a bucket that does not
+    exist is the `checkpoint_dir` mistake it most likely is."""
+    from tracker_eval.checkpoints.listing import survey  # noqa: PLC0415
+    from tracker_eval.checkpoints.roots import configured_names  # noqa: PLC0415
     from tracker_eval.checkpoints.tree import StorageLocationMissingError  # noqa: PLC0415
 
     try:
-        return finalized_steps(checkpoint_dir)
+        return survey(config.checkpoint_dir, step_names=configured_names(config.checkpoint))
     except StorageLocationMissingError as error:
         raise UsageError(str(error)) from None
 

@@ -47,6 +47,15 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _checkpoint_numbers(checkpoint: Any) -> dict[str, Any]:
+    """The `checkpoint:` fields that change the numbers: how step folders are named does not, so a
+    root read with an explicit `step_prefix` keeps the stream it had when the prefix was detected."""
+    fields = dataclasses.asdict(checkpoint)
+    fields.pop("step_prefix", None)
+    fields.pop("step_format_fixed_length", None)
+    return fields
+
+
 def stream_hash(config: EvalConfig) -> str:
     """The ledger stream (and tracker run) of a config without suites: the fields that change the
     numbers (not mesh, batch size, cache, loggers or paths), so a job rescheduled onto another
@@ -56,7 +65,7 @@ def stream_hash(config: EvalConfig) -> str:
         "eval_function": config.eval_function,
         "data": config.data,
         "split": config.split,
-        "checkpoint": dataclasses.asdict(config.checkpoint),
+        "checkpoint": _checkpoint_numbers(config.checkpoint),
         "finalize": config.finalize,
         "model_kwargs": dict(config.model_kwargs),
         "data_kwargs": dict(config.data_kwargs),
@@ -75,7 +84,7 @@ def run_hash(config: EvalConfig) -> str:
     return stable_hash({
         "model": config.model,
         "model_kwargs": dict(config.model_kwargs),
-        "checkpoint": dataclasses.asdict(config.checkpoint),
+        "checkpoint": _checkpoint_numbers(config.checkpoint),
         "seed": config.seed,
     })
 

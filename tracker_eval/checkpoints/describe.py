@@ -15,6 +15,8 @@ from typing import Any
 import jax
 
 from tracker_eval.checkpoints.items import is_pytree, item_handlers, require_step, step_path
+from tracker_eval.checkpoints.listing import read_step_names
+from tracker_eval.checkpoints.roots import StepNames
 from tracker_eval.checkpoints.tree import _children, _read_tree_metadata
 
 
@@ -27,7 +29,9 @@ def _summarize(node: Any) -> str:
     return f"{len(leaves)} arrays, {size}"
 
 
-def describe_checkpoint(checkpoint_dir: str | os.PathLike[str], step: int, *, depth: int = 2) -> str:
+def describe_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], step: int, *, depth: int = 2, step_names: StepNames | None = None
+) -> str:
     """Lists a step's items and, for pytree items, their subtrees, for error messages and logs.
 
     Reads only metadata files. Example output with depth=1:
@@ -44,6 +48,7 @@ def describe_checkpoint(checkpoint_dir: str | os.PathLike[str], step: int, *, de
         checkpoint_dir: The CheckpointManager root.
         step: The step to describe.
         depth: How many levels of each pytree item to list (1: only its top-level keys).
+        step_names: How the root names its step folders; None detects it.
 
     Returns:
         A multi-line listing.
@@ -52,7 +57,7 @@ def describe_checkpoint(checkpoint_dir: str | os.PathLike[str], step: int, *, de
         CheckpointVanishedError: The step directory does not exist.
         CorruptCheckpointError: A pytree item's metadata cannot be read.
     """
-    step_dir = step_path(checkpoint_dir, step)
+    step_dir = step_path(checkpoint_dir, step, step_names=read_step_names(checkpoint_dir, step_names=step_names))
     require_step(step_dir, step)
     lines = [os.fspath(step_dir)]
     for name, handler in sorted(item_handlers(step_dir).items()):

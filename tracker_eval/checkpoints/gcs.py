@@ -1,7 +1,7 @@
 """Finalized Orbax steps in a GCS bucket, listed with a request or two per poll.
 
     lister = GcsStepLister("gs://bucket/run")
-    lister.finalized_steps()    # [100, 200]: steps whose <step>/commit_success.txt exists
+    lister.finalized_steps()    # [100, 200]: steps whose <step folder>/commit_success.txt exists
     lister.requests             # JSON-API requests made so far
 
 On GCS Orbax writes each step in place and its `<step>/commit_success.txt` last, so a step is
@@ -14,9 +14,11 @@ finished if and only if that marker exists. Orbax's own listing checks every ste
    a step that is gone from the listing of step directories was deleted and is forgotten.
 
 When many steps are new (the first poll of a long run), one `objects.list` of the whole root with
-`matchGlob=<root>*/commit_success.txt` replaces their GETs: real GCS then returns just the markers,
-1,000 per page. The names are filtered here as well, because emulators ignore matchGlob and return
-every object. Nothing is cached by a library, so every poll sees the bucket as it is.
+`matchGlob=<root><step_prefix>_*/commit_success.txt` (`<root>*/...` for plain `<N>` names) replaces
+their GETs: real GCS then returns just the markers, 1,000 per page. The names are filtered here as
+well, because emulators ignore matchGlob and return every object. Step folders are named as
+`checkpoint.step_prefix` says or as detected (`tracker_eval.checkpoints.roots`), as on local disks.
+Nothing is cached by a library, so every poll sees the bucket as it is.
 
 Credentials: with `STORAGE_EMULATOR_HOST` set, plain requests go to that emulator; otherwise
 Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, workload identity, the metadata
@@ -34,7 +36,7 @@ from typing import Any
 
 import requests
 
-from tracker_eval.checkpoints.listing import check_is_root
+from tracker_eval.checkpoints.roots import RootNaming, StepNames, check_is_root
 from tracker_eval.checkpoints.tree import COMMIT_MARKER, StorageLocationMissingError, StorageUnavailableError
 from tracker_eval.errors import ConfigError, one_line
 
@@ -45,7 +47,6 @@ MAX_MARKER_GETS = 8
 _PAGE = 1000
 _MAX_PAGES = 10_000  # 10 million entries: a bound, not a limit anyone reaches
 _TIMEOUT_S = (5.0, 30.0)  # connect, read
-_STEP = re.compile(r"[0-9]+")  # Orbax's default step names; str.isdigit() would take "²" too
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
@@ -91,29 +92,43 @@ class GcsStepLister:
 
     Args:
         location: ``gs://bucket/path/to/run``.
+        step_names: How step folders are named; None detects it from the folder names.
 
     Raises:
         ConfigError: A malformed URL, or no credentials.
     """
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, *, step_names: StepNames | None = None) -> None:
         self.location = location
         self.bucket, self.prefix = parse_gs_url(location)
         self._session, self._base = _session()
         self._objects = f"{self._base}/storage/v1/b/{urllib.parse.quote(self.bucket, safe='')}/o"
-        self._marker = re.compile(re.escape(self.prefix) + r"(\d+)/" + re.escape(COMMIT_MARKER) + r"\Z")
+        self._marker = re.compile(re.escape(self.prefix) + r"([^/]+)/" + re.escape(COMMIT_MARKER) + r"\Z")
+        self._naming = RootNaming(location, step_names)
         self._finished: set[int] = set()
         self.requests = 0
 
+    @property
+    def step_names(self) -> StepNames:
+        return self._naming.names
+
+    @property
+    def notice(self) -> str | None:
+        return self._naming.notice
+
     def finalized_steps(self) -> list[int]:
         directories, names = self._children()
-        present = {int(d) for d in directories if _STEP.fullmatch(d)}
+        before = self._naming.names
+        folders = self._naming.read(directories)
+        if self._naming.names != before:
+            self._finished.clear()  # the first steps of a detected format: what was known is of another
+        present = set(folders)
         self._finished &= present  # a step directory that is gone was deleted
         new = sorted(present - self._finished)
         if len(new) > MAX_MARKER_GETS:
             self._finished |= self._listed_markers() & present
         else:
-            self._finished.update(step for step in new if self._has_marker(step))
+            self._finished.update(step for step in new if self._has_marker(folders[step]))
         steps = sorted(self._finished)
         check_is_root(self.location, steps=steps, names=names, parent=_url_parent)
         return steps
@@ -133,11 +148,17 @@ class GcsStepLister:
         return directories, names
 
     def _listed_markers(self) -> set[int]:
-        params = {"prefix": self.prefix, "matchGlob": f"{self.prefix}*/{COMMIT_MARKER}", "maxResults": str(_PAGE),
-                  "fields": "items(name),nextPageToken"}
+        names = self._naming.names
+        folders = f"{names.prefix}_*" if names.prefix else "*"  # names are filtered below as well
+        params = {"prefix": self.prefix, "matchGlob": f"{self.prefix}{folders}/{COMMIT_MARKER}",
+                  "maxResults": str(_PAGE), "fields": "items(name),nextPageToken"}
         found = set()
         for page in self._pages(params):
-            found |= {int(m[1]) for item in page.get("items", ()) if (m := self._marker.match(item["name"]))}
+            for item in page.get("items", ()):
+                match = self._marker.match(item["name"])
+                step = None if match is None else names.step_of(match[1])
+                if step is not None:
+                    found.add(step)
         return found
 
     def _pages(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
@@ -154,9 +175,9 @@ class GcsStepLister:
             params = {**params, "pageToken": token}
         raise StorageUnavailableError(f"listing {self.location} returned more than {_MAX_PAGES} pages")
 
-    def _has_marker(self, step: int) -> bool:
-        name = urllib.parse.quote(f"{self.prefix}{step}/{COMMIT_MARKER}", safe="")
-        response = self._get(f"{self._objects}/{name}", {"fields": "name"}, what=f"check step {step} of",
+    def _has_marker(self, folder: str) -> bool:
+        name = urllib.parse.quote(f"{self.prefix}{folder}/{COMMIT_MARKER}", safe="")
+        response = self._get(f"{self._objects}/{name}", {"fields": "name"}, what=f"check step {folder} of",
                              missing_ok=True)
         return response.status_code == 200
 

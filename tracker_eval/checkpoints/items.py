@@ -1,6 +1,7 @@
 """The items of one checkpoint step and the handlers that wrote them; which item holds the train state.
 
-    step_dir = step_path("/ckpts/run1", 20)
+    step_dir = step_path("/ckpts/run1", 20)        # <root>/20
+    step_dir = step_path("/ckpts/run1", 20, step_names=StepNames(prefix="checkpoint"))  # .../checkpoint_20
     require_step(step_dir, 20)                     # CheckpointVanishedError when deleted meanwhile
     item = resolve_item(None, step_dir, 20)        # the only pytree item, e.g. "default" or "state"
 """
@@ -13,10 +14,9 @@ from collections.abc import Mapping
 
 from etils import epath
 
-from tracker_eval.checkpoints.listing import STEP_METADATA_FILE
 from tracker_eval.checkpoints.remote import fresh_remote_listings
+from tracker_eval.checkpoints.roots import DEFAULT_NAMES, PYTREE_METADATA_FILE, STEP_METADATA_FILE, StepNames
 from tracker_eval.checkpoints.tree import (
-    _PYTREE_METADATA_FILE,
     CheckpointUnreachableError,
     CheckpointVanishedError,
     _is_local,
@@ -25,9 +25,11 @@ from tracker_eval.checkpoints.tree import (
 from tracker_eval.errors import ConfigError, one_line
 
 
-def step_path(checkpoint_dir: str | os.PathLike[str], step: int) -> epath.Path:
+def step_path(
+    checkpoint_dir: str | os.PathLike[str], step: int, *, step_names: StepNames = DEFAULT_NAMES
+) -> epath.Path:
     fresh_remote_listings(checkpoint_dir)
-    return epath.Path(checkpoint_dir) / str(int(step))
+    return epath.Path(checkpoint_dir) / step_names.folder(step)
 
 
 def require_step(step_dir: epath.Path, step: int) -> None:
@@ -62,10 +64,11 @@ def item_handlers(step_dir: epath.Path) -> dict[str, str]:
         recorded = None
     if isinstance(recorded, Mapping):
         return {str(name): str(handler).rsplit(".", 1)[-1] for name, handler in recorded.items()}
-    # Checkpoints written without a CheckpointManager have no step metadata: each subdirectory
-    # is an item and a `_METADATA` file marks a pytree one.
+    # Checkpoints written without a CheckpointManager, or by Orbax before 0.7 (its step metadata
+    # holds timestamps only), say nothing of handlers: each subdirectory is an item and a
+    # `_METADATA` file marks a pytree one.
     return {
-        p.name: ("PyTreeCheckpointHandler" if (p / _PYTREE_METADATA_FILE).exists() else "unknown")
+        p.name: ("PyTreeCheckpointHandler" if (p / PYTREE_METADATA_FILE).exists() else "unknown")
         for p in step_dir.iterdir()
         if p.is_dir() and not p.name.startswith(("_", "."))
     }

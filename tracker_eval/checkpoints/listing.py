@@ -4,29 +4,30 @@
 
     lister = open_lister("gs://bucket/run1")   # the watcher keeps one across polls
     steps = lister.finalized_steps()
+    lister.step_names.folder(steps[-1])        # "60", or "checkpoint_60" for xlstm-jax's trainer
+    lister.notice                              # a line when folders look like steps but are not read
     lister.close()
 
 A step appears here only once Orbax has finalized it, by Orbax's own rule for the storage at hand,
-so an in-progress save is never evaluated. `open_lister` picks the lister from the location: a
-local directory (one `scandir`), a GCS bucket (`tracker_eval.checkpoints.gcs`, a few JSON-API
-requests), or any other URL etils.epath reads (Orbax's per-step check). The watcher sees only the
-`StepLister` protocol.
+so an in-progress save is never evaluated. Step folders are named as `checkpoint.step_prefix` says,
+or as detected from the folder names (`tracker_eval.checkpoints.roots`). `open_lister` picks the
+lister from the location: a local directory (one `scandir`), a GCS bucket
+(`tracker_eval.checkpoints.gcs`, a few JSON-API requests), or any other URL etils.epath reads
+(Orbax's per-step check). The watcher sees only the `StepLister` protocol.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import orbax.checkpoint as ocp
 from etils import epath
 
-from tracker_eval.checkpoints.tree import _PYTREE_METADATA_FILE, StorageUnavailableError, _is_local
-from tracker_eval.errors import ConfigError
-
-# Written by every CheckpointManager save; names each item and the handler that wrote it.
-STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+from tracker_eval.checkpoints.gcs import GcsStepLister
+from tracker_eval.checkpoints.roots import RootNaming, StepNames, check_is_root, file_not_root
+from tracker_eval.checkpoints.tree import StorageUnavailableError, _is_local
 
 
 class StepLister(Protocol):
@@ -34,6 +35,16 @@ class StepLister(Protocol):
 
     location: str
     """The root, as configured (`checkpoint_dir`)."""
+
+    @property
+    def step_names(self) -> StepNames:
+        """The step folder names read, as configured or detected by the last listing."""
+        ...
+
+    @property
+    def notice(self) -> str | None:
+        """After a listing: one line when folders look like steps but match no step name read."""
+        ...
 
     def finalized_steps(self) -> list[int]:
         """Sorted finalized steps; [] while the root does not exist yet.
@@ -49,29 +60,32 @@ class StepLister(Protocol):
         ...
 
 
-def open_lister(checkpoint_dir: str | os.PathLike[str]) -> StepLister:
+def open_lister(checkpoint_dir: str | os.PathLike[str], *, step_names: StepNames | None = None) -> StepLister:
     """The lister for this location: GCS bucket, local directory, or Orbax's generic rule.
+
+    Args:
+        checkpoint_dir: The CheckpointManager root.
+        step_names: How step folders are named; None detects it from the folder names.
 
     Raises:
         ConfigError: A malformed gs:// URL, or no Google credentials for a real bucket.
     """
     location = os.fspath(checkpoint_dir)
     if location.startswith("gs://"):
-        from tracker_eval.checkpoints.gcs import GcsStepLister  # noqa: PLC0415 - requests/google-auth
-
-        return GcsStepLister(location)
+        return GcsStepLister(location, step_names=step_names)
     root = epath.Path(location)
     if _is_local(root) and _finalized_by_rename(root):
-        return LocalStepLister(location)
-    return OrbaxStepLister(location)
+        return LocalStepLister(location, step_names=step_names)
+    return OrbaxStepLister(location, step_names=step_names)
 
 
-def finalized_steps(checkpoint_dir: str | os.PathLike[str]) -> list[int]:
+def finalized_steps(checkpoint_dir: str | os.PathLike[str], *, step_names: StepNames | None = None) -> list[int]:
     """Lists the finalized steps under a CheckpointManager root once, oldest first.
 
     Args:
         checkpoint_dir: The CheckpointManager root, a local path or a URL (gs://, or any URL
-            etils.epath supports). Steps use Orbax's default name format (`<root>/<step>`).
+            etils.epath supports).
+        step_names: How step folders are named (`checkpoint.step_prefix`); None detects it.
 
     Returns:
         Sorted finalized steps; [] when the root does not exist yet (training has not written
@@ -82,23 +96,66 @@ def finalized_steps(checkpoint_dir: str | os.PathLike[str]) -> list[int]:
             than the root that holds the step directories.
         StorageUnavailableError: The storage did not answer.
     """
-    lister = open_lister(checkpoint_dir)
+    lister = open_lister(checkpoint_dir, step_names=step_names)
     try:
         return lister.finalized_steps()
     finally:
         lister.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """One listing of a root, with what it says about step names."""
+
+    steps: list[int]
+    step_names: StepNames
+    notice: str | None
+
+
+def survey(checkpoint_dir: str | os.PathLike[str], *, step_names: StepNames | None = None) -> Survey:
+    """`finalized_steps`, with the step names read and the line about folders not read (if any).
+
+    Raises:
+        ConfigError: As `finalized_steps`.
+        StorageUnavailableError: The storage did not answer.
+    """
+    lister = open_lister(checkpoint_dir, step_names=step_names)
+    try:
+        steps = lister.finalized_steps()
+        return Survey(steps=steps, step_names=lister.step_names, notice=lister.notice)
+    finally:
+        lister.close()
+
+
+def read_step_names(checkpoint_dir: str | os.PathLike[str], *, step_names: StepNames | None = None) -> StepNames:
+    """The step folder names of a root: `step_names` when set, else detected from one listing.
+
+    Raises:
+        ConfigError: As `finalized_steps`.
+        StorageUnavailableError: The storage did not answer.
+    """
+    return step_names if step_names is not None else survey(checkpoint_dir).step_names
+
+
 class LocalStepLister:
     """A local directory, finalized by atomic rename: one `scandir` decides every step.
 
-    A step directory is final once its name is a plain step number (`<step>.orbax-checkpoint-tmp*`
-    is renamed to `<step>` last). ~1 ms for 1,000 steps, where `ocp.utils.checkpoint_steps` takes
+    A step directory is final once its name is a step name (`<name>.orbax-checkpoint-tmp*` is
+    renamed to `<name>` last). ~1 ms for 1,000 steps, where `ocp.utils.checkpoint_steps` takes
     ~1 s because it checks each step in its own event loop.
     """
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, *, step_names: StepNames | None = None) -> None:
         self.location = location
+        self._naming = RootNaming(location, step_names)
+
+    @property
+    def step_names(self) -> StepNames:
+        return self._naming.names
+
+    @property
+    def notice(self) -> str | None:
+        return self._naming.notice
 
     def finalized_steps(self) -> list[int]:
         try:
@@ -108,10 +165,10 @@ class LocalStepLister:
         except FileNotFoundError:
             return []
         except NotADirectoryError:
-            raise _file_not_root(self.location) from None
+            raise file_not_root(self.location) from None
         except OSError as error:  # EIO, a stale NFS handle: the disk may come back
             raise StorageUnavailableError(f"cannot list {self.location}: {error}") from error
-        steps = sorted(int(n) for n, is_dir in listed.items() if is_dir and n.isdigit())
+        steps = sorted(self._naming.read(n for n, is_dir in listed.items() if is_dir))
         check_is_root(self.location, steps=steps, names=listed, parent=os.path.dirname)
         return steps
 
@@ -123,56 +180,34 @@ class OrbaxStepLister:
     """Any other storage etils.epath reads: Orbax's own per-step finalization check (~10 requests
     per step on object storage; GCS has its own lister)."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, *, step_names: StepNames | None = None) -> None:
         self.location = location
+        self._naming = RootNaming(location, step_names)
+
+    @property
+    def step_names(self) -> StepNames:
+        return self._naming.names
+
+    @property
+    def notice(self) -> str | None:
+        return self._naming.notice
 
     def finalized_steps(self) -> list[int]:
         root = epath.Path(self.location)
         if not root.exists():
             return []
         if not root.is_dir():
-            raise _file_not_root(self.location)
-        names = {p.name for p in root.iterdir()}
-        steps = sorted(int(p.name) for p in ocp.step.checkpoint_steps_paths(root) if p.name.isdigit())
+            raise file_not_root(self.location)
+        children = list(root.iterdir())
+        names = {p.name for p in children}
+        found = self._naming.read(p.name for p in children if p.is_dir())
+        finalized = {p.name for p in ocp.step.checkpoint_steps_paths(root)}
+        steps = sorted(step for step, folder in found.items() if folder in finalized)
         check_is_root(self.location, steps=steps, names=names, parent=lambda p: os.fspath(epath.Path(p).parent))
         return steps
 
     def close(self) -> None:
         pass
-
-
-def check_is_root(
-    location: str, *, steps: list[int], names: Iterable[str], parent: Callable[[str], str]
-) -> None:
-    """Raises when a root without steps holds a step's or an item's own metadata file.
-
-    Args:
-        location: The configured root.
-        steps: The finalized steps found.
-        names: The names directly under the root.
-        parent: Maps a location to its parent (differs for local paths and URLs).
-
-    Raises:
-        ConfigError: The root is one step or one item, naming the likely root.
-    """
-    names = set(names)
-    if steps or not (STEP_METADATA_FILE in names or _PYTREE_METADATA_FILE in names):
-        return
-    is_step = STEP_METADATA_FILE in names
-    kind = "one checkpoint step" if is_step else "one checkpoint item"
-    up = parent(location.rstrip("/"))
-    likely_root = up if is_step else parent(up)
-    raise ConfigError(
-        f"checkpoint_dir {location!r} looks like {kind}, not a CheckpointManager root; set "
-        f"checkpoint_dir to the directory that holds the <step>/ directories (likely {likely_root!r})"
-    )
-
-
-def _file_not_root(location: str) -> ConfigError:
-    return ConfigError(
-        f"checkpoint_dir {location!r} is a file; set checkpoint_dir to the CheckpointManager "
-        "root directory that holds one <step>/ directory per checkpoint"
-    )
 
 
 def _finalized_by_rename(root: epath.Path) -> bool:

@@ -20,7 +20,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from tracker_eval.checkpoints.boxes import has_boxes, rebox, unbox
 from tracker_eval.checkpoints.items import require_step, resolve_item, step_path
+from tracker_eval.checkpoints.roots import DEFAULT_NAMES, StepNames
 from tracker_eval.checkpoints.tree import (
     _abstract,
     _find_subtree,
@@ -59,6 +61,11 @@ def _with_shardings(abstract: Any, shardings: Any, *, name: str) -> Any:
 
 
 def _nest(keys: Sequence[str], value: Any, into: dict[str, Any]) -> None:
+    if not keys:
+        raise ConfigError(
+            "checkpoint.params is null (the item's root) and checkpoint.mutable names collections inside it; "
+            "set checkpoint.params to the params subtree's path, or checkpoint.mutable to []"
+        )
     overlap = ConfigError(
         f"checkpoint.params and checkpoint.mutable overlap at {'/'.join(keys)!r}; name each subtree once"
     )
@@ -77,16 +84,19 @@ def restore_eval_variables(
     step: int,
     *,
     item: str | None,
-    params_path: str = "params",
+    params_path: str | None = "params",
     mutable: Sequence[str] = (),
     shardings_for: Callable[[Any], Any],
+    step_names: StepNames = DEFAULT_NAMES,
 ) -> tuple[Any, dict[str, Any]]:
     """Restores only the params subtree and the named mutable collections, onto target shardings.
 
     Shapes and dtypes come from the checkpoint's metadata (no array data read); `shardings_for`
     places them on the eval mesh; Orbax then reads just those arrays, resharding on the fly, so a
     checkpoint written on another device count or mesh restores as well. The optimizer state and
-    everything else in the item is never read.
+    everything else in the item is never read. Flax's partitioning boxes (leaves saved as
+    `<path>/value`) are taken off (`tracker_eval.checkpoints.boxes`): `shardings_for` sees, and
+    the caller gets, plain arrays.
 
     Args:
         checkpoint_dir: The CheckpointManager root.
@@ -94,11 +104,12 @@ def restore_eval_variables(
         item: The item holding the train state (`state` for `Composite(state=StandardSave(...))`,
             `default` for a plain `StandardSave(...)`); None picks the only pytree item.
         params_path: Path inside the item to the params subtree, dots or slashes (`params`,
-            `params.params`, `model/params`).
+            `params.params`, `model/params`); None for the item's root (the item is the params).
         mutable: Paths inside the item of other collections to restore, e.g. ("batch_stats",).
         shardings_for: Maps a tree of `jax.ShapeDtypeStruct` (no sharding) to a matching tree of
             `jax.sharding.Sharding`, or to one Sharding for every leaf. Called once for the params
             and once per mutable collection.
+        step_names: How the root names its step folders (`tracker_eval.checkpoints.roots`).
 
     Returns:
         (params, {name: collection}) as trees of jax.Array with the requested shardings; the keys
@@ -112,7 +123,8 @@ def restore_eval_variables(
         CorruptCheckpointError: The step exists but its metadata or array files are missing,
             truncated or unreadable.
     """
-    step_dir = step_path(checkpoint_dir, step)
+    step_dir = step_path(checkpoint_dir, step, step_names=step_names)
+    params_path = params_path or ""  # the item's root
     require_step(step_dir, step)
     try:
         item_name = resolve_item(item, step_dir, step)
@@ -126,10 +138,15 @@ def restore_eval_variables(
         tree = _read_tree_metadata(item_dir, step=step, step_dir=step_dir)
         abstracts = {path: _abstract(_find_subtree(tree, path, config_key=key, **where)) for _, path, key in wanted}
 
-    target: dict[str, Any] = {}
+    target: Any = {}
     for name, path, _ in wanted:
-        abstract = abstracts[path]
-        _nest(_split_path(path), _with_shardings(abstract, shardings_for(abstract), name=name), target)
+        boxed = abstracts[path]
+        abstract = unbox(boxed)
+        placed = rebox(_with_shardings(abstract, shardings_for(abstract), name=name), like=boxed)
+        if not _split_path(path) and not mutable:
+            target = placed  # the params are the whole item
+        else:
+            _nest(_split_path(path), placed, target)
 
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     # The handler itself on the item directory: no per-manager handler registry to clash with
@@ -150,4 +167,6 @@ def restore_eval_variables(
 
     params, _ = _lookup(restored, _split_path(params_path))
     collections = {name: _lookup(restored, _split_path(name))[0] for name in mutable}
+    if has_boxes(params) or any(has_boxes(c) for c in collections.values()):
+        params, collections = unbox(params), {name: unbox(c) for name, c in collections.items()}
     return params, collections

@@ -23,12 +23,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tracker_eval.checkpoints.roots import PYTREE_METADATA_FILE
 from tracker_eval.errors import ConfigError, one_line
 
 LOG = logging.getLogger("tracker_eval")
 
-# Written by the PyTree/Standard handlers into each pytree item.
-_PYTREE_METADATA_FILE = "_METADATA"
 # Written last into each step (and item) Orbax saves where there is no atomic rename (GCS).
 COMMIT_MARKER = "commit_success.txt"
 
@@ -118,9 +117,9 @@ def _lookup(tree: Any, keys: Sequence[str]) -> tuple[Any, int]:
 
 def _read_tree_metadata(item_dir: epath.Path, *, step: int, step_dir: epath.Path) -> Any:
     try:
-        if not (item_dir / _PYTREE_METADATA_FILE).exists():
+        if not (item_dir / PYTREE_METADATA_FILE).exists():
             # Checked here: Orbax's own failure path for it leaves a stray event-loop callback.
-            raise FileNotFoundError(f"{os.fspath(item_dir / _PYTREE_METADATA_FILE)} is missing")
+            raise FileNotFoundError(f"{os.fspath(item_dir / PYTREE_METADATA_FILE)} is missing")
         handler = ocp.PyTreeCheckpointHandler()
         try:
             metadata = handler.metadata(item_dir)
@@ -146,7 +145,7 @@ def _light_tree(item_dir: epath.Path) -> tuple[Any, dict[str, Any]]:
     shapes and dtypes; evaluation needs them for the params subtree only. Sequence nodes stay
     lists, so a restore target built from this tree matches the saved structure.
     """
-    meta = json.loads((item_dir / _PYTREE_METADATA_FILE).read_text())
+    meta = json.loads((item_dir / PYTREE_METADATA_FILE).read_text())
     root: dict[str, Any] = {}
     sequences: set[int] = set()
     for entry in meta["tree_metadata"].values():
@@ -255,7 +254,7 @@ def _read_failure(error: Exception, *, step: int, step_dir: epath.Path, what: st
 def _find_subtree(tree: Any, path: str, *, config_key: str, item: str, step: int, step_dir: epath.Path) -> Any:
     keys = _split_path(path)
     node, missing = _lookup(tree, keys)
-    if keys and missing < 0:
+    if missing < 0:  # found; no keys is the item's root
         return node
     found_at = "/".join(keys[:missing]) if missing > 0 else ""
     deeper = f"; {found_at!r} holds: {_keys(node)}" if found_at else ""

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tracker_eval.config.ranges import RANGES, check_ranges
-from tracker_eval.config.schema import CACHE_MODES, EvalConfig
+from tracker_eval.config.schema import CACHE_MODES, CheckpointConfig, EvalConfig, MeshConfig
 from tracker_eval.config.suites import EVAL_KIND, EVAL_SUITE_KEYS, parse_suites
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.redact import remember_secrets
@@ -115,12 +115,8 @@ def validate(config: EvalConfig) -> None:
       ConfigError: naming the key, the bad value and the valid choices.
     """
     check_ranges(config, skip=("batch_size",) if config.suites else ())
-    sizes = dataclasses.asdict(config.mesh)
-    for axis, size in sizes.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (all remaining devices), got {size}")
-    if sum(1 for s in sizes.values() if s == -1) > 1:
-        raise ConfigError(f"at most one mesh axis may be -1, got mesh={sizes}")
+    _validate_mesh(config.mesh)
+    _validate_checkpoint(config.checkpoint)
     if config.params_sharding not in PARAMS_SHARDINGS:
         raise ConfigError(
             f"params_sharding {config.params_sharding!r} is not one of {', '.join(PARAMS_SHARDINGS)}"
@@ -142,6 +138,37 @@ def validate(config: EvalConfig) -> None:
     for i, spec in enumerate(config.loggers):
         if not isinstance(spec.get("type"), str):
             raise ConfigError(f"loggers[{i}] needs a 'type' (e.g. console, jsonl, wandb, mlflow), got {dict(spec)!r}")
+
+
+def _validate_mesh(mesh: MeshConfig) -> None:
+    named = dict(mesh.axes)
+    if named and (mesh.data, mesh.fsdp, mesh.tensor) != (-1, 1, 1):
+        raise ConfigError("mesh.axes replaces mesh.data/fsdp/tensor; give the sizes in mesh.axes only")
+    if named and not mesh.batch_axes:
+        raise ConfigError(f"mesh.axes {named} needs mesh.batch_axes: the axes that split the batch, e.g. "
+                          f"[{', '.join(list(named)[:2])}]")
+    unknown = [a for a in mesh.batch_axes if a not in named]
+    if mesh.batch_axes and unknown:
+        raise ConfigError(f"mesh.batch_axes names {unknown[0]!r}, which is not in mesh.axes; "
+                          f"use some of {', '.join(named) or 'mesh.axes (set it first)'}")
+    sizes = named or {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for axis, size in sizes.items():
+        where = f"mesh.axes.{axis}" if named else f"mesh.{axis}"
+        if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
+            raise ConfigError(f"{where} must be a positive size or -1 (all remaining devices), got {size!r}")
+    if sum(1 for s in sizes.values() if s == -1) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got mesh={sizes}")
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
+    prefix = checkpoint.step_prefix
+    if prefix and ("/" in prefix or prefix.strip() != prefix):
+        raise ConfigError(f"checkpoint.step_prefix {prefix!r} must be a folder-name prefix without '/' or spaces "
+                          "at its ends, as in CheckpointManagerOptions(step_prefix=...), e.g. checkpoint")
+    length = checkpoint.step_format_fixed_length
+    if length is not None and length < 1:
+        raise ConfigError(f"checkpoint.step_format_fixed_length must be >= 1 (digits of the zero-padded step), "
+                          f"got {length}; or null for none")
 
 
 def _validate_suites(config: EvalConfig) -> None:

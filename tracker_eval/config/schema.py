@@ -26,16 +26,27 @@ class CheckpointConfig:
     """Where, inside an Orbax checkpoint, the evaluation finds what it needs."""
 
     item: str | None = None
-    """Item of a composite checkpoint holding the train state; null = the only item there is."""
-    params: str = "params"
-    """Path (dots or slashes) inside that item to the params subtree."""
+    """Item of a composite checkpoint holding the train state; null = the only pytree item there is."""
+    params: str | None = "params"
+    """Path (dots or slashes) inside that item to the params subtree; null = the item's root (an
+    item that is the params tree itself, as xlstm-jax's `params` item or `nnx.state(model)`)."""
     mutable: tuple[str, ...] = ()
     """Other collections to restore next to params, e.g. [batch_stats]."""
+    step_prefix: str | None = None
+    """Step folders are <step_prefix>_<N> (Orbax's CheckpointManagerOptions.step_prefix, e.g.
+    checkpoint for xlstm-jax); '' = plain <N>; null = detected from the folder names."""
+    step_format_fixed_length: int | None = None
+    """<N> is zero-padded to this many digits (Orbax's step_format_fixed_length); null = none, or
+    detected with the prefix when step_prefix is null too."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
+    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1).
+
+    Either the three axes data/fsdp/tensor, or `axes` with the model's own names (those its
+    collectives use, e.g. xlstm-jax's dp/fsdp/pp/tp) and `batch_axes` naming which split the batch.
+    """
 
     data: int = -1
     """Data-parallel axis: the global batch is split over data x fsdp."""
@@ -43,6 +54,10 @@ class MeshConfig:
     """Fully-sharded axis: batch is split over it and params may be sharded over it."""
     tensor: int = 1
     """Tensor-parallel axis for eval functions that shard activations on non-batch axes."""
+    axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """{name: size} in mesh order, replacing data/fsdp/tensor, e.g. {dp: -1, fsdp: 2, tp: 2}; {} = unused."""
+    batch_axes: tuple[str, ...] = ()
+    """With `axes`: the axes that split the batch, e.g. [dp, fsdp]; params_sharding fsdp uses an axis named fsdp."""
 
 
 @dataclasses.dataclass(frozen=True)

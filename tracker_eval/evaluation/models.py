@@ -7,11 +7,18 @@ Every eval function calls `apply_fn({"params": params}, *inputs)`, whichever kin
 
 For nnx the params are a pure dict (`nnx.state(model, nnx.Param).to_pure_dict()`, the form that
 checkpoints hold), merged back into the module's graph inside the traced function.
+
+A model that wraps itself in `shard_map` (as xlstm-jax's trainer wraps its model) needs the
+evaluation's mesh: `build_model` passes it to a factory that takes a `mesh` argument, and the
+factory runs (as the eval step is traced) with that mesh current (`jax.set_mesh`):
+
+    model = build_model(make_model, {"config": ...}, mesh=mesh)   # make_model(config=..., mesh=mesh)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +53,20 @@ class ModelAdapter:
         return apply
 
 
+def build_model(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, mesh: jax.sharding.Mesh) -> Any:
+    """Calls the model factory with `kwargs`, and `mesh=` when it takes one, with `mesh` current.
+
+    A `mesh` in `kwargs` (model_kwargs) is the user's and wins.
+    """
+    try:
+        takes_mesh = "mesh" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        takes_mesh = False
+    extra = {"mesh": mesh} if takes_mesh and "mesh" not in kwargs else {}
+    with jax.set_mesh(mesh):
+        return factory(**kwargs, **extra)
+
+
 def adapt_model(model: Any) -> ModelAdapter:
     """Wraps what the model factory returned.
 
@@ -72,18 +93,41 @@ def _nnx_apply(model: Any) -> Callable[..., Any]:
 
     graphdef, params_template, rest_template = nnx.split(model, nnx.Param, ...)
 
+    params_paths = nnx.to_pure_dict(params_template)
+
     def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # A saved `nnx.state(model)` holds every variable (batch statistics too), not just the
+        # params: what is not a Param goes to the rest of the module's state.
+        own, others_saved = _split_by_template(variables["params"], params_paths)
         params = jax.tree.map(lambda x: x, params_template)
-        nnx.replace_by_pure_dict(params, variables["params"])
+        nnx.replace_by_pure_dict(params, own)
         rest = jax.tree.map(lambda x: x, rest_template)
-        others = {k: v for k, v in variables.items() if k != "params"}
-        for collection in others.values():
+        others = [collection for k, collection in variables.items() if k != "params"]
+        for collection in [others_saved, *others] if others_saved else others:
             nnx.replace_by_pure_dict(rest, collection)
         module = nnx.merge(graphdef, params, rest)
         module.eval()
         return module(*args, **kwargs)
 
     return apply
+
+
+def _split_by_template(pure: Any, template: Any) -> tuple[Any, dict[str, Any]]:
+    """(the part of `pure` whose paths are in `template`, the rest), both nested dicts."""
+    if not isinstance(pure, Mapping) or not isinstance(template, Mapping):
+        return pure, {}
+    inside: dict[Any, Any] = {}
+    outside: dict[Any, Any] = {}
+    for key, value in pure.items():
+        if key not in template:
+            outside[key] = value
+            continue
+        own, rest = _split_by_template(value, template[key])
+        if not isinstance(own, Mapping) or own:
+            inside[key] = own
+        if rest:
+            outside[key] = rest
+    return inside, outside
 
 
 def nnx_params(model: Any) -> dict[str, Any]:

@@ -7,6 +7,12 @@
 
 The global batch is split over (data, fsdp); a batch size not divisible by that is padded up to
 the next multiple instead of failing, and the padding rows are masked out of every metric.
+
+A model that calls collectives over its own axis names (xlstm-jax: `dp`, `fsdp`, `pp`, `tp`) gets
+a mesh with those names, and the config says which of them shard the batch:
+
+    mesh = make_mesh(MeshConfig(axes={"dp": 1, "fsdp": 2, "tp": 2}, batch_axes=("dp", "fsdp")))
+    batch_axes(mesh)    # ("dp", "fsdp"): what every stage splits the batch over
 """
 
 from __future__ import annotations
@@ -24,48 +30,81 @@ from tracker_eval.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The batch axes of each mesh's axis names. Every stage (batch placement, the eval step, the
+# row-by-row metrics, plug-in suites) is handed the mesh, or finds it current while tracing, and
+# asks `batch_axes(mesh)`: one registry beside the mesh instead of one more argument through all.
+_BATCH_AXES: dict[tuple[str, ...], tuple[str, ...]] = {AXES: BATCH_AXES}
 
 
-def mesh_shape(config: MeshConfig, *, device_count: int) -> tuple[int, int, int]:
+def mesh_axes(config: MeshConfig) -> tuple[tuple[str, ...], list[int]]:
+    """(axis names, sizes) the config asks for: its `axes`, else (data, fsdp, tensor)."""
+    if config.axes:
+        return tuple(config.axes), list(config.axes.values())
+    return AXES, [config.data, config.fsdp, config.tensor]
+
+
+def mesh_shape(config: MeshConfig, *, device_count: int) -> tuple[int, ...]:
     """Resolves -1 in the mesh config against `device_count`.
 
     Raises:
       ConfigError: when the sizes do not fit the available devices.
     """
-    sizes = [config.data, config.fsdp, config.tensor]
+    names, sizes = mesh_axes(config)
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if device_count % fixed:
             raise ConfigError(
-                f"mesh {dict(zip(AXES, sizes, strict=True))} cannot fill {device_count} devices: "
+                f"mesh {dict(zip(names, sizes, strict=True))} cannot fill {device_count} devices: "
                 f"{device_count} is not divisible by {fixed}; change the mesh sizes"
             )
         sizes[sizes.index(-1)] = device_count // fixed
     if math.prod(sizes) > device_count:
         raise ConfigError(
-            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but only {device_count} "
+            f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices but only {device_count} "
             "are available; make the mesh smaller or use -1 for one axis"
         )
-    return sizes[0], sizes[1], sizes[2]
+    return tuple(sizes)
 
 
 def make_mesh(config: MeshConfig, *, devices: list[Any] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh; a mesh smaller than the device count uses the first devices.
+    """Builds the mesh; a mesh smaller than the device count uses the first devices.
 
     Auto axis types are used on purpose: Explicit ones (jax's default in 0.10) break ordinary
     GSPMD model code such as nnx.Embed.
+
+    Raises:
+      ConfigError: the sizes do not fit the devices, or these axis names were given other batch
+        axes earlier in this process.
     """
+    names, _ = mesh_axes(config)
+    batch = tuple(config.batch_axes) if config.axes else BATCH_AXES
+    if _BATCH_AXES.setdefault(names, batch) != batch:
+        raise ConfigError(
+            f"mesh.batch_axes {list(batch)} differ from {list(_BATCH_AXES[names])} given to a mesh with the same "
+            f"axes {list(names)} in this process; give every stream of one process the same mesh.batch_axes"
+        )
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config, device_count=len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
     if math.prod(shape) == len(devices):
-        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
-    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), AXES, axis_types=auto)
+        return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), names, axis_types=auto)
+
+
+def batch_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The axes of `mesh` that split the batch (`mesh.batch_axes`; data and fsdp by default)."""
+    names = tuple(mesh.axis_names)
+    return _BATCH_AXES.get(names) or tuple(a for a in BATCH_AXES if a in names)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts the batch is split: the product of the batch axes' sizes."""
+    return math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp, replicated over tensor."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) axis split over the batch axes (data x fsdp), replicated over the others."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,7 +117,7 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh, *, rule: str) -> NamedSha
     `fsdp` shards the largest axis divisible by the fsdp size (small or indivisible params stay
     replicated); `replicated` copies every param to every device.
     """
-    fsdp = mesh.shape["fsdp"]
+    fsdp = mesh.shape.get("fsdp", 1)
     if rule == "auto":
         rule = "fsdp" if fsdp > 1 else "replicated"
     if rule == "replicated" or fsdp == 1:
@@ -151,7 +190,7 @@ class BatchPlacer:
     def __init__(self, mesh: Mesh, *, global_batch_size: int) -> None:
         self.mesh = mesh
         self.sharding = batch_sharding(mesh)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = batch_shards(mesh)
         self.shards = shards
         # Pad the global batch up to a multiple of the batch shards (and of the process count),
         # so every batch, the short last one included, has one shape: one compile.

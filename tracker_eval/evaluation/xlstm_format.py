@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from tracker_eval.evaluation.metrics import Metric, PerExample, Ratio, check_metrics
-from tracker_eval.evaluation.sharding import BATCH_AXES
+from tracker_eval.evaluation.sharding import batch_axes
 
 DEFAULT_LOG_MODES = ("mean_nopostfix",)
 MEAN_MODES = ("mean_nopostfix", "mean")
@@ -128,7 +128,8 @@ def _row_by_row(call: EvalCall, batch: Any) -> dict[str, Metric]:
                 out[name] = _with_full_weights(metric)
         return out
 
-    rows = jax.vmap(one_example, spmd_axis_name=BATCH_AXES)(batch)
+    # The step runs with its mesh current (`jax.set_mesh`), so its batch axes are known here.
+    rows = jax.vmap(one_example, spmd_axis_name=batch_axes(jax.sharding.get_abstract_mesh()))(batch)
     kinds: dict[str, Metric] = {}
     for name, modes in layout.items():
         if modes is None:

@@ -29,7 +29,7 @@ from tracker_eval.config import EvalConfig
 from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.cache import BatchCache, CachedData
 from tracker_eval.evaluation.evaluator import EvalAborted, ExtendedEvaluation, ResultListener
-from tracker_eval.evaluation.models import adapt_model
+from tracker_eval.evaluation.models import adapt_model, build_model
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.sharding import make_mesh, shardings_for
 from tracker_eval.evaluation.state import EvalState
@@ -97,7 +97,7 @@ class Pipeline:
         self.config = config
         self.components = components or Components.resolve(config)
         self.mesh = make_mesh(config.mesh)
-        self.adapter = adapt_model(self.components.model_factory(**config.model_kwargs))
+        self.adapter = adapt_model(build_model(self.components.model_factory, config.model_kwargs, mesh=self.mesh))
         self.suites = build_suites(config, self.components, adapter=self.adapter, mesh=self.mesh, names=suites,
                                    listeners=listeners, progress=progress)
         self.config_hash = run_hash(config)
@@ -107,6 +107,7 @@ class Pipeline:
         self.stream_key = f"stream-{next(_STREAMS)}"
         self._attempts = 0
         self.restores = 0
+        self._step_names: Any = None  # how the root names its steps, read at the first restore
 
     @property
     def evaluation(self) -> ExtendedEvaluation:
@@ -137,8 +138,21 @@ class Pipeline:
         return self._first_eval().data()
 
     def checkpoint_path(self, step: int) -> str:
-        """Where `step` lives: ``<checkpoint_dir>/<step>``, a URL when checkpoint_dir is one."""
-        return join_path(self.config.checkpoint_dir, str(step))
+        """Where `step` lives: ``<checkpoint_dir>/<step folder>``, a URL when checkpoint_dir is one."""
+        folder = str(step) if self._step_names is None else self._step_names.folder(step)
+        return join_path(self.config.checkpoint_dir, folder)
+
+    def step_names(self) -> Any:
+        """The root's `StepNames`: as `checkpoint.step_prefix` sets, else detected once (a root
+        that holds a step keeps its naming)."""
+        if self._step_names is None:
+            from tracker_eval.checkpoints.listing import read_step_names  # noqa: PLC0415 - orbax is heavy
+            from tracker_eval.checkpoints.roots import StepNames  # noqa: PLC0415
+
+            configured = StepNames.configured(self.config.checkpoint.step_prefix,
+                                              self.config.checkpoint.step_format_fixed_length)
+            self._step_names = read_step_names(self.config.checkpoint_dir, step_names=configured)
+        return self._step_names
 
     def restore(self, step: int) -> EvalState:
         """Params (and named mutable collections) of `step`, restored straight onto the mesh."""
@@ -152,6 +166,7 @@ class Pipeline:
             params_path=self.config.checkpoint.params,
             mutable=self.config.checkpoint.mutable,
             shardings_for=lambda tree: shardings_for(tree, self.mesh, rule=self.config.params_sharding),
+            step_names=self.step_names(),
         )
         return EvalState.create(
             apply_fn=self.adapter.apply_fn,

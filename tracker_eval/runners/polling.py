@@ -4,6 +4,9 @@
     steps = poller.poll()     # finalized steps, or None while the storage does not answer
     poller.close()
 
+Folders that look like checkpoints but match no step name read (`checkpoint.step_prefix`) are
+said in one warning at the poll that first sees them, naming the setting that would read them.
+
 A poll that fails (a bucket's server down, a network error, an I/O error on a mounted disk) is
 logged once, and the storage is asked again after a backoff that doubles from the poll interval
 up to a minute; the first poll that works again says so once. While the storage does not answer,
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from tracker_eval.checkpoints.listing import StepLister, open_lister
+from tracker_eval.checkpoints.roots import StepNames
 from tracker_eval.checkpoints.tree import StorageUnavailableError
 from tracker_eval.errors import one_line
 
@@ -32,6 +36,7 @@ class StepPoller:
     Args:
         checkpoint_dir: The CheckpointManager root (local path or URL).
         poll_interval_s: The first backoff after a failure (doubling up to `MAX_BACKOFF_S`).
+        step_names: How step folders are named (`checkpoint.step_prefix`); None detects it.
         clock: Monotonic time source (tests).
 
     Raises:
@@ -39,8 +44,9 @@ class StepPoller:
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike[str], *, poll_interval_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.lister: StepLister = open_lister(checkpoint_dir)
+                 step_names: StepNames | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lister: StepLister = open_lister(checkpoint_dir, step_names=step_names)
+        self.notice: str | None = None
         self._base_s = max(poll_interval_s, 0.1)
         self._clock = clock
         self._backoff_s = 0.0
@@ -67,6 +73,10 @@ class StepPoller:
                         now - self._failing_since, self.lister.location)
             self._failing_since = None
             self._backoff_s = 0.0
+        if self.lister.notice != self.notice:
+            self.notice = self.lister.notice
+            if self.notice:
+                LOG.warning("tracker-eval: %s", self.notice)
         return steps
 
     def failed_elsewhere(self, error: Exception) -> None:

@@ -46,27 +46,31 @@ def collect_status(config: EvalConfig, *, list_checkpoints: bool = True) -> dict
       The document; ``storage_error`` says in one line why the checkpoints could not be listed
       (then ``newest_step`` is None), and is None when they were.
     """
-    from tracker_eval.checkpoints.listing import finalized_steps  # noqa: PLC0415
+    from tracker_eval.checkpoints.listing import survey  # noqa: PLC0415
+    from tracker_eval.checkpoints.roots import configured_names  # noqa: PLC0415
     from tracker_eval.checkpoints.tree import StorageUnavailableError  # noqa: PLC0415
     from tracker_eval.runners.stream import logger_names  # noqa: PLC0415
 
     logger_names(config)  # a bad logger spec is the same error here as in `watch`
     listed: list[int] = []
-    storage_error = None
+    storage_error = notice = None
     if list_checkpoints:
         try:
-            listed = finalized_steps(config.checkpoint_dir)
+            surveyed = survey(config.checkpoint_dir, step_names=configured_names(config.checkpoint))
+            listed, notice = surveyed.steps, surveyed.notice
         except StorageUnavailableError as error:  # the ledger still answers
             storage_error = one_line(error, limit=300)
-    newest = listed[-1] if listed else None
-    doc = _collect_suites(config, newest) if config.has_suites else _collect_stream(config, newest)
+    doc = _collect_suites(config, listed) if config.has_suites else _collect_single(config, listed)
+    if notice:  # folders that look like checkpoints but are not read: said here as the watcher says it
+        doc["notice"] = notice
     return {**doc, "storage_error": storage_error}
 
 
-def _collect_stream(config: EvalConfig, newest: int | None) -> dict[str, Any]:
+def _collect_single(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
     from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
     from tracker_eval.ledger.view import read_ledger  # noqa: PLC0415
 
+    newest = listed[-1] if listed else None
     best_config = config.watch.best
     try:
         status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
@@ -108,10 +112,11 @@ def _collect_stream(config: EvalConfig, newest: int | None) -> dict[str, Any]:
 _PROGRESS = ("evaluating", "pending", "failed", "evaluated", "given_up", "skipped", "delivered")
 
 
-def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
+def _collect_suites(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
     from tracker_eval.ledger.db import LedgerError  # noqa: PLC0415
     from tracker_eval.ledger.view import read_run  # noqa: PLC0415
 
+    newest = listed[-1] if listed else None
     names = [suite.name for suite in config.suites]
     best_config = config.watch.best
     best = (config.best_suite(), best_config.metric, best_config.mode) if best_config else None
@@ -165,6 +170,8 @@ def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool
         print(json.dumps(doc, indent=2, default=str))
         return 0
     print(format_table(doc, prefix=config.metric_prefix))
+    if doc.get("notice"):
+        print(f"warning: {doc['notice']}")
     return 0
 
 

@@ -102,6 +102,18 @@ class PrimaryStream:
     owner: str
     published_best: tuple[int, float] | None = None
 
+    def _step_folder(self, step: int) -> str:
+        """The folder of `step` under checkpoint_dir (`checkpoint_<N>` for xlstm-jax's trainer)."""
+        from tracker_eval.checkpoints.listing import read_step_names  # noqa: PLC0415
+        from tracker_eval.checkpoints.roots import configured_names  # noqa: PLC0415
+        from tracker_eval.checkpoints.tree import StorageUnavailableError  # noqa: PLC0415
+
+        try:  # one listing, only when the best step changes
+            return read_step_names(self.config.checkpoint_dir,
+                                   step_names=configured_names(self.config.checkpoint)).folder(step)
+        except StorageUnavailableError:
+            return str(step)
+
     @classmethod
     def open(cls, config: EvalConfig) -> PrimaryStream:
         """Opens the ledger, the loggers and starts delivery.
@@ -168,7 +180,7 @@ class PrimaryStream:
                 return
             step, value = best
             payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
-                       "checkpoint": join_path(self.config.checkpoint_dir, str(step))}
+                       "checkpoint": join_path(self.config.checkpoint_dir, self._step_folder(step))}
             if suite:
                 payload["suite"] = suite
             with open(f"{path}.tmp", "w") as f:

@@ -77,11 +77,13 @@ class Watcher:
 
     def _open_primary(self) -> None:
         from tracker_eval.checkpoints.fswatch import DirectoryEvents  # noqa: PLC0415
+        from tracker_eval.checkpoints.roots import configured_names  # noqa: PLC0415
         from tracker_eval.runners.polling import StepPoller  # noqa: PLC0415
         from tracker_eval.runners.stream import PrimaryStream  # noqa: PLC0415
 
         # First: a gs:// root without credentials is a config error before any logger starts.
-        self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s)
+        self.poller = StepPoller(self.config.checkpoint_dir, poll_interval_s=self.watch.poll_interval_s,
+                                 step_names=configured_names(self.config.checkpoint))
         self.stream = PrimaryStream.open(self.config)
         self.ledger, self.session, self.delivery = self.stream.ledger, self.stream.session, self.stream.delivery
         self.ledgers = self.stream.ledgers
