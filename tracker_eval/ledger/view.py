@@ -27,10 +27,11 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import best_of, read_best, tracked_metric
 from tracker_eval.ledger.db import LEDGER_FILENAME, LedgerError
 from tracker_eval.ledger.reads import StepReads
@@ -176,6 +177,48 @@ def read_run(
                          heartbeat=heartbeat)
 
     return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+                        busy_timeout_s=busy_timeout_s)
+
+
+def read_results(
+    output_dir: str | os.PathLike[str],
+    *,
+    checkpoint_dir: str | os.PathLike[str],
+    stream_hash: str,
+    steps: Sequence[int],
+    suite: tuple[str, str] | None = None,
+    busy_timeout_s: float = 30.0,
+) -> dict[int, EvalResult | None] | None:
+    """The stored results of `steps` of one stream (or one suite of a run), per-example values and
+    samples included, without writing anything. Only those steps' rows and files are read, however
+    many steps the stream has.
+
+    Args:
+      output_dir: the directory holding ``ledger.sqlite``.
+      checkpoint_dir: the stream's checkpoint directory.
+      stream_hash: the stream's eval-config hash, or the run's hash (`EvalConfig.run_hash`) with `suite`.
+      steps: the steps wanted.
+      suite: (suite name, its stream hash) for a config with suites.
+      busy_timeout_s: how long a read waits while a writer recovers the file.
+
+    Returns:
+      step -> its result (None where the step has none stored), or None when the ledger has no such
+      stream or suite.
+
+    Raises:
+      LedgerError: the file cannot be read, or has a schema this version cannot read.
+    """
+    def read(conn: sqlite3.Connection, stream: int) -> dict[int, EvalResult | None] | None:
+        if suite is not None:
+            found = conn.execute("SELECT stream_id FROM streams WHERE parent_id = ? AND suite = ? AND config_hash = ?",
+                                 (stream, *suite)).fetchone()
+            if found is None:
+                return None
+            stream = found[0]
+        view = LedgerView(conn, output_dir=Path(output_dir), stream=stream)
+        return {step: view.result(step) for step in steps}
+
+    return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=stream_hash, read=read,
                         busy_timeout_s=busy_timeout_s)
 
 

@@ -79,9 +79,30 @@ def collect_status(config: EvalConfig) -> dict[str, Any]:
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
-        "best": None if best is None else {"step": best[0], "value": best[1]},
+        "best": None if best is None else {"step": best[0], "value": best[1],
+                                           **_uncertainty(config, "", steps, best)},
         "heartbeat": None if heartbeat is None else {"owner": heartbeat[0], "age_s": heartbeat_age_s},
     }
+
+
+def _uncertainty(
+    config: EvalConfig, suite: str, steps: list[dict[str, Any]], best: tuple[int, float]
+) -> dict[str, Any]:
+    """The best step against the runner-up (`tracker_eval.runners.best`): the fields and the line."""
+    from tracker_eval.runners.best import best_verdict  # noqa: PLC0415
+    from tracker_eval.runners.compare import stored_results  # noqa: PLC0415
+
+    def result_of(step: int) -> Any:
+        try:
+            return stored_results(config, suite, [step])[step]
+        except ConfigError:
+            return None
+
+    best_config = config.watch.best
+    stored = [(s["step"], s["metrics"]) for s in steps if s["state"] in ("evaluated", "delivered")]
+    verdict = best_verdict(stored, result_of, best=best, metric=best_config.metric, mode=best_config.mode,
+                           suite=suite)
+    return {**verdict.to_json(), "summary": verdict.line()}
 
 
 # From least to most advanced: a step's state over its configured suites is the first one any has.
@@ -124,7 +145,10 @@ def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
-        "best": None if status.best is None else {"suite": best[0], "step": status.best[0], "value": status.best[1]},
+        "best": None if status.best is None else {
+            "suite": best[0], "step": status.best[0], "value": status.best[1],
+            **_uncertainty(config, best[0], [{"step": s["step"], **s["suites"][best[0]]} for s in steps
+                                             if best[0] in s["suites"]], status.best)},
         "heartbeat": None if heartbeat is None else {"owner": heartbeat[0],
                                                      "age_s": round(time.time() - heartbeat[1], 1)},
     }
@@ -170,7 +194,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     best = doc.get("best")
     footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
     if best:
-        footer += f", best: step {best['step']} ({_fmt(best['value'])})"
+        footer += "\n" + best.get("summary", f"best: step {best['step']} ({_fmt(best['value'])})")
     stuck = [(s["step"], name, s["delivery_errors"].get(name, ""))
              for s in steps for name, state in sorted(s["deliveries"].items()) if state == "undeliverable"]
     if stuck:
@@ -205,7 +229,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     best = doc.get("best")
     footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
     if best:
-        footer += f", best: step {best['step']} ({best['suite']}: {_fmt(best['value'])})"
+        footer += f"\n{best['suite']}: {best['summary']}"
     return text + footer
 
 

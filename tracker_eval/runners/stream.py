@@ -79,7 +79,7 @@ class PrimaryStream:
     session: Any
     delivery: Any
     owner: str
-    published_best: tuple[int, float] | None = None
+    published_best: Any = None  # (best (step, value), runner-up) as last written to best.json
 
     @classmethod
     def open(cls, config: EvalConfig) -> PrimaryStream:
@@ -142,20 +142,39 @@ class PrimaryStream:
         with open(f"{path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             suite = self.config.best_suite()
-            best = self.ledgers[suite].best()
-            if best is None or best == self.published_best:
+            ledger = self.ledgers[suite]
+            best = ledger.best()
+            if best is None:
+                return
+            verdict = self._best_verdict(ledger, suite, best)
+            published = (best, verdict.get("runner_up"))
+            if published == self.published_best:
                 return
             step, value = best
             payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
                        "checkpoint": join_path(self.config.checkpoint_dir, str(step))}
             if suite:
                 payload["suite"] = suite
+            payload.update(verdict)
             with open(f"{path}.tmp", "w") as f:
                 json.dump(payload, f, indent=2)
             os.replace(f"{path}.tmp", path)
-        self.published_best = best
+        self.published_best = published
         self.delivery.notify()
         LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, best_config.metric, value)
+
+    def _best_verdict(self, ledger: Any, suite: str, best: tuple[int, float]) -> dict[str, Any]:
+        """The best against the runner-up (`tracker_eval.runners.best`), as ``best.json`` adds it.
+
+        A new runner-up changes the verdict as surely as a new best, so both decide a rewrite.
+        """
+        from tracker_eval.runners.best import best_verdict  # noqa: PLC0415
+
+        best_config = self.config.watch.best
+        stored = [(row["step"], row["metrics"]) for row in ledger.rows() if row["state"] in ("evaluated", "delivered")]
+        verdict = best_verdict(stored, ledger.result, best=best, metric=best_config.metric, mode=best_config.mode,
+                               suite=suite)
+        return {**verdict.to_json(), "summary": verdict.line()}
 
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
         """Waits up to `drain_s` for deliveries, closes the loggers; True when everything was delivered.
