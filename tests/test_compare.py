@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,10 @@ from tracker_eval.npz import read_npz
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = (10, 20, 60)
+REGRESSED = 70
+ALERTS = [{"metric": "loss", "mode": "min", "against": "best", "p": 0.01},
+          {"metric": "accuracy", "mode": "max", "against": "previous", "p": 0.01, "min_delta": 0.02}]
+WATCH_OUTPUT: list[str] = []
 REL = 1e-9
 
 
@@ -43,18 +48,20 @@ def watched(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     ckpts = root / "ckpts"
     train_classifier(ckpts, steps=60, save_every=10, learning_rate=0.05, save_steps=list(STEPS))
+    shutil.copytree(ckpts / "10", ckpts / str(REGRESSED))  # a late checkpoint as bad as an early one
     config = root / "watch.yaml"
     config.write_text(json.dumps({
         "checkpoint_dir": str(ckpts), "output_dir": str(root / "out"),
         "model": "tracker_eval.tasks.classification:make_model",
         "eval_function": "tracker_eval.tasks.classification:eval_function",
         "data": "tracker_eval.tasks.classification:make_eval_data", "batch_size": 48,
-        "loggers": [{"type": "jsonl"}],
-        "watch": {"poll_interval_s": 0.3, "until_step": STEPS[-1], "idle_timeout_s": 120,
-                  "best": {"metric": "loss", "mode": "min"}},
+        "loggers": [{"type": "jsonl"}, {"type": "console"}],
+        "watch": {"poll_interval_s": 0.3, "until_step": REGRESSED, "idle_timeout_s": 120,
+                  "best": {"metric": "loss", "mode": "min"}, "alerts": ALERTS},
     }))
     proc = _run("watch", "--config", config)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    WATCH_OUTPUT.append(proc.stdout + proc.stderr)
     return config, ckpts
 
 
@@ -131,11 +138,14 @@ def test_gate_exit_codes_and_best_with_its_uncertainty(watched):
     assert worse.returncode == 1, worse.stderr
     assert worse.stdout.startswith("fail: step 10 is significantly worse than step 60 on loss")
     assert f"p={want_p:.3g}" in worse.stdout
+    accuracy = _run("gate", "--config", config, "--step", 10, "--against", 60, "--metric", "accuracy")
+    assert accuracy.returncode == 1 and "(higher is better)" in accuracy.stdout  # the mode of its alert rule
+    assert "McNemar p=" in accuracy.stdout
     better = _run("gate", "--config", config, "--step", 60, "--against", 10, "--metric", "loss")
     assert better.returncode == 0 and better.stdout.startswith("pass: step 60 is not significantly worse")
     for args, needle in [(("--against", 60, "--metric", "worst", "--mode", "min"), "'worst' has no per-example"),
                          (("--against", "best", "--metric", "worst", "--mode", "min"), "no stored result has 'worst'"),
-                         (("--against", "best", "--metric", "accuracy"), "add --mode min"),
+                         (("--against", "best", "--metric", "worst"), "add --mode min"),
                          (("--against", "best", "--metric", "loss", "--p", "2"), "--p 2.0"),
                          (("--against", "last", "--metric", "loss"), "--against 'last'")]:
         proc = _run("gate", "--config", config, "--step", 10, *args)
@@ -219,3 +229,37 @@ def test_harness_records_pair_by_document_not_position():
     differ = r"suite 'harness': task 'mc': documents differ between steps 1 and 3 \(1 only at 1, e.g. \(0, 'none'\)"
     with pytest.raises(PairingError, match=differ):
         compare_results(a, short, suite="harness")
+
+
+def test_regression_alerts_raised_once_and_delivered_once(watched):
+    config, _ = watched
+    out = pathlib.Path(json.loads(config.read_text())["output_dir"])
+    values = {step: _stored(config, step)[1] for step in (*STEPS, REGRESSED)}
+    # What the reference says: step 70 against the best loss (60) and the previous accuracy (60).
+    loss = stats.ttest_rel(values[REGRESSED]["example_loss"].astype(np.float64),
+                           values[60]["example_loss"].astype(np.float64))
+    assert loss.pvalue < 0.01 and loss.statistic > 0
+    acc_a, acc_b = values[60]["example_accuracy"], values[REGRESSED]["example_accuracy"]
+    only_a, only_b = int(np.sum((acc_a == 1) & (acc_b == 0))), int(np.sum((acc_a == 0) & (acc_b == 1)))
+    acc_p = stats.binomtest(only_b, only_a + only_b).pvalue
+    acc_fires = acc_p < 0.01 and acc_b.mean() - acc_a.mean() < -0.02
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records) == [*STEPS, REGRESSED]
+    alerts = {a["metric"]: a for r in records for a in r.get("alerts", [])}
+    assert all("alerts" not in r for r in records if r["step"] != REGRESSED)
+    assert set(alerts) == ({"loss", "accuracy"} if acc_fires else {"loss"})
+    got = alerts["loss"]
+    assert (got["step"], got["reference_step"], got["against"], got["test"]) == (REGRESSED, 60, "best", "paired_t")
+    interval = loss.confidence_interval(0.95)
+    for key, want in (("p", loss.pvalue), ("low", interval.low), ("high", interval.high)):
+        assert _close(got[key], float(want)), key
+    assert got["message"].startswith(f"step {REGRESSED} is worse than step 60 (best) on loss")
+    if acc_fires:
+        assert _close(alerts["accuracy"]["p"], float(acc_p)) and alerts["accuracy"]["test"] == "mcnemar"
+    # A restart raises and delivers nothing again: the alerts live in the stored result.
+    again = _run("watch", "--config", config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
+    console = WATCH_OUTPUT[0] + again.stdout + again.stderr
+    assert console.count("WARNING: regression alert: ") == len(alerts)
+    assert f"WARNING: regression alert: {got['message']}" in console

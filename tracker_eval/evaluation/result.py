@@ -43,6 +43,9 @@ class EvalResult:
         filtered responses, per-sample metrics), each record a dict of JSON values (str, int, float,
         bool, None, lists, dicts with str keys; no NaN or infinities). Stored with the result and
         logged by trackers that can show them (MLflow artifacts, W&B tables).
+      alerts: regression alerts raised for this step (`tracker_eval.runners.alerts`), each a dict of
+        JSON values with a ``message``; stored with the result, so each tracker gets them exactly
+        once, with the result's delivery.
     """
 
     step: int
@@ -53,6 +56,7 @@ class EvalResult:
     time: float = dataclasses.field(default_factory=time.time)
     suite: str = ""
     samples: Mapping[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    alerts: tuple[Mapping[str, Any], ...] = ()
 
     def to_json(self, *, per_example_lists: bool = False) -> dict[str, Any]:
         """Returns a JSON-ready dict; per-example arrays become lists only when asked.
@@ -70,6 +74,8 @@ class EvalResult:
         }
         if self.suite:  # a result without a suite keeps today's form
             out["suite"] = self.suite
+        if self.alerts:  # likewise a result without alerts
+            out["alerts"] = [dict(alert) for alert in self.alerts]
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
@@ -89,6 +95,7 @@ class EvalResult:
             time=float(data.get("time", time.time())),
             suite=str(data.get("suite", "")),
             samples=dict(samples or {}),
+            alerts=tuple(data.get("alerts", ())),
         )
 
 

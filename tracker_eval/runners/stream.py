@@ -122,7 +122,15 @@ class PrimaryStream:
         """Stores an evaluated result in its suite's ledger (under this process's claim), publishes
         a new best checkpoint and wakes delivery; False when the claim was lost and the result was
         not stored."""
-        recorded = self.ledgers[result.suite].record_metrics(result, owner=self.owner)
+        ledger = self.ledgers[result.suite]
+        if self.config.watch.alerts:
+            from tracker_eval.runners.alerts import raise_alerts  # noqa: PLC0415
+
+            # Stored with the result in one transaction: raised once per (step, rule), delivered with it.
+            alerts = raise_alerts(self.config, ledger, result)
+            if alerts:
+                result = dataclasses.replace(result, alerts=alerts)
+        recorded = ledger.record_metrics(result, owner=self.owner)
         self.publish_best()
         self.delivery.notify()
         return recorded
