@@ -179,7 +179,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
         return f"no evaluations recorded yet; newest checkpoint: {doc['newest_step']}"
     if "suites" in doc:
         return _suites_table(doc)
-    metric_names = sorted({k for s in steps for k in s["metrics"]})[:4]
+    metric_names = _headline({k for s in steps for k in s["metrics"]}, 4)
     loggers = sorted({k for s in steps for k in s["deliveries"]})
     header = ["step", "state", *metric_names, *loggers]
     lines = [header]
@@ -208,7 +208,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     groups = []
     for name in doc["suites"]:
         rows = [s["suites"][name] for s in doc["steps"] if name in s["suites"]]
-        groups.append((name, sorted({k for r in rows for k in r["metrics"]})[:2]))
+        groups.append((name, _headline({k for r in rows for k in r["metrics"]}, 2)))
     header = ["step", *[f"{name}/{col}" for name, metrics in groups for col in ("state", *metrics, "delivered")]]
     lines = [header]
     for s in doc["steps"]:
@@ -231,6 +231,12 @@ def _suites_table(doc: dict[str, Any]) -> str:
     if best:
         footer += f"\n{best['suite']}: {best['summary']}"
     return text + footer
+
+
+def _headline(names: set[str], count: int) -> list[str]:
+    """The first `count` metric names, means before their ``_stderr`` (which `--json` has in full)."""
+    means = sorted(name for name in names if not (name.endswith("_stderr") and name[:-7] in names))
+    return (means + sorted(set(names) - set(means)))[:count]
 
 
 def _fmt(value: Any) -> str:
