@@ -263,3 +263,20 @@ def test_regression_alerts_raised_once_and_delivered_once(watched):
     console = WATCH_OUTPUT[0] + again.stdout + again.stderr
     assert console.count("WARNING: regression alert: ") == len(alerts)
     assert f"WARNING: regression alert: {got['message']}" in console
+
+
+@pytest.mark.parametrize("rule, needle", [
+    ("{metric: loss, against: worst}", "watch.alerts[0].against 'worst' is not one of best, previous"),
+    ("{metric: loss, mode: lowest}", "watch.alerts[0].mode 'lowest' is not one of min, max"),
+    ("{metric: loss, p: 1.5}", "watch.alerts[0].p 1.5 must be between 0 and 1"),
+    ("{metric: loss, min_delta: -1}", "watch.alerts[0].min_delta -1.0 must be >= 0"),
+    ("{metric: loss, suite: val}", "watch.alerts[0].suite 'val' is not a suite of this config"),
+    ("{metric: loss, when: always}", "unknown config key watch.alerts[0].when"),
+])
+def test_bad_alert_rules_are_config_errors_naming_the_key(rule, needle):
+    from tracker_eval.config import load_config
+    from tracker_eval.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "configs" / "watch.yaml", overrides=[f"watch.alerts=[{rule}]"])
+    assert needle in str(error.value)

@@ -180,8 +180,12 @@ class PrimaryStream:
 
         best_config = self.config.watch.best
         stored = [(row["step"], row["metrics"]) for row in ledger.rows() if row["state"] in ("evaluated", "delivered")]
-        verdict = best_verdict(stored, ledger.result, best=best, metric=best_config.metric, mode=best_config.mode,
-                               suite=suite)
+        try:
+            verdict = best_verdict(stored, ledger.result, best=best, metric=best_config.metric,
+                                   mode=best_config.mode, suite=suite)
+        except (OSError, ValueError) as error:  # an unreadable stored file: the best itself still counts
+            LOG.warning("tracker-eval: best step %d not tested against the runner-up: %s", best[0], error)
+            return {}
         return {**verdict.to_json(), "summary": verdict.line()}
 
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
