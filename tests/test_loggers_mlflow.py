@@ -60,6 +60,25 @@ def test_out_of_order_steps_kept_and_resend_not_duplicated(mlflow_server, tmp_pa
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_an_alert_is_a_tag_and_a_value_at_its_step_once(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    alert = {"suite": "val", "metric": "loss", "step": 300, "reference_step": 100, "diff": 0.125,
+             "message": "step 300 is worse than step 100 (best) on val/loss"}
+    result = _result(300, {"loss": 0.875}, suite="val", alerts=(alert,))
+    logger = _logger(mlflow_server.url, tmp_path, "alert-test")
+    logger.log_result(result)
+    logger.close()
+    again = _logger(mlflow_server.url, tmp_path, "alert-test")  # a restart resends the step
+    again.log_result(result)
+    again.close()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = logger.run_state()["run_id"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/val/alerts/loss")] == [(300, 0.125)]
+    tags = client.get_run(run_id).data.tags
+    assert tags["tracker_eval.alert.eval/val/alerts/loss.step_300"] == alert["message"]
+
+
 def test_a_send_stored_but_answered_late_is_not_stored_twice(mlflow_server, tmp_path):
     """The server stores a batch, its answer misses the client's timeout, MLflow's HTTP layer retries
     the POST and the delivery is attempted again later: the run still holds one point per step,

@@ -121,6 +121,21 @@ def test_every_step_once_in_the_default_reader_through_late_steps_resends_and_a_
     assert best.step == 300 and "best_step**: 300" in best_text and "best_loss**: 0.25" in best_text
 
 
+def test_an_alert_is_a_text_at_its_step_once(tmp_path):
+    alert = {"suite": "", "metric": "loss", "step": 300, "message": "step 300 is worse than step 200 (best) on loss"}
+    result = EvalResult(step=300, checkpoint="/ckpt/300", metrics={"loss": 0.5}, alerts=(alert,))
+    logger = _logger(tmp_path)
+    logger.log_result(result)
+    logger.close()
+    again = _logger(tmp_path)  # a restart resends the step
+    again.log_result(result)
+    again.close()
+    keep_all = event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE
+    everything = event_accumulator.EventAccumulator(str(logger.run_dir), size_guidance=keep_all).Reload()
+    (text,) = everything.Tensors("eval/alerts/loss")
+    assert text.step == 300 and tensor_util.make_ndarray(text.tensor_proto).item().decode() == alert["message"]
+
+
 def test_two_writers_of_one_run_see_each_other(tmp_path):
     # The watcher and training's in-loop evaluation deliver to one run, one at a time (the ledger's
     # lease); each logger reads what the other wrote under the run's lock before writing.

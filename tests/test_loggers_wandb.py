@@ -63,6 +63,22 @@ def test_out_of_order_steps_kept_and_restart_does_not_duplicate(tmp_path):
     assert summary["best/step"] == 300 and summary["best/loss"] == 0.25
 
 
+def test_an_alert_goes_out_once_with_its_step(tmp_path):
+    context = LoggerContext(output_dir=str(tmp_path), run_key="wandb-alert")
+    alert = {"suite": "", "metric": "loss", "step": 300, "reference_step": 100, "message": "step 300 is worse"}
+    with_alert = EvalResult(step=300, checkpoint="/ckpt/300", metrics={"loss": 0.9}, alerts=(alert,))
+    logger = WandbLogger(WandbConfig(mode="offline"), context=context)
+    logger.log_result(_result(100, 0.5))
+    logger.log_result(with_alert)
+    logger.close()
+    again = WandbLogger(WandbConfig(mode="offline"), context=context)  # a restart resends step 300
+    again.log_result(with_alert)
+    again.close()
+    alerts = reader.read_alerts(logger.wandb_dir, logger.run_id)
+    assert [(a["title"], a["text"], a["level"]) for a in alerts] == [
+        ("tracker-eval: eval/loss regressed at step 300", "step 300 is worse", "WARN")]
+
+
 # lm-eval records of three request types, as the harness suite hands them on (JSON-safe).
 SAMPLES = {
     "t_mc": [{"doc_id": i, "doc": {"q": "?"}, "target": i % 2, "arguments": [["Q: 2+2?", f" {c}"] for c in "34"],

@@ -102,7 +102,10 @@ def test_status_and_health_leave_every_file_byte_identical(tmp_path):
     # The best by the status's own metric, from the stored results (float64 reference by hand).
     accuracies = {step: accuracy for step, _, accuracy in RESULTS}
     top = max(accuracies.values())
-    assert doc["best"] == {"step": min(s for s, a in accuracies.items() if a == top), "value": top}
+    best = {"step": min(s for s, a in accuracies.items() if a == top), "value": top}
+    assert {key: doc["best"][key] for key in best} == best
+    # The stored arrays are not `example_accuracy`: nothing to test the best against its runner-up with.
+    assert doc["best"]["runner_up"] == {"step": 30, "value": top} and doc["best"]["significant"] is None
     assert doc["newest_step"] == 40 and doc["lag_steps"] == 10
     assert table.returncode == 0 and "best: step 10" in table.stdout, table.stderr
     assert health.returncode == 0 and health.stdout.startswith("healthy"), (health.stdout, health.stderr)

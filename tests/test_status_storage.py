@@ -16,6 +16,7 @@ from fixtures_gcs import free_port
 from watcher_harness import EXE, child_env
 
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.identity import stream_hash
 from tracker_eval.ledger.steps import Ledger
 
 pytest_plugins = ["fixtures_gcs"]
@@ -39,7 +40,7 @@ def _ledger_with_a_result_and_a_heartbeat(config_path: pathlib.Path) -> None:
     from tracker_eval.config import load_config
 
     config = load_config(config_path)
-    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
+    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config),
                 loggers=["jsonl"]) as ledger:
         assert ledger.claim(10, owner="watcher")
         assert ledger.record_metrics(EvalResult(step=10, checkpoint=f"{config.checkpoint_dir}/10",

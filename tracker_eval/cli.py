@@ -4,9 +4,11 @@
     tracker-eval watch --config watch.yaml [key=value ...]
     tracker-eval status --config watch.yaml [--json]
     tracker-eval retry --config watch.yaml [--step N] [--logger ID]
+    tracker-eval compare --config watch.yaml A B [--suite NAME ...] [--json]
+    tracker-eval gate --config watch.yaml --step N --against best|STEP --metric NAME [--suite NAME] [--p 0.05]
     tracker-eval demo [--harness]
 
-Exit codes: 0 ok, 1 evaluation failure, 2 usage or config error; user errors print one line
+Exit codes: 0 ok, 1 evaluation failure (gate: significantly worse), 2 usage or config error; user errors print one line
 (`tracker-eval: error: ...`) and no traceback (`--verbose` shows it).
 """
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show library logs and tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,retry,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,retry,compare,gate,demo}")
 
     ev = sub.add_parser("eval", parents=[common], help="evaluate one checkpoint (the latest finalized one by default)")
     ev.add_argument("--config", required=True, help="YAML config file")
@@ -66,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--step", type=int, default=None, help="only this checkpoint step (default: every step)")
     re_.add_argument("--logger", default=None, metavar="ID", help="only this logger (its id; default: every logger)")
     re_.add_argument("overrides", nargs="*", metavar="key=value")
+
+    co = sub.add_parser("compare", parents=[common], help="paired comparison of two evaluated steps")
+    co.add_argument("--config", required=True, help="YAML config file (the watcher's)")
+    co.add_argument("step_a", type=int, metavar="A", help="the reference step")
+    co.add_argument("step_b", type=int, metavar="B", help="the step compared with it (differences are B - A)")
+    co.add_argument("--suite", action="append", default=None, metavar="NAME",
+                    help="only this suite (repeatable; default: every suite)")
+    co.add_argument("--json", action="store_true", help="machine-readable output")
+    co.add_argument("overrides", nargs="*", metavar="key=value")
+
+    ga = sub.add_parser("gate", parents=[common],
+                        help="exit 1 when a step is significantly worse than the best or a named step")
+    ga.add_argument("--config", required=True, help="YAML config file (the watcher's)")
+    ga.add_argument("--step", type=int, required=True, help="the step under test")
+    ga.add_argument("--against", required=True, metavar="best|STEP", help="the reference: best, or a step")
+    ga.add_argument("--metric", required=True, help="a metric with per-example values (e.g. loss, accuracy)")
+    ga.add_argument("--suite", default=None, metavar="NAME", help="the metric's suite (needed with several)")
+    ga.add_argument("--p", type=float, default=0.05, help="significance threshold of the paired test (0.05)")
+    ga.add_argument("--mode", choices=("min", "max"), default=None,
+                    help="lower (min) or higher (max) is better; default from watch.best or watch.alerts")
+    ga.add_argument("overrides", nargs="*", metavar="key=value")
 
     de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
     de.add_argument("--output-dir", default=None,
@@ -134,6 +157,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tracker_eval.runners.retry import run_retry  # noqa: PLC0415
 
         return run_retry(args.config, overrides=args.overrides, step=args.step, logger=args.logger)
+    if args.command == "compare":
+        from tracker_eval.runners.compare import run_compare  # noqa: PLC0415
+
+        return run_compare(args.config, args.step_a, args.step_b, suites=args.suite, as_json=args.json,
+                           overrides=args.overrides)
+    if args.command == "gate":
+        from tracker_eval.runners.gate import run_gate  # noqa: PLC0415
+
+        return run_gate(args.config, step=args.step, against=args.against, metric=args.metric, suite=args.suite,
+                        p=args.p, mode=args.mode, overrides=args.overrides)
     if args.command == "demo":
         from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 

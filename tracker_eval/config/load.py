@@ -135,6 +135,7 @@ def validate(config: EvalConfig) -> None:
         if best.suite is not None and best.suite not in names:
             valid = f"one of {', '.join(names)}" if names else "left out in a config without suites"
             raise ConfigError(f"watch.best.suite {best.suite!r} is not a suite of this config; it must be {valid}")
+    _validate_alerts(config)
     for i, spec in enumerate(config.loggers):
         if not isinstance(spec.get("type"), str):
             raise ConfigError(f"loggers[{i}] needs a 'type' (e.g. console, jsonl, wandb, mlflow), got {dict(spec)!r}")
@@ -169,6 +170,25 @@ def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
     if length is not None and length < 1:
         raise ConfigError(f"checkpoint.step_format_fixed_length must be >= 1 (digits of the zero-padded step), "
                           f"got {length}; or null for none")
+
+
+def _validate_alerts(config: EvalConfig) -> None:
+    names = [s.name for s in config.suites]
+    for i, rule in enumerate(config.watch.alerts):
+        where = f"watch.alerts[{i}]"
+        if rule.mode not in ("min", "max"):
+            raise ConfigError(f"{where}.mode {rule.mode!r} is not one of min, max")
+        if rule.against not in ("best", "previous"):
+            raise ConfigError(f"{where}.against {rule.against!r} is not one of best, previous")
+        if not 0.0 < rule.p < 1.0:
+            raise ConfigError(f"{where}.p {rule.p!r} must be between 0 and 1 (e.g. 0.01)")
+        if rule.min_delta < 0:
+            raise ConfigError(f"{where}.min_delta {rule.min_delta!r} must be >= 0")
+        if rule.suite is None and len(names) > 1:
+            raise ConfigError(f"{where}.suite is required with several suites; set it to one of {', '.join(names)}")
+        if rule.suite is not None and rule.suite not in names:
+            valid = f"one of {', '.join(names)}" if names else "left out in a config without suites"
+            raise ConfigError(f"{where}.suite {rule.suite!r} is not a suite of this config; it must be {valid}")
 
 
 def _validate_suites(config: EvalConfig) -> None:

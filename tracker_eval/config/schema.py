@@ -73,6 +73,24 @@ class BestConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlertConfig:
+    """A regression alert: a new checkpoint significantly worse than a reference step (paired test)."""
+
+    metric: str
+    """Metric with per-example values (e.g. loss, accuracy, or a harness task's `<task>/acc`)."""
+    mode: str = "min"
+    """min (lower is better) or max."""
+    suite: str | None = None
+    """The suite whose metric it is; may be omitted in a config with one suite (or none)."""
+    against: str = "best"
+    """best (the best earlier step by this metric) or previous (the newest earlier evaluated step)."""
+    p: float = 0.01
+    """Alert only when the paired test's two-sided p is below this."""
+    min_delta: float = 0.0
+    """...and the mean is worse by more than this (in the metric's units)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class WatchConfig:
     """Settings of `tracker-eval watch`."""
 
@@ -91,6 +109,8 @@ class WatchConfig:
     marked undeliverable and later steps go on; a refusal (e.g. HTTP 400) marks it at once."""
     best: BestConfig | None = None
     """Track the best checkpoint by this metric; null = off."""
+    alerts: tuple[AlertConfig, ...] = ()
+    """Regression alerts, each raised once per (step, rule) and delivered once to every tracker."""
     fast_path: bool = True
     """React to local filesystem events (inotify) in addition to polling."""
     lease_ttl_s: float = 30.0

@@ -102,7 +102,8 @@ def _summary(config: Any, config_path: str, *, seconds: float) -> None:
     doc = collect_status(config)
     steps = [{"step": s["step"], "metrics": {name: value for suite, entry in s["suites"].items()
                                              for key, value in entry["metrics"].items()
-                                             if (name := f"{suite}/{key}") in HEADLINE}} for s in doc["steps"]]
+                                             if (name := f"{suite}/{key}").removesuffix("_stderr") in HEADLINE}}
+             for s in doc["steps"]]
     plot = plot_metrics(steps, os.path.join(config.output_dir, "harness_metrics.png"),
                         title="tracker-eval demo: byte LM, LM Evaluation Harness on held-out pydoc text")
     header = ["step", *HEADLINE]

@@ -33,6 +33,7 @@ from tracker_eval.evaluation.models import ModelAdapter, adapt_model
 from tracker_eval.evaluation.result import EvalResult, runtime_provenance
 from tracker_eval.evaluation.sharding import BatchPlacer, place_params, put_replicated
 from tracker_eval.evaluation.state import EvalState
+from tracker_eval.paired import with_stderr
 
 LOG = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ class ExtendedEvaluation:
         self.last_result = EvalResult(
             step=int(state.step),
             checkpoint=self._context.get("checkpoint", ""),
-            metrics=scalars,
+            metrics=with_stderr(scalars, per_example),
             per_example=per_example,
             provenance=provenance,
         )

@@ -45,6 +45,9 @@ class EvalResult:
         logged by trackers that can show them (MLflow artifacts, W&B tables).
       suite_version: which set of the suite's number-changing options produced it, counted by the
         ledger (1 = the first); trackers key version N > 1 apart (`tracker_eval.identity`).
+      alerts: regression alerts raised for this step (`tracker_eval.runners.alerts`), each a dict of
+        JSON values with a ``message``; stored with the result, so each tracker gets them exactly
+        once, with the result's delivery.
     """
 
     step: int
@@ -56,6 +59,7 @@ class EvalResult:
     suite: str = ""
     samples: Mapping[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     suite_version: int = 1
+    alerts: tuple[Mapping[str, Any], ...] = ()
 
     def to_json(self, *, per_example_lists: bool = False) -> dict[str, Any]:
         """Returns a JSON-ready dict; per-example arrays become lists only when asked.
@@ -75,6 +79,8 @@ class EvalResult:
             out["suite"] = self.suite
         if self.suite_version != 1:
             out["suite_version"] = int(self.suite_version)
+        if self.alerts:  # likewise a result without alerts
+            out["alerts"] = [dict(alert) for alert in self.alerts]
         if per_example_lists:
             out["metrics"].update({k: _json_list(v) for k, v in self.per_example.items()})
         return out
@@ -95,6 +101,7 @@ class EvalResult:
             suite=str(data.get("suite", "")),
             samples=dict(samples or {}),
             suite_version=int(data.get("suite_version", 1)),
+            alerts=tuple(data.get("alerts", ())),
         )
 
 

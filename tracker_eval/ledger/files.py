@@ -183,6 +183,7 @@ def decode_result(
         time=float(data["time"]),
         suite=str(data.get("suite", "")),
         samples=dict(samples or {}),
+        alerts=tuple(data.get("alerts", ())),
     )
 
 

@@ -3,39 +3,22 @@
     status = read_ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", best=("loss", "min"))
     status.rows, status.best, status.heartbeat       # None instead when there is no ledger yet
 
-A `Ledger` writes as it opens (a write probe, the stream row, logger and best reconciliation), so
-reading through one would change what it reads. SQLite in WAL mode writes even for a plain reader
-(it creates ``-wal`` and ``-shm`` beside the file), so the file is opened in whichever of three ways
-writes nothing:
-
-- no ``-wal`` file: no writer has the file open (the last one to close folds the WAL back into the
-  file and removes it), so the file is complete and is read as ``immutable``, which creates
-  nothing. A writer that appears meanwhile leaves a ``-wal`` or changes the file; the read is then
-  done again the next way.
-- a ``-wal`` file (a live writer, or one that was killed): ``mode=ro``, which sees every committed
-  transaction through the shared-memory index. SQLite maintains that index (``-shm``) for every
-  reader; the data (the file and its WAL) are never written.
-- a read-only mount where ``-shm`` is missing, so SQLite cannot build that index: the file and its
-  WAL are copied to a private temporary directory and read there.
+It reads through `tracker_eval.ledger.readonly`, which says how a file is read without writing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import shutil
 import sqlite3
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import best_of, read_best, tracked_metric
-from tracker_eval.ledger.db import LEDGER_FILENAME, LedgerError
+from tracker_eval.ledger.readonly import read_stream
 from tracker_eval.ledger.reads import StepReads
-from tracker_eval.ledger.schema import SCHEMA_VERSION
-from tracker_eval.locations import normalize_checkpoint_dir
 
 T = TypeVar("T")
 
@@ -111,7 +94,7 @@ def read_ledger(
         return LedgerStatus(rows=view.rows(), best=view.best_by(*best) if best else None,
                             heartbeat=view.last_heartbeat())
 
-    return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, read=read,
+    return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, read=read,
                         busy_timeout_s=busy_timeout_s)
 
 
@@ -184,7 +167,7 @@ def read_run(
         return RunStatus(suites={name: view.rows() for name, view in views.items()}, best=best_value,
                          heartbeat=heartbeat)
 
-    return _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+    return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
                         busy_timeout_s=busy_timeout_s)
 
 
@@ -213,93 +196,48 @@ def read_suite_versions(
             versions[name] = known[0] if known else len(held) + 1
         return versions
 
-    versions = _read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
+    versions = read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
                             busy_timeout_s=busy_timeout_s)
     return versions if versions is not None else dict.fromkeys(suites, 1)
 
 
-def _read_stream(
-    output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], config_hash: str,
-    read: Callable[[sqlite3.Connection, int], T], busy_timeout_s: float,
-) -> T | None:
-    """`read(conn, stream_id)` of one stream, in one snapshot, without writing; None when there is
-    no ledger, no schema yet or no such stream."""
-    path = Path(output_dir) / LEDGER_FILENAME
-    if not path.exists():
-        return None
-    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
+def read_results(
+    output_dir: str | os.PathLike[str],
+    *,
+    checkpoint_dir: str | os.PathLike[str],
+    stream_hash: str,
+    steps: Sequence[int],
+    suite: tuple[str, str] | None = None,
+    busy_timeout_s: float = 30.0,
+) -> dict[int, EvalResult | None] | None:
+    """The stored results of `steps` of one stream (or one suite of a run), per-example values and
+    samples included, without writing anything. Only those steps' rows and files are read, however
+    many steps the stream has.
 
-    def snapshot(conn: sqlite3.Connection) -> T | None:
-        if not _schema_ready(conn, path):
-            return None
-        conn.execute("BEGIN")  # one snapshot for every query of `read`
-        try:
-            found = conn.execute(
-                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key
-            ).fetchone()
-            return None if found is None else read(conn, found[0])
-        finally:
-            conn.execute("COMMIT")
+    Args:
+      output_dir: the directory holding ``ledger.sqlite``.
+      checkpoint_dir: the stream's checkpoint directory.
+      stream_hash: the stream's eval-config hash, or the run's hash (`EvalConfig.run_hash`) with `suite`.
+      steps: the steps wanted.
+      suite: (suite name, its stream hash) for a config with suites.
+      busy_timeout_s: how long a read waits while a writer recovers the file.
 
-    try:
-        return _read_without_writing(path, snapshot, busy_timeout_s=busy_timeout_s)
-    except sqlite3.Error as error:
-        raise LedgerError(f"cannot read the ledger {path}: {error}") from error
+    Returns:
+      step -> its result (None where the step has none stored), or None when the ledger has no such
+      stream or suite.
 
+    Raises:
+      LedgerError: the file cannot be read, or has a schema this version cannot read.
+    """
+    def read(conn: sqlite3.Connection, stream: int) -> dict[int, EvalResult | None] | None:
+        if suite is not None:
+            found = conn.execute("SELECT stream_id FROM streams WHERE parent_id = ? AND suite = ? AND config_hash = ?",
+                                 (stream, *suite)).fetchone()
+            if found is None:
+                return None
+            stream = found[0]
+        view = LedgerView(conn, output_dir=Path(output_dir), stream=stream)
+        return {step: view.result(step) for step in steps}
 
-def _read_without_writing(path: Path, read: Callable[[sqlite3.Connection], T], *, busy_timeout_s: float) -> T:
-    wal = Path(f"{path}-wal")
-    if not wal.exists():
-        before = _identity(path)
-        with _connect(f"file:{_quote(path)}?immutable=1", busy_timeout_s) as conn:
-            result = read(conn)
-        if not wal.exists() and _identity(path) == before:
-            return result
-    try:
-        with _connect(f"file:{_quote(path)}?mode=ro", busy_timeout_s) as conn:
-            return read(conn)
-    except sqlite3.OperationalError:
-        # A read-only mount without the shared-memory file: read a private copy instead.
-        with tempfile.TemporaryDirectory(prefix="tracker-eval-ledger-") as tmp:
-            copy = Path(tmp) / path.name
-            shutil.copyfile(path, copy)
-            if wal.exists():
-                shutil.copyfile(wal, f"{copy}-wal")
-            with _connect(f"file:{_quote(copy)}", busy_timeout_s) as conn:
-                return read(conn)
-
-
-@contextlib.contextmanager
-def _connect(uri: str, busy_timeout_s: float) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
-    try:
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA query_only = ON")
-        yield conn
-    finally:
-        conn.close()
-
-
-def _schema_ready(conn: sqlite3.Connection, path: Path) -> bool:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:  # being created right now
-        return False
-    if version != SCHEMA_VERSION:
-        newer = version > SCHEMA_VERSION
-        raise LedgerError(
-            f"the ledger {path} has schema version {version}, "
-            + ("newer than this tracker-eval understands; upgrade tracker-eval"
-               if newer else "older than this tracker-eval's; run `tracker-eval watch` once to upgrade it")
-            + f" (this version reads {SCHEMA_VERSION}; status never changes the file)"
-        )
-    return True
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    stat = path.stat()
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _quote(path: Path) -> str:
-    # A file: URI: "?" and "#" in a directory name must not start the query or fragment.
-    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=stream_hash, read=read,
+                        busy_timeout_s=busy_timeout_s)

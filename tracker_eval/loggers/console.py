@@ -62,6 +62,7 @@ class ConsoleLogger:
         width = max((len(name) for name, _ in rows), default=0)
         lines = [f"{metric_key(self.prefix, tracker_suite(result), '')} step {result.step} ({result.checkpoint})"]
         lines += [f"  {name:<{width}}  {text}" for name, text in rows] or ["  (no metrics)"]
+        lines += [f"WARNING: regression alert: {alert['message']}" for alert in result.alerts]
         # One write per table: print() writes text and newline separately, and a log line from
         # another thread could land between them.
         stream = self._stream()

@@ -6,7 +6,9 @@ built-in eval and plug-ins), `stream` (ledgers, loggers and delivery of one stre
 suites the watcher claims next),
 `in_training` (InTrainingEvaluation), `claim` (keeps an evaluation claim alive, for both),
 `status` (`tracker-eval status`), `retry` (`tracker-eval retry`), `distributed` (JAX runtime
-start-up, process-0 decisions, peer monitor).
+start-up, process-0 decisions, peer monitor). Comparing steps: `pairing` (per-example values of two
+results by example identity), `compare` (`tracker-eval compare`), `gate` (`tracker-eval gate`),
+`best` (the best step against the runner-up), `alerts` (`watch.alerts`).
 
 May import: every stage below (checkpoints, evaluation, ledger, loggers) and the shared top level.
 Public names: Pipeline, Watcher, InTrainingEvaluation, PrimaryStream, collect_status.

@@ -103,9 +103,30 @@ def _collect_single(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
-        "best": None if best is None else {"step": best[0], "value": best[1]},
+        "best": None if best is None else {"step": best[0], "value": best[1],
+                                           **_uncertainty(config, "", steps, best)},
         "heartbeat": None if heartbeat is None else {"owner": heartbeat[0], "age_s": heartbeat_age_s},
     }
+
+
+def _uncertainty(
+    config: EvalConfig, suite: str, steps: list[dict[str, Any]], best: tuple[int, float]
+) -> dict[str, Any]:
+    """The best step against the runner-up (`tracker_eval.runners.best`): the fields and the line."""
+    from tracker_eval.runners.best import best_verdict  # noqa: PLC0415
+    from tracker_eval.runners.compare import stored_results  # noqa: PLC0415
+
+    def result_of(step: int) -> Any:
+        try:
+            return stored_results(config, suite, [step])[step]
+        except ConfigError:
+            return None
+
+    best_config = config.watch.best
+    stored = [(s["step"], s["metrics"]) for s in steps if s["state"] in ("evaluated", "delivered")]
+    verdict = best_verdict(stored, result_of, best=best, metric=best_config.metric, mode=best_config.mode,
+                           suite=suite)
+    return {**verdict.to_json(), "summary": verdict.line()}
 
 
 # From least to most advanced: a step's state over its configured suites is the first one any has.
@@ -149,7 +170,10 @@ def _collect_suites(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
-        "best": None if status.best is None else {"suite": best[0], "step": status.best[0], "value": status.best[1]},
+        "best": None if status.best is None else {
+            "suite": best[0], "step": status.best[0], "value": status.best[1],
+            **_uncertainty(config, best[0], [{"step": s["step"], **s["suites"][best[0]]} for s in steps
+                                             if best[0] in s["suites"]], status.best)},
         "heartbeat": None if heartbeat is None else {"owner": heartbeat[0],
                                                      "age_s": round(time.time() - heartbeat[1], 1)},
     }
@@ -182,7 +206,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
         return f"no evaluations recorded yet; newest checkpoint: {_newest(doc)}"
     if "suites" in doc:
         return _suites_table(doc)
-    metric_names = sorted({k for s in steps for k in s["metrics"]})[:4]
+    metric_names = _headline({k for s in steps for k in s["metrics"]}, 4)
     loggers = sorted({k for s in steps for k in s["deliveries"]})
     header = ["step", "state", *metric_names, *loggers]
     lines = [header]
@@ -197,7 +221,7 @@ def format_table(doc: dict[str, Any], *, prefix: str = "eval") -> str:
     best = doc.get("best")
     footer = f"\nnewest checkpoint: {_newest(doc)}, lag: {doc['lag_steps']} steps"
     if best:
-        footer += f", best: step {best['step']} ({_fmt(best['value'])})"
+        footer += "\n" + best.get("summary", f"best: step {best['step']} ({_fmt(best['value'])})")
     stuck = [(s["step"], name, s["delivery_errors"].get(name, ""))
              for s in steps for name, state in sorted(s["deliveries"].items()) if state == "undeliverable"]
     if stuck:
@@ -211,7 +235,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     groups = []
     for name in doc["suites"]:
         rows = [s["suites"][name] for s in doc["steps"] if name in s["suites"]]
-        groups.append((name, sorted({k for r in rows for k in r["metrics"]})[:2]))
+        groups.append((name, _headline({k for r in rows for k in r["metrics"]}, 2)))
     header = ["step", *[f"{name}/{col}" for name, metrics in groups for col in ("state", *metrics, "delivered")]]
     lines = [header]
     for s in doc["steps"]:
@@ -232,7 +256,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     best = doc.get("best")
     footer = f"\nnewest checkpoint: {_newest(doc)}, lag: {doc['lag_steps']} steps"
     if best:
-        footer += f", best: step {best['step']} ({best['suite']}: {_fmt(best['value'])})"
+        footer += f"\n{best['suite']}: {best['summary']}"
     return text + footer
 
 
@@ -240,6 +264,12 @@ def _newest(doc: dict[str, Any]) -> str:
     """The newest checkpoint, or why it is not known (a bucket missing, its server down)."""
     error = doc.get("storage_error")
     return f"unknown ({error})" if error else str(doc["newest_step"])
+
+
+def _headline(names: set[str], count: int) -> list[str]:
+    """The first `count` metric names, means before their ``_stderr`` (which `--json` has in full)."""
+    means = sorted(name for name in names if not (name.endswith("_stderr") and name[:-7] in names))
+    return (means + sorted(set(names) - set(means)))[:count]
 
 
 def _fmt(value: Any) -> str:

@@ -100,7 +100,7 @@ class PrimaryStream:
     session: Any
     delivery: Any
     owner: str
-    published_best: tuple[int, float] | None = None
+    published_best: Any = None  # (best (step, value), runner-up) as last written to best.json
 
     def _step_folder(self, step: int) -> str:
         """The folder of `step` under checkpoint_dir (`checkpoint_<N>` for xlstm-jax's trainer)."""
@@ -155,7 +155,15 @@ class PrimaryStream:
         """Stores an evaluated result in its suite's ledger (under this process's claim), publishes
         a new best checkpoint and wakes delivery; False when the claim was lost and the result was
         not stored."""
-        recorded = self.ledgers[result.suite].record_metrics(result, owner=self.owner)
+        ledger = self.ledgers[result.suite]
+        if self.config.watch.alerts:
+            from tracker_eval.runners.alerts import raise_alerts  # noqa: PLC0415
+
+            # Stored with the result in one transaction: raised once per (step, rule), delivered with it.
+            alerts = raise_alerts(self.config, ledger, result)
+            if alerts:
+                result = dataclasses.replace(result, alerts=alerts)
+        recorded = ledger.record_metrics(result, owner=self.owner)
         self.publish_best()
         self.delivery.notify()
         return recorded
@@ -175,20 +183,43 @@ class PrimaryStream:
         with open(f"{path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             suite = self.config.best_suite()
-            best = self.ledgers[suite].best()
-            if best is None or best == self.published_best:
+            ledger = self.ledgers[suite]
+            best = ledger.best()
+            if best is None:
+                return
+            verdict = self._best_verdict(ledger, suite, best)
+            published = (best, verdict.get("runner_up"))
+            if published == self.published_best:
                 return
             step, value = best
             payload = {"step": step, "metric": best_config.metric, "mode": best_config.mode, "value": value,
                        "checkpoint": join_path(self.config.checkpoint_dir, self._step_folder(step))}
             if suite:
                 payload["suite"] = suite
+            payload.update(verdict)
             with open(f"{path}.tmp", "w") as f:
                 json.dump(payload, f, indent=2)
             os.replace(f"{path}.tmp", path)
-        self.published_best = best
+        self.published_best = published
         self.delivery.notify()
         LOG.info("tracker-eval: best checkpoint so far: step %d (%s=%.4g)", step, best_config.metric, value)
+
+    def _best_verdict(self, ledger: Any, suite: str, best: tuple[int, float]) -> dict[str, Any]:
+        """The best against the runner-up (`tracker_eval.runners.best`), as ``best.json`` adds it.
+
+        A new runner-up changes the verdict as surely as a new best, so both decide a rewrite.
+        """
+        from tracker_eval.runners.best import best_verdict  # noqa: PLC0415
+
+        best_config = self.config.watch.best
+        stored = [(row["step"], row["metrics"]) for row in ledger.rows() if row["state"] in ("evaluated", "delivered")]
+        try:
+            verdict = best_verdict(stored, ledger.result, best=best, metric=best_config.metric,
+                                   mode=best_config.mode, suite=suite)
+        except (OSError, ValueError) as error:  # an unreadable stored file: the best itself still counts
+            LOG.warning("tracker-eval: best step %d not tested against the runner-up: %s", best[0], error)
+            return {}
+        return {**verdict.to_json(), "summary": verdict.line()}
 
     def close(self, *, drain_s: float, close_timeout_s: float) -> bool:
         """Waits up to `drain_s` for deliveries, closes the loggers; True when everything was delivered.

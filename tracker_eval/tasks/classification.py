@@ -5,7 +5,8 @@
     eval_function: tracker_eval.tasks.classification:eval_function
     data: tracker_eval.tasks.classification:make_eval_data
 
-Metrics: loss (mean cross-entropy), accuracy, per-example loss (`example_loss`).
+Metrics: loss (mean cross-entropy), accuracy, and their per-example values (`example_loss`,
+`example_accuracy`: 1 or 0 per example), which give `loss_stderr`, `accuracy_stderr` and paired comparisons.
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def eval_function(
     params: Any, apply_fn: Callable[..., Any], batch: Mapping[str, jax.Array], rng: jax.Array
 ) -> tuple[dict[str, Any], None]:
-    """Loss, accuracy and per-example loss of one batch."""
+    """Loss, accuracy and their per-example values for one batch."""
     del rng
     logits = apply_fn({"params": params}, batch["x"])
     loss = cross_entropy(logits, batch["y"])
     correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-    return {"loss": Mean(loss), "accuracy": Mean(correct), "example_loss": PerExample(loss)}, None
+    return {"loss": Mean(loss), "accuracy": Mean(correct), "example_loss": PerExample(loss),
+            "example_accuracy": PerExample(correct)}, None
 
 
 @functools.cache

@@ -160,6 +160,8 @@ class MlflowLogger:
         for name, array in result.per_example.items():
             for stat, number in per_example_summary(array).items():
                 values[sanitize_key(metric_key(self.prefix, suite, f"per_example/{name}/{stat}"))] = number
+        alerts = {sanitize_key(metric_key(self.prefix, suite, f"alerts/{a['metric']}")): a for a in result.alerts}
+        values.update({key: float(alert["diff"]) for key, alert in alerts.items()})  # the regression, B - A
         held = self._held_steps(client, run_id, list(values))
         todo = {k: v for k, v in values.items() if step not in held.get(k, set())}
         if not todo:
@@ -167,6 +169,13 @@ class MlflowLogger:
         if result.per_example or result.provenance or result.samples:
             # Before the metrics: a step whose metrics the run holds has its artifacts too.
             log_step_artifacts(client, run_id, result)
+        if alerts:
+            # Tags before the `alerts/<metric>` values, like the artifacts; setting a tag again is harmless.
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, tags=[RunTag(sanitize_key(f"tracker_eval.alert.{key}.step_{step}"),
+                                                  alert["message"][:MAX_PARAM_VALUE_LENGTH])
+                                           for key, alert in alerts.items()], synchronous=True)
         metrics = [Metric(key, value, timestamp, step) for key, value in todo.items()]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             chunk = metrics[start : start + MAX_METRICS_PER_BATCH]

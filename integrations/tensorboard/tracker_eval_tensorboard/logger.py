@@ -91,8 +91,9 @@ class TensorboardLogger:
         self._config = dict(config)
 
     def log_result(self, result: EvalResult) -> None:
-        """Buffers one event at ``result.step``: scalars ``<prefix>/<metric>`` and histograms
-        ``<prefix>/per_example/<name>`` (``<prefix>/<suite>/...`` for a suite's result); the first
+        """Buffers one event at ``result.step``: scalars ``<prefix>/<metric>``, histograms
+        ``<prefix>/per_example/<name>`` and a text ``<prefix>/alerts/<metric>`` per regression alert
+        (``<prefix>/<suite>/...`` for a suite's result); the first
         one the run gets also carries the provenance text.
 
         A result whose tags the run already holds at that step, or that was logged since the last
@@ -110,6 +111,9 @@ class TensorboardLogger:
             finite = finite_values(array)
             if finite is not None and finite.size:
                 values.append(self._summaries.histogram(key(f"per_example/{n}"), finite, buckets=HISTOGRAM_BUCKETS))
+        for alert in result.alerts:  # a text in the step's own event: held, and skipped on a resend, with it
+            values.append(self._summaries.text(key(f"alerts/{alert['metric']}"),
+                                               alert["message"]))
         if not values:
             return
         tags = frozenset(value.tag for value in values)

@@ -186,6 +186,9 @@ class WandbLogger:
         run.config.update({"tracker_eval_provenance": dict(result.provenance),
                            "tracker_eval_checkpoint": result.checkpoint}, allow_val_change=True)
         run.log(row)
+        for alert in result.alerts:  # with the row: a resent step is skipped above, alerts with it
+            run.alert(title=f"tracker-eval: {metric_key(self.prefix, suite, alert['metric'])} regressed "
+                            f"at step {alert['step']}", text=alert["message"], level=wandb.AlertLevel.WARN)
         self._pending.add((step, suite))
         self._dirty = True
 

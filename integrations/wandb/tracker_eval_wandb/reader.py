@@ -132,3 +132,9 @@ def read_summary_updates(wandb_dir: str | os.PathLike[str], run_id: str) -> dict
             if record.get("type") == "summary":
                 summary.update(record["summary"].get("update", {}))
     return summary
+
+
+def read_alerts(wandb_dir: str | os.PathLike[str], run_id: str) -> list[dict[str, Any]]:
+    """Every alert the run's files hold (``run.alert``: title, text, level), oldest first."""
+    files = [f for d in run_dirs(wandb_dir, run_id) for f in sorted(d.glob("run-*.wandb"))]
+    return [record["alert"] for path in files for record in read_records(path) if record.get("type") == "alert"]
