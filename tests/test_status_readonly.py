@@ -19,7 +19,7 @@ import pytest
 
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import stream_hash
-from tracker_eval.ledger import view
+from tracker_eval.ledger import readonly, view
 from tracker_eval.ledger.steps import Ledger
 
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
@@ -155,7 +155,7 @@ def test_wal_of_a_killed_writer_is_read_and_never_written(tmp_path, monkeypatch)
     # A read-only mount without the shared-memory file: SQLite refuses mode=ro, as it does there;
     # the private copy sees the WAL's transactions all the same and nothing here changes at all.
     opened = []
-    real_connect = view._connect
+    real_connect = readonly._connect
 
     def read_only_mount(uri, busy_timeout_s):
         opened.append(uri.partition("?")[2] or "copy")
@@ -163,7 +163,7 @@ def test_wal_of_a_killed_writer_is_read_and_never_written(tmp_path, monkeypatch)
             raise sqlite3.OperationalError("unable to open database file")
         return real_connect(uri, busy_timeout_s)
 
-    monkeypatch.setattr(view, "_connect", read_only_mount)
+    monkeypatch.setattr(readonly, "_connect", read_only_mount)
     before = _files(out)
     status = _read(config)
     assert opened == ["mode=ro", "copy"]
@@ -188,7 +188,7 @@ def test_a_writer_starting_during_an_immutable_read_is_seen(tmp_path):
         return steps
 
     try:
-        assert view._read_without_writing(path, read, busy_timeout_s=5.0) == [10, 20]
+        assert readonly._read_without_writing(path, read, busy_timeout_s=5.0) == [10, 20]
     finally:
         for writer in writers:
             writer.close()
