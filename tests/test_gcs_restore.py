@@ -116,7 +116,7 @@ def _restore_in_thread(mesh: Mesh, *, bound_s: float = 120.0) -> BaseException |
 
 
 def test_storage_failures_end_a_restore_after_a_bounded_number_of_attempts(gcs, gcs_env, saved, monkeypatch):
-    remote.bound_storage_waits()
+    remote.bound_storage_waits(ROOT)
     proxy = CountingProxy(gcs.url)
     try:
         for key, value in gcs.env(proxy.url).items():
@@ -145,7 +145,7 @@ def test_a_dead_server_is_unreachable_not_a_deleted_step(gcs, gcs_env, saved, mo
     from tracker_eval.config import EvalConfig
     from tracker_eval.runners.status import collect_status
 
-    remote.bound_storage_waits()
+    remote.bound_storage_waits(ROOT)
     dead = f"http://127.0.0.1:{free_port()}"
     for key, value in gcs.env(dead).items():
         monkeypatch.setenv(key, value)

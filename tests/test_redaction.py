@@ -122,3 +122,28 @@ def test_no_credential_reaches_stderr_the_ledger_status_or_eval_output(tmp_path,
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=180, env=child_env())
+
+
+def test_status_masks_a_credential_that_an_older_ledger_holds(tmp_path):
+    """Ledgers written before error texts were masked may hold one; status shows it masked."""
+    import numpy as np
+
+    from tracker_eval.config import load_config
+    from tracker_eval.evaluation.result import EvalResult
+    from tracker_eval.ledger.steps import Ledger
+    from tracker_eval.runners.status import collect_status
+
+    (tmp_path / "ckpts" / "10").mkdir(parents=True)
+    config = load_config(write_config(tmp_path, watch={}, loggers=[{"type": "jsonl"}]))
+    secret = uuid.uuid4().hex
+    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
+                loggers=["jsonl"]) as ledger:
+        assert ledger.claim(10, owner="old")
+        assert ledger.record_metrics(EvalResult(step=10, checkpoint="/ckpts/10", metrics={"loss": 0.5},
+                                                per_example={"loss": np.ones(2)}), owner="old")
+        with ledger._conn() as conn:  # as an older version stored it: unmasked
+            conn.execute("UPDATE outbox SET last_error = ?", (f"API request to http://alice:{secret}@host failed",))
+            conn.execute("UPDATE steps SET reason = ?", (f"token={secret}",))
+    row = collect_status(config)["steps"][0]
+    assert row["delivery_errors"] == {"jsonl": "API request to http://***@host failed"}
+    assert row["reason"] == "token=***"

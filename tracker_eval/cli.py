@@ -199,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tracker_eval.checkpoints.remote import bound_storage_waits  # noqa: PLC0415
     from tracker_eval.loggers.session import LoggerSession  # noqa: PLC0415
 
-    bound_storage_waits()  # a dead bucket fails in seconds, not after minutes of library retries
+    bound_storage_waits(config.checkpoint_dir)  # a dead bucket fails in seconds, not after minutes of retries
     session = LoggerSession.open(config) if distributed.is_primary() else None
     try:
         step = args.step

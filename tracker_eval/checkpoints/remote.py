@@ -1,7 +1,7 @@
 """How the storage clients under Orbax behave on object storage: fresh listings, bounded waits.
 
     fresh_remote_listings("gs://bucket/run")   # any process reading gs:// steps: no stale listings
-    bound_storage_waits()                      # `tracker-eval watch`/`eval` processes: fail in seconds
+    bound_storage_waits("gs://bucket/run")     # `tracker-eval watch`/`eval` processes: fail in seconds
 
 Orbax reads `gs://` through two clients. Metadata (exists, small JSON files) goes through
 etils.epath -> fsspec -> gcsfs; array data through TensorStore. Their defaults suit a training
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from tracker_eval.locations import is_url
 
 LOG = logging.getLogger(__name__)
 
@@ -51,16 +53,20 @@ def fresh_remote_listings(checkpoint_dir: str | os.PathLike[str]) -> None:
     fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 
 
-def bound_storage_waits() -> None:
+def bound_storage_waits(checkpoint_dir: str | os.PathLike[str]) -> None:
     """Bounds how long gcsfs and TensorStore retry or wait on object storage, in this process.
 
     Idempotent. Call it before the first gs:// read; settings the libraries read once (the
     TensorStore HTTP transport's stall limit) are only set when the environment does not set them.
     A library whose private hook moved in a later version is left at its defaults, with a debug
-    line saying so.
+    line saying so. A local `checkpoint_dir` needs none of it, and gcsfs (over half a second to
+    import) is then never imported.
+
+    Args:
+      checkpoint_dir: where the checkpoints are; only a URL (gs://, ...) changes anything.
     """
     global _bounded
-    if _bounded:
+    if _bounded or not is_url(checkpoint_dir):
         return
     _bounded = True
     os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(STALL_TIMEOUT_S))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -74,11 +75,13 @@ def adapt_model(model: Any) -> ModelAdapter:
       TypeError: for anything that is not a linen Module, an nnx Module or a callable.
     """
     from flax import linen as nn  # noqa: PLC0415
-    from flax import nnx
 
     if isinstance(model, nn.Module):
         return ModelAdapter(kind="linen", apply_fn=model.apply, module=model)
-    if isinstance(model, nnx.Module):
+    # An nnx module's class imported flax.nnx already; importing it for a linen model or a
+    # function would add a quarter of a second to every cold start.
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(model, nnx.Module):
         return ModelAdapter(kind="nnx", apply_fn=_nnx_apply(model), module=model)
     if callable(model):
         return ModelAdapter(kind="function", apply_fn=model)

@@ -17,6 +17,7 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import read_best
 from tracker_eval.ledger.db import LedgerStore, read_snapshot
 from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays, read_samples
+from tracker_eval.redact import redact_text
 
 
 class StepState(enum.StrEnum):
@@ -98,12 +99,13 @@ class StepReads(LedgerStore):
         for step, logger, state, last_error in outbox:
             deliveries.setdefault(step, {})[logger] = state
             if state != "delivered" and last_error:
-                errors.setdefault(step, {})[logger] = last_error
+                # Masked on reading too: a ledger written by an older version may hold a credential.
+                errors.setdefault(step, {})[logger] = redact_text(last_error)
         return [
             {
                 "step": step,
                 "state": StepState(state),
-                "reason": reason,
+                "reason": redact_text(reason) if reason else reason,
                 "attempts": attempts,
                 "owner": owner,
                 "metrics": {} if payload is None else decoded_metrics(payload),

@@ -43,7 +43,7 @@ def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
 
     config = load_config(config_path, overrides=overrides)
     components = Components.resolve(config)  # a typo fails now, not after waiting for peers
-    bound_storage_waits()  # a dead bucket fails a restore in seconds; the watcher retries later
+    bound_storage_waits(config.checkpoint_dir)  # a dead bucket fails a restore in seconds; retried later
     distributed.initialize(config.distributed)
     watcher = Watcher(config, components=components)
     watcher.install_signal_handlers()

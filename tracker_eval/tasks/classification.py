@@ -12,6 +12,8 @@ Metrics: loss (mean cross-entropy), accuracy, and their per-example values (`exa
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pathlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import nnx
 
 from tracker_eval.metrics import Mean, PerExample
 from tracker_eval.tasks.batching import process_batches
@@ -40,25 +41,17 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, name="out")(x)
 
 
-class NnxMLP(nnx.Module):
-    """The same perceptron in flax.nnx."""
-
-    def __init__(self, *, hidden: int = 64, num_classes: int = NUM_CLASSES, rngs: nnx.Rngs) -> None:
-        self.hidden = nnx.Linear(FEATURES, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(nnx.relu(self.hidden(x)))
-
-
 def make_model(hidden: int = 64) -> MLP:
     """Zero-arg factory (the config's `model:`) for the linen MLP."""
     return MLP(hidden=hidden)
 
 
-def make_nnx_model(hidden: int = 64, seed: int = 0) -> NnxMLP:
-    """Zero-arg factory for the nnx MLP; its params come from the checkpoint."""
-    return NnxMLP(hidden=hidden, rngs=nnx.Rngs(seed))
+def make_nnx_model(hidden: int = 64, seed: int = 0) -> Any:
+    """Zero-arg factory for the nnx MLP (`tracker_eval.tasks.classification_nnx`); its params come
+    from the checkpoint. flax.nnx is imported only here, so a linen model's process never pays for it."""
+    from tracker_eval.tasks.classification_nnx import NnxMLP  # noqa: PLC0415
+
+    return NnxMLP(hidden=hidden, num_classes=NUM_CLASSES, features=FEATURES, seed=seed)
 
 
 def init_params(model: MLP, *, seed: int = 0) -> Any:
@@ -86,12 +79,30 @@ def eval_function(
 
 @functools.cache
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 digits as float32 features in [0, 1] and int32 labels, fixed shuffled order."""
-    from sklearn.datasets import load_digits as sk_load  # noqa: PLC0415 - only the tasks need sklearn
+    """The 1,797 digits as float32 features in [0, 1] and int32 labels, fixed shuffled order.
 
-    data = sk_load()
-    order = np.random.RandomState(0).permutation(len(data.target))
-    return (data.data[order] / 16.0).astype(np.float32), data.target[order].astype(np.int32)
+    Read straight from the CSV file scikit-learn ships (what its `load_digits` reads): importing
+    scikit-learn itself takes seconds, more than the rest of a small evaluation's start.
+    """
+    table = _bundled_digits()
+    if table is None:  # a scikit-learn that keeps the file elsewhere
+        from sklearn.datasets import load_digits as sk_load  # noqa: PLC0415 - only the tasks need sklearn
+
+        data = sk_load()
+        features, labels = data.data, data.target
+    else:
+        features, labels = table[:, :-1], table[:, -1]
+    order = np.random.RandomState(0).permutation(len(labels))
+    return (features[order] / 16.0).astype(np.float32), labels[order].astype(np.int32)
+
+
+def _bundled_digits() -> np.ndarray | None:
+    """scikit-learn's digits table (64 pixel columns, then the label), found without importing it."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("the digits data comes with scikit-learn; pip install scikit-learn")
+    path = pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return np.loadtxt(path, delimiter=",") if path.is_file() else None
 
 
 def split_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
