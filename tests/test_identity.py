@@ -8,21 +8,23 @@ import collections
 import hashlib
 import json
 import pathlib
+import subprocess
 import uuid
 from typing import Any
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
-from test_suites import VAL, jsonl_by_suite, run_watch, status_json, suite, write_suites_config
+from test_suites import VAL, run_watch, status_json, suite, write_suites_config
 from tracker_eval_tensorboard.logger import default_run_name
-from watcher_harness import mlflow_points, mlflow_run, publish, wandb_rows, wandb_summary
+from watcher_harness import EXE, child_env, mlflow_points, mlflow_run, publish, wandb_rows, wandb_summary
 
 from tracker_eval.config import load_config
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
 from tracker_eval.ledger.steps import Ledger
 from tracker_eval.ledger.view import read_suite_versions
+from tracker_eval.loggers.jsonl import read_jsonl
 from tracker_eval.runners.stream import open_ledger
 
 pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
@@ -67,12 +69,7 @@ def test_a_changed_suite_reaches_every_tracker_under_its_own_keys_and_status_kee
     labels = {1: "val", 2: "val-v2"}
 
     # JSONL: each (step, version) once, the second version marked as such.
-    records = collections.defaultdict(list)
-    for (step, name), lines in jsonl_by_suite(out).items():
-        records[(step, name)] += lines
     versions = collections.Counter()
-    from tracker_eval.loggers.jsonl import read_jsonl  # noqa: PLC0415
-
     for record in read_jsonl(out / "metrics.jsonl"):
         version = record.get("suite_version", 1)
         versions[(record["step"], version)] += 1
@@ -114,6 +111,18 @@ def test_a_changed_suite_reaches_every_tracker_under_its_own_keys_and_status_kee
         for name, version in (("val", 2), ("val-v1", 1)):
             metrics = row["suites"][name]["metrics"]
             assert metrics["loss"] == pytest.approx(want[row["step"]][version]["loss"], rel=1e-5)
+
+    # `tracker-eval eval` (no ledger of its own) sends a new step under the keys the watcher uses.
+    publish(source_checkpoints, tmp_path / "ckpts", 60)
+    done = subprocess.run([EXE, "eval", "--config", str(changed), "--step", "60"], capture_output=True, text=True,
+                          timeout=300, env=child_env())
+    assert done.returncode == 0, done.stderr
+    reference = val_references(tmp_path / "ckpts", 60)[2]["loss"]
+    (line,) = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] == 60]
+    assert line.get("suite_version") == 2 and line["metrics"]["loss"] == pytest.approx(reference, rel=1e-5)
+    history = mlflow_points(mlflow_server.url, experiment)
+    assert [step for step, _ in sorted(history["eval/val-v2/loss"])] == [*STEPS, 60]
+    assert [step for step, _ in sorted(history["eval/val/loss"])] == list(STEPS)
 
 
 def _harness_config(tmp_path: pathlib.Path, options: dict[str, Any], name: str) -> Any:

@@ -44,7 +44,9 @@ class SuiteKind(Protocol):
 
     The class has a ``Config`` with ``from_mapping(options, where=...)`` that checks the suite's
     options (raising `ConfigError`), and is built once per run as
-    ``Kind(config, adapter=..., mesh=..., name=..., output_dir=...)``.
+    ``Kind(config, adapter=..., mesh=..., name=..., output_dir=...)``. The checked config's optional
+    ``numbers_key()`` returns the options that change the numbers, defaults applied: the suite's
+    identity (`tracker_eval.identity.suite_numbers`); without it every field counts.
     """
 
     def run(self, params: Any, *, step: int, exchange: Any, should_abort: Callable[[], bool] | None) -> SuiteOutput:
