@@ -16,6 +16,7 @@ suite where it is due (a suite added later is due on the steps the others have d
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -47,7 +48,12 @@ def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
     distributed.initialize(config.distributed)
     watcher = Watcher(config, components=components)
     watcher.install_signal_handlers()
-    return watcher.run()
+    code = watcher.run()
+    # Everything is closed and written. The interpreter's last garbage collection at exit took ~6 s
+    # of a 2-process harness job's stop on 2 cores (8 s from SIGTERM to exit, 1.6 s with this):
+    # what is still allocated is freed with the process instead.
+    gc.freeze()
+    return code
 
 
 class Watcher:

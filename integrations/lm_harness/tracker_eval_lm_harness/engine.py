@@ -17,7 +17,8 @@ broadcast its peer never joins. Each process runs the same program on its part o
 batch; outputs are replicated by the program itself, so process 0 reads them without a gather.
 Batches are dispatched without waiting for results (at most MAX_IN_FLIGHT queued) and results are
 read once, after the last batch. A stop request (`should_abort`) is honoured by process 0 before
-every batch (one process) or group (several), and process 0 tells the others.
+every batch: with several processes, it says before each batch of a group whether it runs, and
+the others wait for that word, so all stop between the same two batches.
 """
 
 from __future__ import annotations
@@ -104,9 +105,13 @@ class Engine:
                 self._executable(params, width)  # before the message: process 0's own failures come first
                 self._channel.send(f"RUN {width} {len(group)}")
                 self._channel.agree()
+                self._channel.forget_previous()
                 multihost_utils.broadcast_one_to_all(np.stack([_device_array(batches[i]) for i in group]))
-                self._channel.forget()
-                for i in group:
+                for k, i in enumerate(group):
+                    stop = self._should_abort is not None and self._should_abort()
+                    self._channel.say_batch(k, "stop" if stop else "go")
+                    if stop:
+                        raise EvalAborted("evaluation abandoned at a stop request")
                     results[i] = len(pending)
                     self._dispatch(params, batches[i], pending, fetch=True)
             pending = [pending[results[i]] for i in range(len(results))]
@@ -134,7 +139,10 @@ class Engine:
                 self._channel.agree()
                 shape = (CHUNK if count == CHUNK else 1, self.rows, len(DEVICE_FIELDS), width)
                 received = multihost_utils.broadcast_one_to_all(np.zeros(shape, np.int32))
-                for array in received[:count]:
+                for k, array in enumerate(received[:count]):
+                    if self._channel.hear_batch(k) == "stop":
+                        jax.block_until_ready(pending)
+                        raise EvalAborted("process 0 abandoned this evaluation at a stop request")
                     self._dispatch(params, array, pending)
                 del pending[:-MAX_IN_FLIGHT]  # nothing is read here: keep only what bounds the queue
             elif op == "STOP":
@@ -213,15 +221,29 @@ class _Channel:
         """
         self.exchange.agree_ready()
 
-    def forget(self) -> None:
-        """Drops the last message: every follower has read it (they agreed after reading it)."""
-        kvstore.delete(self.exchange.client, self._key())
+    def say_batch(self, index: int, verdict: str) -> None:
+        """Process 0: whether batch `index` of the current group runs (`go`) or the run stops (`stop`);
+        so a stop request takes effect between two batches on every process, not after a group."""
+        kvstore.put(self.exchange.client, f"{self._key()}/b{index}", verdict)
+
+    def hear_batch(self, index: int) -> str:
+        """A follower: process 0's word on batch `index` of the current group."""
+        return self._wait(f"{self._key()}/b{index}")
+
+    def forget_previous(self) -> None:
+        """Process 0: drops the previous group's message and batch words (every follower has agreed
+        since, so it has read them all)."""
+        if self.seq > 1:
+            kvstore.delete(self.exchange.client, f"{self.namespace}/{self.seq - 1}")
 
     def receive(self) -> str:
         """The next message; raises `PeerFailedError` within `POLL_S` of another process's failure."""
         self.seq += 1
+        return self._wait(self._key())
+
+    def _wait(self, key: str) -> str:
         while True:  # a lost process 0 is noticed by the heartbeats, not here
-            value = kvstore.wait_get(self.exchange.client, self._key(), timeout_s=POLL_S)
+            value = kvstore.wait_get(self.exchange.client, key, timeout_s=POLL_S)
             if value is not None:
                 return value
             self.exchange.check()
