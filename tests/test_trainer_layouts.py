@@ -160,8 +160,9 @@ def test_folders_that_match_no_step_name_are_said_in_one_line(
     config = _config(tmp_path, root, wrong)
     # eval: exit 2 with the line, naming the setting that reads them.
     assert main(["eval", "--config", str(config)]) == 2
-    said = capsys.readouterr().err
-    assert "checkpoint_10, checkpoint_20" in said and "set checkpoint.step_prefix: checkpoint to read them" in said
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "checkpoint_10, checkpoint_20" in said[0], said
+    assert "set checkpoint.step_prefix: checkpoint to read them" in said[0]
     # watch: the first poll says it, once; later polls do not repeat it.
     caplog.set_level(logging.WARNING, logger="tracker_eval")
     poller = StepPoller(root, poll_interval_s=0.1, step_names=StepNames("ckpt"))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.evaluation.models import ModelAdapter
-from tracker_eval.evaluation.sharding import place_params
+from tracker_eval.evaluation.sharding import batch_shards, place_params
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
 from tracker_eval_lm_harness.offline import prepare_environment, preserved_random_state
@@ -82,7 +82,7 @@ class HarnessSuite:
         self._scratch = tempfile.mkdtemp(prefix="suite-", dir=prepare_environment())
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.widths = width_ladder(config.max_length)
-        unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+        unit = math.lcm(batch_shards(mesh), jax.process_count())
         self.rows = -(-config.batch_size // unit) * unit
         self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing, namespace=name)
         from tracker_eval_lm_harness.tasks import TaskSet  # noqa: PLC0415 - imports lm-eval, after the switches
