@@ -22,7 +22,7 @@ from watcher_harness import WatcherProcess, jsonl_points
 
 from tracker_eval.checkpoints import gcs as gcs_lister
 from tracker_eval.checkpoints.listing import survey
-from tracker_eval.checkpoints.roots import StepNames, detect, strays
+from tracker_eval.checkpoints.roots import RootNaming, StepNames, detect, strays
 from tracker_eval.cli import main
 from tracker_eval.runners.polling import StepPoller
 from tracker_eval.runners.status import collect_status
@@ -160,8 +160,9 @@ def test_folders_that_match_no_step_name_are_said_in_one_line(
     config = _config(tmp_path, root, wrong)
     # eval: exit 2 with the line, naming the setting that reads them.
     assert main(["eval", "--config", str(config)]) == 2
-    said = capsys.readouterr().err
-    assert "checkpoint_10, checkpoint_20" in said and "set checkpoint.step_prefix: checkpoint to read them" in said
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "checkpoint_10, checkpoint_20" in said[0], said
+    assert "set checkpoint.step_prefix: checkpoint to read them" in said[0]
     # watch: the first poll says it, once; later polls do not repeat it.
     caplog.set_level(logging.WARNING, logger="tracker_eval")
     poller = StepPoller(root, poll_interval_s=0.1, step_names=StepNames("ckpt"))
@@ -237,3 +238,22 @@ def test_step_name_and_mesh_settings_are_checked(
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(_config(tmp_path, tmp_path, {"model": "trainer_writers:make_linen", **settings}))
+
+
+@pytest.mark.parametrize(
+    ("configured", "folders", "remedy"),
+    [
+        (None, ["10", "checkpoint_20"], "(detected): checkpoint_20; set checkpoint.step_prefix: checkpoint to read"),
+        (StepNames("checkpoint"), ["10", "20"], "(set): 10, 20; set checkpoint.step_prefix: '' to read them"),
+        (StepNames("checkpoint"), ["checkpoint_0007"], "set checkpoint.step_prefix: checkpoint, "
+                                                       "checkpoint.step_format_fixed_length: 4 to read them"),
+        (None, ["step-100", "step-200"], "(Orbax's default): step-100, step-200; Orbax names steps <N> or"),
+        (None, ["10", "10.orbax-checkpoint-tmp", "checkpoints_dataloaders"], None),  # nothing unread
+    ],
+)
+def test_the_line_on_unread_folders_names_the_setting_that_reads_them(
+    configured: StepNames | None, folders: list[str], remedy: str | None
+) -> None:
+    naming = RootNaming("/runs/r1", configured)
+    naming.read(folders)
+    assert (naming.notice is None) if remedy is None else (remedy in naming.notice)

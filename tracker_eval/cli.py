@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if distributed.is_primary():
             listed = _listed_steps(config)
             steps = listed.steps
-            if listed.notice:
+            if listed.notice and steps:  # without steps the error below is this line
                 print(f"tracker-eval: warning: {listed.notice}", file=sys.stderr)
             if step is None:
                 if not steps:

@@ -25,7 +25,6 @@ from typing import Protocol
 import orbax.checkpoint as ocp
 from etils import epath
 
-from tracker_eval.checkpoints.gcs import GcsStepLister
 from tracker_eval.checkpoints.roots import RootNaming, StepNames, check_is_root, file_not_root
 from tracker_eval.checkpoints.tree import StorageUnavailableError, _is_local
 
@@ -72,6 +71,8 @@ def open_lister(checkpoint_dir: str | os.PathLike[str], *, step_names: StepNames
     """
     location = os.fspath(checkpoint_dir)
     if location.startswith("gs://"):
+        from tracker_eval.checkpoints.gcs import GcsStepLister  # noqa: PLC0415 - requests/google-auth
+
         return GcsStepLister(location, step_names=step_names)
     root = epath.Path(location)
     if _is_local(root) and _finalized_by_rename(root):

@@ -132,10 +132,16 @@ def strays(names: StepNames, folders: Iterable[str]) -> list[str]:
     return sorted(f for f in folders if TMP_MARK not in f and _ENDS_IN_NUMBER.fullmatch(f) and names.step_of(f) is None)
 
 
-def stray_notice(location: str, names: StepNames, found: list[str], *, detected: bool) -> str:
-    """One line saying which folders are not read and the setting that would read them."""
+def stray_notice(location: str, names: StepNames, found: list[str], *, how: str) -> str:
+    """One line saying which folders are not read and the setting that would read them.
+
+    Args:
+        location: The root.
+        names: The step names read.
+        found: The folders not read (`strays`).
+        how: Where `names` came from: set, detected, or Orbax's default.
+    """
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    how = "detected" if detected else "set"
     fit = detect(found)
     remedy = (
         f"set {fit.settings()} to read them" if fit is not None
@@ -169,8 +175,11 @@ class RootNaming:
     def read(self, folders: Iterable[str]) -> dict[int, str]:
         """{step: folder name} of the folders that are steps; updates `names` and `notice`."""
         folders = list(folders)
+        how = "set"
         if self.configured is None:
-            self.names = detect(folders) or StepNames()
+            detected = detect(folders)
+            self.names = detected or DEFAULT_NAMES
+            how = "Orbax's default" if detected is None else "detected"
             if self.names != DEFAULT_NAMES and (self.location, self.names) not in _SAID:
                 _SAID.add((self.location, self.names))
                 LOG.info("tracker-eval: checkpoint_dir %r: step folders are named %s (detected; %s sets it)",
@@ -181,8 +190,7 @@ class RootNaming:
             if step is not None:
                 steps[step] = folder
         unread = strays(self.names, folders)
-        self.notice = (stray_notice(self.location, self.names, unread, detected=self.configured is None)
-                       if unread else None)
+        self.notice = stray_notice(self.location, self.names, unread, how=how) if unread else None
         return steps
 
 

@@ -33,7 +33,7 @@ from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.evaluator import EvalAborted
 from tracker_eval.evaluation.models import ModelAdapter
-from tracker_eval.evaluation.sharding import place_params
+from tracker_eval.evaluation.sharding import batch_shards, place_params
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
 from tracker_eval_lm_harness.offline import prepare_environment
@@ -91,7 +91,7 @@ class HarnessSuite:
         self._scratch = tempfile.mkdtemp(prefix="suite-", dir=prepare_environment())
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.widths = width_ladder(config.max_length)
-        unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+        unit = math.lcm(batch_shards(mesh), jax.process_count())
         self.rows = -(-config.batch_size // unit) * unit
         self.engine = Engine(adapter.apply_fn, mesh, rows=self.rows, packing=config.packing)
         self._serial = next(_SERIALS)  # same on every process: they build suites in the same order
