@@ -126,3 +126,36 @@ def test_the_watcher_delivers_every_suite_equal_to_float64_references_in_mlflow(
     on_disk = (out / line["samples"]["pydoc_cloze"]).read_text().splitlines()
     assert [json.loads(text) for text in on_disk] == records
     assert sum(r["acc"] for r in records) / LIMIT == pytest.approx(delivered["eval/harness/pydoc_cloze/acc"][100])
+
+
+def test_compare_pairs_the_harness_records_by_document(demo):
+    """`tracker-eval compare` of the two checkpoints: per document, equal to scipy on the records."""
+    from scipy import stats
+
+    out, _ = demo
+    proc = subprocess.run([EXE, "compare", "--config", str(out / "demo.yaml"), "50", "100", "--suite", "harness",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = {entry["metric"]: entry for entry in json.loads(proc.stdout)["metrics"]}
+    lines = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in lines if r.get("suite") == "harness"}
+
+    def values(step: int, metric: str) -> np.ndarray:
+        records = [json.loads(t) for t in (out / by_step[step]["samples"]["pydoc_cloze"]).read_text().splitlines()]
+        by_doc = {r["doc_id"]: float(r[metric]) for r in records}
+        return np.asarray([by_doc[doc] for doc in sorted(by_doc)])
+
+    for metric in ("acc", "acc_norm"):
+        a, b = values(50, metric), values(100, metric)
+        entry = got[f"pydoc_cloze/{metric}"]
+        assert entry["n"] == LIMIT
+        assert entry["mean_a"] == pytest.approx(a.mean(), rel=1e-9) and entry["mean_b"] == pytest.approx(b.mean())
+        want = stats.ttest_rel(b, a)
+        if np.all(a == b):
+            assert entry["p"] is None and entry["diff"] == 0
+        else:
+            assert entry["p"] == pytest.approx(float(want.pvalue), rel=1e-9)
+        only_a, only_b = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
+        assert (entry["mcnemar"]["only_a"], entry["mcnemar"]["only_b"]) == (only_a, only_b)
+        expected = stats.binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0
+        assert entry["mcnemar"]["p"] == pytest.approx(expected, rel=1e-9)
