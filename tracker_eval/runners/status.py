@@ -8,7 +8,8 @@
 
 With suites, each step row has ``suites: {name: {state, reason, metrics, deliveries}}`` (suites the
 run had under an earlier config too) and ``state``, the least advanced of the configured suites';
-the table has a column group per suite.
+``policies`` gives each configured suite's cadence (a step its policy skipped is ``skipped`` in that
+suite, with the policy in its reason); the table has a column group per suite.
 
 It never writes: the ledger is opened read-only (`tracker_eval.ledger.view`), also on a read-only mount.
 """
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.config import EvalConfig, load_config, policy_text
 from tracker_eval.errors import ConfigError
 
 _HEALTHY_WITHIN_S = 120.0
@@ -100,8 +101,9 @@ def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
                           suites={name: config.suite_hash(name) for name in names}, best=best)
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+    policies = {name: policy_text(*config.suite_policy(name)) for name in names}
     if status is None:
-        return {"steps": [], "suites": names, "newest_step": newest, "lag_steps": newest,
+        return {"steps": [], "suites": names, "policies": policies, "newest_step": newest, "lag_steps": newest,
                 "newest_evaluated_step": None, "best": None, "heartbeat": None}
     by_step: dict[int, dict[str, Any]] = {}
     for name, rows in status.suites.items():
@@ -121,6 +123,7 @@ def _collect_suites(config: EvalConfig, newest: int | None) -> dict[str, Any]:
     return {
         "steps": steps,
         "suites": list(status.suites),
+        "policies": policies,
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
@@ -206,6 +209,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     footer = f"\nnewest checkpoint: {doc['newest_step']}, lag: {doc['lag_steps']} steps"
     if best:
         footer += f", best: step {best['step']} ({best['suite']}: {_fmt(best['value'])})"
+    footer += "\npolicies: " + ", ".join(f"{name}: {text}" for name, text in doc.get("policies", {}).items())
     return text + footer
 
 
