@@ -6,6 +6,7 @@
     tracker-eval retry --config watch.yaml [--step N] [--logger ID]
     tracker-eval compare --config watch.yaml A B [--suite NAME ...] [--json]
     tracker-eval gate --config watch.yaml --step N --against best|STEP --metric NAME [--suite NAME] [--p 0.05]
+    tracker-eval retry --config watch.yaml --skipped [--step N] [--suite NAME]
     tracker-eval demo [--harness]
 
 Exit codes: 0 ok, 1 evaluation failure (gate: significantly worse), 2 usage or config error; user errors print one line
@@ -63,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--health", action="store_true", help="exit 0 only if a watcher is alive (container HEALTHCHECK)")
     st.add_argument("overrides", nargs="*", metavar="key=value")
 
-    re_ = sub.add_parser("retry", parents=[common], help="queue undeliverable deliveries again, once fixed")
+    re_ = sub.add_parser("retry", parents=[common],
+                         help="queue undeliverable deliveries again, once fixed; --skipped: evaluate skipped steps")
     re_.add_argument("--config", required=True, help="YAML config file (the watcher's)")
     re_.add_argument("--step", type=int, default=None, help="only this checkpoint step (default: every step)")
     re_.add_argument("--logger", default=None, metavar="ID", help="only this logger (its id; default: every logger)")
+    re_.add_argument("--skipped", action="store_true",
+                     help="ask for skipped steps instead: they are evaluated despite their suite's policy")
+    re_.add_argument("--suite", default=None, metavar="NAME",
+                     help="with --skipped: only this suite (default: every suite)")
     re_.add_argument("overrides", nargs="*", metavar="key=value")
 
     co = sub.add_parser("compare", parents=[common], help="paired comparison of two evaluated steps")
@@ -156,6 +162,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "retry":
         from tracker_eval.runners.retry import run_retry  # noqa: PLC0415
 
+        if args.skipped:
+            from tracker_eval.runners.retry import run_ask_for_skipped  # noqa: PLC0415
+
+            if args.logger is not None:
+                raise UsageError("--logger applies to deliveries, not to --skipped; leave one of them out")
+            return run_ask_for_skipped(args.config, overrides=args.overrides, step=args.step, suite=args.suite)
+        if args.suite is not None:
+            raise UsageError("--suite applies with --skipped; add --skipped or leave --suite out")
         return run_retry(args.config, overrides=args.overrides, step=args.step, logger=args.logger)
     if args.command == "compare":
         from tracker_eval.runners.compare import run_compare  # noqa: PLC0415

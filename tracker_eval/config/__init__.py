@@ -9,10 +9,10 @@ May import: the shared top level only (errors, redact).
     config = load_config("configs/watch.yaml", overrides=["mesh.data=4"])
 
 Public names: EvalConfig, SuiteConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
-load_config, validate, policy_name.
+load_config, validate, policy_name, policy_text.
 """
 
-from tracker_eval.config.load import load_config, policy_name, validate
+from tracker_eval.config.load import load_config, policy_name, policy_text, validate
 from tracker_eval.config.schema import (
     BestConfig,
     CheckpointConfig,
@@ -33,5 +33,6 @@ __all__ = [
     "WatchConfig",
     "load_config",
     "policy_name",
+    "policy_text",
     "validate",
 ]

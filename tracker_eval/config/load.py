@@ -106,6 +106,7 @@ _DUPLICATE = re.compile(r"found duplicate key (\S+)\s+in \"[^\"]*\", line (\d+)"
 
 PARAMS_SHARDINGS = ("auto", "replicated", "fsdp")
 POLICIES = ("all", "latest", "every_n_steps")
+ORDERS = ("oldest_first", "newest_first")
 
 
 def validate(config: EvalConfig) -> None:
@@ -125,6 +126,8 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"cache {config.cache!r} is not one of {', '.join(CACHE_MODES)}")
     _validate_suites(config)
     policy_name(config.watch.policy)
+    if config.watch.order not in ORDERS:
+        raise ConfigError(f"watch.order {config.watch.order!r} is not one of {', '.join(ORDERS)}")
     best = config.watch.best
     if best is not None and best.mode not in ("min", "max"):
         raise ConfigError(f"watch.best.mode {best.mode!r} is not one of min, max")
@@ -192,8 +195,10 @@ def _validate_alerts(config: EvalConfig) -> None:
 
 
 def _validate_suites(config: EvalConfig) -> None:
-    """Values of each `kind: eval` suite's options that types alone cannot check."""
+    """Each suite's `policy`, and values of each `kind: eval` suite's options that types alone cannot check."""
     for suite in config.suites:
+        if suite.policy is not None:
+            policy_name(suite.policy, key=f"suites.{suite.name}.policy")
         if suite.kind != EVAL_KIND:
             continue
         where = f"suites.{suite.name}"
@@ -205,8 +210,8 @@ def _validate_suites(config: EvalConfig) -> None:
                 raise ConfigError(f"{where}.{key} must be in {valid.text()}, got {value!r}; set it within that range")
 
 
-def policy_name(policy: Any) -> tuple[str, int]:
-    """Normalizes `watch.policy` to (name, every_n).
+def policy_name(policy: Any, *, key: str = "watch.policy") -> tuple[str, int]:
+    """Normalizes a policy (`watch.policy`, or a suite's `policy` named by `key`) to (name, every_n).
 
     Raises:
       ConfigError: for anything but all, latest or {every_n_steps: N} with N >= 1.
@@ -218,8 +223,13 @@ def policy_name(policy: Any) -> tuple[str, int]:
         if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
             return "every_n_steps", n
     raise ConfigError(
-        f"watch.policy {policy!r} is not valid; use all, latest or {{every_n_steps: N}} with N >= 1"
+        f"{key} {policy!r} is not valid; use all, latest or {{every_n_steps: N}} with N >= 1"
     )
+
+
+def policy_text(policy: str, every_n: int) -> str:
+    """A normalized policy (`policy_name`'s result) as the log and `status` say it."""
+    return policy if policy != "every_n_steps" else f"every {every_n} steps"
 
 
 def _build(cls: type, raw: Any, *, prefix: str) -> Any:

@@ -97,7 +97,10 @@ class WatchConfig:
     poll_interval_s: float = 5.0
     """Seconds between directory listings (the fast path reacts sooner on local disks)."""
     policy: Any = "all"
-    """all | latest | {every_n_steps: N}: which checkpoints to evaluate."""
+    """all | latest | {every_n_steps: N}: which checkpoints to evaluate (a suite's own `policy` overrides it)."""
+    order: str = "oldest_first"
+    """oldest_first | newest_first: which due step goes first. newest_first takes the newest step,
+    then the backlog from newer to older; a step found meanwhile goes ahead of the rest of the backlog."""
     until_step: int | None = None
     """Stop once this step is evaluated and delivered (or parked in the outbox after `outbox_wait_s`)."""
     idle_timeout_s: float | None = None
@@ -225,6 +228,15 @@ class EvalConfig:
             return dataclasses.replace(self, suites=())
         return dataclasses.replace(self, suites=(), **dict(suite.options))
 
+    def suite_policy(self, name: str) -> tuple[str, int]:
+        """Suite `name`'s cadence as (policy name, every_n): its own `policy`, else `watch.policy`."""
+        from tracker_eval.config.load import policy_name  # noqa: PLC0415 - load imports this module
+
+        own = self.suite(name).policy
+        if own is None:
+            return policy_name(self.watch.policy)
+        return policy_name(own, key=f"suites.{name}.policy")
+
     def best_suite(self) -> str | None:
         """The suite whose metric `watch.best` tracks, or None when best tracking is off."""
         if self.watch.best is None:
@@ -241,7 +253,8 @@ class EvalConfig:
         # Keys a config without suites never had stay out, so its trackers' run config is unchanged.
         suites = plain.pop("suites")
         if self.suites:
-            plain["suites"] = {s["name"]: {"kind": s["kind"], **s["options"]} for s in suites}
+            plain["suites"] = {s["name"]: {"kind": s["kind"], **({"policy": s["policy"]} if s["policy"] else {}),
+                                           **s["options"]} for s in suites}
             for key in ("eval_function", "data", "batch_size", *_SUITE_ONLY):
                 plain.pop(key, None)
         if plain["watch"]["best"] is not None and plain["watch"]["best"]["suite"] is None:

@@ -3,12 +3,13 @@
     suites:
       val:  {eval_function: my_pkg.ev:eval_fn, data: my_pkg.data:val, batch_size: 64}
       test: {eval_function: my_pkg.ev:eval_fn, data: my_pkg.data:val, split: test, batch_size: 64}
-      harness: {kind: lm_harness, tasks: [pydoc_cloze]}
+      harness: {kind: lm_harness, tasks: [pydoc_cloze], policy: {every_n_steps: 1000}}
 
     specs = parse_suites(raw["suites"])      # (SuiteConfig("val", "eval", {...}), ...), strictly
     load_kind("lm_harness", where="suites.harness")   # a plug-in kind's class, by entry point
 
-A suite is a `kind` (default ``eval``: today's evaluation) and that kind's options. The ``eval``
+A suite is a `kind` (default ``eval``: today's evaluation), an optional `policy` (its cadence;
+``watch.policy`` when left out) and that kind's options. The ``eval``
 kind's options are checked here (`EvalSuiteOptions`); a plug-in kind's options are checked by the
 kind's own ``Config.from_mapping`` when the suites are built (`tracker_eval.runners.suites`). A
 config without ``suites`` is one suite named ``""`` whose keys and ledger stream are today's. Which
@@ -71,6 +72,9 @@ class SuiteConfig:
     """eval (built in) or a plug-in kind from the entry-point group ``tracker_eval.suites`` (e.g. lm_harness)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The kind's options; for ``eval`` every `EvalSuiteOptions` field, defaults filled in."""
+    policy: Any = None
+    """all | latest | {every_n_steps: N}: which checkpoints this suite evaluates; null = ``watch.policy``.
+    Not part of the suite's identity: a new cadence keeps its ledger stream and applies from then on."""
 
 
 def parse_suites(raw: Any, *, build: Any) -> tuple[SuiteConfig, ...]:
@@ -99,12 +103,13 @@ def parse_suites(raw: Any, *, build: Any) -> tuple[SuiteConfig, ...]:
             raise ConfigError(f"{where} must be a mapping of options (e.g. {{data: pkg.mod:make, ...}}), got {spec!r}")
         options = dict(spec)
         kind = options.pop("kind", EVAL_KIND)
+        policy = options.pop("policy", None)  # checked with watch.policy by `validate`
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"{where}.kind must be a suite kind name (eval, lm_harness, ...), got {kind!r}")
         if kind == EVAL_KIND:
             unknown = sorted(set(options) - set(EVAL_SUITE_KEYS))
             if unknown:
-                raise ConfigError(f"unknown option {where}.{unknown[0]}; options of kind eval: kind, "
+                raise ConfigError(f"unknown option {where}.{unknown[0]}; options of kind eval: kind, policy, "
                                   f"{', '.join(EVAL_SUITE_KEYS)}")
             for key in _REQUIRED:
                 if options.get(key) is None:
@@ -112,7 +117,7 @@ def parse_suites(raw: Any, *, build: Any) -> tuple[SuiteConfig, ...]:
             built = build(EvalSuiteOptions, options, prefix=f"{where}.")
             options = dataclasses.asdict(built)
             options["data_kwargs"] = dict(built.data_kwargs)
-        parsed.append(SuiteConfig(name=name, kind=kind, options=options))
+        parsed.append(SuiteConfig(name=name, kind=kind, options=options, policy=policy))
     return tuple(parsed)
 
 

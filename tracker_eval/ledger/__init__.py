@@ -5,7 +5,8 @@ One SQLite file per output directory. `db` (connections, transactions, the strea
 `claims` (register, claim, renew, release) and `reads` its read side; `view` opens it read-only
 (status); `outbox` tracks delivery per logger (pending, delivered, undeliverable) and
 `logger_lease` who delivers to each logger; `lease` tells a dead holder; `files` keeps per-example
-arrays and exact JSON beside the file; `best` the best step.
+arrays and exact JSON beside the file; `best` the best step; `answers` keeps a suite's partial
+answers of one (step, suite) in ``answers.sqlite`` beside it, so a later attempt continues.
 
 May import: the shared top level and evaluation (EvalResult).
 Public names: Ledger, StepState, LedgerError, LeaseLostError, IllegalTransitionError, LeaseClaim,

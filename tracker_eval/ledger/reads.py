@@ -29,7 +29,7 @@ class StepState(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"  # retryable: claim() takes it again
     GIVEN_UP = "given_up"  # failed max_attempts times; terminal
-    SKIPPED = "skipped"  # terminal
+    SKIPPED = "skipped"  # terminal, unless `tracker-eval retry --skipped` asks for the step
 
 
 _CLAIMABLE = (StepState.PENDING, StepState.FAILED)

@@ -8,6 +8,7 @@ result. States of a step::
 
     pending -> evaluating -> evaluated -> delivered      (delivered: every logger has it; see outbox)
                         \\-> failed -> (claimed again) ... -> given_up      skipped (from any unfinished)
+    skipped -> pending                                   (asked for: `tracker-eval retry --skipped`)
 
 Usage:
 
@@ -39,9 +40,11 @@ from tracker_eval.ledger.files import ResultFiles, encode_result, write_result_f
 from tracker_eval.ledger.outbox import Outbox
 from tracker_eval.ledger.reads import _STORED, StepState
 
-__all__ = ["IllegalTransitionError", "Ledger", "LedgerError", "LeaseLostError", "StepState"]
+__all__ = ["ASKED_FOR", "IllegalTransitionError", "Ledger", "LedgerError", "LeaseLostError", "StepState"]
 
 _BEST_MODES = ("min", "max")
+ASKED_FOR = "asked for by tracker-eval retry"
+"""The reason of a pending step that `Ledger.ask_for_skipped` put back (a claim keeps it)."""
 
 
 class Ledger(Outbox, Claims):
@@ -242,3 +245,26 @@ class Ledger(Outbox, Claims):
             self._set(conn, step, state=StepState.SKIPPED.value, owner=None, lease_expires_at=None,
                       reason=reason)
 
+
+    def ask_for_skipped(self, step: int | None = None) -> list[int]:
+        """Skipped steps (every one, or just `step`) -> pending, marked as asked for (`ASKED_FOR`), so
+        that no policy skips them again; the next watcher evaluates them.
+
+        Returns:
+          The steps now pending, ascending.
+        """
+        conn = self._conn()
+        where = "" if step is None else " AND step = ?"
+        with write_transaction(conn):
+            steps = [row[0] for row in conn.execute(
+                f"SELECT step FROM steps WHERE stream_id = ? AND state = 'skipped'{where} ORDER BY step",
+                (self._stream, *(() if step is None else (int(step),))))]
+            for found in steps:
+                self._set(conn, found, state=StepState.PENDING.value, attempts=0, reason=ASKED_FOR)
+        return steps
+
+    def asked_for(self) -> set[int]:
+        """Pending steps that `ask_for_skipped` put back: a policy leaves them alone."""
+        rows = self._conn().execute("SELECT step FROM steps WHERE stream_id = ? AND state = 'pending' AND reason = ?",
+                                    (self._stream, ASKED_FOR))
+        return {row[0] for row in rows}

@@ -6,10 +6,13 @@
     step, suites = schedule.decode(decision)
     schedule.finished(last_new=t)                 # a stop reason, or ""
 
-Every suite has its own ledger stream, so a step is due per suite: `watch.policy` applies to each
-suite's pending steps, and a step is claimed in every suite where it is due (a suite added later
-is due on the steps the others already have). A decision names the step and the claimed suites in
-one integer, so the decision channel between processes stays as it is.
+Every suite has its own ledger stream, so a step is due per suite: each suite's cadence (its own
+`policy`, else `watch.policy`) applies to that suite's pending steps, and a step is claimed in every
+suite where it is due, so it is restored once for all of them (a suite added later is due on the
+steps the others already have). `watch.order` picks which due step goes first: the lowest
+(oldest_first), or the newest found (newest_first: the steps of the latest listing that brought new
+ones, newest first, then the older backlog, newest first). A decision names the step and the
+claimed suites in one integer, so the decision channel between processes stays as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker_eval.config import EvalConfig, policy_name
+from tracker_eval.config import EvalConfig, policy_text
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -34,15 +37,23 @@ class Schedule:
 
     def __init__(self, config: EvalConfig, ledgers: Mapping[str, Any]) -> None:
         self.watch = config.watch
-        self.policy, self.every_n = policy_name(config.watch.policy)
         self.has_suites = config.has_suites
         self.suite_names = [suite.name for suite in config.suite_list()]
+        self.policies = {name: config.suite_policy(name) for name in self.suite_names}
+        self.newest_first = config.watch.order == "newest_first"
         self.ledgers = ledgers
         self.retry_after: dict[tuple[str, int], float] = {}
         self.evaluated_seen: dict[tuple[str, int], float] = {}
+        # newest_first: the listing (1, 2, ...) that brought each step this run; 0 = known before.
+        self._found_in: dict[int, int] = {}
+        self._listings = 0
 
     def policy_text(self) -> str:
-        return self.policy if self.policy != "every_n_steps" else f"every {self.every_n} steps"
+        """The cadence for the start-up line: one policy, or each suite's."""
+        texts = {name: policy_text(*policy) for name, policy in self.policies.items()}
+        if len(set(texts.values())) == 1:
+            return next(iter(texts.values()))
+        return ", ".join(f"{name}: {text}" for name, text in texts.items())
 
     def encode(self, step: int, names: Sequence[str]) -> int:
         """One integer for "evaluate `step` in these suites" (the step itself without suites)."""
@@ -63,19 +74,23 @@ class Schedule:
         """Adds the listed steps to every suite's ledger; True when any suite got a step it lacked."""
         added = {name: set(ledger.register(listed)) for name, ledger in self.ledgers.items()}
         new = sorted(set.intersection(*added.values())) if added else []
+        found = set().union(*added.values()) if added else set()
+        if found:
+            self._listings += 1
+            self._found_in.update(dict.fromkeys(found, self._listings))
         if new:
             LOG.info("tracker-eval: found checkpoint step%s %s", "s" if len(new) > 1 else "", _steps_text(new))
         for name, steps in added.items():
             if len(steps) > len(new):  # a suite added to a run that already had steps
                 LOG.info("tracker-eval: suite %r is new to %d known step(s); they are due for it under "
-                         "watch.policy", name, len(steps) - len(new))
+                         "its policy (%s)", name, len(steps) - len(new), policy_text(*self.policies[name]))
         return any(added.values())
 
     def claim_next(self, *, owner: str) -> int | None:
-        """Applies the policy, then claims the lowest due step in every suite where it is due;
-        the encoded decision, or None when nothing could be claimed."""
-        for ledger in self.ledgers.values():
-            self._apply_policy(ledger)
+        """Applies each suite's policy, then claims the first due step (`watch.order`) in every suite
+        where it is due; the encoded decision, or None when nothing could be claimed."""
+        for name, ledger in self.ledgers.items():
+            self._apply_policy(name, ledger)
         for step, names in self._claimable():
             # Another live watcher may hold a step: try the next one instead of waiting.
             claimed = [name for name in names if self.ledgers[name].claim(step, owner=owner,
@@ -84,14 +99,20 @@ class Schedule:
                 return self.encode(step, claimed)
         return None
 
-    def _apply_policy(self, ledger: Any) -> None:
+    def _apply_policy(self, name: str, ledger: Any) -> None:
         from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, StepState  # noqa: PLC0415
 
+        policy, every_n = self.policies[name]
+        if policy == "all":
+            return
         pending = ledger.steps(StepState.PENDING)
+        if pending:
+            pending = sorted(set(pending) - ledger.asked_for())  # `tracker-eval retry --skipped` overrides
         skips: dict[int, str] = {}
-        if self.policy == "every_n_steps":
-            skips = {step: f"policy every_n_steps={self.every_n}" for step in pending if step % self.every_n}
-        elif self.policy == "latest" and pending:
+        if policy == "every_n_steps":
+            skips = {step: f"policy every_n_steps={every_n}: not a multiple of {every_n}"
+                     for step in pending if step % every_n}
+        elif policy == "latest" and pending:
             newest = ledger.newest_step()
             skips = {step: f"policy latest: newer step {newest} was found" for step in pending if step < newest}
         for step, reason in skips.items():
@@ -101,7 +122,7 @@ class Schedule:
                 pass  # claimed or stored meanwhile by another process (e.g. in-training): theirs now
 
     def _claimable(self) -> list[tuple[int, list[str]]]:
-        """Steps worth a claim, ascending, each with the suites (in config order) where it is;
+        """Steps worth a claim in `watch.order`, each with the suites (in config order) where it is;
         EVALUATING too, since claim() takes over a dead holder's."""
         from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
@@ -111,6 +132,9 @@ class Schedule:
             for step in ledger.steps(StepState.PENDING, StepState.FAILED, StepState.EVALUATING):
                 if self.retry_after.get((name, step), 0.0) <= now:
                     due.setdefault(step, []).append(name)
+        if self.newest_first:
+            # A step found while the backlog is worked goes ahead of the rest of the backlog.
+            return sorted(due.items(), key=lambda item: (self._found_in.get(item[0], 0), item[0]), reverse=True)
         return sorted(due.items())
 
     def finished(self, *, last_new: float) -> str:

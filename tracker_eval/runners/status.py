@@ -10,7 +10,8 @@
 
 With suites, each step row has ``suites: {name: {state, reason, metrics, deliveries}}`` (suites the
 run had under an earlier config too) and ``state``, the least advanced of the configured suites';
-the table has a column group per suite.
+``policies`` gives each configured suite's cadence (a step its policy skipped is ``skipped`` in that
+suite, with the policy in its reason); the table has a column group per suite.
 
 It never writes: the ledger is opened read-only (`tracker_eval.ledger.view`), also on a read-only mount.
 """
@@ -22,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.config import EvalConfig, load_config, policy_text
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.identity import run_hash, stream_hash, suite_hash
 
@@ -146,8 +147,9 @@ def _collect_suites(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
                           suites={name: suite_hash(config, name) for name in names}, best=best)
     except LedgerError as error:
         raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+    policies = {name: policy_text(*config.suite_policy(name)) for name in names}
     if status is None:
-        return {"steps": [], "suites": names, "newest_step": newest, "lag_steps": newest,
+        return {"steps": [], "suites": names, "policies": policies, "newest_step": newest, "lag_steps": newest,
                 "newest_evaluated_step": None, "best": None, "heartbeat": None}
     by_step: dict[int, dict[str, Any]] = {}
     for name, rows in status.suites.items():
@@ -167,6 +169,7 @@ def _collect_suites(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
     return {
         "steps": steps,
         "suites": list(status.suites),
+        "policies": policies,
         "newest_step": newest,
         "lag_steps": lag,
         "newest_evaluated_step": max(stored) if stored else None,
@@ -257,6 +260,7 @@ def _suites_table(doc: dict[str, Any]) -> str:
     footer = f"\nnewest checkpoint: {_newest(doc)}, lag: {doc['lag_steps']} steps"
     if best:
         footer += f"\n{best['suite']}: {best['summary']}"
+    footer += "\npolicies: " + ", ".join(f"{name}: {text}" for name, text in doc.get("policies", {}).items())
     return text + footer
 
 

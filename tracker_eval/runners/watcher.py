@@ -3,14 +3,14 @@
     watcher = Watcher(load_config("configs/watch.yaml"))
     exit_code = watcher.run()     # until watch.until_step, watch.idle_timeout_s or SIGTERM/SIGINT
 
-Process 0 lists checkpoints, applies the ordering policy, claims a step in the ledger and tells
+Process 0 lists checkpoints, applies each suite's policy and `watch.order`, claims a step in the ledger and tells
 every process which step to evaluate; all processes restore and evaluate it; process 0 records
 the metrics in the ledger before any logger sees them, and per-logger delivery threads empty the
 outbox in step order, through tracker outages and restarts.
 
 With several suites, each suite's ledger stream has its own steps: process 0 claims a step in every
-suite where it is due (a suite added later is due on the steps the others have done, under
-`watch.policy`), the step is restored once, and only the claimed suites evaluate it.
+suite where it is due under that suite's policy (a suite added later is due on the steps the others
+have done), the step is restored once, and only the claimed suites evaluate it.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class Watcher:
         """Runs until a stop condition; returns the exit code (0 for every orderly stop)."""
         self._last_new = time.monotonic()  # idle time counts from the start
         if self.primary:
-            LOG.info("tracker-eval: watching %s (policy %s, every %.3g s%s)", self.config.checkpoint_dir,
-                     self.schedule.policy_text(),
+            LOG.info("tracker-eval: watching %s (policy %s, %s, every %.3g s%s)", self.config.checkpoint_dir,
+                     self.schedule.policy_text(), self.watch.order.replace("_", " "),
                      self.watch.poll_interval_s, ", fast path on" if self.events.active else "")
         try:
             while True:
