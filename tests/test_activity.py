@@ -45,3 +45,12 @@ def test_back_to_back_evaluations_are_waited_out_but_only_up_to_the_bound():
         stop.set()
         thread.join()
     assert 0.75 <= waited < 1.5
+
+
+def test_a_process_done_evaluating_lets_waiters_go_without_the_settle(monkeypatch):
+    """`tracker-eval eval` evaluates once: its loggers need not wait to see whether another begins."""
+    monkeypatch.setattr(activity, "_done", False)  # restored after the test: other tests evaluate on
+    with activity.evaluating():
+        pass
+    activity.no_more_evaluations()
+    assert activity.wait_until_idle(max_wait_s=60.0, settle_s=30.0) < 10.0  # the settle alone is 30 s

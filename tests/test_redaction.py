@@ -130,13 +130,14 @@ def test_status_masks_a_credential_that_an_older_ledger_holds(tmp_path):
 
     from tracker_eval.config import load_config
     from tracker_eval.evaluation.result import EvalResult
+    from tracker_eval.identity import stream_hash
     from tracker_eval.ledger.steps import Ledger
     from tracker_eval.runners.status import collect_status
 
     (tmp_path / "ckpts" / "10").mkdir(parents=True)
     config = load_config(write_config(tmp_path, watch={}, loggers=[{"type": "jsonl"}]))
     secret = uuid.uuid4().hex
-    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=config.config_hash(),
+    with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config),
                 loggers=["jsonl"]) as ledger:
         assert ledger.claim(10, owner="old")
         assert ledger.record_metrics(EvalResult(step=10, checkpoint="/ckpts/10", metrics={"loss": 0.5},

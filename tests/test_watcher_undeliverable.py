@@ -127,6 +127,6 @@ def test_refused_and_failing_deliveries_become_undeliverable_and_retry_sends_the
     local = MlflowClient(tracking_uri=mlflow_server.url).download_artifacts(
         run_id, "per_example/step_20.npz", str(tmp_path))
     arrays = read_npz(local)
-    assert sorted(arrays) == ["allow_pickle", "example_loss", "file"]
+    assert sorted(arrays) == ["allow_pickle", "example_accuracy", "example_loss", "file"]
     np.testing.assert_array_equal(arrays["file"], arrays["example_loss"])
     assert math.isnan(rows[20]["metrics"]["nan_ratio"])

@@ -204,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.overrides)
     import jax  # noqa: PLC0415
 
+    from tracker_eval.evaluation.activity import no_more_evaluations  # noqa: PLC0415
     from tracker_eval.runners import distributed  # noqa: PLC0415
     from tracker_eval.runners.pipeline import Components, Pipeline  # noqa: PLC0415
 
@@ -239,6 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if config.has_suites:
             return _eval_suites(pipeline, step, session=session, output=args.output)
         result = pipeline.evaluate_step(step)
+        no_more_evaluations()  # loggers need not wait for an evaluation that will not come
         if session is None:
             # Every process finalizes the same reduced metrics; saying so in each process's log lets
             # a job's operator see that the processes agree.
@@ -287,7 +289,10 @@ def _eval_suites(pipeline: Any, step: int, *, session: Any, output: str | None) 
     """Restores `step` once and evaluates each suite; exit code 1 when any suite failed."""
     import jax  # noqa: PLC0415
 
+    from tracker_eval.evaluation.activity import no_more_evaluations  # noqa: PLC0415
+
     outcomes = pipeline.evaluate_suites(step)
+    no_more_evaluations()
     failed = {name: error for name, error in outcomes.items() if isinstance(error, Exception)}
     results = [result for result in outcomes.values() if not isinstance(result, Exception)]
     for name, error in failed.items():
