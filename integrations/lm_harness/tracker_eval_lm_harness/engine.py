@@ -64,7 +64,7 @@ class Engine:
         # program itself, so process 0 reads its own copy without a separate gather.
         self._multi = jax.process_count() > 1
         self._program = jax.jit(program, out_shardings=replicated(mesh) if self._multi else self._by_row)
-        self._executables: dict[tuple[int, ...], Any] = {}
+        self._executables: dict[int, Any] = {}  # row width -> the program compiled for it
         self._channel: _Channel | None = None
         self._should_abort: Callable[[], bool] | None = None
 
