@@ -22,7 +22,7 @@ from watcher_harness import EXE, child_env, mlflow_points, mlflow_run, publish, 
 
 from tracker_eval.config import load_config
 from tracker_eval.evaluation.result import EvalResult
-from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
+from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, stream_hash, suite_hash, tracker_run_key
 from tracker_eval.ledger.files import encode_result
 from tracker_eval.ledger.schema import _MIGRATIONS, SCHEMA_VERSION
 from tracker_eval.ledger.steps import Ledger
@@ -249,3 +249,28 @@ def test_a_version_4_ledger_sends_a_changed_suite_s_results_again_under_its_vers
     with sqlite3.connect(path) as check:
         assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_existing_streams_keep_their_hashes(tmp_path):
+    """The previous release's formulas, written out: configs without suites and eval suites keep
+    their ledger streams and tracker runs."""
+    common = {"checkpoint_dir": str(tmp_path / "ckpts"), "model": "m:f", "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({**common, "eval_function": "e:f", "data": "d:f", "batch_size": 8,
+                                "data_kwargs": {"limit": 3}}))
+    plain = load_config(path)
+    checkpoint = {"item": None, "params": "params", "mutable": []}
+    assert stream_hash(plain) == run_hash(plain) == _sha({
+        "model": "m:f", "eval_function": "e:f", "data": "d:f", "split": "validation", "checkpoint": checkpoint,
+        "finalize": None, "model_kwargs": {}, "data_kwargs": {"limit": 3}, "seed": 0})
+    path.write_text(json.dumps({**common, "suites": {"val": {"eval_function": "e:f", "data": "d:f", "batch_size": 8}}}))
+    suites = load_config(path)
+    run = _sha({"model": "m:f", "model_kwargs": {}, "checkpoint": checkpoint, "seed": 0})
+    assert run_hash(suites) == run
+    assert suite_hash(suites, "val") == _sha({"run": run, "suite": "val", "kind": "eval", "options": {
+        "eval_function": "e:f", "data": "d:f", "split": "validation", "finalize": None, "data_kwargs": {}}})
+    assert earlier_suite_hashes(suites, "val") == ()
