@@ -8,6 +8,7 @@ import collections
 import hashlib
 import json
 import pathlib
+import sqlite3
 import subprocess
 import uuid
 from typing import Any
@@ -21,7 +22,9 @@ from watcher_harness import EXE, child_env, mlflow_points, mlflow_run, publish, 
 
 from tracker_eval.config import load_config
 from tracker_eval.evaluation.result import EvalResult
-from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, suite_hash, tracker_run_key
+from tracker_eval.identity import best_key, earlier_suite_hashes, run_hash, stream_hash, suite_hash, tracker_run_key
+from tracker_eval.ledger.files import encode_result
+from tracker_eval.ledger.schema import _MIGRATIONS, SCHEMA_VERSION
 from tracker_eval.ledger.steps import Ledger
 from tracker_eval.ledger.view import read_suite_versions
 from tracker_eval.loggers.jsonl import read_jsonl
@@ -205,3 +208,69 @@ def test_the_readme_documents_the_best_value_key_the_trackers_get():
     for tracker in ("### `wandb`", "### `mlflow`", "### `tensorboard`"):
         section = readme.split(tracker, 1)[1].split("\n### ", 1)[0]
         assert "best_<suite>/<metric>" in section, tracker  # each tracker's section says it with suites
+
+
+def test_a_version_4_ledger_sends_a_changed_suite_s_results_again_under_its_version_keys(tmp_path):
+    """Before versions, a changed suite's results were acknowledged by loggers that skipped them (the
+    step and suite were held already); the migration queues them again, for the `-vN` keys."""
+    path = tmp_path / "ledger.sqlite"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode = WAL")
+    for version in range(1, 5):
+        for statement in _MIGRATIONS[version].split(";"):
+            if statement.strip():
+                raw.execute(statement)
+    raw.execute("PRAGMA user_version = 4")
+    raw.executemany("INSERT INTO streams (stream_id, checkpoint_dir, config_hash, parent_id, suite) "
+                    "VALUES (?, '/c', ?, ?, ?)",
+                    [(1, "run", None, None), (2, "val1", 1, "val"), (3, "val2", 1, "val"), (4, "test", 1, "test"),
+                     (5, "plain", None, None)])
+    for stream in (2, 3, 4, 5):
+        result = EvalResult(step=20, checkpoint="/c/20", metrics={"loss": float(stream)})
+        raw.execute("INSERT INTO steps (stream_id, step, state, attempts, result_json, updated_at) "
+                    "VALUES (?, 20, 'delivered', 1, ?, 5.0)", (stream, encode_result(result)))
+        raw.execute("INSERT INTO outbox (stream_id, step, logger, state, attempts, next_attempt_at, delivered_at) "
+                    "VALUES (?, 20, 'jsonl', 'delivered', 1, 5.0, 6.0)", (stream,))
+    raw.close()
+
+    def opened(config_hash: str, name: str) -> Ledger:
+        return Ledger(tmp_path, checkpoint_dir="/c", config_hash=config_hash, run_hash="run", suite=name,
+                      loggers=["jsonl"])
+
+    with opened("val2", "val") as ledger:
+        assert ledger.suite_version == 2
+        assert ledger.pending_deliveries("jsonl") and ledger.rows()[0]["deliveries"] == {"jsonl": "pending"}
+        assert ledger.result(20).suite_version == 2 and ledger.result(20).metrics == {"loss": 3.0}
+    for config_hash, name in (("val1", "val"), ("test", "test")):
+        with opened(config_hash, name) as ledger:  # first versions were delivered under their own keys
+            assert ledger.rows()[0]["state"] == "delivered" and not ledger.pending_deliveries("jsonl")
+    with Ledger(tmp_path, checkpoint_dir="/c", config_hash="plain", loggers=["jsonl"]) as ledger:
+        assert ledger.rows()[0]["state"] == "delivered"
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_existing_streams_keep_their_hashes(tmp_path):
+    """The previous release's formulas, written out: configs without suites and eval suites keep
+    their ledger streams and tracker runs."""
+    common = {"checkpoint_dir": str(tmp_path / "ckpts"), "model": "m:f", "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({**common, "eval_function": "e:f", "data": "d:f", "batch_size": 8,
+                                "data_kwargs": {"limit": 3}}))
+    plain = load_config(path)
+    checkpoint = {"item": None, "params": "params", "mutable": []}
+    assert stream_hash(plain) == run_hash(plain) == _sha({
+        "model": "m:f", "eval_function": "e:f", "data": "d:f", "split": "validation", "checkpoint": checkpoint,
+        "finalize": None, "model_kwargs": {}, "data_kwargs": {"limit": 3}, "seed": 0})
+    path.write_text(json.dumps({**common, "suites": {"val": {"eval_function": "e:f", "data": "d:f", "batch_size": 8}}}))
+    suites = load_config(path)
+    run = _sha({"model": "m:f", "model_kwargs": {}, "checkpoint": checkpoint, "seed": 0})
+    assert run_hash(suites) == run
+    assert suite_hash(suites, "val") == _sha({"run": run, "suite": "val", "kind": "eval", "options": {
+        "eval_function": "e:f", "data": "d:f", "split": "validation", "finalize": None, "data_kwargs": {}}})
+    assert earlier_suite_hashes(suites, "val") == ()

@@ -419,7 +419,7 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
     make_ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         make_ledger(tmp_path)

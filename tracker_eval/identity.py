@@ -71,8 +71,7 @@ def stream_hash(config: EvalConfig) -> str:
         "data_kwargs": dict(config.data_kwargs),
         "seed": config.seed,
     }
-    blob = json.dumps(keyed, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return stable_hash(keyed)
 
 
 def run_hash(config: EvalConfig) -> str:

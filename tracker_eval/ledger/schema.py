@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -126,6 +126,19 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE streams ADD COLUMN parent_id INTEGER REFERENCES streams (stream_id);
     ALTER TABLE streams ADD COLUMN suite TEXT;
     CREATE INDEX streams_parent ON streams (parent_id, suite)
+    """,
+    # Version 5: suite versions (`tracker_eval.identity`). A suite stream after the first of its
+    # name in a run is a later version, delivered under keys of its own (``<suite>-vN``). Before,
+    # its results went under the first version's keys, where loggers skipped the steps they held
+    # and acknowledged them: such deliveries are queued again, as never sent. (The next open moves
+    # their steps from delivered back to evaluated.)
+    5: """
+    UPDATE outbox SET state = 'pending', attempts = 0, failures = 0, next_attempt_at = 0, last_error = NULL,
+      delivered_at = NULL, sending_since = NULL
+    WHERE state = 'delivered' AND stream_id IN (
+      SELECT later.stream_id FROM streams later JOIN streams earlier
+        ON earlier.parent_id = later.parent_id AND earlier.suite = later.suite AND earlier.stream_id < later.stream_id
+      WHERE later.parent_id IS NOT NULL)
     """,
 }
 
