@@ -2,9 +2,10 @@
 
 Two ledgers written the way the watcher writes them (`Ledger.record_metrics`: exact JSON, a `.npz`
 of per-example values per step): one with 1,000 evaluated steps, one with 2, each step with the same
-2,000 examples (`example_loss`, `example_accuracy`). The timed work is what `tracker-eval compare`
+20,000 examples (`example_loss`, `example_accuracy`). The timed work is what `tracker-eval compare`
 does after loading its config: read the two steps' stored results from the ledger and compute every
-figure. Medians over 15 repeats of each, alternating.
+figure. Medians over 31 repeats of each, alternating (a repeat takes milliseconds, so a busy
+machine moves single repeats by several times; the medians hold).
 
     python -m benchmarks compare
     run()   # {"compare_cost_ratio": ..., "compare_long_run_ms": ..., "compare_short_run_ms": ...}
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-LONG, SHORT, EXAMPLES, REPEATS = 1000, 2, 2000, 15
+LONG, SHORT, EXAMPLES, REPEATS = 1000, 2, 20_000, 31
 
 
 def _ledger(root: pathlib.Path, steps: int) -> object:
