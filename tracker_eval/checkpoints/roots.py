@@ -70,6 +70,8 @@ class StepNames:
 
     def step_of(self, name: str) -> int | None:
         """The step a folder name stands for, or None when this format would not write that name."""
+        if self.prefix is None and self.fixed_length is None:  # Orbax's default, the common case
+            return int(name) if name.isascii() and name.isdigit() and (name == "0" or name[0] != "0") else None
         digits = name
         if self.prefix is not None:
             if not name.startswith(f"{self.prefix}_"):
@@ -104,13 +106,15 @@ def detect(names: Iterable[str]) -> StepNames | None:
     before). Otherwise the one `<prefix>_<N>` shared by the numbered folders; None when there
     is none, or several prefixes (then `strays` names them all and the user picks one).
     """
+    names = list(names)
+    plain = [name for name in names if name.isascii() and name.isdigit()]  # no regex for the common case
+    if plain:
+        return _with_padding(None, plain)
     found: dict[str | None, list[str]] = {}
     for name in names:
         match = None if TMP_MARK in name else _NUMBERED.fullmatch(name)
         if match is not None:
             found.setdefault(match["prefix"], []).append(match["digits"])
-    if None in found:
-        return _with_padding(None, found[None])
     if len(found) == 1:
         ((prefix, digits),) = found.items()
         return _with_padding(prefix, digits)
@@ -185,11 +189,14 @@ class RootNaming:
                 LOG.info("tracker-eval: checkpoint_dir %r: step folders are named %s (detected; %s sets it)",
                          self.location, self.names.pattern(), self.names.settings())
         steps = {}
-        for folder in folders:
+        unread = []
+        for folder in folders:  # one pass: a poll of 1,000 steps stays in milliseconds
             step = self.names.step_of(folder)
             if step is not None:
                 steps[step] = folder
-        unread = strays(self.names, folders)
+            elif TMP_MARK not in folder and _ENDS_IN_NUMBER.fullmatch(folder):
+                unread.append(folder)
+        unread.sort()
         self.notice = stray_notice(self.location, self.names, unread, how=how) if unread else None
         return steps
 
