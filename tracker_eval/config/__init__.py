@@ -12,7 +12,8 @@ Public names: EvalConfig, SuiteConfig, CheckpointConfig, MeshConfig, BestConfig,
 load_config, validate, policy_name, policy_text.
 """
 
-from tracker_eval.config.load import load_config, policy_name, policy_text, validate
+from tracker_eval.config.load import load_config, validate
+from tracker_eval.config.policy import policy_name, policy_text
 from tracker_eval.config.schema import (
     BestConfig,
     CheckpointConfig,

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tracker_eval.config.policy import policy_name
 from tracker_eval.config.ranges import RANGES, check_ranges
 from tracker_eval.config.schema import CACHE_MODES, CheckpointConfig, EvalConfig, MeshConfig
 from tracker_eval.config.suites import EVAL_KIND, EVAL_SUITE_KEYS, parse_suites
@@ -208,28 +209,6 @@ def _validate_suites(config: EvalConfig) -> None:
             valid, value = RANGES[key], suite.options[key]
             if not valid.contains(value):
                 raise ConfigError(f"{where}.{key} must be in {valid.text()}, got {value!r}; set it within that range")
-
-
-def policy_name(policy: Any, *, key: str = "watch.policy") -> tuple[str, int]:
-    """Normalizes a policy (`watch.policy`, or a suite's `policy` named by `key`) to (name, every_n).
-
-    Raises:
-      ConfigError: for anything but all, latest or {every_n_steps: N} with N >= 1.
-    """
-    if policy in ("all", "latest"):
-        return policy, 1
-    if isinstance(policy, Mapping) and set(policy) == {"every_n_steps"}:
-        n = policy["every_n_steps"]
-        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
-            return "every_n_steps", n
-    raise ConfigError(
-        f"{key} {policy!r} is not valid; use all, latest or {{every_n_steps: N}} with N >= 1"
-    )
-
-
-def policy_text(policy: str, every_n: int) -> str:
-    """A normalized policy (`policy_name`'s result) as the log and `status` say it."""
-    return policy if policy != "every_n_steps" else f"every {every_n} steps"
 
 
 def _build(cls: type, raw: Any, *, prefix: str) -> Any:

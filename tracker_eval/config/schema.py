@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from tracker_eval.config.policy import policy_name
 from tracker_eval.config.suites import EVAL_KIND, SuiteConfig
 
 CACHE_MODES = ("host", "device", "none")
@@ -230,8 +231,6 @@ class EvalConfig:
 
     def suite_policy(self, name: str) -> tuple[str, int]:
         """Suite `name`'s cadence as (policy name, every_n): its own `policy`, else `watch.policy`."""
-        from tracker_eval.config.load import policy_name  # noqa: PLC0415 - load imports this module
-
         own = self.suite(name).policy
         if own is None:
             return policy_name(self.watch.policy)
