@@ -10,18 +10,22 @@ string, then decoded without special tokens and cut at the first stop string. Ea
 batch of up to `rows` sequences, the longest prompts first; a finished sequence's row goes to the
 next waiting prompt at once (continuous batching). There is no KV cache: the model contract is a
 plain forward pass, so a step costs one forward pass of each row.
+
+Given the LM's `answers`, each generation is kept as soon as it ends, and prompts whose generation
+an earlier attempt kept are not decoded again.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from tracker_eval_lm_harness.resume import Answers, generation_key
 from tracker_eval_lm_harness.rows import step_batch
 
 # Options that do not change greedy decoding (the backend ignores them without sampling).
@@ -43,6 +47,9 @@ class Decoder(Protocol):
     engine: Runner
     params: Any
     widths: tuple[int, ...]
+    answers: Answers | None
+    reused: int
+    kept: int
 
     @property
     def max_length(self) -> int: ...
@@ -98,19 +105,42 @@ def generate_until(lm: Decoder, requests: Sequence[Any]) -> list[str]:
         groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
     results: list[str] = [""] * len(requests)
     for members in groups.values():
-        first = requests[members[0]]
-        until, max_new = greedy_settings(first.args[1], task=getattr(first, "task_name", "?"),
-                                         max_length=lm.max_length, eos=eos, default_max=lm.max_gen_toks)
-        contexts = [lm.generation_context(requests[i].args[0], max_tokens=lm.max_length - max_new) for i in members]
-        for i, tokens in zip(members, greedy_tokens(lm, contexts, max_new=max_new, until=until), strict=True):
-            results[i] = postprocess_generated_text(lm.tok_decode(tokens), until, None)
+        _generate_group(lm, [requests[i] for i in members], members, results, eos=eos)
     return results
 
 
+def _generate_group(lm: Decoder, requests: Sequence[Any], members: Sequence[int], results: list[str], *,
+                    eos: str) -> None:
+    """Decodes the requests of one set of generation options into `results[members[k]]`, skipping
+    and keeping answers when the LM has `answers`."""
+    first = requests[0]
+    until, max_new = greedy_settings(first.args[1], task=getattr(first, "task_name", "?"),
+                                     max_length=lm.max_length, eos=eos, default_max=lm.max_gen_toks)
+    contexts = [lm.generation_context(request.args[0], max_tokens=lm.max_length - max_new) for request in requests]
+    keys = [generation_key(context, until, max_new) for context in contexts]
+    known = lm.answers.lookup(keys) if lm.answers is not None else {}
+    todo = [k for k, key in enumerate(keys) if key not in known]
+    for k, key in enumerate(keys):
+        if key in known:
+            results[members[k]] = known[key]
+    lm.reused += len(keys) - len(todo)
+
+    def done(j: int, tokens: list[int]) -> None:
+        text = postprocess_generated_text(lm.tok_decode(tokens), until, None)
+        results[members[todo[j]]] = text
+        if lm.answers is not None:
+            lm.answers.keep(keys[todo[j]], text)
+            lm.kept += 1
+
+    greedy_tokens(lm, [contexts[k] for k in todo], max_new=max_new, until=until, done=done)
+
+
 def greedy_tokens(
-    lm: Decoder, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str]
+    lm: Decoder, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str],
+    done: Callable[[int, list[int]], None] | None = None,
 ) -> list[list[int]]:
-    """The greedy new tokens after each context, until it is ended (see the module docstring)."""
+    """The greedy new tokens after each context, until it is ended (see the module docstring);
+    `done(i, tokens)` is called as context i's generation ends."""
     generated: list[list[int]] = [[] for _ in contexts]
     waiting = collections.deque(sorted(range(len(contexts)), key=lambda i: -len(contexts[i])))
     running: list[int] = []
@@ -129,5 +159,7 @@ def greedy_tokens(
             text = lm.tok_decode(generated[i], skip_special_tokens=False)
             if token != lm.eot_token_id and len(generated[i]) < max_new and not any(stop in text for stop in stops):
                 still.append(i)
+            elif done is not None:
+                done(i, generated[i])
         running = still
     return generated
