@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from tracker_eval_lm_harness.resume import Answers, generation_key
+from tracker_eval_lm_harness.resume import FLUSH_S, Answers, generation_key
 from tracker_eval_lm_harness.rows import step_batch
 
 # Options that do not change greedy decoding (the backend ignores them without sampling).
@@ -111,40 +112,55 @@ def generate_until(lm: Decoder, requests: Sequence[Any]) -> list[str]:
 
 def _generate_group(lm: Decoder, requests: Sequence[Any], members: Sequence[int], results: list[str], *,
                     eos: str) -> None:
-    """Decodes the requests of one set of generation options into `results[members[k]]`, skipping
-    and keeping answers when the LM has `answers`."""
+    """Decodes the requests of one set of generation options into `results[members[k]]`. With the
+    LM's `answers`: a finished generation is kept as its text, one under way as its tokens so far
+    (every FLUSH_S seconds); a later attempt takes the texts and continues the token lists."""
     first = requests[0]
     until, max_new = greedy_settings(first.args[1], task=getattr(first, "task_name", "?"),
                                      max_length=lm.max_length, eos=eos, default_max=lm.max_gen_toks)
     contexts = [lm.generation_context(request.args[0], max_tokens=lm.max_length - max_new) for request in requests]
     keys = [generation_key(context, until, max_new) for context in contexts]
     known = lm.answers.lookup(keys) if lm.answers is not None else {}
-    todo = [k for k, key in enumerate(keys) if key not in known]
+    todo = [k for k, key in enumerate(keys) if not isinstance(known.get(key), str)]
     for k, key in enumerate(keys):
-        if key in known:
+        if isinstance(known.get(key), str):
             results[members[k]] = known[key]
     lm.reused += len(keys) - len(todo)
+    started = [list(known.get(keys[k]) or []) for k in todo]
+    answers = lm.answers
 
     def done(j: int, tokens: list[int]) -> None:
         text = postprocess_generated_text(lm.tok_decode(tokens), until, None)
         results[members[todo[j]]] = text
-        if lm.answers is not None:
-            lm.answers.keep(keys[todo[j]], text)
+        if answers is not None:
+            answers.keep(keys[todo[j]], text)
             lm.kept += 1
 
-    greedy_tokens(lm, [contexts[k] for k in todo], max_new=max_new, until=until, done=done)
+    def progress(partial: dict[int, list[int]]) -> None:
+        if answers is not None:
+            for j, tokens in partial.items():
+                answers.keep(keys[todo[j]], tokens)
+
+    greedy_tokens(lm, [contexts[k] for k in todo], max_new=max_new, until=until, done=done, started=started,
+                  progress=progress)
 
 
 def greedy_tokens(
     lm: Decoder, contexts: Sequence[list[int]], *, max_new: int, until: Sequence[str],
-    done: Callable[[int, list[int]], None] | None = None,
+    done: Callable[[int, list[int]], None] | None = None, started: Sequence[list[int]] | None = None,
+    progress: Callable[[dict[int, list[int]]], None] | None = None,
 ) -> list[list[int]]:
-    """The greedy new tokens after each context, until it is ended (see the module docstring);
-    `done(i, tokens)` is called as context i's generation ends."""
-    generated: list[list[int]] = [[] for _ in contexts]
+    """The greedy new tokens after each context, until it is ended (see the module docstring).
+
+    `started[i]`: tokens context i already generated (an earlier attempt's); `done(i, tokens)` is
+    called as context i's generation ends, `progress({i: tokens})` with the unfinished ones every
+    FLUSH_S seconds.
+    """
+    generated: list[list[int]] = [list(tokens) for tokens in started] if started else [[] for _ in contexts]
     waiting = collections.deque(sorted(range(len(contexts)), key=lambda i: -len(contexts[i])))
     running: list[int] = []
     stops = [stop for stop in until if stop]
+    reported = time.monotonic()
     while waiting or running:
         while waiting and len(running) < lm.engine.rows:
             running.append(waiting.popleft())
@@ -162,4 +178,7 @@ def greedy_tokens(
             elif done is not None:
                 done(i, generated[i])
         running = still
+        if progress is not None and running and time.monotonic() - reported >= FLUSH_S:
+            progress({i: list(generated[i]) for i in running})
+            reported = time.monotonic()
     return generated

@@ -14,6 +14,8 @@ of device work, which is what a kill may lose.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -22,6 +24,7 @@ import numpy as np
 from tracker_eval.ledger.answers import request_key
 
 CHUNK_BATCHES = 16  # full batches per chunk: what a kill may lose, and one wait for results
+FLUSH_S = 1.0  # longest a kept answer waits in memory for its batch's transaction
 
 
 class Answers(Protocol):
@@ -73,6 +76,15 @@ def score_kept(
             logp[i], greedy[i] = value, hit
             answers.keep(keys[i], [value, hit])
     return logp, greedy, reused
+
+
+def file_identity(path: str) -> str:
+    """`path` and a hash of its bytes (a tokenizer file changed in place is another tokenizer);
+    a name that is not a file (`bytes`) as it is."""
+    if not os.path.isfile(path):
+        return path
+    with open(path, "rb") as f:
+        return f"{path}@{hashlib.sha256(f.read()).hexdigest()[:16]}"
 
 
 def generation_key(context: Sequence[int], until: Sequence[str], max_new: int) -> str:

@@ -45,6 +45,7 @@ from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
 from tracker_eval_lm_harness.offline import prepare_environment
 from tracker_eval_lm_harness.results import json_safe, metric_values
+from tracker_eval_lm_harness.resume import FLUSH_S, file_identity
 from tracker_eval_lm_harness.rows import width_ladder
 from tracker_eval_lm_harness.seeds import Seeds
 from tracker_eval_lm_harness.tokenizer import load_tokenizer
@@ -209,11 +210,11 @@ class HarnessSuite:
         """Process 0's store of this step's answers, or None (no stream, or `resume: false`)."""
         if not self.config.resume or self.output_dir is None or self.stream is None:
             return None
-        identity = {"tokenizer": self.tokenizer.name, "max_length": self.config.max_length, "rows": self.rows,
-                    "packing": self.config.packing, "tasks": self.tasks.versions(),
+        identity = {"tokenizer": file_identity(self.tokenizer.name), "max_length": self.config.max_length,
+                    "rows": self.rows, "packing": self.config.packing, "tasks": self.tasks.versions(),
                     "lm_eval": importlib.metadata.version("lm_eval")}
         scope = answer_scope(stream=self.stream, step=step, identity=identity)
-        return AnswerStore(self.output_dir, scope=scope, stream=self.stream, step=step)
+        return AnswerStore(self.output_dir, scope=scope, stream=self.stream, step=step, flush_s=FLUSH_S)
 
     def _check_model(self, params: Any) -> None:
         """The model contract, checked on shapes only (nothing runs)."""
