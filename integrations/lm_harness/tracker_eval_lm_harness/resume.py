@@ -24,7 +24,7 @@ import numpy as np
 from tracker_eval.ledger.answers import request_key
 
 CHUNK_BATCHES = 16  # full batches per chunk: what a kill may lose, and one wait for results
-FLUSH_S = 1.0  # longest a kept answer waits in memory for its batch's transaction
+FLUSH_S = 0.25  # longest a kept answer waits in memory for its batch's transaction
 
 
 class Answers(Protocol):
