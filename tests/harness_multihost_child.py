@@ -5,13 +5,15 @@
 Runs, in order: the params of seed 3, of seed 4; seed 3 again with process 1 failing inside the
 engine after its first group of batches (both processes must raise, none may wait in a broadcast);
 seed 4 again (the job goes on); seed 3 with a stop requested on process 0 after its first group
-(both abandon). Each run's metrics or error, and the time it ended, go to OUT.json; process 0 adds
-the key-value store's keys left at the end.
+(both abandon). Then, with answers kept beside OUT.json: seed 3 stopped half-way through its groups,
+and seed 3 again (the resumed attempt). Each run's metrics or error, and the time it ended, go to
+OUT.json; process 0 adds the key-value store's keys left at the end.
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import time
 
@@ -57,14 +59,19 @@ def main(port: str, process_id: str, task_dir: str, out: str) -> None:
 
     suite.engine.check_stop = counting_check
     runs: list[dict] = []
-    for seed, mode in ((3, ""), (4, ""), (3, "fail"), (4, ""), (3, "stop")):
+    whole = [0]  # groups of an uninterrupted run
+    for seed, mode in ((3, ""), (4, ""), (3, "fail"), (4, ""), (3, "stop"), (3, "resume-stop"), (3, "resume")):
         runs.append({"seed": seed, "mode": mode})
         if mode == "fail" and jax.process_index() == 1:
             fail_after[0] = calls[0] + 1
-        stop_after = groups[0] + 1
+        if mode.startswith("resume"):  # process 0 keeps the answers; the others follow it as ever
+            suite.output_dir, suite.stream = str(pathlib.Path(out).parent / "answers"), "mh-stream"
+        stop_after = groups[0] + (whole[0] // 2 if mode == "resume-stop" else 1)
+        before = groups[0]
         try:
             result = suite.run(lm_task.init_params(model, seed=seed), step=seed,
-                               should_abort=(lambda limit=stop_after: groups[0] > limit) if mode == "stop" else None)
+                               should_abort=(lambda limit=stop_after: groups[0] > limit) if "stop" in mode else None)
+            whole[0] = whole[0] or groups[0] - before
             runs[-1].update(metrics=result.metrics, samples=result.samples, provenance=result.provenance)
         except Exception as error:  # noqa: BLE001 - the test reads what each process raised
             runs[-1]["error"] = f"{type(error).__name__}: {error}"

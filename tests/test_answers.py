@@ -48,6 +48,23 @@ def test_answers_round_trip_exactly_stay_in_their_scope_and_are_discarded(tmp_pa
         assert neighbour.lookup(["k"]) == {"k": 1.0}
 
 
+def test_answers_are_discarded_by_stream_and_step_whatever_their_scope(tmp_path):
+    """What stores a result knows the stream and the step, not the rest of the scope (model, tasks):
+    every scope of that (stream, step) goes, a neighbouring step's or stream's stays."""
+    scopes = {(stream, step, model): answer_scope(stream=stream, step=step, identity={**IDENTITY, "model": model})
+              for stream in ("s1", "s2") for step in (1000, 1500) for model in ("a", "b")}
+    for (stream, step, _), scope in scopes.items():
+        with AnswerStore(tmp_path, scope=scope, stream=stream, step=step) as store:
+            store.keep("k", [-1.5, True])
+    assert discard_answers(tmp_path, stream="s1", step=1500) == 2
+    for (stream, step, _), scope in scopes.items():
+        with AnswerStore(tmp_path, scope=scope) as store:
+            assert store.lookup(["k"]) == ({} if (stream, step) == ("s1", 1500) else {"k": [-1.5, True]})
+    with pytest.raises(ValueError, match="either scope or both stream and step"):
+        discard_answers(tmp_path, stream="s1")
+    assert discard_answers(tmp_path / "nothing-here", stream="s1", step=1) == 0
+
+
 def test_a_full_batch_is_written_without_waiting_for_flush_s_in_few_transactions(tmp_path):
     keys = [request_key("loglikelihood", [str(i)]) for i in range(1000)]
     with AnswerStore(tmp_path, scope=_scope(), flush_s=600.0, max_batch=100) as store, \

@@ -162,6 +162,49 @@ def test_requests_and_metrics_equal_lm_eval_over_a_float64_reference(
     suite.close()
 
 
+def test_kept_answers_serve_only_their_scope_and_a_generation_continues_from_its_kept_tokens(
+        tiny, task_dir, reference, tmp_path):
+    """A second attempt of a step takes every kept answer and gives the same result; another step or
+    task version takes none. A generation cut after k tokens and continued gives the same tokens."""
+    model, params = tiny
+    suite = _suite(model, (8, 1, 1), task_dir, packing=True, name="kept")
+    suite.output_dir, suite.stream = str(tmp_path), "ckpts@suite"
+    first = suite.run(params, step=5)
+    kept = first.provenance["answers_kept"]
+    assert kept > 0 and first.provenance["answers_reused"] == 0
+    again = suite.run(params, step=5)
+    assert again.provenance["answers_reused"] == kept and again.provenance["answers_kept"] == 0
+    assert again.provenance["score_rows"] == 0  # nothing scored on the device again
+    assert again.metrics == first.metrics and again.samples == first.samples
+    _assert_same_metrics(again.metrics, reference[3])
+    assert suite.run(params, step=6).provenance["answers_reused"] == 0  # another checkpoint
+    versions = suite.tasks.versions
+    suite.tasks.versions = lambda: {**versions(), "t_mc": "2.0"}
+    assert suite.run(params, step=5).provenance["answers_reused"] == 0  # another task version
+
+    from tracker_eval_lm_harness import generation  # noqa: PLC0415
+    from tracker_eval_lm_harness.lm import HarnessLM  # noqa: PLC0415
+
+    lm = HarnessLM(tokenizer=suite.tokenizer, engine=suite.engine, params=params, max_length=MAX_LENGTH,
+                   widths=suite.widths, packing=True)
+    steps = [0]
+    execute = suite.engine.execute
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return execute(*args, **kwargs)
+
+    suite.engine.execute = counted
+    prompts = [list(range(1, 10 + 3 * i)) for i in range(5)]
+    whole = generation.greedy_tokens(lm, prompts, max_new=12, until=[])
+    whole_steps, steps[0] = steps[0], 0
+    cut = [tokens[:k] for k, tokens in zip((4, 5, 7, 11, 4), whole, strict=True)]
+    assert all(len(tokens) > 4 for tokens in whole)
+    assert generation.greedy_tokens(lm, prompts, max_new=12, until=[], started=cut) == whole
+    assert steps[0] == whole_steps - 4  # decoding went on from the kept tokens
+    suite.close()
+
+
 def test_packed_rows_equal_one_request_per_row_for_a_model_that_honours_segments(task_dir):
     """A position-sensitive attention model: packing must restart positions and keep segments apart."""
     model = TinyAttentionLM()
@@ -353,6 +396,14 @@ def test_two_processes_follow_process_0_match_the_reference_and_fail_or_stop_tog
     assert leader[4]["error"].startswith("EvalAborted: evaluation abandoned at a stop request")
     assert follower[4]["error"].startswith("EvalAborted: process 0 abandoned this evaluation at a stop request")
     assert not [k for k in keys if "harness" in k], keys
+    # Resume: process 0 kept the answers of the stopped attempt; the next computes only the rest,
+    # the other process following it, and both return the uninterrupted run's result.
+    assert leader[5]["error"].startswith("EvalAborted") and follower[5]["error"].startswith("EvalAborted")
+    resumed = leader[6]["provenance"]
+    assert resumed["answers_reused"] > 0 and leader[0]["provenance"]["answers_reused"] == 0, resumed
+    assert resumed["score_rows"] < leader[0]["provenance"]["score_rows"], resumed
+    assert leader[6]["metrics"] == leader[0]["metrics"] and leader[6]["samples"] == leader[0]["samples"]
+    assert follower[6]["metrics"] == leader[6]["metrics"]
     print(f"process 0 raised {leader[2]['ended_at'] - failed['failed_at']:.2f} s after process 1 failed")
 
 

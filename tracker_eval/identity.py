@@ -137,6 +137,13 @@ def tracker_run_key(config: EvalConfig) -> str:
     return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{run_hash(config)}"
 
 
+def answer_stream(config: EvalConfig, name: str) -> str:
+    """Whose kept answers (`tracker_eval.ledger.answers`) a suite's are: the checkpoint directory
+    (normalized as the ledger does) and `suite_hash`, so neither another checkpoint folder, another
+    model nor other suite options ever read them."""
+    return f"{normalize_checkpoint_dir(config.checkpoint_dir)}@{suite_hash(config, name)}"
+
+
 def tracker_run_name(run_key: str) -> str:
     """``eval-<10 hex digits>``: the default name of a tracker run (MLflow run, TensorBoard run
     directory), stable for a run key across restarts and processes."""

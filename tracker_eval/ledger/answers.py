@@ -36,8 +36,11 @@ CREATE TABLE IF NOT EXISTS answers (
   scope TEXT NOT NULL,
   key TEXT NOT NULL,
   value TEXT NOT NULL,
+  stream TEXT NOT NULL DEFAULT '',
+  step INTEGER NOT NULL DEFAULT -1,
   PRIMARY KEY (scope, key)
-)
+);
+CREATE INDEX IF NOT EXISTS answers_by_step ON answers (stream, step)
 """
 _LOOKUP_CHUNK = 500  # SQLite's default limit on host parameters is 999
 
@@ -65,7 +68,7 @@ def _connect(output_dir: str | os.PathLike[str]) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a committed batch survives a killed process
-    conn.execute(_SCHEMA)
+    conn.executescript(_SCHEMA)
     return conn
 
 
@@ -77,18 +80,21 @@ class AnswerStore:
       scope: `answer_scope` of the (step, suite).
       flush_s: longest an answer waits in memory before its batch is written.
       max_batch: a batch this large is written at once.
+      stream, step: the (stream, step) the scope belongs to, so that whoever stores the result can
+        discard its answers without knowing the rest of the scope (`discard_answers`).
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, scope: str, flush_s: float = 2.0,
-                 max_batch: int = 4096) -> None:
+                 max_batch: int = 4096, stream: str = "", step: int = -1) -> None:
         if flush_s <= 0 or max_batch < 1:
             raise ValueError(f"need flush_s > 0 and max_batch >= 1, got flush_s={flush_s}, max_batch={max_batch}")
         self.scope = scope
+        self._label = (stream, int(step))
         self.flush_s = flush_s
         self.max_batch = max_batch
         self.batches_written = 0
         self._conn = _connect(output_dir)
-        self._pending: list[tuple[str, str, str]] = []
+        self._pending: list[tuple[str, str, str, str, int]] = []
         self._cond = threading.Condition()  # guards _pending, _closed, _error
         self._db = threading.Lock()  # the connection; taken before _cond, never inside it
         self._closed = False
@@ -116,7 +122,7 @@ class AnswerStore:
                 found.update((key, json.loads(value)) for key, value in rows)
             with self._cond:
                 wanted_set = set(wanted)
-                found.update((key, json.loads(value)) for _, key, value in self._pending if key in wanted_set)
+                found.update((key, json.loads(value)) for _, key, value, _, _ in self._pending if key in wanted_set)
         return found
 
     def keep(self, key: str, answer: Any) -> None:
@@ -129,7 +135,7 @@ class AnswerStore:
         with self._cond:
             if self._error is not None:
                 raise RuntimeError(f"answers could not be kept: {self._error}") from self._error
-            self._pending.append((self.scope, key, value))
+            self._pending.append((self.scope, key, value, *self._label))
             if len(self._pending) >= self.max_batch:
                 self._cond.notify_all()
 
@@ -155,8 +161,8 @@ class AnswerStore:
                     try:
                         with self._conn:
                             self._conn.execute("BEGIN IMMEDIATE")
-                            self._conn.executemany("INSERT OR REPLACE INTO answers (scope, key, value) "
-                                                   "VALUES (?, ?, ?)", batch)
+                            self._conn.executemany("INSERT OR REPLACE INTO answers (scope, key, value, stream, "
+                                                   "step) VALUES (?, ?, ?, ?, ?)", batch)
                         self.batches_written += 1
                     except sqlite3.Error as error:  # the next keep() reports it
                         with self._cond:
@@ -165,14 +171,20 @@ class AnswerStore:
                 return
 
 
-def discard_answers(output_dir: str | os.PathLike[str], scope: str) -> int:
-    """Deletes a scope's answers (its result is stored); returns how many there were."""
+def discard_answers(output_dir: str | os.PathLike[str], scope: str | None = None, *, stream: str | None = None,
+                    step: int | None = None) -> int:
+    """Deletes a scope's answers, or every scope's of one (stream, step) (its result is stored);
+    returns how many there were."""
+    if (scope is None) == (stream is None or step is None):
+        raise ValueError("discard_answers needs either scope or both stream and step")
     if not (Path(output_dir) / FILENAME).exists():
         return 0
     conn = _connect(output_dir)
     try:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
-            return conn.execute("DELETE FROM answers WHERE scope = ?", (scope,)).rowcount
+            if scope is not None:
+                return conn.execute("DELETE FROM answers WHERE scope = ?", (scope,)).rowcount
+            return conn.execute("DELETE FROM answers WHERE stream = ? AND step = ?", (stream, int(step))).rowcount
     finally:
         conn.close()

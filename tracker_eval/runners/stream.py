@@ -19,10 +19,11 @@ import fcntl
 import json
 import logging
 import os
+import sqlite3
 from typing import Any
 
 from tracker_eval.config import EvalConfig
-from tracker_eval.errors import ConfigError
+from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.locations import join_path
 
 LOG = logging.getLogger("tracker_eval")
@@ -164,9 +165,23 @@ class PrimaryStream:
             if alerts:
                 result = dataclasses.replace(result, alerts=alerts)
         recorded = ledger.record_metrics(result, owner=self.owner)
+        if recorded and result.suite:
+            self._discard_answers(result.suite, result.step)
         self.publish_best()
         self.delivery.notify()
         return recorded
+
+    def _discard_answers(self, suite: str, step: int) -> None:
+        """Deletes the answers a suite kept for the step (`tracker_eval.ledger.answers`): its result is
+        stored now. A failure only leaves rows that no later attempt of this step will need."""
+        from tracker_eval.identity import answer_stream  # noqa: PLC0415
+        from tracker_eval.ledger.answers import discard_answers  # noqa: PLC0415
+
+        try:
+            discard_answers(self.config.output_dir, stream=answer_stream(self.config, suite), step=step)
+        except (OSError, sqlite3.Error) as error:
+            LOG.warning("tracker-eval: kept answers of step %d suite %r not deleted: %s", step, suite,
+                        one_line(error, limit=200))
 
     def publish_best(self) -> None:
         """Writes ``best.json`` when the ledger's best changed, and wakes delivery for the trackers.

@@ -25,7 +25,7 @@ from tracker_eval.evaluation.evaluator import ExtendedEvaluation, ResultListener
 from tracker_eval.evaluation.models import ModelAdapter
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.state import EvalState
-from tracker_eval.identity import suite_hash
+from tracker_eval.identity import answer_stream, suite_hash
 from tracker_eval.imports import resolve
 
 
@@ -44,7 +44,9 @@ class SuiteKind(Protocol):
 
     The class has a ``Config`` with ``from_mapping(options, where=...)`` that checks the suite's
     options (raising `ConfigError`), and is built once per run as
-    ``Kind(config, adapter=..., mesh=..., name=..., output_dir=...)``. The checked config's optional
+    ``Kind(config, adapter=..., mesh=..., name=..., output_dir=..., stream=...)`` (`stream`:
+    `tracker_eval.identity.answer_stream`, which scopes answers a kind keeps in output_dir to resume
+    a killed attempt; the stored result discards them). The checked config's optional
     ``numbers_key()`` returns the options that change the numbers, defaults applied: the suite's
     identity (`tracker_eval.identity.suite_numbers`); without it every field counts.
     """
@@ -173,11 +175,11 @@ class PluginSuite:
     """A plug-in kind behind the same `evaluate` as `EvalSuite`."""
 
     def __init__(self, name: str, components: PluginComponents, *, adapter: ModelAdapter,
-                 mesh: jax.sharding.Mesh, identity: str, output_dir: str) -> None:
+                 mesh: jax.sharding.Mesh, identity: str, output_dir: str, stream: str) -> None:
         self.name = name
         self.identity = identity
         self.impl: SuiteKind = components.kind(components.options, adapter=adapter, mesh=mesh, name=name,
-                                               output_dir=output_dir)
+                                               output_dir=output_dir, stream=stream)
         self.should_abort: Callable[[], bool] | None = None
 
     def evaluate(
@@ -239,5 +241,5 @@ def build_suites(
                                           mesh=mesh, identity=identity, listeners=listeners, progress=progress)
         else:
             built[suite.name] = PluginSuite(suite.name, resolved, adapter=adapter, mesh=mesh, identity=identity,
-                                            output_dir=config.output_dir)
+                                            output_dir=config.output_dir, stream=answer_stream(config, suite.name))
     return built

@@ -54,6 +54,9 @@ class HarnessConfig:
     task code such as a `process_docs` that shuffles draws from it. Every run starts where loading left it."""
     numpy_random_seed: int = 1234
     """Seed of numpy's global generator before the tasks load (lm-eval's default), replayed the same way."""
+    resume: bool = True
+    """Keep each (step, suite)'s answers as they are computed (``answers.sqlite`` in output_dir), so an
+    attempt killed part-way is continued by the next one; false = score every request in one go."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -96,7 +99,7 @@ class HarnessConfig:
         `packing`, which give the same numbers (to float rounding) however the rows are cut. The
         seeds are in: they choose few-shot examples and whatever task code draws at random."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("batch_size", "packing")}
+                if f.name not in ("batch_size", "packing", "resume")}
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], *, where: str = "lm_harness suite") -> HarnessConfig:

@@ -8,6 +8,10 @@ It subclasses lm-eval's `TemplateLM`, so context/continuation splitting, the mov
 the empty-context prefix token are lm-eval's own code; truncation, rolling windows and generation
 follow its Hugging Face backend. Results come back from the device once per lm-eval call, and
 per-token log-probabilities are summed per request in float64 on the host.
+
+Given `answers` (the kept answers of this (step, suite), see `resume`), scoring runs in fixed
+chunks whose answers are kept as they come back, and generations are kept one by one as they end;
+what an earlier attempt kept is not computed again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lm_eval.api.model import TemplateLM
 
 from tracker_eval_lm_harness import generation
 from tracker_eval_lm_harness.engine import Engine
+from tracker_eval_lm_harness.resume import CHUNK_BATCHES, Answers, score_kept
 from tracker_eval_lm_harness.rows import extras_capacity, score_batches, score_segments
 from tracker_eval_lm_harness.tokenizer import Tokenizer
 
@@ -41,6 +46,7 @@ class HarnessLM(TemplateLM):
         max_length: int,
         widths: Sequence[int],
         packing: bool,
+        answers: Answers | None = None,
     ) -> None:
         super().__init__()
         self.tok = tokenizer
@@ -49,6 +55,9 @@ class HarnessLM(TemplateLM):
         self._max_length = max_length
         self.widths = tuple(widths)
         self.packing = packing
+        self.answers = answers
+        self.reused = 0  # scored pairs and generations served from kept answers ...
+        self.kept = 0  # ... and computed and kept in this attempt
         self.requests: collections.Counter[str] = collections.Counter()
         self.seconds = 0.0  # inside the request methods: the rest of a run is lm-eval's own work
         self.rows_scored = 0  # real rows of scoring batches ...
@@ -88,6 +97,17 @@ class HarnessLM(TemplateLM):
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray]:
         """(log-likelihood, is greedy) of each continuation after its context, as token lists."""
+        if self.answers is None or not pairs:
+            return self.score_now(pairs)
+        size = self.engine.rows * CHUNK_BATCHES  # rows of the first width: fewer batches when packed
+        logp, greedy, reused = score_kept(pairs, answers=self.answers, size=size, widths=self.widths,
+                                          max_length=self.max_length, score=self.score_now)
+        self.reused += reused
+        self.kept += len(pairs) - reused
+        return logp, greedy
+
+    def score_now(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray]:
+        """As `score`, every pair run on the device now (one wait for results, after the last batch)."""
         n = len(pairs)
         if n == 0:
             return np.zeros(0), np.zeros(0, bool)

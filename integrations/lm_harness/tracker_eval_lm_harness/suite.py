@@ -10,10 +10,16 @@ Built once: tokenizer, tasks (loaded and checked), the compiled program (traced 
 per row width). Each `run` is lm-eval's own `evaluate` on process 0 with the same task objects;
 every other process follows, running the same batches on its devices, and returns the same
 metrics (without the per-sample records, which only process 0 holds).
+
+With `output_dir` and `stream` given (and `resume` on), process 0 keeps the run's answers in
+``answers.sqlite`` there, scoped by the stream, the step, the tokenizer, max_length, the row cut
+and the task versions; a later attempt at the same step computes only what is missing. Whoever
+stores the result discards them (`tracker_eval.ledger.answers.discard_answers` by stream and step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import itertools
@@ -34,10 +40,12 @@ from tracker_eval.evaluation import agreement
 from tracker_eval.evaluation.evaluator import EvalAborted
 from tracker_eval.evaluation.models import ModelAdapter
 from tracker_eval.evaluation.sharding import batch_shards, place_params
+from tracker_eval.ledger.answers import AnswerStore, answer_scope
 from tracker_eval_lm_harness.config import HarnessConfig
 from tracker_eval_lm_harness.engine import Engine
 from tracker_eval_lm_harness.offline import prepare_environment
 from tracker_eval_lm_harness.results import json_safe, metric_values
+from tracker_eval_lm_harness.resume import FLUSH_S, file_identity
 from tracker_eval_lm_harness.rows import width_ladder
 from tracker_eval_lm_harness.seeds import Seeds
 from tracker_eval_lm_harness.tokenizer import load_tokenizer
@@ -68,7 +76,7 @@ class HarnessSuite:
 
     def __init__(
         self, config: HarnessConfig, *, adapter: ModelAdapter, mesh: jax.sharding.Mesh, name: str = "harness",
-        output_dir: str | None = None,
+        output_dir: str | None = None, stream: str | None = None,
     ) -> None:
         """Builds the tokenizer, the tasks and the engine.
 
@@ -78,12 +86,15 @@ class HarnessSuite:
             -> logits (batch, length, vocab).
           mesh: the (data, fsdp, tensor) evaluation mesh; batches are split over data x fsdp.
           name: the suite's name.
-          output_dir: the stream's output folder; the suite writes nothing there (records are returned).
+          output_dir: the stream's output folder: the suite keeps its answers there (``answers.sqlite``)
+            while a step is evaluated, when `stream` is given too; records are returned.
+          stream: the suite's ledger stream (`tracker_eval.identity.answer_stream`); None = keep no answers.
 
         Raises:
           ConfigError: unknown tasks, unreadable tokenizer, tasks the suite cannot serve.
         """
-        del output_dir
+        self.output_dir = output_dir
+        self.stream = stream
         self.config = config
         self.name = name
         self.mesh = mesh
@@ -154,13 +165,18 @@ class HarnessSuite:
 
         from tracker_eval_lm_harness.lm import HarnessLM  # noqa: PLC0415
 
-        lm = HarnessLM(tokenizer=self.tokenizer, engine=self.engine, params=params,
-                       max_length=self.config.max_length, widths=self.widths, packing=self.config.packing)
-        self.engine.device_seconds = 0.0
-        self.tasks.reset()
-        with self.seeds.running():
-            results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
-                                         bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
+        with contextlib.ExitStack() as stack:
+            answers = self._answers(step)
+            if answers is not None:
+                stack.enter_context(answers)
+            lm = HarnessLM(tokenizer=self.tokenizer, engine=self.engine, params=params,
+                           max_length=self.config.max_length, widths=self.widths, packing=self.config.packing,
+                           answers=answers)
+            self.engine.device_seconds = 0.0
+            self.tasks.reset()
+            with self.seeds.running():
+                results = evaluator.evaluate(lm, self.tasks.loaded, limit=self.config.limit,
+                                             bootstrap_iters=self.config.bootstrap_iters, log_samples=True)
         metrics = metric_values(results)
         seconds = time.perf_counter() - start
         provenance = {
@@ -173,6 +189,8 @@ class HarnessSuite:
             "compiled_shapes": [list(shape) for shape in self.engine.compiled_shapes],
             "compiles_this_run": len(self.engine.compiled_shapes) - compiled_before,
             "requests": dict(lm.requests),
+            "answers_reused": lm.reused,
+            "answers_kept": lm.kept,
             "score_rows": lm.rows_scored,
             "score_segments": lm.segments_scored,
             "n_samples": results.get("n-samples", {}),
@@ -187,6 +205,16 @@ class HarnessSuite:
         provenance = json_safe(provenance)
         self.engine.finish(json.dumps({"metrics": metrics, "provenance": provenance}))
         return HarnessResult(metrics=metrics, samples=json_safe(results.get("samples") or {}), provenance=provenance)
+
+    def _answers(self, step: int) -> AnswerStore | None:
+        """Process 0's store of this step's answers, or None (no stream, or `resume: false`)."""
+        if not self.config.resume or self.output_dir is None or self.stream is None:
+            return None
+        identity = {"tokenizer": file_identity(self.tokenizer.name), "max_length": self.config.max_length,
+                    "rows": self.rows, "packing": self.config.packing, "tasks": self.tasks.versions(),
+                    "lm_eval": importlib.metadata.version("lm_eval")}
+        scope = answer_scope(stream=self.stream, step=step, identity=identity)
+        return AnswerStore(self.output_dir, scope=scope, stream=self.stream, step=step, flush_s=FLUSH_S)
 
     def _check_model(self, params: Any) -> None:
         """The model contract, checked on shapes only (nothing runs)."""

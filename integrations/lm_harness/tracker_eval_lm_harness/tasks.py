@@ -104,6 +104,10 @@ class TaskSet:
         for task in self.loaded["tasks"].values():
             task.set_fewshot_seed(seed=self.config.fewshot_seed)
 
+    def versions(self) -> dict[str, str]:
+        """Task name -> its version (lm-eval's, from the YAML's metadata): part of what keys kept answers."""
+        return {name: str(getattr(task, "VERSION", None)) for name, task in self.loaded["tasks"].items()}
+
     def groups(self) -> dict[str, list[str]]:
         """Group name -> its children's names."""
         return {name: list(children) for name, children in self.loaded.get("group_map", {}).items()}
