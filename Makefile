@@ -30,9 +30,10 @@ system-deps:
 demo: install
 	$(BIN)/tracker-eval demo
 
-# Lint first: it takes a second and fails before the suite (about 15-20 minutes on 2 cores) starts.
+# Lint first: it takes a second and fails before the suite starts. Two pytest-xdist workers, one
+# test module each at a time (module-scoped servers stay in one worker): CI machines have 2 cores.
 test: install system-deps lint
-	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check --no-cache .
