@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """Invalid configuration: the message names the bad value, the valid choices and the fix."""
 
 
+class UsageError(ConfigError):
+    """A command-line mistake (exit code 2)."""
+
+
 _JAX_TRACEBACK_NOTE = "\n--------------------\n"
 
 

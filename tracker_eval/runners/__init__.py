@@ -2,8 +2,8 @@
 
 `pipeline` (config -> restored params -> one EvalResult per suite), `suites` (suite kinds: the
 built-in eval and plug-ins), `stream` (ledgers, loggers and delivery of one stream on process 0),
-`delivery` (outbox worker threads), `watcher` (`tracker-eval watch`), `schedule` (which step and
-suites the watcher claims next),
+`delivery` (outbox worker threads), `one_shot` (`tracker-eval eval`), `watcher` (`tracker-eval
+watch`), `schedule` (which step and suites the watcher claims next),
 `in_training` (InTrainingEvaluation), `claim` (keeps an evaluation claim alive, for both),
 `status` (`tracker-eval status`), `retry` (`tracker-eval retry`), `distributed` (JAX runtime
 start-up, process-0 decisions, peer monitor). Comparing steps: `pairing` (per-example values of two
