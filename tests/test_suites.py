@@ -429,3 +429,37 @@ def test_in_training_evaluates_every_suite_on_the_live_params_and_records_each(t
         assert results["val"].suite == "val" and results["val"].step == step
     assert sorted((r["step"], r["suite"]) for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")) == [
         (10, "val"), (20, "val")]
+
+
+def test_in_training_follows_each_suite_s_cadence_and_retry_skipped_brings_a_step_back(tmp_path):
+    """`test` every 20 steps: step 10 evaluates `val` only and records `test` as skipped by policy,
+    as a watcher would; step 20 evaluates both; a step asked for with `retry --skipped` is due again."""
+    from reference import mlp_losses  # noqa: PLC0415
+
+    from tracker_eval import InTrainingEvaluation  # noqa: PLC0415
+    from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
+    from tracker_eval.tasks.classification import split_digits  # noqa: PLC0415
+    from tracker_eval.tasks.train import train_classifier  # noqa: PLC0415
+
+    suites = {"val": VAL, "test": {**TEST, "policy": {"every_n_steps": 20}}}
+    config = write_suites_config(tmp_path, suites, loggers=[{"type": "jsonl"}])
+    got: dict[int, Any] = {}
+    with InTrainingEvaluation.from_config(str(config)) as evaluation:
+
+        def after_save(step, state):
+            got[step] = (evaluation.after_checkpoint(step=step, train_state=state), state.params)
+
+        train_classifier(tmp_path / "ckpts", steps=20, save_every=10, learning_rate=0.01, after_save=after_save)
+        test_ledger = evaluation.stream.ledgers["test"]
+        assert test_ledger.state(10) == StepState.SKIPPED
+        assert {r["step"]: r["reason"] for r in test_ledger.rows()}[10] == (
+            "policy every_n_steps=20: not a multiple of 20")
+        assert test_ledger.ask_for_skipped(10) == [10]
+        again = evaluation.after_checkpoint(step=10, params=got[10][1])  # asked for: due now
+        assert sorted(again) == ["test", "val"] and test_ledger.state(10) in (StepState.EVALUATED,
+                                                                              StepState.DELIVERED)
+    assert [sorted(got[step][0]) for step in (10, 20)] == [["val"], ["test", "val"]]
+    for step, results in ((10, again), (20, got[20][0])):
+        x, y = split_digits("train")
+        losses, _ = mlp_losses(got[step][1], x[:TRAIN_LIMIT], y[:TRAIN_LIMIT])
+        assert results["test"].metrics["loss"] == pytest.approx(float(losses.mean()), rel=1e-5)

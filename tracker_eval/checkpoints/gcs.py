@@ -36,7 +36,7 @@ from typing import Any
 
 import requests
 
-from tracker_eval.checkpoints.roots import RootNaming, StepNames, check_is_root
+from tracker_eval.checkpoints.roots import NamedRoot, RootNaming, StepNames, check_is_root
 from tracker_eval.checkpoints.tree import COMMIT_MARKER, StorageLocationMissingError, StorageUnavailableError
 from tracker_eval.errors import ConfigError, one_line
 
@@ -87,7 +87,7 @@ def _session() -> tuple[requests.Session, str]:
     return AuthorizedSession(credentials), GCS_API  # refreshes its token itself
 
 
-class GcsStepLister:
+class GcsStepLister(NamedRoot):
     """The finalized steps under one gs:// CheckpointManager root (see the module docstring).
 
     Args:
@@ -107,14 +107,6 @@ class GcsStepLister:
         self._naming = RootNaming(location, step_names)
         self._finished: set[int] = set()
         self.requests = 0
-
-    @property
-    def step_names(self) -> StepNames:
-        return self._naming.names
-
-    @property
-    def notice(self) -> str | None:
-        return self._naming.notice
 
     def finalized_steps(self) -> list[int]:
         directories, names = self._children()

@@ -25,7 +25,7 @@ from typing import Protocol
 import orbax.checkpoint as ocp
 from etils import epath
 
-from tracker_eval.checkpoints.roots import RootNaming, StepNames, check_is_root, file_not_root
+from tracker_eval.checkpoints.roots import NamedRoot, RootNaming, StepNames, check_is_root, file_not_root
 from tracker_eval.checkpoints.tree import StorageUnavailableError, _is_local
 
 
@@ -138,7 +138,7 @@ def read_step_names(checkpoint_dir: str | os.PathLike[str], *, step_names: StepN
     return step_names if step_names is not None else survey(checkpoint_dir).step_names
 
 
-class LocalStepLister:
+class LocalStepLister(NamedRoot):
     """A local directory, finalized by atomic rename: one `scandir` decides every step.
 
     A step directory is final once its name is a step name (`<name>.orbax-checkpoint-tmp*` is
@@ -150,14 +150,6 @@ class LocalStepLister:
     def __init__(self, location: str, *, step_names: StepNames | None = None) -> None:
         self.location = location
         self._naming = RootNaming(location, step_names)
-
-    @property
-    def step_names(self) -> StepNames:
-        return self._naming.names
-
-    @property
-    def notice(self) -> str | None:
-        return self._naming.notice
 
     def finalized_steps(self) -> list[int]:
         try:
@@ -178,21 +170,13 @@ class LocalStepLister:
         pass
 
 
-class OrbaxStepLister:
+class OrbaxStepLister(NamedRoot):
     """Any other storage etils.epath reads: Orbax's own per-step finalization check (~10 requests
     per step on object storage; GCS has its own lister)."""
 
     def __init__(self, location: str, *, step_names: StepNames | None = None) -> None:
         self.location = location
         self._naming = RootNaming(location, step_names)
-
-    @property
-    def step_names(self) -> StepNames:
-        return self._naming.names
-
-    @property
-    def notice(self) -> str | None:
-        return self._naming.notice
 
     def finalized_steps(self) -> list[int]:
         root = epath.Path(self.location)

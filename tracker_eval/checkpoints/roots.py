@@ -201,6 +201,22 @@ class RootNaming:
         return steps
 
 
+
+class NamedRoot:
+    """What a step lister says of its root's names (`step_names`, `notice`), read off its `RootNaming`."""
+
+    _naming: RootNaming
+
+    @property
+    def step_names(self) -> StepNames:
+        return self._naming.names
+
+    @property
+    def notice(self) -> str | None:
+        """One line on folders that look like steps but match no step name; None when there are none."""
+        return self._naming.notice
+
+
 def check_is_root(
     location: str, *, steps: list[int], names: Iterable[str], parent: Callable[[str], str]
 ) -> None:

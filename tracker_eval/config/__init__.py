@@ -9,11 +9,11 @@ May import: the shared top level only (errors, redact).
     config = load_config("configs/watch.yaml", overrides=["mesh.data=4"])
 
 Public names: EvalConfig, SuiteConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
-load_config, validate, policy_name, policy_text.
+load_config, validate, policy_name, policy_text, off_cadence.
 """
 
 from tracker_eval.config.load import load_config, validate
-from tracker_eval.config.policy import policy_name, policy_text
+from tracker_eval.config.policy import off_cadence, policy_name, policy_text
 from tracker_eval.config.schema import (
     BestConfig,
     CheckpointConfig,
@@ -33,6 +33,7 @@ __all__ = [
     "SuiteConfig",
     "WatchConfig",
     "load_config",
+    "off_cadence",
     "policy_name",
     "policy_text",
     "validate",

@@ -2,6 +2,7 @@
 
     policy_name({"every_n_steps": 1000}, key="suites.harness.policy")   # ("every_n_steps", 1000)
     policy_text("every_n_steps", 1000)                                  # "every 1000 steps"
+    off_cadence("every_n_steps", 1000, 1500)   # "policy every_n_steps=1000: not a multiple of 1000"
 
 ``watch.policy`` applies to every suite that sets no ``policy`` of its own.
 """
@@ -34,3 +35,14 @@ def policy_name(policy: Any, *, key: str = "watch.policy") -> tuple[str, int]:
 def policy_text(policy: str, every_n: int) -> str:
     """A normalized policy (`policy_name`'s result) as the log and `status` say it."""
     return policy if policy != "every_n_steps" else f"every {every_n} steps"
+
+
+def off_cadence(policy: str, every_n: int, step: int) -> str | None:
+    """Why `step` is not due under a normalized policy, as `status` says it; None when it is due.
+
+    Only `every_n_steps` judges a step by itself; `latest` skips a step only once a newer one is
+    known, which the watcher decides over its backlog (a step handed over as it is saved is the newest).
+    """
+    if policy == "every_n_steps" and step % every_n:
+        return f"policy every_n_steps={every_n}: not a multiple of {every_n}"
+    return None

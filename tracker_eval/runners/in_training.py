@@ -14,7 +14,9 @@ watcher beside training skips steps evaluated here, and a step the watcher alrea
 returned from the ledger without evaluating again. Delivery follows the outbox rules: a tracker
 outage never stops training; undelivered results are sent later by either side. With several
 suites every suite evaluates the live params, each recorded in its own ledger stream, and
-`after_checkpoint` returns their results by suite name.
+`after_checkpoint` returns their results by suite name. A suite's cadence holds here too: a step
+that is not a multiple of its `every_n_steps` is recorded as skipped by policy, as the watcher
+records it (`tracker-eval retry --skipped` asks for it later), and is not evaluated.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import jax
 
-from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.config import EvalConfig, load_config, off_cadence
 from tracker_eval.errors import one_line
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.evaluation.state import EvalState
@@ -103,10 +105,11 @@ class InTrainingEvaluation:
 
         Returns:
           The step's result (stored earlier or just evaluated); None when another process is
-          evaluating it right now, or the evaluation failed (recorded in the ledger, warned, and
-          training goes on; with ``raise_on_error`` the error is raised instead). With suites, the
-          results by suite name of those that have one (a failed suite is left out, or raised
-          with ``raise_on_error``).
+          evaluating it right now, its cadence (`watch.policy`) skips it, or the evaluation failed
+          (recorded in the ledger, warned, and training goes on; with ``raise_on_error`` the error
+          is raised instead). With suites, the results by suite name of those that have one (a
+          suite that failed or whose cadence skips the step is left out; a failure is raised with
+          ``raise_on_error``).
         """
         try:
             return self._after_checkpoint(step, train_state, params, mutable_variables)
@@ -177,7 +180,8 @@ class InTrainingEvaluation:
             for i, name in enumerate(names):
                 ledger = self.stream.ledgers[name]
                 ledger.register([step])
-                if ledger.claim(step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s):
+                due = not self._skipped_by_policy(name, ledger, step)
+                if due and ledger.claim(step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s):
                     mask |= 1 << i
         mask = self.channel.exchange(mask)
         claimed = [name for i, name in enumerate(names) if mask >> i & 1]
@@ -231,12 +235,28 @@ class InTrainingEvaluation:
         except LeaseLostError:
             pass  # taken over meanwhile: the new holder's outcome counts; the error is still reported
 
+    def _skipped_by_policy(self, name: str, ledger: Any, step: int) -> bool:
+        """Process 0: records `step` as skipped for suite `name` when its cadence leaves it out (and no
+        `retry --skipped` asked for it); True when it is skipped now."""
+        from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError  # noqa: PLC0415
+
+        reason = off_cadence(*self.config.suite_policy(name), step)
+        if reason is None or step in ledger.asked_for():
+            return False
+        try:
+            ledger.mark_skipped(step, reason)
+        except (IllegalTransitionError, LeaseLostError):
+            return False  # stored, or being evaluated by another process: theirs
+        return True
+
     def _decide(self, step: int) -> int:
         from tracker_eval.ledger.steps import StepState  # noqa: PLC0415
 
         self.ledger.register([step])
         if self.ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED):
             return _STORED
+        if self._skipped_by_policy("", self.ledger, step):
+            return _SKIP
         if self.ledger.claim(step, owner=self.owner, ttl_s=self.config.watch.lease_ttl_s):
             return step
         return _STORED if self.ledger.state(step) in (StepState.EVALUATED, StepState.DELIVERED) else _SKIP

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker_eval.config import EvalConfig, policy_text
+from tracker_eval.config import EvalConfig, off_cadence, policy_text
 
 LOG = logging.getLogger("tracker_eval")
 
@@ -110,8 +110,7 @@ class Schedule:
             pending = sorted(set(pending) - ledger.asked_for())  # `tracker-eval retry --skipped` overrides
         skips: dict[int, str] = {}
         if policy == "every_n_steps":
-            skips = {step: f"policy every_n_steps={every_n}: not a multiple of {every_n}"
-                     for step in pending if step % every_n}
+            skips = {step: reason for step in pending if (reason := off_cadence(policy, every_n, step))}
         elif policy == "latest" and pending:
             newest = ledger.newest_step()
             skips = {step: f"policy latest: newer step {newest} was found" for step in pending if step < newest}
