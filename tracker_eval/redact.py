@@ -39,6 +39,7 @@ _SECRET_PARAM = re.compile(
     r"(?i)(?P<name>\b(?:[a-z0-9]+[_-])*(?:token|api[_-]?key|(?:access|secret|private)[_-]?key|password|passwd|secret)=)[^&\s'\"]+")
 # Shorter values are too likely to occur by chance ("1", "true") to be masked wherever they appear.
 _MIN_LITERAL = 6
+_DATABASE_SCHEMES = ("postgresql://", "postgres://")
 _remembered: set[str] = set()
 _remembered_lock = threading.Lock()
 
@@ -111,8 +112,12 @@ def _collect(value: Any, *, key: str, into: set[str]) -> None:
             into.add(value)
         for match in _URL_USERINFO.finditer(value):
             userinfo = value[match.end("scheme") : match.end() - 1]
-            into.add(userinfo)
             _, _, password = userinfo.partition(":")
+            # A database URL's user is a role name (often a common word), not a secret: masking it
+            # wherever it appears would garble unrelated text. Elsewhere a lone user info may be a token.
+            if match.group("scheme").lower() in _DATABASE_SCHEMES and not password:
+                continue
+            into.add(userinfo)
             into.update(p for p in (password, urllib.parse.unquote(password)) if p)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import urllib.parse
+from typing import Any
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.redact import redact_text, remember_secrets
@@ -83,3 +84,16 @@ def resolve_ledger_url(config: LedgerConfig) -> str | None:
     check_ledger_url(found, where=ENV_VAR)
     remember_secrets({"url": found})
     return found
+
+
+def ledger_error(config: Any, error: Exception) -> str:
+    """The one line a reader of the ledger says when it cannot read it: the SQLite file's message
+    names `output_dir`, a PostgreSQL ledger's message names its database (password masked) already.
+
+    Args:
+      config: the `tracker_eval.config.EvalConfig` in use.
+      error: the `tracker_eval.ledger.db.LedgerError` raised.
+    """
+    if resolve_ledger_url(config.ledger) is not None:
+        return str(error)
+    return f"output_dir={config.output_dir!r}: {error}"

@@ -23,18 +23,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from tracker_eval.config.ledger import ENV_VAR
 from tracker_eval.ledger.errors import LedgerError
-from tracker_eval.ledger.postgres_schema import migrate_postgres
+from tracker_eval.ledger.postgres_schema import migrate_postgres, schema_version
+from tracker_eval.ledger.schema import SCHEMA_VERSION
 from tracker_eval.redact import redact_text
 
 _WRITE_LOCK = 0x7472_6B65_7631
 """The advisory lock every write transaction holds (any constant: one ledger per database)."""
 _CONNECT_TIMEOUT_S = 10
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|%")
+T = TypeVar("T")
 
 
 class PostgresBackend:
@@ -63,6 +65,37 @@ class PostgresBackend:
             conn.close()
             raise
         return conn
+
+
+def read_database(url: str, read: Callable[[PostgresConnection], T]) -> T | None:
+    """`read(conn)` in one read-only snapshot of a session that cannot write; None when the database
+    has no ledger yet. A role that may only SELECT suffices (``tracker-eval status``).
+
+    Raises:
+      LedgerError: the database cannot be reached, or has a schema this version cannot read.
+    """
+    import psycopg  # noqa: PLC0415
+
+    conn = PostgresConnection(open_connection(url, read_only=True))
+    try:
+        version = schema_version(conn)
+        if version == 0:
+            return None
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise LedgerError(
+                f"the ledger database {redact_text(url)} has schema version {version}, "
+                + ("newer than this tracker-eval understands; upgrade tracker-eval"
+                   if newer else "older than this tracker-eval's; run `tracker-eval watch` once to upgrade it")
+                + f" (this version reads {SCHEMA_VERSION}; status never changes the database)"
+            )
+        with conn.read_snapshot():
+            return read(conn)
+    except psycopg.Error as error:
+        raise LedgerError(f"cannot read the ledger database {redact_text(url)}: {redact_text(str(error))}; "
+                          "check that the server runs and this user may SELECT its tables") from None
+    finally:
+        conn.close()
 
 
 def open_connection(url: str, *, read_only: bool) -> Any:
