@@ -39,10 +39,11 @@ class Outbox(LoggerLeases):
     def _pending_outbox_sql(self) -> str:
         # Correlated on the outer `steps` row; only configured loggers count toward "delivered",
         # and an undeliverable row keeps its step "evaluated" (stored, not everywhere).
-        marks = ", ".join("?" * len(self.loggers))
+        # PostgreSQL refuses an empty IN (), which SQLite reads as false: without loggers, say false.
+        among = f"o.logger IN ({', '.join('?' * len(self.loggers))})" if self.loggers else "1 = 0"
         return (
             "SELECT 1 FROM outbox o WHERE o.stream_id = steps.stream_id AND o.step = steps.step "
-            f"AND o.state != 'delivered' AND o.logger IN ({marks})"
+            f"AND o.state != 'delivered' AND {among}"
         )
 
     def _reconcile_loggers(self, conn: Connection) -> None:
