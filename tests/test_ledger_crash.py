@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from ledger_crash_child import LOGGERS, expected_arrays, open_ledger
 
-from tracker_eval.config.ledger import ENV_VAR
 from tracker_eval.ledger.steps import StepState
 
 pytest_plugins = ["fixtures_postgres", "ledger_backends"]
@@ -31,16 +30,6 @@ def _start(*args: str) -> subprocess.Popen[str]:
     line = proc.stdout.readline()
     assert line.strip() == "ready", f"child did not start: {line!r}"
     return proc
-
-
-@pytest.fixture
-def backend(ledger_url: str | None, monkeypatch: pytest.MonkeyPatch) -> str | None:
-    """Points this process and its children at the backend under test."""
-    if ledger_url is None:
-        monkeypatch.delenv(ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(ENV_VAR, ledger_url)
-    return ledger_url
 
 
 def _check_consistent(output_dir: Path, stored_before: dict[int, str]) -> tuple[dict[int, str], int]:
@@ -81,7 +70,7 @@ def _check_consistent(output_dir: Path, stored_before: dict[int, str]) -> tuple[
 
 
 @pytest.mark.timeout(60)
-def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path, backend: str | None) -> None:
+def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path, ledger_backend: str | None) -> None:
     rng = random.Random(20261127)
     stored: dict[int, str] = {}
     owners = set()
@@ -108,12 +97,12 @@ def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path, backend
         assert ledger.steps() == sorted(stored)
     finally:
         ledger.close()
-    assert (tmp_path / "ledger.sqlite").exists() == (backend is None)  # the children used the backend under test
+    assert (tmp_path / "ledger.sqlite").exists() == (ledger_backend is None)  # the children used the backend under test
 
 
 @pytest.mark.timeout(60)
 def test_two_processes_competing_for_the_same_steps_each_step_won_once(tmp_path: Path,
-                                                                       backend: str | None) -> None:
+                                                                       ledger_backend: str | None) -> None:
     go = tmp_path / "go"
     n_steps = 40
     procs = [_start("compete", str(tmp_path / "out"), str(go), str(n_steps)) for _ in range(2)]
@@ -134,4 +123,4 @@ def test_two_processes_competing_for_the_same_steps_each_step_won_once(tmp_path:
                 assert result is not None and result.provenance["owner"] == out["owner"]
     finally:
         ledger.close()
-    assert (tmp_path / "out" / "ledger.sqlite").exists() == (backend is None)
+    assert (tmp_path / "out" / "ledger.sqlite").exists() == (ledger_backend is None)

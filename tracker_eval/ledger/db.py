@@ -144,8 +144,9 @@ class LedgerStore:
 
     def _conn(self) -> Connection:
         local = self._local
-        # A connection must not cross fork(): the child opens its own.
-        if getattr(local, "pid", None) != os.getpid():
+        # A connection must not cross fork(): the child opens its own. A PostgreSQL session the server
+        # ended (a restart) is replaced: the call that met the end failed, the next one goes on.
+        if getattr(local, "pid", None) != os.getpid() or not getattr(local.conn, "alive", True):
             local.conn = self._backend.connect()
             local.pid = os.getpid()
             with self._lock:

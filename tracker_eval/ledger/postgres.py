@@ -191,6 +191,11 @@ class PostgresConnection:
         self.raw = raw
 
     @property
+    def alive(self) -> bool:
+        """False once the server ended the session (restart, `pg_terminate_backend`): open a new one."""
+        return not (self.raw.closed or self.raw.broken)
+
+    @property
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus  # noqa: PLC0415
 
