@@ -106,6 +106,7 @@ def test_a_result_a_tracker_cannot_take_does_not_hold_back_later_steps(tmp_path,
     assert rows[3]["delivery_errors"]["picky"].startswith("failed 2 times: RuntimeError")
     assert [rows[s]["state"].value for s in (1, 2, 3, 4, 5)] == [
         "delivered", "evaluated", "evaluated", "delivered", "delivered"]
+    assert (tmp_path / "ledger.sqlite").exists() == (ledger_url is None)
 
 
 def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tmp_path, ledger_backend):
@@ -133,6 +134,7 @@ def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tm
         first.ledger.close()
         second.ledger.close()
     assert {step: len(lines) for step, lines in jsonl_points(out).items()} == {10: 1, 20: 1}
+    assert (out / "ledger.sqlite").exists() == (ledger_backend is None)
 
 
 def test_wandb_start_opens_no_run_and_takeover_reads_back_only_what_was_in_flight(
