@@ -198,3 +198,25 @@ def test_a_user_that_may_only_read_cannot_watch_but_can_see_status(
     assert [row["step"] for row in json.loads(out)["steps"]] == [10, 20]
     assert postgres_server.sql("SELECT string_agg(step || ':' || state, ',' ORDER BY step) FROM steps",
                                database=database) == before == "10:pending,20:pending"
+
+
+def test_libpq_settings_apply_pgpassword_and_server_options_in_the_url(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        postgres_server: PostgresServer, postgres_url: str) -> None:
+    database = postgres_url.rsplit("/", 1)[1]
+    postgres_server.sql(f"CREATE ROLE libpq_user LOGIN PASSWORD '{PASSWORD}'; CREATE SCHEMA evals AUTHORIZATION "
+                        "libpq_user", database=database)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)  # not in the URL: libpq reads it
+    url = postgres_server.url_of(database, user="libpq_user") + "?options=-csearch_path%3Devals"
+    config = write_config(tmp_path)
+    ledger = open_ledger(load_config(config, overrides=[f"ledger.url={url}"]), loggers=["jsonl"])
+    try:
+        assert ledger.register([3]) == [3]
+    finally:
+        ledger.close()
+    # The URL's server options chose the schema, for the writer and for the read-only status alike.
+    assert postgres_server.sql("SELECT schemaname FROM pg_tables WHERE tablename = 'steps'", database=database) \
+        == "evals"
+    code, out, err = run_cli(capsys, "status", "--config", str(config), "--json", f"ledger.url={url}")
+    assert code == 0, err
+    assert [row["step"] for row in json.loads(out)["steps"]] == [3]

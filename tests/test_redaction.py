@@ -44,6 +44,11 @@ def test_redact_text_masks_secret_environment_values_and_remembered_config_secre
     assert redact_text(text) == "key ***, password ***, option ***, parallelism false"
 
 
+def test_libpqs_password_variable_is_masked(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "pg-secret-4711")
+    assert redact_text("login with pg-secret-4711 failed") == "login with *** failed"
+
+
 def test_a_database_urls_password_is_remembered_but_its_user_is_not():
     # The role name (here a common word) would otherwise be masked in every unrelated text.
     remember_secrets({"ledger": {"url": "postgresql://evaluator@db:5432/evals"}})

@@ -19,7 +19,7 @@ log handler of `tracker_eval.logs`, the ledger's failure reasons):
 It masks user info in URLs, ``Authorization``-style credentials (``Bearer ...``, ``Basic ...``),
 secret query parameters (``?token=...``), and wherever they appear literally: the values of
 environment variables with secret-looking names (``WANDB_API_KEY``, ``MLFLOW_TRACKING_TOKEN``,
-``*_PASSWORD``, ...) and the secrets a loaded config holds (`remember_secrets`).
+``*_PASSWORD``, ``PGPASSWORD``, ...) and the secrets a loaded config holds (`remember_secrets`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ _SECRET_PARAM = re.compile(
 # Shorter values are too likely to occur by chance ("1", "true") to be masked wherever they appear.
 _MIN_LITERAL = 6
 _DATABASE_SCHEMES = ("postgresql://", "postgres://")
+# Secret variables whose names hide the word: libpq's password of a PostgreSQL ledger.
+_SECRET_VARIABLES = {"PGPASSWORD"}
 _remembered: set[str] = set()
 _remembered_lock = threading.Lock()
 
@@ -125,5 +127,6 @@ def _literal_secrets() -> list[str]:
     """Secrets to mask wherever they appear, longest first (so that no part of one is left)."""
     with _remembered_lock:
         found = set(_remembered)
-    found.update(v for k, v in os.environ.items() if len(v) >= _MIN_LITERAL and _is_secret_key(k))
+    found.update(v for k, v in os.environ.items()
+                 if len(v) >= _MIN_LITERAL and (_is_secret_key(k) or k in _SECRET_VARIABLES))
     return sorted(found, key=len, reverse=True)

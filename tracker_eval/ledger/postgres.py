@@ -116,10 +116,11 @@ def open_connection(url: str, *, read_only: bool) -> Any:
 
     options: dict[str, Any] = {"autocommit": True, "row_factory": _row_factory, "application_name": "tracker-eval"}
     try:
-        if "connect_timeout" not in conninfo_to_dict(url):
+        given = conninfo_to_dict(url)
+        if "connect_timeout" not in given:
             options["connect_timeout"] = _CONNECT_TIMEOUT_S
-        if read_only:
-            options["options"] = "-c default_transaction_read_only=on"
+        if read_only:  # beside the URL's own server options, if it has any
+            options["options"] = " ".join(filter(None, (given.get("options"), "-c default_transaction_read_only=on")))
         return psycopg.connect(url, **options)
     except psycopg.Error as error:
         raise LedgerError(explain_connect_error(error, url)) from None
