@@ -454,6 +454,18 @@ def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path
         new_ledger(tmp_path, url=postgres_url)
 
 
+def test_ledgers_with_their_own_output_dirs_share_one_database(tmp_path: Path, postgres_url: str) -> None:
+    # As on two machines: no file in common, one record of who evaluates and delivers what.
+    here, there = new_ledger(tmp_path / "here", url=postgres_url), new_ledger(tmp_path / "there", url=postgres_url)
+    assert here.register([1, 2]) == [1, 2] and there.register([2, 3]) == [3]
+    assert there.steps() == [1, 2, 3]
+    assert here.claim(1, owner="here") and not there.claim(1, owner="there") and there.claim(2, owner="there")
+    assert here.record_metrics(result_of(1), owner="here")
+    assert there.state(1) is StepState.EVALUATED and there.due_deliveries("a") == [1]
+    assert there.claim_logger("a", owner="there") and not here.claim_logger("a", owner="here")
+    assert not (tmp_path / "here" / "ledger.sqlite").exists() and not (tmp_path / "there" / "ledger.sqlite").exists()
+
+
 def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path, postgres_server: PostgresServer,
                                                                  postgres_url: str) -> None:
     import psycopg
