@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -52,12 +53,14 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, led
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    # One experiment per run of this test: the server outlives it, and each backend's run is one run.
+    experiment_name = f"in-training-{uuid.uuid4().hex[:8]}"
     config_path = _write_config(
         tmp_path,
         "watch: {poll_interval_s: 0.3, until_step: 60}\n"
         "loggers:\n"
         "  - {type: jsonl}\n"
-        f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: in-training}}\n"
+        f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: {experiment_name}}}\n"
         "  - {type: wandb, mode: offline}\n",
     )
     evaluation = InTrainingEvaluation.from_config(str(config_path))
@@ -117,7 +120,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, led
                for r in jsonl if r["step"] in in_training_steps)
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    experiment = client.get_experiment_by_name("in-training")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1  # training and watcher attached to the same run
     history = client.get_metric_history(runs[0].info.run_id, "eval/loss")
