@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,13 @@ _UNPRIVILEGED = "postgres"
 _INSTALL_HINT = ("install Debian's PostgreSQL server with `apt-get update && apt-get install -y postgresql` "
                  "(as root; `make test` does this when it can), or set TRACKER_EVAL_PG_BIN to the folder "
                  "holding initdb and postgres")
+
+
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200",
+                 "shared_buffers": "32MB"}
+"""Durability is not under test (the cluster is thrown away after the session); speed is."""
+DURABLE_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+"""PostgreSQL's defaults: every commit reaches the disk, as SQLite's synchronous=FULL does."""
 
 
 def free_port() -> int:
@@ -69,10 +76,13 @@ class PostgresServer:
         temporary directory, which `remove` deletes.
       port: port to listen on (default a free one).
       start_timeout_s: longest wait for the server to accept connections.
+      settings: server settings over `FAST_SETTINGS` (e.g. ``DURABLE_SETTINGS`` for timings that
+        compare with SQLite's synchronous=FULL).
     """
 
     def __init__(
-        self, root: str | os.PathLike[str] | None = None, *, port: int | None = None, start_timeout_s: float = 60.0
+        self, root: str | os.PathLike[str] | None = None, *, port: int | None = None, start_timeout_s: float = 60.0,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         folder = server_bin()
         if folder is None:
@@ -84,6 +94,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
+        self.settings = {**FAST_SETTINGS, **(settings or {})}
         self.process: subprocess.Popen[bytes] | None = None
         # The server refuses to run as root; as root it runs as the package's unprivileged user.
         self._user = _UNPRIVILEGED if os.geteuid() == 0 else None
@@ -131,9 +142,7 @@ class PostgresServer:
         command = [
             str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port),
             "-k", str(self.root),
-            # Durability is not under test here (the cluster is thrown away); speed is.
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-            "-c", "max_connections=200", "-c", "shared_buffers=32MB",
+            *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
         ]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                         user=self._user, group=self._user,
