@@ -278,6 +278,47 @@ def _ledger_tables(output_dir: pathlib.Path) -> tuple[list[Any], list[Any]] | No
         conn.close()
 
 
+class LedgerBusy(Exception):
+    """Another process holds the ledger's write lock (e.g. one stopped in the middle of a write)."""
+
+
+def ledger_execute(output_dir: pathlib.Path, sql: str, *, timeout_s: float = 30.0) -> list[Any]:
+    """Runs one statement on the ledger of either backend as one write transaction, as the ledger's
+    own writes run (SQLite's BEGIN IMMEDIATE, PostgreSQL's write lock); returns its rows, if any.
+
+    Raises:
+      LedgerBusy: the write lock was not had within `timeout_s`.
+    """
+    url = os.environ.get("TRACKER_EVAL_LEDGER_URL")
+    if url:
+        import psycopg  # noqa: PLC0415
+
+        from tracker_eval.ledger.postgres import PostgresConnection, open_connection  # noqa: PLC0415
+
+        database = PostgresConnection(open_connection(url, read_only=False))
+        try:
+            database.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
+            with database.write_transaction():
+                cursor = database.execute(sql)
+                return list(cursor.fetchall()) if cursor.description is not None else []
+        except psycopg.errors.LockNotAvailable as error:
+            raise LedgerBusy(str(error)) from None
+        finally:
+            database.close()
+    conn = sqlite3.connect(str(output_dir / "ledger.sqlite"), timeout=timeout_s, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(sql).fetchall()
+        conn.execute("COMMIT")
+        return rows
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        raise LedgerBusy(str(error)) from None
+    finally:
+        conn.close()
+
+
 def ledger_rows(output_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
     """Each known step of the (only) stream of the ledger (``output_dir/ledger.sqlite``, or the
     PostgreSQL database TRACKER_EVAL_LEDGER_URL names): state, reason, attempts, owner, metrics and
