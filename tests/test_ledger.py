@@ -444,6 +444,28 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
         new_ledger(tmp_path)
 
 
+def test_processes_opening_a_new_database_at_once_create_its_schema_once(tmp_path: Path, postgres_url: str) -> None:
+    # Each thread opens its own session, as processes on several machines do when they start together.
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    opened: list[Ledger] = []
+
+    def start(index: int) -> None:
+        barrier.wait()
+        try:
+            opened.append(new_ledger(tmp_path / str(index), url=postgres_url))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and len(opened) == 6
+    assert opened[0].register([1]) == [1] and [ledger.steps() for ledger in opened] == [[1]] * 6
+
+
 def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path, postgres_server: PostgresServer,
                                                                   postgres_url: str) -> None:
     new_ledger(tmp_path, url=postgres_url).close()
@@ -452,6 +474,25 @@ def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path
     postgres_server.sql("UPDATE schema_version SET version = 99", database=database)
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         new_ledger(tmp_path, url=postgres_url)
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("SELECT 1 FROM t WHERE a = ? AND b IN (?, ?)", "SELECT 1 FROM t WHERE a = %s AND b IN (%s, %s)"),
+    ("UPDATE leases SET x = 0 WHERE name LIKE 'deliver:%' AND y = ?", "UPDATE leases SET x = 0 WHERE name LIKE "
+     "'deliver:%%' AND y = %s"),
+    ("SELECT 'what?', 'it''s ?', 5 % 2, ?", "SELECT 'what?', 'it''s ?', 5 %% 2, %s"),
+])
+def test_placeholders_become_psycopgs_and_quoted_text_keeps_its_question_marks(sql: str, expected: str) -> None:
+    from tracker_eval.ledger.postgres import pyformat
+
+    assert pyformat(sql) == expected
+
+
+def test_a_percent_sign_and_a_question_mark_in_quoted_text_reach_the_server_as_written(
+        tmp_path: Path, postgres_url: str) -> None:
+    ledger = new_ledger(tmp_path, url=postgres_url)
+    found = ledger._conn().execute("SELECT 'deliver:%' LIKE 'deliver:%', 'what?', ?, 7 % 4", ("x",)).fetchone()
+    assert tuple(found) == (True, "what?", "x", 3)
 
 
 def test_ledgers_with_their_own_output_dirs_share_one_database(tmp_path: Path, postgres_url: str) -> None:

@@ -180,8 +180,14 @@ def _row_factory(cursor: Any) -> Any:
 
 @functools.lru_cache(maxsize=1024)
 def pyformat(sql: str) -> str:
-    """The ledger's ``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled; quoted text kept)."""
-    return _TOKEN.sub(lambda m: "%s" if m.group() == "?" else "%%" if m.group() == "%" else m.group(), sql)
+    """The ledger's ``?`` placeholders as psycopg's ``%s``; every ``%`` doubled, in quoted text too
+    (psycopg reads the whole text for placeholders), and a ``?`` in quoted text kept."""
+
+    def one(match: re.Match[str]) -> str:
+        token = match.group()
+        return "%s" if token == "?" else token.replace("%", "%%")
+
+    return _TOKEN.sub(one, sql)
 
 
 class PostgresConnection:

@@ -95,7 +95,13 @@ _MIGRATIONS: dict[int, str] = {}
 
 def schema_version(conn: Any) -> int:
     """The database's schema version; 0 when it has no ledger yet."""
-    if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+    # pg_class read by a query, not to_regclass(): name lookups go through a per-session cache that
+    # may still say "no such table" after another session created it while this one waited for the
+    # write lock; a query reads the catalog as of its own snapshot.
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'schema_version' AND n.nspname = current_schema())").fetchone()[0]
+    if not exists:
         return 0
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     return 0 if row is None else int(row[0])
