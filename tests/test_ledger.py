@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fixtures_postgres import PostgresServer
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger import postgres_schema
+from tracker_eval.ledger.db import write_transaction
 from tracker_eval.ledger.lease import make_owner_id, owner_is_dead
 from tracker_eval.ledger.schema import SCHEMA_VERSION
 from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
@@ -505,6 +507,36 @@ def test_ledgers_with_their_own_output_dirs_share_one_database(tmp_path: Path, p
     assert there.state(1) is StepState.EVALUATED and there.due_deliveries("a") == [1]
     assert there.claim_logger("a", owner="there") and not here.claim_logger("a", owner="here")
     assert not (tmp_path / "here" / "ledger.sqlite").exists() and not (tmp_path / "there" / "ledger.sqlite").exists()
+
+
+def test_a_writer_stalled_inside_a_write_does_not_hold_the_others_back(tmp_path: Path, postgres_url: str) -> None:
+    stalled, other = new_ledger(tmp_path, url=postgres_url, busy_timeout_s=4.0), new_ledger(tmp_path, url=postgres_url)
+    inside, go_on = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def stall() -> None:
+        conn = stalled._conn()
+        try:
+            with write_transaction(conn):
+                conn.execute("UPDATE streams SET best_metric = 'stalled'")
+                inside.set()
+                go_on.wait(timeout=60)  # stopped here, holding the write lock, as a SIGSTOPped process would
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - examined below
+            outcome.append(error)
+
+    thread = threading.Thread(target=stall)
+    thread.start()
+    assert inside.wait(timeout=30)
+    started = time.monotonic()
+    assert other.register([7]) == [7]  # waits for the server to end the stalled session, then goes on
+    waited = time.monotonic() - started
+    go_on.set()
+    thread.join(timeout=30)
+    assert 1.0 < waited < 30.0, waited
+    assert len(outcome) == 1 and outcome[0] is not None  # its write was rolled back, and it is told so
+    assert other.steps() == [7] and stalled.steps() == [7]  # the stalled ledger reconnects and goes on
+    assert stalled._conn().execute("SELECT count(*) FROM streams WHERE best_metric = 'stalled'").fetchone()[0] == 0
 
 
 def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path, postgres_server: PostgresServer,

@@ -58,8 +58,13 @@ class PostgresBackend:
 
     def connect(self) -> PostgresConnection:
         conn = PostgresConnection(open_connection(self.url, read_only=False))
+        wait_ms = int(self._busy_timeout_s * 1000)
         try:
-            conn.execute(f"SET lock_timeout = '{int(self._busy_timeout_s * 1000)}ms'")
+            conn.execute(f"SET lock_timeout = '{wait_ms}ms'")
+            # A process stalled inside a write (SIGSTOP, a paused VM) would hold the write lock for
+            # ever; the server ends such a session well before the others' wait runs out, and the
+            # stalled process finds its write rolled back when it goes on.
+            conn.execute(f"SET idle_in_transaction_session_timeout = '{max(wait_ms // 2, 1)}ms'")
             migrate_postgres(conn, where=self.where)
         except BaseException:
             conn.close()
