@@ -545,8 +545,9 @@ def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path,
 
     ledger = new_ledger(tmp_path, url=postgres_url)
     assert ledger.register([1]) == [1]
+    database = postgres_url.rsplit("/", 1)[1]
     ended = postgres_server.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                "WHERE application_name = 'tracker-eval'")
+                                f"WHERE application_name = 'tracker-eval' AND datname = '{database}'")
     assert ended == "1"
     # The call that meets the ended session fails (nothing of it committed); the next one reconnects.
     with pytest.raises(psycopg.OperationalError):
