@@ -1,4 +1,4 @@
-"""The `tracker-eval` command line: eval, watch, status, retry, demo.
+"""The `tracker-eval` command line: eval, watch, status, retry, compare, gate, ledger copy, demo.
 
     tracker-eval eval --config eval.yaml [--step N] [--suite NAME ...] [--output result.json] [key=value ...]
     tracker-eval watch --config watch.yaml [key=value ...]
@@ -7,6 +7,7 @@
     tracker-eval compare --config watch.yaml A B [--suite NAME ...] [--json]
     tracker-eval gate --config watch.yaml --step N --against best|STEP --metric NAME [--suite NAME] [--p 0.05]
     tracker-eval retry --config watch.yaml --skipped [--step N] [--suite NAME]
+    tracker-eval ledger copy --config watch.yaml --to postgresql://USER@HOST:PORT/DB
     tracker-eval demo [--harness]
 
 Exit codes: 0 ok, 1 evaluation failure (gate: significantly worse), 2 usage or config error; user errors print one line
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show library logs and tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,watch,status,retry,compare,gate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{eval,watch,status,retry,compare,gate,ledger,demo}")
 
     ev = sub.add_parser("eval", parents=[common], help="evaluate one checkpoint (the latest finalized one by default)")
     ev.add_argument("--config", required=True, help="YAML config file")
@@ -95,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--mode", choices=("min", "max"), default=None,
                     help="lower (min) or higher (max) is better; default from watch.best or watch.alerts")
     ga.add_argument("overrides", nargs="*", metavar="key=value")
+
+    le = sub.add_parser("ledger", parents=[common], help="move a run's ledger: `ledger copy` into PostgreSQL")
+    le_sub = le.add_subparsers(dest="ledger_command", required=True, metavar="{copy}")
+    lc = le_sub.add_parser("copy", parents=[common], help="copy the SQLite ledger's history into a PostgreSQL database")
+    lc.add_argument("--config", required=True, help="YAML config file (the watcher's; its output_dir holds the ledger)")
+    lc.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DATABASE")
+    lc.add_argument("overrides", nargs="*", metavar="key=value")
 
     de = sub.add_parser("demo", parents=[common], help="train a small model, watch its checkpoints, log everywhere")
     de.add_argument("--output-dir", default=None,
@@ -181,6 +190,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_gate(args.config, step=args.step, against=args.against, metric=args.metric, suite=args.suite,
                         p=args.p, mode=args.mode, overrides=args.overrides)
+    if args.command == "ledger":
+        from tracker_eval.runners.ledger_copy import run_ledger_copy  # noqa: PLC0415
+
+        return run_ledger_copy(args.config, to=args.to, overrides=args.overrides)
     if args.command == "demo":
         from tracker_eval.demo.run import run_demo  # noqa: PLC0415
 
