@@ -177,12 +177,13 @@ def test_a_user_that_may_not_create_the_tables_is_one_line_exit_2(
     assert "run tracker-eval with the owner's URL" in err, err  # the superuser's name "tracker" is no secret
 
 
-def test_a_user_that_may_only_read_cannot_watch_but_can_see_status(
+def test_a_user_that_may_only_read_cannot_watch_but_can_see_status_and_health(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_server: PostgresServer, postgres_url: str) -> None:
     config = write_config(tmp_path)
     ledger = open_ledger(load_config(config, overrides=[f"ledger.url={postgres_url}"]), loggers=["jsonl"])
     try:
         ledger.register([10, 20])
+        ledger.touch_heartbeat("watcher-1")
     finally:
         ledger.close()
     database = postgres_url.rsplit("/", 1)[1]
@@ -196,6 +197,8 @@ def test_a_user_that_may_only_read_cannot_watch_but_can_see_status(
     code, out, err = run_cli(capsys, "status", "--config", str(config), "--json", f"ledger.url={reader}")
     assert code == 0, err
     assert [row["step"] for row in json.loads(out)["steps"]] == [10, 20]
+    code, out, err = run_cli(capsys, "status", "--config", str(config), "--health", f"ledger.url={reader}")
+    assert code == 0 and out.startswith("healthy: last watcher heartbeat"), (out, err)
     assert postgres_server.sql("SELECT string_agg(step || ':' || state, ',' ORDER BY step) FROM steps",
                                database=database) == before == "10:pending,20:pending"
 
