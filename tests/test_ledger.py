@@ -539,6 +539,18 @@ def test_a_writer_stalled_inside_a_write_does_not_hold_the_others_back(tmp_path:
     assert stalled._conn().execute("SELECT count(*) FROM streams WHERE best_metric = 'stalled'").fetchone()[0] == 0
 
 
+def test_a_write_that_timed_out_waiting_for_the_lock_leaves_the_connection_usable(tmp_path: Path,
+                                                                                  postgres_url: str) -> None:
+    import psycopg
+
+    holder, waiter = new_ledger(tmp_path, url=postgres_url), new_ledger(tmp_path, url=postgres_url, busy_timeout_s=0.3)
+    conn = holder._conn()
+    with write_transaction(conn):
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            waiter.register([1])  # as SQLite's "database is locked" after its busy timeout
+    assert waiter.register([1]) == [1] and holder.steps() == [1]
+
+
 def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path, postgres_server: PostgresServer,
                                                                  postgres_url: str) -> None:
     import psycopg

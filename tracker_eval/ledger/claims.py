@@ -40,8 +40,15 @@ class Claims(StepReads):
           The newly added steps, ascending.
         """
         conn = self._conn()
+        # A poll lists steps the ledger mostly knows: one read finds the new ones, and only they are
+        # written (one statement each; a PostgreSQL ledger is a round trip away), under the write lock,
+        # where a step another process added meanwhile is simply not added again.
+        known = {step for (step,) in conn.execute("SELECT step FROM steps WHERE stream_id = ?", (self._stream,))}
+        new = sorted({int(s) for s in steps} - known)
+        if not new:
+            return []
         with write_transaction(conn):
-            added = [step for step in sorted({int(s) for s in steps}) if self._insert_pending(conn, step)]
+            added = [step for step in new if self._insert_pending(conn, step)]
         return added
 
     def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:

@@ -229,9 +229,10 @@ class PostgresConnection:
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[PostgresConnection]:
         """One atomic write, serialized with every other writer of the database (module docstring)."""
-        self.raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         try:
-            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            # One round trip for both (a constant, so no parameters: the simple protocol takes two
+            # statements). A lock wait that times out leaves an aborted transaction: rolled back below.
+            self.raw.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
             yield self
             self.raw.execute("COMMIT")
         except BaseException:
