@@ -37,7 +37,7 @@ _INSTALL_HINT = ("install Debian's PostgreSQL server with `apt-get update && apt
                  "holding initdb and postgres")
 
 
-FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200",
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "400",
                  "shared_buffers": "32MB"}
 """Durability is not under test (the cluster is thrown away after the session); speed is."""
 DURABLE_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
