@@ -468,6 +468,33 @@ def test_processes_opening_a_new_database_at_once_create_its_schema_once(tmp_pat
     assert opened[0].register([1]) == [1] and [ledger.steps() for ledger in opened] == [[1]] * 6
 
 
+_OPEN_WHEN_TOLD = """
+import pathlib, sys, time
+from tracker_eval.ledger.steps import Ledger
+go = pathlib.Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.0005)
+Ledger(sys.argv[1], checkpoint_dir="/ckpt", config_hash="cfg", loggers=["a"]).close()
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # The switch to WAL may meet "database is locked" without SQLite's busy handler waiting: before
+    # it was tried again, 3 of 10 such rounds had a process fail to open the ledger.
+    for round_ in range(5):
+        out, go = tmp_path / f"out{round_}", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_WHEN_TOLD, str(out), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()  # all six open the new file at once
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        assert new_ledger(out).register([1]) == [1]
+
+
 def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path, postgres_server: PostgresServer,
                                                                   postgres_url: str) -> None:
     new_ledger(tmp_path, url=postgres_url).close()

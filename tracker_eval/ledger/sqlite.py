@@ -14,6 +14,7 @@ committed state.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from tracker_eval.ledger.errors import LedgerError
@@ -59,7 +60,7 @@ def connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
         # each write states BEGIN IMMEDIATE itself.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _wal(conn, busy_timeout_s=busy_timeout_s)
         # FULL also fsyncs the WAL at each commit, so a power cut cannot forget a "delivered" or
         # "evaluated" commit; writes are a few per checkpoint, so the cost does not matter.
         conn.execute("PRAGMA synchronous = FULL")
@@ -81,3 +82,17 @@ def connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
         raise LedgerError(str(error)) from None
     return conn
 
+
+
+def _wal(conn: sqlite3.Connection, *, busy_timeout_s: float) -> str:
+    """Switches to WAL and returns the journal mode. Processes opening a new file at once may meet
+    "database is locked" here without SQLite's busy handler waiting (the switch needs the file to
+    itself), so the switch is tried again until the busy timeout has passed."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)  # the other opener needs milliseconds
