@@ -19,13 +19,19 @@ $(STAMP): requirements.lock requirements-test.txt pyproject.toml integrations/wa
 		-e integrations/tensorboard -e integrations/lm_harness
 	touch $(STAMP)
 
-# Chromium renders the MLflow and TensorBoard UIs in the browsing tests; installed when missing and we may.
+# Chromium renders the MLflow and TensorBoard UIs in the browsing tests, and the ledger's tests run a
+# PostgreSQL server; each is installed when missing and we may.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	      || echo "warning: could not install chromium; the UI tests will say what is missing"; \
 	  else echo "note: chromium missing; install the Debian package 'chromium' for the UI tests"; fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	      || echo "warning: could not install postgresql; the ledger's PostgreSQL tests will say what is missing"; \
+	  else echo "note: PostgreSQL missing; install the Debian package 'postgresql' for the ledger's tests"; fi; }
 
 demo: install
 	$(BIN)/tracker-eval demo

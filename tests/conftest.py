@@ -14,4 +14,4 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402 - after the environment above, which must precede any JAX import
 
 # Helpers shared by several test files; their asserts get pytest's rewriting like the tests'.
-pytest.register_assert_rewrite("watcher_harness", "browser", "fixtures_gcs")
+pytest.register_assert_rewrite("watcher_harness", "browser", "fixtures_gcs", "fixtures_postgres")

@@ -1,5 +1,7 @@
 """Child process for the ledger tests: drives real transitions until killed, or competes for claims.
 
+The ledger is the SQLite file in OUTPUT_DIR, or the PostgreSQL database TRACKER_EVAL_LEDGER_URL names.
+
     python tests/ledger_crash_child.py loop OUTPUT_DIR SEED       # runs until SIGKILL
     python tests/ledger_crash_child.py drain OUTPUT_DIR SEED      # runs until nothing is left to do
     python tests/ledger_crash_child.py compete OUTPUT_DIR GO_FILE N_STEPS   # prints the steps it won
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tracker_eval.config.ledger import LedgerConfig, resolve_ledger_url
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.lease import make_owner_id
 from tracker_eval.ledger.steps import Ledger, StepState
@@ -33,8 +36,10 @@ def expected_arrays(step: int) -> dict[str, np.ndarray]:
 
 
 def open_ledger(output_dir: str) -> Ledger:
+    """The ledger in `output_dir`, or in the PostgreSQL database that TRACKER_EVAL_LEDGER_URL names."""
     return Ledger(output_dir, checkpoint_dir="/ckpt", config_hash="crash", loggers=LOGGERS,
-                  best_metric="loss", max_attempts=10_000, backoff_base_s=0.001, backoff_cap_s=0.002)
+                  best_metric="loss", max_attempts=10_000, backoff_base_s=0.001, backoff_cap_s=0.002,
+                  url=resolve_ledger_url(LedgerConfig()))
 
 
 def work_once(ledger: Ledger, owner: str, rng: random.Random, *, eval_s: float) -> bool:

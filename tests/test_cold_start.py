@@ -22,7 +22,7 @@ _PROBE = """
 import json, sys
 from tracker_eval.cli import main
 code = main(sys.argv[1:])
-optional = ("gcsfs", "fsspec", "flax.nnx", "sklearn", "mlflow", "wandb")
+optional = ("gcsfs", "fsspec", "flax.nnx", "sklearn", "mlflow", "wandb", "psycopg")
 print(json.dumps({"code": code, "imported": sorted(m for m in optional if m in sys.modules)}))
 """
 

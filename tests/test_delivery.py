@@ -1,5 +1,6 @@
 """Delivery in one process: failure kinds, undeliverable results, the order of close, and how much
-of a W&B run is read back when a process takes delivery over."""
+of a W&B run is read back when a process takes delivery over. What goes through the ledger runs on
+both backends (`ledger_backends`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tracker_eval.loggers.fanout import FanOut
 from tracker_eval.loggers.session import LoggerSession
 from tracker_eval.runners.delivery import Delivery
 
-pytest_plugins = ["watcher_harness"]
+pytest_plugins = ["watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 
 def _result(step: int) -> EvalResult:
@@ -79,9 +80,9 @@ def test_failures_are_classified_from_what_the_logger_says_or_the_exception_chai
     assert classify(error) is kind
 
 
-def test_a_result_a_tracker_cannot_take_does_not_hold_back_later_steps(tmp_path):
+def test_a_result_a_tracker_cannot_take_does_not_hold_back_later_steps(tmp_path, ledger_url):
     ledger = Ledger(tmp_path, checkpoint_dir="/ckpt", config_hash="h", loggers=["picky"],
-                    max_delivery_attempts=2, backoff_base_s=0.01, backoff_cap_s=0.05)
+                    max_delivery_attempts=2, backoff_base_s=0.01, backoff_cap_s=0.05, url=ledger_url)
     # Step 2 is refused, step 3 always breaks the tracker, step 4 meets an outage longer than
     # max_delivery_attempts tries (outages never count).
     picky = PickyLogger(refuse={2}, fail={3}, outage={4}, outage_tries=4)
@@ -105,9 +106,10 @@ def test_a_result_a_tracker_cannot_take_does_not_hold_back_later_steps(tmp_path)
     assert rows[3]["delivery_errors"]["picky"].startswith("failed 2 times: RuntimeError")
     assert [rows[s]["state"].value for s in (1, 2, 3, 4, 5)] == [
         "delivered", "evaluated", "evaluated", "delivered", "delivered"]
+    assert (tmp_path / "ledger.sqlite").exists() == (ledger_url is None)
 
 
-def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tmp_path):
+def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tmp_path, ledger_backend):
     from tracker_eval.config import load_config
     from tracker_eval.runners.stream import PrimaryStream
 
@@ -132,6 +134,7 @@ def test_close_gives_up_the_delivery_lease_only_after_the_loggers_calls_ended(tm
         first.ledger.close()
         second.ledger.close()
     assert {step: len(lines) for step, lines in jsonl_points(out).items()} == {10: 1, 20: 1}
+    assert (out / "ledger.sqlite").exists() == (ledger_backend is None)
 
 
 def test_wandb_start_opens_no_run_and_takeover_reads_back_only_what_was_in_flight(

@@ -8,7 +8,6 @@ import os
 import pathlib
 import queue
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,9 +18,11 @@ from typing import Any
 from slow_proxy import SlowProxy
 from stream_child import result_of
 from watcher_harness import (
+    LedgerBusy,
     assert_exactly_once,
     child_env,
     jsonl_points,
+    ledger_execute,
     ledger_rows,
     mlflow_run,
     stored_metrics,
@@ -30,7 +31,7 @@ from watcher_harness import (
     write_config,
 )
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 CHILD = pathlib.Path(__file__).with_name("stream_child.py")
 LOGGERS = ("jsonl", "wandb", "mlflow")
@@ -108,7 +109,7 @@ def _metrics(step: int) -> dict[str, float]:
     return {"loss": 1.0 / step, "accuracy": step / 100.0}
 
 
-def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_path, mlflow_server):
+def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_path, mlflow_server, ledger_backend):
     out = tmp_path / "out"
     experiment = f"handover-{uuid.uuid4().hex[:8]}"
     loggers = [{"type": "jsonl"}, {"type": "wandb"},
@@ -125,7 +126,7 @@ def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_
         children.append(a)
         # B stalls past its delivery leases (SIGSTOP; the expiry is fast-forwarded in the ledger),
         # so A, alive all along, takes every logger over.
-        _stop_outside_a_write(b.process.pid, out / "ledger.sqlite")
+        _stop_outside_a_write(b.process.pid, out)
         _store(config, {30: _metrics(30), 40: _metrics(40), 50: _metrics(50)})
         # A delivers 30, writes 40 to every tracker and is killed before acknowledging it.
         assert a.wait(timeout=180) == -signal.SIGKILL, "".join(a.errors[-30:])
@@ -133,8 +134,7 @@ def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_
         assert all(rows[30]["deliveries"][n]["state"] == "delivered" for n in LOGGERS), rows[30]
         assert all(rows[40]["deliveries"][n]["state"] == "pending" for n in LOGGERS), rows[40]
         assert sorted(jsonl_points(out)) == [10, 20, 30, 40], "step 40 did not reach the JSONL file before the kill"
-        with sqlite3.connect(out / "ledger.sqlite", timeout=30) as raw:
-            marked = raw.execute("SELECT logger FROM outbox WHERE step = 40 AND sending_since IS NOT NULL").fetchall()
+        marked = ledger_execute(out, "SELECT logger FROM outbox WHERE step = 40 AND sending_since IS NOT NULL")
         assert sorted(name for (name,) in marked) == sorted(LOGGERS)
         # B comes back and takes the leases over from the dead A: 40 must not be sent again.
         os.kill(b.process.pid, signal.SIGCONT)
@@ -149,7 +149,7 @@ def test_delivery_lease_moving_between_live_processes_sends_every_step_once(tmp_
     assert_exactly_once(out, stored_metrics(out), mlflow=(mlflow_server.url, experiment), wandb=True)
 
 
-def test_best_summary_never_moves_backwards_with_two_processes(tmp_path, mlflow_server):
+def test_best_summary_never_moves_backwards_with_two_processes(tmp_path, mlflow_server, ledger_backend):
     out = tmp_path / "out"
     experiment = f"best-{uuid.uuid4().hex[:8]}"
     proxy = SlowProxy(mlflow_server.url, delay_s=0.5).start()  # process A's MLflow answers slowly
@@ -183,18 +183,15 @@ def test_best_summary_never_moves_backwards_with_two_processes(tmp_path, mlflow_
     assert (summary["best_step"], summary["best_loss"]) == (40, 0.1)
 
 
-def _stop_outside_a_write(pid: int, ledger: pathlib.Path) -> None:
+def _stop_outside_a_write(pid: int, out: pathlib.Path) -> None:
     """SIGSTOPs `pid` and expires its delivery leases. Stopped in the middle of a ledger write it
-    would hold SQLite's write lock for ever, so then it is let go on briefly and stopped again."""
+    would hold the ledger's write lock for ever, so then it is let go on briefly and stopped again."""
     for _ in range(50):
         os.kill(pid, signal.SIGSTOP)
         try:
-            with sqlite3.connect(ledger, timeout=2) as raw:
-                raw.execute("UPDATE leases SET expires_at = 0 WHERE name LIKE 'deliver:%'")
+            ledger_execute(out, "UPDATE leases SET expires_at = 0 WHERE name LIKE 'deliver:%'", timeout_s=2)
             return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error):
-                raise
+        except LedgerBusy:
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.05)
     raise AssertionError("the ledger stayed locked by the stopped process")

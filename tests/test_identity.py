@@ -30,7 +30,7 @@ from tracker_eval.ledger.view import read_suite_versions
 from tracker_eval.loggers.jsonl import read_jsonl
 from tracker_eval.runners.stream import open_ledger
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 STEPS = (20, 40)
 LIMIT = 100  # the changed suite: the first 100 validation examples instead of all of them
@@ -146,7 +146,8 @@ def _earlier_rule(config: Any, options: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def test_restating_a_default_or_packing_keeps_a_plugin_suite_s_stream_and_an_earlier_stream_is_adopted(tmp_path):
+def test_restating_a_default_or_packing_keeps_a_plugin_suite_s_stream_and_an_earlier_stream_is_adopted(
+        tmp_path, ledger_backend):
     plain = _harness_config(tmp_path, {}, "plain")
     same = {name: _harness_config(tmp_path, options, name) for name, options in {
         "max_length": {"max_length": 512}, "packing": {"packing": True}, "batch": {"batch_size": 8},
@@ -163,7 +164,7 @@ def test_restating_a_default_or_packing_keeps_a_plugin_suite_s_stream_and_an_ear
     assert earlier_suite_hashes(config, "harness") == (earlier,)
     result = EvalResult(step=20, checkpoint="/c/20", metrics={"acc": 0.25}, suite="harness")
     with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=earlier,
-                run_hash=run_hash(config), suite="harness", loggers=["jsonl"]) as old:
+                run_hash=run_hash(config), suite="harness", loggers=["jsonl"], url=ledger_backend) as old:
         old.register([20])
         assert old.claim(20, owner="a")
         old.record_metrics(result, owner="a")
@@ -176,14 +177,16 @@ def test_restating_a_default_or_packing_keeps_a_plugin_suite_s_stream_and_an_ear
         assert ledger.steps() == [20] and ledger.suite_version == 1
 
 
-def test_versions_count_in_the_order_the_ledger_saw_them_and_results_carry_theirs(tmp_path):
+def test_versions_count_in_the_order_the_ledger_saw_them_and_results_carry_theirs(tmp_path, ledger_url):
     def opened(config_hash: str) -> Ledger:
-        return Ledger(tmp_path, checkpoint_dir="/c", config_hash=config_hash, run_hash="run", suite="val")
+        return Ledger(tmp_path, checkpoint_dir="/c", config_hash=config_hash, run_hash="run", suite="val",
+                      url=ledger_url)
 
     for config_hash, version in (("a", 1), ("b", 2), ("a", 1), ("c", 3), ("b", 2)):
         with opened(config_hash) as ledger:
             assert ledger.suite_version == version, config_hash
-    with Ledger(tmp_path, checkpoint_dir="/c", config_hash="t", run_hash="run", suite="test") as ledger:
+    with Ledger(tmp_path, checkpoint_dir="/c", config_hash="t", run_hash="run", suite="test",
+                url=ledger_url) as ledger:
         assert ledger.suite_version == 1  # versions count per suite name
     with opened("b") as ledger:
         ledger.register([20])
@@ -195,10 +198,12 @@ def test_versions_count_in_the_order_the_ledger_saw_them_and_results_carry_their
     assert stored.to_json()["suite_version"] == 2
     assert EvalResult.from_json(stored.to_json()).suite_version == 2
     # `tracker-eval eval` (no ledger of its own) reads the same versions without writing.
-    versions = read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run",
+    versions = read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run", url=ledger_url,
                                    suites={"val": ("b",), "test": ("t",), "new": ("x",), "old": ("z", "a")})
     assert versions == {"val": 2, "test": 1, "new": 1, "old": 1}
-    assert read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run", suites={"val": ("z",)}) == {"val": 4}
+    assert read_suite_versions(tmp_path, checkpoint_dir="/c", run_hash="run", suites={"val": ("z",)},
+                               url=ledger_url) == {"val": 4}
+    assert (tmp_path / "ledger.sqlite").exists() == (ledger_url is None)
 
 
 def test_the_readme_documents_the_best_value_key_the_trackers_get():

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from reference import validation_metrics
 
 from tracker_eval.identity import stream_hash
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
@@ -40,7 +41,7 @@ def _write_config(tmp_path, extra: str) -> pathlib.Path:
     return path
 
 
-def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
+def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, ledger_backend):
     from mlflow.tracking import MlflowClient
     from tracker_eval_wandb import reader
     from tracker_eval_wandb.logger import derive_run_id
@@ -52,12 +53,14 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     from tracker_eval.tasks.train import train_classifier
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    # One experiment per run of this test: the server outlives it, and each backend's run is one run.
+    experiment_name = f"in-training-{uuid.uuid4().hex[:8]}"
     config_path = _write_config(
         tmp_path,
         "watch: {poll_interval_s: 0.3, until_step: 60}\n"
         "loggers:\n"
         "  - {type: jsonl}\n"
-        f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: in-training}}\n"
+        f"  - {{type: mlflow, tracking_uri: '{mlflow_server.url}', experiment: {experiment_name}}}\n"
         "  - {type: wandb, mode: offline}\n",
     )
     evaluation = InTrainingEvaluation.from_config(str(config_path))
@@ -100,11 +103,12 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     from tracker_eval.ledger.steps import Ledger
 
     with Ledger(out, checkpoint_dir=ckpts, config_hash=stream_hash(config),
-                loggers=["jsonl", "mlflow", "wandb"]) as ledger:
+                loggers=["jsonl", "mlflow", "wandb"], url=ledger_backend) as ledger:
         rows = ledger.rows()
         expected = {step: ledger.result(step).metrics["loss"] for step in STEPS}
         sources = {step: ledger.result(step).provenance.get("source") for step in STEPS}
     assert [(r["step"], str(r["state"]), r["attempts"]) for r in rows] == [(s, "delivered", 1) for s in STEPS]
+    assert (out / "ledger.sqlite").exists() == (ledger_backend is None)  # training and watcher used the backend
     # The ledger stores whose result each is: training's for the steps it evaluated, the watcher's otherwise.
     assert {step for step, source in sources.items() if source == "in-training"} == set(in_process)
 
@@ -116,7 +120,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
                for r in jsonl if r["step"] in in_training_steps)
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    experiment = client.get_experiment_by_name("in-training")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1  # training and watcher attached to the same run
     history = client.get_metric_history(runs[0].info.run_id, "eval/loss")
@@ -129,7 +133,7 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server):
     assert dict(points) == pytest.approx(expected, rel=1e-6)
 
 
-def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training(tmp_path, caplog):
+def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training(tmp_path, caplog, ledger_backend):
     from tracker_eval_wandb import reader
     from tracker_eval_wandb.logger import derive_run_id
 
@@ -175,7 +179,8 @@ def test_in_training_alone_publishes_the_best_and_a_failure_never_stops_training
     assert summary["best_step"] == best_step
 
 
-def test_an_in_training_evaluation_longer_than_the_lease_keeps_its_claim(tmp_path, source_checkpoints):
+def test_an_in_training_evaluation_longer_than_the_lease_keeps_its_claim(tmp_path, source_checkpoints,
+                                                                         ledger_backend):
     """An in-training evaluation taking over 3.5x `lease_ttl_s`, a watcher polling beside it: one evaluation."""
     import threading
 

@@ -1,23 +1,32 @@
-"""The ledger on a real SQLite file: state machine, results, outbox, leases, best step, status."""
+"""The ledger on a real SQLite file and a real PostgreSQL database (`ledger_backends`): state machine,
+results, outbox, leases, best step, status."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_postgres import PostgresServer
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger import postgres_schema
+from tracker_eval.ledger.db import write_transaction
 from tracker_eval.ledger.lease import make_owner_id, owner_is_dead
 from tracker_eval.ledger.schema import SCHEMA_VERSION
 from tracker_eval.ledger.steps import IllegalTransitionError, LeaseLostError, Ledger, LedgerError, StepState
+
+pytest_plugins = ["fixtures_postgres", "ledger_backends"]
 
 
 class FakeClock:
@@ -30,10 +39,19 @@ class FakeClock:
         return self.now
 
 
-def make_ledger(out: Path, **kwargs: object) -> Ledger:
+def new_ledger(out: Path, **kwargs: object) -> Ledger:
     options: dict[object, object] = {"checkpoint_dir": "/ckpt", "config_hash": "cfg", "loggers": ("a", "b")}
     options.update(kwargs)
     return Ledger(out, **options)  # type: ignore[arg-type]
+
+
+MakeLedger = Callable[..., Ledger]
+
+
+@pytest.fixture
+def make_ledger(ledger_url: str | None) -> MakeLedger:
+    """`new_ledger` on each backend in turn: the SQLite file in `out`, then a PostgreSQL database."""
+    return functools.partial(new_ledger, url=ledger_url)
 
 
 def result_of(step: int, **metrics: float) -> EvalResult:
@@ -60,7 +78,7 @@ def dead_owner() -> str:
     return owner
 
 
-def test_register_is_idempotent_and_lists_by_step(tmp_path: Path) -> None:
+def test_register_is_idempotent_and_lists_by_step(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.register([300, 100]) == [100, 300]
     assert ledger.register([200, 100]) == [200]  # a late, lower step is simply added
@@ -70,7 +88,7 @@ def test_register_is_idempotent_and_lists_by_step(tmp_path: Path) -> None:
     assert [row["step"] for row in ledger.rows()] == [100, 200, 300]
 
 
-def test_happy_path_pending_evaluating_evaluated_delivered(tmp_path: Path) -> None:
+def test_happy_path_pending_evaluating_evaluated_delivered(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     ledger.register([10])
     assert ledger.claim(10, owner="w")
@@ -84,13 +102,13 @@ def test_happy_path_pending_evaluating_evaluated_delivered(tmp_path: Path) -> No
     assert ledger.rows()[0]["attempts"] == 1
 
 
-def test_without_loggers_a_stored_step_is_delivered(tmp_path: Path) -> None:
+def test_without_loggers_a_stored_step_is_delivered(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, loggers=())
     evaluate(ledger, 5)
     assert ledger.state(5) is StepState.DELIVERED
 
 
-def test_illegal_transitions_are_rejected(tmp_path: Path) -> None:
+def test_illegal_transitions_are_rejected(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     evaluate(ledger, 1)
     ledger.register([2])
@@ -118,7 +136,7 @@ def test_illegal_transitions_are_rejected(tmp_path: Path) -> None:
     assert ledger.state(3) is StepState.SKIPPED and not ledger.claim(3, owner="w")
 
 
-def test_failed_is_retried_until_max_attempts_then_given_up(tmp_path: Path) -> None:
+def test_failed_is_retried_until_max_attempts_then_given_up(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, max_attempts=2)
     assert ledger.claim(7, owner="w")
     assert ledger.mark_failed(7, "OOM", owner="w") is StepState.FAILED
@@ -129,7 +147,7 @@ def test_failed_is_retried_until_max_attempts_then_given_up(tmp_path: Path) -> N
     assert (row["state"], row["reason"], row["attempts"]) == (StepState.GIVEN_UP, "OOM again", 2)
 
 
-def test_release_returns_to_pending_without_using_an_attempt(tmp_path: Path) -> None:
+def test_release_returns_to_pending_without_using_an_attempt(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, max_attempts=1)
     assert ledger.claim(4, owner="w")
     assert ledger.release(4, owner="w")
@@ -138,7 +156,7 @@ def test_release_returns_to_pending_without_using_an_attempt(tmp_path: Path) -> 
     assert ledger.mark_failed(4, "x", owner="w2") is StepState.GIVEN_UP
 
 
-def test_result_round_trip_keeps_dtypes_order_and_non_finite_metrics(tmp_path: Path) -> None:
+def test_result_round_trip_keeps_dtypes_order_and_non_finite_metrics(tmp_path: Path, make_ledger: MakeLedger) -> None:
     arrays = {
         "zeta": np.array([0.1, -2.5, 3e-8], dtype=np.float32),
         "ids": np.array([9, 3, 7], dtype=np.int64),
@@ -178,7 +196,7 @@ SAMPLES = {
 }
 
 
-def test_samples_are_stored_beside_the_ledger_and_come_back_exactly(tmp_path: Path) -> None:
+def test_samples_are_stored_beside_the_ledger_and_come_back_exactly(tmp_path: Path, make_ledger: MakeLedger) -> None:
     original = EvalResult(step=7, checkpoint="/ckpt/7", metrics={"my_mc/acc": 1.0}, suite="harness", samples=SAMPLES)
     ledger = make_ledger(tmp_path)
     assert ledger.claim(7, owner="w")
@@ -192,7 +210,8 @@ def test_samples_are_stored_beside_the_ledger_and_come_back_exactly(tmp_path: Pa
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_samples_that_are_not_plain_json_are_refused_and_leave_no_files(tmp_path: Path) -> None:
+def test_samples_that_are_not_plain_json_are_refused_and_leave_no_files(
+        tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.claim(3, owner="w")
     bad = EvalResult(step=3, checkpoint="c", metrics={}, per_example={"x": np.zeros(2)},
@@ -203,7 +222,7 @@ def test_samples_that_are_not_plain_json_are_refused_and_leave_no_files(tmp_path
     assert [p for p in tmp_path.joinpath("results").rglob("*") if p.is_file()] == []
 
 
-def test_result_without_arrays_writes_no_file_and_unknown_step_is_none(tmp_path: Path) -> None:
+def test_result_without_arrays_writes_no_file_and_unknown_step_is_none(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.claim(1, owner="w")
     assert ledger.record_metrics(EvalResult(step=1, checkpoint="c", metrics={"acc": 0.5}), owner="w")
@@ -213,7 +232,7 @@ def test_result_without_arrays_writes_no_file_and_unknown_step_is_none(tmp_path:
     assert ledger.result(2) is None
 
 
-def test_record_by_non_holder_is_refused_and_stored_result_is_kept(tmp_path: Path) -> None:
+def test_record_by_non_holder_is_refused_and_stored_result_is_kept(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     ledger.register([5])
     with pytest.raises(LeaseLostError, match="does not hold the evaluation claim"):
@@ -228,7 +247,7 @@ def test_record_by_non_holder_is_refused_and_stored_result_is_kept(tmp_path: Pat
     assert len(list((tmp_path / "results").rglob("*.npz"))) == 1  # refused writes left no files
 
 
-def test_unstorable_result_is_refused_and_claim_kept(tmp_path: Path) -> None:
+def test_unstorable_result_is_refused_and_claim_kept(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.claim(3, owner="w")
     bad = EvalResult(step=3, checkpoint="c", metrics={}, per_example={"x": np.array([object()])})
@@ -240,7 +259,7 @@ def test_unstorable_result_is_refused_and_claim_kept(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.npz")) and not list(tmp_path.rglob("*.tmp"))
 
 
-def test_due_deliveries_in_step_order_whatever_the_evaluation_order(tmp_path: Path) -> None:
+def test_due_deliveries_in_step_order_whatever_the_evaluation_order(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     for step in (300, 100, 200):
         evaluate(ledger, step)
@@ -254,7 +273,8 @@ def test_due_deliveries_in_step_order_whatever_the_evaluation_order(tmp_path: Pa
     ("base", "cap", "delays"),
     [(1.0, 60.0, [1.0, 2.0, 4.0, 8.0, 16.0]), (1.0, 5.0, [1.0, 2.0, 4.0, 5.0, 5.0]), (0.5, 0.5, [0.5] * 5)],
 )
-def test_failed_delivery_backs_off_exponentially(tmp_path: Path, base: float, cap: float, delays: list[float]) -> None:
+def test_failed_delivery_backs_off_exponentially(tmp_path: Path, make_ledger: MakeLedger, base: float, cap: float,
+                                                 delays: list[float]) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, backoff_base_s=base, backoff_cap_s=cap, clock=clock)
     evaluate(ledger, 1)
@@ -270,7 +290,8 @@ def test_failed_delivery_backs_off_exponentially(tmp_path: Path, base: float, ca
     assert ledger.next_delivery_at("a") is None
 
 
-def test_new_logger_gets_backfilled_and_removed_logger_stops_holding_back(tmp_path: Path) -> None:
+def test_new_logger_gets_backfilled_and_removed_logger_stops_holding_back(
+        tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, loggers=("a",))
     evaluate(ledger, 1)
     evaluate(ledger, 2)
@@ -288,14 +309,14 @@ def test_new_logger_gets_backfilled_and_removed_logger_stops_holding_back(tmp_pa
     assert ledger.steps(StepState.DELIVERED) == [1, 2]
 
 
-def test_two_ledgers_compete_for_a_step_and_exactly_one_wins(tmp_path: Path) -> None:
+def test_two_ledgers_compete_for_a_step_and_exactly_one_wins(tmp_path: Path, make_ledger: MakeLedger) -> None:
     first, second = make_ledger(tmp_path), make_ledger(tmp_path)
     first.register([1])
     assert first.claim(1, owner="p1") and not second.claim(1, owner="p2")
     assert first.claim(1, owner="p1")  # the holder claiming again just renews
 
 
-def test_expired_lease_is_taken_over_and_the_old_holder_refused(tmp_path: Path) -> None:
+def test_expired_lease_is_taken_over_and_the_old_holder_refused(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     first, second = make_ledger(tmp_path, clock=clock), make_ledger(tmp_path, clock=clock)
     assert first.claim(1, owner="p1", ttl_s=30)
@@ -313,7 +334,7 @@ def test_expired_lease_is_taken_over_and_the_old_holder_refused(tmp_path: Path) 
     assert first.rows()[0]["attempts"] == 2
 
 
-def test_dead_owner_lease_is_taken_over_at_once_and_live_one_is_not(tmp_path: Path) -> None:
+def test_dead_owner_lease_is_taken_over_at_once_and_live_one_is_not(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     dead, alive = dead_owner(), make_owner_id()
     assert ledger.claim(1, owner=dead, ttl_s=3600) and ledger.claim(2, owner=alive, ttl_s=3600)
@@ -323,7 +344,7 @@ def test_dead_owner_lease_is_taken_over_at_once_and_live_one_is_not(tmp_path: Pa
     assert ledger.claim_logger("a", owner="new")
 
 
-def test_step_whose_evaluations_keep_dying_is_given_up(tmp_path: Path) -> None:
+def test_step_whose_evaluations_keep_dying_is_given_up(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, max_attempts=2)
     assert ledger.claim(1, owner=dead_owner())
     assert ledger.claim(1, owner=dead_owner())
@@ -332,7 +353,7 @@ def test_step_whose_evaluations_keep_dying_is_given_up(tmp_path: Path) -> None:
     assert row["state"] is StepState.GIVEN_UP and row["reason"].startswith("gave up after 2 attempts")
 
 
-def test_logger_lease_excludes_a_second_deliverer_until_it_expires(tmp_path: Path) -> None:
+def test_logger_lease_excludes_a_second_deliverer_until_it_expires(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, clock=clock)
     evaluate(ledger, 1)
@@ -347,7 +368,7 @@ def test_logger_lease_excludes_a_second_deliverer_until_it_expires(tmp_path: Pat
     assert ledger.release_logger("a", owner="d2") and not ledger.release_logger("a", owner="d2")
 
 
-def test_threads_sharing_one_ledger_win_each_step_once(tmp_path: Path) -> None:
+def test_threads_sharing_one_ledger_win_each_step_once(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     ledger.register(range(30))
     won: list[list[int]] = [[] for _ in range(4)]
@@ -374,7 +395,7 @@ def test_threads_sharing_one_ledger_win_each_step_once(tmp_path: Path) -> None:
         ("max", {1: math.nan}, None),
     ],
 )
-def test_best_step_ignores_nan(tmp_path: Path, mode: str, values: dict[int, float],
+def test_best_step_ignores_nan(tmp_path: Path, make_ledger: MakeLedger, mode: str, values: dict[int, float],
                                best: tuple[int, float] | None) -> None:
     ledger = make_ledger(tmp_path, best_metric="loss", best_mode=mode)
     for step, value in values.items():
@@ -382,7 +403,7 @@ def test_best_step_ignores_nan(tmp_path: Path, mode: str, values: dict[int, floa
     assert ledger.best() == best
 
 
-def test_best_is_recomputed_when_the_tracked_metric_changes(tmp_path: Path) -> None:
+def test_best_is_recomputed_when_the_tracked_metric_changes(tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path, best_metric="loss", best_mode="min")
     evaluate(ledger, 1, loss=2.0, acc=0.9)
     evaluate(ledger, 2, loss=1.0, acc=0.8)
@@ -392,7 +413,7 @@ def test_best_is_recomputed_when_the_tracked_metric_changes(tmp_path: Path) -> N
     assert make_ledger(tmp_path).best() is None
 
 
-def test_run_state_heartbeat_and_rows_persist_per_stream(tmp_path: Path) -> None:
+def test_run_state_heartbeat_and_rows_persist_per_stream(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, clock=clock)
     other = make_ledger(tmp_path, config_hash="other-config")
@@ -416,13 +437,181 @@ def test_run_state_heartbeat_and_rows_persist_per_stream(tmp_path: Path) -> None
 
 
 def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: Path) -> None:
-    make_ledger(tmp_path).close()
+    new_ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="schema version 99, newer"):
-        make_ledger(tmp_path)
+        new_ledger(tmp_path)
+
+
+def test_processes_opening_a_new_database_at_once_create_its_schema_once(tmp_path: Path, postgres_url: str) -> None:
+    # Each thread opens its own session, as processes on several machines do when they start together.
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    opened: list[Ledger] = []
+
+    def start(index: int) -> None:
+        barrier.wait()
+        try:
+            opened.append(new_ledger(tmp_path / str(index), url=postgres_url))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and len(opened) == 6
+    assert opened[0].register([1]) == [1] and [ledger.steps() for ledger in opened] == [[1]] * 6
+
+
+_OPEN_WHEN_TOLD = """
+import pathlib, sys, time
+from tracker_eval.ledger.steps import Ledger
+go = pathlib.Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.0005)
+Ledger(sys.argv[1], checkpoint_dir="/ckpt", config_hash="cfg", loggers=["a"]).close()
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # The switch to WAL may meet "database is locked" without SQLite's busy handler waiting: before
+    # it was tried again, 3 of 10 such rounds had a process fail to open the ledger.
+    for round_ in range(5):
+        out, go = tmp_path / f"out{round_}", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_WHEN_TOLD, str(out), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()  # all six open the new file at once
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        assert new_ledger(out).register([1]) == [1]
+
+
+def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path, postgres_server: PostgresServer,
+                                                                  postgres_url: str) -> None:
+    new_ledger(tmp_path, url=postgres_url).close()
+    database = postgres_url.rsplit("/", 1)[1]
+    assert postgres_server.sql("SELECT version FROM schema_version", database=database) == str(SCHEMA_VERSION)
+    postgres_server.sql("UPDATE schema_version SET version = 99", database=database)
+    with pytest.raises(LedgerError, match="schema version 99, newer"):
+        new_ledger(tmp_path, url=postgres_url)
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("SELECT 1 FROM t WHERE a = ? AND b IN (?, ?)", "SELECT 1 FROM t WHERE a = %s AND b IN (%s, %s)"),
+    ("UPDATE leases SET x = 0 WHERE name LIKE 'deliver:%' AND y = ?", "UPDATE leases SET x = 0 WHERE name LIKE "
+     "'deliver:%%' AND y = %s"),
+    ("SELECT 'what?', 'it''s ?', 5 % 2, ?", "SELECT 'what?', 'it''s ?', 5 %% 2, %s"),
+])
+def test_placeholders_become_psycopgs_and_quoted_text_keeps_its_question_marks(sql: str, expected: str) -> None:
+    from tracker_eval.ledger.postgres import pyformat
+
+    assert pyformat(sql) == expected
+
+
+def test_a_percent_sign_and_a_question_mark_in_quoted_text_reach_the_server_as_written(
+        tmp_path: Path, postgres_url: str) -> None:
+    ledger = new_ledger(tmp_path, url=postgres_url)
+    found = ledger._conn().execute("SELECT 'deliver:%' LIKE 'deliver:%', 'what?', ?, 7 % 4", ("x",)).fetchone()
+    assert tuple(found) == (True, "what?", "x", 3)
+
+
+def test_ledgers_with_their_own_output_dirs_share_one_database(tmp_path: Path, postgres_url: str) -> None:
+    # As on two machines: no file in common, one record of who evaluates and delivers what.
+    here, there = new_ledger(tmp_path / "here", url=postgres_url), new_ledger(tmp_path / "there", url=postgres_url)
+    assert here.register([1, 2]) == [1, 2] and there.register([2, 3]) == [3]
+    assert there.steps() == [1, 2, 3]
+    assert here.claim(1, owner="here") and not there.claim(1, owner="there") and there.claim(2, owner="there")
+    assert here.record_metrics(result_of(1), owner="here")
+    assert there.state(1) is StepState.EVALUATED and there.due_deliveries("a") == [1]
+    assert there.claim_logger("a", owner="there") and not here.claim_logger("a", owner="here")
+    assert not (tmp_path / "here" / "ledger.sqlite").exists() and not (tmp_path / "there" / "ledger.sqlite").exists()
+
+
+def test_a_writer_stalled_inside_a_write_does_not_hold_the_others_back(tmp_path: Path, postgres_url: str) -> None:
+    stalled, other = new_ledger(tmp_path, url=postgres_url, busy_timeout_s=4.0), new_ledger(tmp_path, url=postgres_url)
+    inside, go_on = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def stall() -> None:
+        conn = stalled._conn()
+        try:
+            with write_transaction(conn):
+                conn.execute("UPDATE streams SET best_metric = 'stalled'")
+                inside.set()
+                go_on.wait(timeout=60)  # stopped here, holding the write lock, as a SIGSTOPped process would
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - examined below
+            outcome.append(error)
+
+    thread = threading.Thread(target=stall)
+    thread.start()
+    assert inside.wait(timeout=30)
+    started = time.monotonic()
+    assert other.register([7]) == [7]  # waits for the server to end the stalled session, then goes on
+    waited = time.monotonic() - started
+    go_on.set()
+    thread.join(timeout=30)
+    assert 1.0 < waited < 30.0, waited
+    assert len(outcome) == 1 and outcome[0] is not None  # its write was rolled back, and it is told so
+    assert other.steps() == [7] and stalled.steps() == [7]  # the stalled ledger reconnects and goes on
+    assert stalled._conn().execute("SELECT count(*) FROM streams WHERE best_metric = 'stalled'").fetchone()[0] == 0
+
+
+def test_a_write_that_timed_out_waiting_for_the_lock_leaves_the_connection_usable(tmp_path: Path,
+                                                                                  postgres_url: str) -> None:
+    import psycopg
+
+    holder, waiter = new_ledger(tmp_path, url=postgres_url), new_ledger(tmp_path, url=postgres_url, busy_timeout_s=0.3)
+    conn = holder._conn()
+    with write_transaction(conn):
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            waiter.register([1])  # as SQLite's "database is locked" after its busy timeout
+    assert waiter.register([1]) == [1] and holder.steps() == [1]
+
+
+def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path, postgres_server: PostgresServer,
+                                                                 postgres_url: str) -> None:
+    import psycopg
+
+    ledger = new_ledger(tmp_path, url=postgres_url)
+    assert ledger.register([1]) == [1]
+    database = postgres_url.rsplit("/", 1)[1]
+    ended = postgres_server.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                f"WHERE application_name = 'tracker-eval' AND datname = '{database}'")
+    assert ended == "1"
+    # The call that meets the ended session fails (nothing of it committed); the next one reconnects.
+    with pytest.raises(psycopg.OperationalError):
+        ledger.register([2])
+    assert ledger.register([2]) == [2]
+    assert ledger.steps() == [1, 2]
+
+
+def test_both_backends_hold_the_same_tables_and_columns(tmp_path: Path, postgres_server: PostgresServer,
+                                                         postgres_url: str) -> None:
+    assert postgres_schema.BASELINE_VERSION + len(postgres_schema._MIGRATIONS) == SCHEMA_VERSION
+    new_ledger(tmp_path).close()
+    new_ledger(tmp_path, url=postgres_url).close()
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
+        tables = [row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        in_file = {t: sorted(row[1] for row in raw.execute(f"PRAGMA table_info({t})")) for t in tables}
+    listed = postgres_server.sql(
+        "SELECT table_name || '.' || column_name FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name != 'schema_version'", database=postgres_url.rsplit("/", 1)[1])
+    in_database: dict[str, list[str]] = {}
+    for entry in listed.splitlines():
+        table, column = entry.split(".")
+        in_database.setdefault(table, []).append(column)
+    assert {t: sorted(c) for t, c in in_database.items()} == in_file
+    assert set(in_file) == set(postgres_schema.TABLES)
 
 
 @pytest.mark.parametrize(
@@ -434,18 +623,19 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
         ({"loggers": ("a", "a")}, "distinct"),
     ],
 )
-def test_bad_arguments_are_config_errors(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+def test_bad_arguments_are_config_errors(tmp_path: Path, make_ledger: MakeLedger, kwargs: dict[str, object],
+                                         message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_ledger(tmp_path, **kwargs)
 
 
-def test_output_dir_under_a_file_fails_naming_the_directory(tmp_path: Path) -> None:
+def test_output_dir_under_a_file_fails_naming_the_directory(tmp_path: Path, make_ledger: MakeLedger) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(LedgerError, match=r"output_dir '.*/file/out' is not writable.*choose another"):
         make_ledger(tmp_path / "file" / "out")
 
 
-def test_existing_unwritable_output_dir_fails_naming_the_directory(tmp_path: Path) -> None:
+def test_existing_unwritable_output_dir_fails_naming_the_directory(tmp_path: Path, make_ledger: MakeLedger) -> None:
     if os.geteuid() == 0:
         # Root ignores permission bits; sysfs refuses new files even to root.
         unwritable = Path("/sys")

@@ -1,4 +1,6 @@
-"""Crash consistency and cross-process claims of the ledger, with real child processes."""
+"""Crash consistency and cross-process claims of the ledger, with real child processes, on the SQLite
+file and on a real PostgreSQL database (`ledger_backends`; the children find it through
+TRACKER_EVAL_LEDGER_URL)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from ledger_crash_child import LOGGERS, expected_arrays, open_ledger
 
 from tracker_eval.ledger.steps import StepState
 
+pytest_plugins = ["fixtures_postgres", "ledger_backends"]
+
 CHILD = Path(__file__).with_name("ledger_crash_child.py")
 
 
@@ -34,9 +38,10 @@ def _check_consistent(output_dir: Path, stored_before: dict[int, str]) -> tuple[
     Returns:
       step -> owner that stored its result, and the number of steps left mid-evaluation.
     """
-    with sqlite3.connect(output_dir / "ledger.sqlite") as raw:
-        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+    if (output_dir / "ledger.sqlite").exists():  # PostgreSQL checks its constraints at every commit
+        with sqlite3.connect(output_dir / "ledger.sqlite") as raw:
+            assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
     ledger = open_ledger(str(output_dir))
     try:
         stored: dict[int, str] = {}
@@ -65,7 +70,7 @@ def _check_consistent(output_dir: Path, stored_before: dict[int, str]) -> tuple[
 
 
 @pytest.mark.timeout(60)
-def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path) -> None:
+def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path, ledger_backend: str | None) -> None:
     rng = random.Random(20261127)
     stored: dict[int, str] = {}
     owners = set()
@@ -92,10 +97,12 @@ def test_kill_at_random_moments_leaves_ledger_consistent(tmp_path: Path) -> None
         assert ledger.steps() == sorted(stored)
     finally:
         ledger.close()
+    assert (tmp_path / "ledger.sqlite").exists() == (ledger_backend is None)  # the children used the backend under test
 
 
 @pytest.mark.timeout(60)
-def test_two_processes_competing_for_the_same_steps_each_step_won_once(tmp_path: Path) -> None:
+def test_two_processes_competing_for_the_same_steps_each_step_won_once(tmp_path: Path,
+                                                                       ledger_backend: str | None) -> None:
     go = tmp_path / "go"
     n_steps = 40
     procs = [_start("compete", str(tmp_path / "out"), str(go), str(n_steps)) for _ in range(2)]
@@ -116,3 +123,4 @@ def test_two_processes_competing_for_the_same_steps_each_step_won_once(tmp_path:
                 assert result is not None and result.provenance["owner"] == out["owner"]
     finally:
         ledger.close()
+    assert (tmp_path / "out" / "ledger.sqlite").exists() == (ledger_backend is None)

@@ -1,10 +1,13 @@
-"""The outbox on a real SQLite file: undeliverable results, re-queuing, in-flight marks, leases,
-summary marks, and the in-place migration of a version-1 ledger."""
+"""The outbox on a real SQLite file and a real PostgreSQL database (`ledger_backends`): undeliverable
+results, re-queuing, in-flight marks, leases, summary marks; and the in-place migration of a
+version-1 SQLite ledger."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from tracker_eval.ledger.lease import LeaseClaim
 from tracker_eval.ledger.schema import _MIGRATIONS, SCHEMA_VERSION
 from tracker_eval.ledger.steps import LeaseLostError, Ledger, StepState
 
+pytest_plugins = ["fixtures_postgres", "ledger_backends"]
+
 
 class FakeClock:
     def __init__(self, now: float = 1_000_000.0) -> None:
@@ -25,10 +30,19 @@ class FakeClock:
         return self.now
 
 
-def make_ledger(out: Path, **kwargs: object) -> Ledger:
+def new_ledger(out: Path, **kwargs: object) -> Ledger:
     options: dict[str, object] = {"checkpoint_dir": "/ckpt", "config_hash": "cfg", "loggers": ("a", "b")}
     options.update(kwargs)
     return Ledger(out, **options)  # type: ignore[arg-type]
+
+
+MakeLedger = Callable[..., Ledger]
+
+
+@pytest.fixture
+def make_ledger(ledger_url: str | None) -> MakeLedger:
+    """`new_ledger` on each backend in turn: the SQLite file in `out`, then a PostgreSQL database."""
+    return functools.partial(new_ledger, url=ledger_url)
 
 
 def result_of(step: int) -> EvalResult:
@@ -42,7 +56,8 @@ def evaluate(ledger: Ledger, *steps: int) -> None:
         assert ledger.record_metrics(result_of(step), owner="w")
 
 
-def test_a_refused_result_is_undeliverable_at_once_and_later_steps_go_on(tmp_path: Path) -> None:
+def test_a_refused_result_is_undeliverable_at_once_and_later_steps_go_on(
+        tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     evaluate(ledger, 1, 2, 3)
     assert ledger.claim_logger("a", owner="d")
@@ -64,7 +79,8 @@ def test_a_refused_result_is_undeliverable_at_once_and_later_steps_go_on(tmp_pat
     assert ledger.next_delivery_at("a") is None
 
 
-def test_counted_failures_give_up_after_max_delivery_attempts_and_outages_never_count(tmp_path: Path) -> None:
+def test_counted_failures_give_up_after_max_delivery_attempts_and_outages_never_count(
+        tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, max_delivery_attempts=3, backoff_base_s=1.0, backoff_cap_s=4.0, clock=clock)
     evaluate(ledger, 1, 2)
@@ -81,7 +97,7 @@ def test_counted_failures_give_up_after_max_delivery_attempts_and_outages_never_
         ledger.mark_delivery_failed(1, "a", "again", owner="d")
 
 
-def test_requeue_makes_undeliverable_pending_again_by_step_and_logger(tmp_path: Path) -> None:
+def test_requeue_makes_undeliverable_pending_again_by_step_and_logger(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, max_delivery_attempts=1, clock=clock)
     evaluate(ledger, 1, 2)
@@ -108,7 +124,7 @@ def test_requeue_makes_undeliverable_pending_again_by_step_and_logger(tmp_path: 
     assert {row["step"]: row["state"] for row in ledger.rows()} == {1: StepState.EVALUATED, 2: StepState.DELIVERED}
 
 
-def test_in_flight_mark_keeps_the_first_attempt_until_acknowledged(tmp_path: Path) -> None:
+def test_in_flight_mark_keeps_the_first_attempt_until_acknowledged(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, clock=clock)
     evaluate(ledger, 1, 2)
@@ -127,7 +143,7 @@ def test_in_flight_mark_keeps_the_first_attempt_until_acknowledged(tmp_path: Pat
         ledger.begin_delivery(2, "a", owner="someone-else")
 
 
-def test_claim_logger_tells_a_takeover_from_a_renewal(tmp_path: Path) -> None:
+def test_claim_logger_tells_a_takeover_from_a_renewal(tmp_path: Path, make_ledger: MakeLedger) -> None:
     clock = FakeClock()
     ledger = make_ledger(tmp_path, clock=clock)
     assert ledger.claim_logger("a", owner="d1", ttl_s=10) is LeaseClaim.ACQUIRED
@@ -143,7 +159,8 @@ def test_claim_logger_tells_a_takeover_from_a_renewal(tmp_path: Path) -> None:
     assert ledger.claim_logger("a", owner="d1", ttl_s=10) is LeaseClaim.ACQUIRED  # d2 may have sent
 
 
-def test_summary_mark_is_kept_per_logger_and_written_only_by_the_lease_holder(tmp_path: Path) -> None:
+def test_summary_mark_is_kept_per_logger_and_written_only_by_the_lease_holder(
+        tmp_path: Path, make_ledger: MakeLedger) -> None:
     ledger = make_ledger(tmp_path)
     assert ledger.summary_sent("a") is None
     assert ledger.claim_logger("a", owner="d")
@@ -175,7 +192,7 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     )
     raw.close()
 
-    ledger = make_ledger(tmp_path)
+    ledger = new_ledger(tmp_path)
     with sqlite3.connect(path) as check:
         assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -195,4 +212,4 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     assert math.isinf(ledger.mark_delivery_failed(2, "b", "HTTP 400", owner="d", permanent=True))
     assert ledger.rows()[1]["deliveries"] == {"a": "delivered", "b": "undeliverable"}
     ledger.close()
-    assert make_ledger(tmp_path).rows()[1]["deliveries"]["b"] == "undeliverable"  # opened again: no change
+    assert new_ledger(tmp_path).rows()[1]["deliveries"]["b"] == "undeliverable"  # opened again: no change

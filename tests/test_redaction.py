@@ -44,6 +44,20 @@ def test_redact_text_masks_secret_environment_values_and_remembered_config_secre
     assert redact_text(text) == "key ***, password ***, option ***, parallelism false"
 
 
+def test_libpqs_password_variable_is_masked(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "pg-secret-4711")
+    assert redact_text("login with pg-secret-4711 failed") == "login with *** failed"
+
+
+def test_a_database_urls_password_is_remembered_but_its_user_is_not():
+    # The role name (here a common word) would otherwise be masked in every unrelated text.
+    remember_secrets({"ledger": {"url": "postgresql://evaluator@db:5432/evals"}})
+    remember_secrets({"ledger": {"url": "postgres://reporter:Ledger-pw-77@db/evals"}})
+    text = "the evaluator process, the reporter role, password Ledger-pw-77"
+    assert redact_text(text) == "the evaluator process, the reporter role, password ***"
+    assert redact_text("postgresql://evaluator@db/evals") == "postgresql://***@db/evals"
+
+
 _LOUD_PROCESS = """
 import logging, sys, threading, warnings
 from tracker_eval.logs import configure_logging

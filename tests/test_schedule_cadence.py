@@ -14,7 +14,7 @@ from watcher_harness import EXE, child_env, publish
 from tracker_eval.config import load_config
 from tracker_eval.errors import ConfigError
 
-pytest_plugins = ["watcher_harness"]
+pytest_plugins = ["watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 
 def _suites(test_policy: Any) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def _evaluating(text: str, step: int) -> list[str]:
 
 
 def test_val_every_checkpoint_test_every_40_then_a_new_cadence_and_a_skipped_step_asked_for(
-        tmp_path, source_checkpoints):
+        tmp_path, source_checkpoints, ledger_backend):
     ckpts = tmp_path / "ckpts"
     for step in (20, 40, 60):
         publish(source_checkpoints, ckpts, step)

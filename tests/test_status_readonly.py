@@ -1,7 +1,9 @@
-"""`tracker-eval status` and `status --health` never write: every file under output_dir stays byte-identical.
+"""`tracker-eval status` and `status --health` never write: every file under output_dir stays byte-identical,
+and every row of a PostgreSQL ledger stays as it was.
 
-The ledger is a real one (real SQLite file in WAL mode), written by `Ledger` the way the watcher does;
-status runs as the real command, with another logger list and another best metric than the writer's.
+The ledger is a real one (real SQLite file in WAL mode, or a real PostgreSQL database:
+`ledger_backends`), written by `Ledger` the way the watcher does; status runs as the real command,
+with another logger list and another best metric than the writer's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import pytest
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import stream_hash
 from tracker_eval.ledger import readonly, view
+from tracker_eval.ledger.postgres_schema import TABLES
 from tracker_eval.ledger.steps import Ledger
+
+pytest_plugins = ["fixtures_postgres", "ledger_backends"]
 
 EXE = str(pathlib.Path(sys.executable).with_name("tracker-eval"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,7 +39,16 @@ def _files(root: pathlib.Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _config(tmp_path: pathlib.Path) -> pathlib.Path:
+def _rows(server, url: str | None) -> dict[str, str]:
+    """Every row of every ledger table of a PostgreSQL ledger, as text ({} for the SQLite file)."""
+    if url is None:
+        return {}
+    database = url.rsplit("/", 1)[1]
+    return {table: server.sql(f"SELECT string_agg(t::text, E'\\n' ORDER BY t::text) FROM {table} t", database=database)
+            for table in TABLES}
+
+
+def _config(tmp_path: pathlib.Path, url: str | None = None) -> pathlib.Path:
     ckpts = tmp_path / "ckpts"
     for step in (10, 20, 30, 40):
         (ckpts / str(step)).mkdir(parents=True)
@@ -46,17 +60,19 @@ def _config(tmp_path: pathlib.Path) -> pathlib.Path:
         "data": "tracker_eval.tasks.classification:make_eval_data", "batch_size": 64,
         "loggers": [{"type": "jsonl"}, {"type": "console"}],
         "watch": {"best": {"metric": "loss", "mode": "min"}},
+        **({} if url is None else {"ledger": {"url": url}}),
     }))
     return path
 
 
 def _writer_ledger(config_path: pathlib.Path) -> Ledger:
     """The ledger as the watcher of `config_path` opens it."""
-    from tracker_eval.config import load_config
+    from tracker_eval.config import load_config, resolve_ledger_url
 
     config = load_config(config_path)
     return Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config),
-                  loggers=["jsonl", "console"], best_metric="loss", best_mode="min")
+                  loggers=["jsonl", "console"], best_metric="loss", best_mode="min",
+                  url=resolve_ledger_url(config.ledger))
 
 
 def _record(ledger: Ledger, step: int, loss: float, accuracy: float) -> None:
@@ -74,8 +90,9 @@ def _status(config: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str
                           text=True, timeout=120, cwd=str(config.parent))
 
 
-def test_status_and_health_leave_every_file_byte_identical(tmp_path):
-    config = _config(tmp_path)
+def test_status_and_health_leave_every_file_byte_identical(tmp_path, ledger_url, request):
+    server = request.getfixturevalue("postgres_server") if ledger_url else None
+    config = _config(tmp_path, ledger_url)
     out = tmp_path / "out"
     with _writer_ledger(config) as ledger:
         for step, loss, accuracy in RESULTS:
@@ -83,14 +100,16 @@ def test_status_and_health_leave_every_file_byte_identical(tmp_path):
         assert ledger.claim_logger("jsonl", owner="writer")
         ledger.mark_delivered(10, "jsonl", owner="writer")
         ledger.touch_heartbeat("writer")
-    before = _files(out)
-    assert {"ledger.sqlite", "results"} <= {name.split("/")[0] for name in before}
-    assert "ledger.sqlite-wal" not in before  # the writer closed: the immutable read path
+    before, rows_before = _files(out), _rows(server, ledger_url)
+    in_file = {"ledger.sqlite", "results"} if ledger_url is None else {"results"}
+    assert {name.split("/")[0] for name in before} == in_file
+    assert ledger_url is None or "10" in rows_before["steps"] and "deliver:jsonl" in rows_before["leases"]
 
     as_json = _status(config, "--json")
     table = _status(config)
     health = _status(config, "--health")
     assert _files(out) == before
+    assert _rows(server, ledger_url) == rows_before
 
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
@@ -195,10 +214,11 @@ def test_a_writer_starting_during_an_immutable_read_is_seen(tmp_path):
     assert calls == [[10], [10, 20]]
 
 
-def test_a_newer_schema_is_a_one_line_error(tmp_path):
-    config = _config(tmp_path)
+def test_a_newer_schema_is_a_one_line_error(tmp_path, ledger_url):
+    config = _config(tmp_path, ledger_url)
     with _writer_ledger(config) as ledger:
-        ledger._conn().execute("PRAGMA user_version = 99")
+        ledger._conn().execute("PRAGMA user_version = 99" if ledger_url is None
+                               else "UPDATE schema_version SET version = 99")
     proc = _status(config, "--json")
     assert proc.returncode == 2
     assert "schema version 99" in proc.stderr and "upgrade tracker-eval" in proc.stderr
@@ -206,8 +226,12 @@ def test_a_newer_schema_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--json"], ["--health"]])
-def test_status_before_any_ledger_creates_nothing(tmp_path, args):
-    config = _config(tmp_path)
+def test_status_before_any_ledger_creates_nothing(tmp_path, args, ledger_url, request):
+    config = _config(tmp_path, ledger_url)
     proc = _status(config, *args)
     assert proc.returncode == (0 if args == ["--json"] else 1), proc.stderr
     assert not (tmp_path / "out").exists()
+    if ledger_url is not None:
+        server = request.getfixturevalue("postgres_server")
+        assert server.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                          database=ledger_url.rsplit("/", 1)[1]) == "0"

@@ -19,7 +19,7 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import stream_hash
 from tracker_eval.ledger.steps import Ledger
 
-pytest_plugins = ["fixtures_gcs"]
+pytest_plugins = ["fixtures_gcs", "fixtures_postgres", "ledger_backends"]
 
 MISSING = "gs://no-such-bucket/exp/run"
 CLASSIFICATION = "tracker_eval.tasks.classification"
@@ -37,11 +37,11 @@ def _config(tmp_path: pathlib.Path, checkpoint_dir: str) -> pathlib.Path:
 
 def _ledger_with_a_result_and_a_heartbeat(config_path: pathlib.Path) -> None:
     """Step 10 evaluated and a fresh heartbeat, as a live watcher of `config_path` leaves them."""
-    from tracker_eval.config import load_config
+    from tracker_eval.config import load_config, resolve_ledger_url
 
     config = load_config(config_path)
     with Ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir, config_hash=stream_hash(config),
-                loggers=["jsonl"]) as ledger:
+                loggers=["jsonl"], url=resolve_ledger_url(config.ledger)) as ledger:
         assert ledger.claim(10, owner="watcher")
         assert ledger.record_metrics(EvalResult(step=10, checkpoint=f"{config.checkpoint_dir}/10",
                                                 metrics={"loss": 0.5}, per_example={"loss": np.ones(2)}),
@@ -74,7 +74,7 @@ def test_status_says_in_one_line_why_a_bucket_cannot_be_listed(tmp_path, gcs):
     assert last.startswith(f"newest checkpoint: unknown (cannot list {MISSING}: ConnectionError"), shown.stdout
 
 
-def test_health_answers_from_the_ledger_where_no_credential_reads_the_bucket(tmp_path):
+def test_health_answers_from_the_ledger_where_no_credential_reads_the_bucket(tmp_path, ledger_backend):
     config = _config(tmp_path, MISSING)
     _ledger_with_a_result_and_a_heartbeat(config)
     env = {k: v for k, v in child_env().items()

@@ -27,7 +27,7 @@ from tracker_eval.errors import ConfigError
 from tracker_eval.identity import run_hash, stream_hash, suite_hash
 from tracker_eval.loggers.jsonl import read_jsonl
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 STEPS = (20, 40)
 TRAIN_LIMIT = 200  # the `test` suite: the first 200 training examples, another set than `val`
@@ -93,7 +93,8 @@ def jsonl_by_suite(out: pathlib.Path) -> dict[tuple[int, str], list[dict[str, fl
     return dict(found)
 
 
-def test_two_suites_one_restore_each_step_and_suite_delivered_once(tmp_path, source_checkpoints, mlflow_server):
+def test_two_suites_one_restore_each_step_and_suite_delivered_once(tmp_path, source_checkpoints, mlflow_server,
+                                                                   ledger_backend):
     experiment = f"suites-{uuid.uuid4().hex[:8]}"
     loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment},
                {"type": "wandb"}]
@@ -148,10 +149,11 @@ def test_two_suites_one_restore_each_step_and_suite_delivered_once(tmp_path, sou
     assert doc["best"]["suite"] == "test" and doc["best"]["step"] == best_step
     best = json.loads((out / "best.json").read_text())
     assert best["suite"] == "test" and best["step"] == best_step
+    assert (out / "ledger.sqlite").exists() == (ledger_backend is None)
 
 
 def test_a_suite_added_later_evaluates_only_itself_and_a_failing_suite_does_not_stop_the_others(
-    tmp_path, source_checkpoints, mlflow_server
+    tmp_path, source_checkpoints, mlflow_server, ledger_backend
 ):
     experiment = f"suites-later-{uuid.uuid4().hex[:8]}"
     loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment}]
@@ -192,6 +194,7 @@ def test_a_suite_added_later_evaluates_only_itself_and_a_failing_suite_does_not_
     for row in doc["steps"]:
         assert row["state"] == "delivered"  # over the configured suite only
         assert row["suites"]["test"]["metrics"]["loss"] == pytest.approx(want[row["step"]]["test"]["loss"], rel=1e-5)
+    assert (out / "ledger.sqlite").exists() == (ledger_backend is None)
 
 
 def test_one_restore_per_checkpoint_and_one_compile_per_suite(tmp_path, source_checkpoints):

@@ -28,10 +28,10 @@ from watcher_harness import (
     write_config,
 )
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 
-def test_writer_and_watcher_every_checkpoint_once_until_step_status_and_best(tmp_path, mlflow_server):
+def test_writer_and_watcher_every_checkpoint_once_until_step_status_and_best(tmp_path, mlflow_server, ledger_backend):
     save_steps = [10, 20, 30, 40]
     experiment = f"watch-basic-{uuid.uuid4().hex[:8]}"
     loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment},
@@ -94,7 +94,8 @@ def test_writer_and_watcher_every_checkpoint_once_until_step_status_and_best(tmp
     assert json.loads((out / "best.json").read_text()) == best
 
 
-def test_tmp_dir_never_evaluated_late_lower_step_evaluated_idle_timeout_stops(tmp_path, source_checkpoints):
+def test_tmp_dir_never_evaluated_late_lower_step_evaluated_idle_timeout_stops(tmp_path, source_checkpoints,
+                                                                              ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     ckpts.mkdir()
     # An in-progress save that never finishes: a full copy under Orbax's temporary name.
@@ -131,7 +132,7 @@ def test_tmp_dir_never_evaluated_late_lower_step_evaluated_idle_timeout_stops(tm
     ids=["latest", "every_n_steps"],
 )
 def test_policies_record_skipped_steps_with_reason(tmp_path, source_checkpoints, policy, present, late, evaluated,
-                                                   skipped_reason):
+                                                   skipped_reason, ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     for step in present:
         publish(source_checkpoints, ckpts, step)

@@ -20,7 +20,7 @@ from watcher_harness import (
     write_config,
 )
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 LAST = SOURCE_STEPS[-1]
 
@@ -47,7 +47,7 @@ def _delivering(out) -> list[int]:
 
 
 def test_kill9_at_several_moments_then_restart_delivers_everything_exactly_once(tmp_path, source_checkpoints,
-                                                                                  mlflow_server):
+                                                                                  mlflow_server, ledger_backend):
     # A fixed seed, so a failure repeats; WATCHER_KILL_SEED=N explores other kill moments.
     seed = int(os.environ.get("WATCHER_KILL_SEED", "12"))
     rng = random.Random(seed)
@@ -108,7 +108,7 @@ def test_kill9_at_several_moments_then_restart_delivers_everything_exactly_once(
 
 
 def test_two_watchers_share_the_work_and_one_takes_over_from_a_killed_one(tmp_path, source_checkpoints,
-                                                                            mlflow_server):
+                                                                            mlflow_server, ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     for step in SOURCE_STEPS:
         publish(source_checkpoints, ckpts, step)

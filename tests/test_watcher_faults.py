@@ -28,10 +28,11 @@ from watcher_harness import (
 
 from tracker_eval.identity import stream_hash
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 
-def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path, source_checkpoints, mlflow_server):
+def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path, source_checkpoints, mlflow_server,
+                                                                        ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     experiment = f"watch-outage-{uuid.uuid4().hex[:8]}"
     loggers = [{"type": "jsonl"}, {"type": "mlflow", "tracking_uri": mlflow_server.url, "experiment": experiment,
@@ -68,7 +69,7 @@ def test_mlflow_outage_evaluation_goes_on_backlog_arrives_in_step_order(tmp_path
     assert_exactly_once(out, stored_metrics(out), mlflow=(mlflow_server.url, experiment))
 
 
-def test_until_step_with_a_dead_tracker_stops_after_the_outbox_wait(tmp_path, source_checkpoints):
+def test_until_step_with_a_dead_tracker_stops_after_the_outbox_wait(tmp_path, source_checkpoints, ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     with socket.socket() as s:  # a port nobody listens on: the tracker is down for the whole run
         s.bind(("127.0.0.1", 0))
@@ -92,7 +93,8 @@ def test_until_step_with_a_dead_tracker_stops_after_the_outbox_wait(tmp_path, so
     assert row["deliveries"]["mlflow"]["state"] == "pending", row  # kept for the next run, never lost
 
 
-def test_a_logger_that_could_not_start_is_started_again_and_gets_every_result(tmp_path, source_checkpoints):
+def test_a_logger_that_could_not_start_is_started_again_and_gets_every_result(tmp_path, source_checkpoints,
+                                                                              ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     loggers = [{"type": "jsonl"}, {"type": "failing_logger:FlakyStartLogger", "id": "flaky", "fail_starts": 2}]
     config = write_config(tmp_path, loggers=loggers, watch={"poll_interval_s": 0.3, "until_step": 40})
@@ -118,7 +120,8 @@ def _truncate_arrays(step_dir) -> None:
             f.truncate(max(0, path.stat().st_size // 3))
 
 
-def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tmp_path, source_checkpoints):
+def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tmp_path, source_checkpoints,
+                                                                              ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     broken = tmp_path / "broken"
     shutil.copytree(source_checkpoints / "40", broken / "40")
@@ -146,7 +149,8 @@ def test_truncated_checkpoint_given_up_vanished_one_skipped_later_steps_go_on(tm
     assert_exactly_once(out, stored_metrics(out))
 
 
-def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_goes_on(tmp_path, source_checkpoints):
+def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_goes_on(tmp_path, source_checkpoints,
+                                                                                      ledger_backend):
     from tracker_eval.config import load_config
     from tracker_eval.ledger.steps import Ledger
 
@@ -163,7 +167,7 @@ def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_go
         watcher.signal(signal.SIGSTOP)
         try:
             with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=stream_hash(loaded),
-                        loggers=["jsonl"]) as other:
+                        loggers=["jsonl"], url=ledger_backend) as other:
                 wait_for(lambda: other.claim(20, owner="other-holder", ttl_s=600), timeout=60,
                          what="the lease of step 20 to expire", interval=0.1)
         finally:
@@ -171,7 +175,7 @@ def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_go
         wait_for(lambda: "claim was taken over" in watcher.text, timeout=120, what="the lost-claim warning",
                  watchers=[watcher])
         with Ledger(out, checkpoint_dir=loaded.checkpoint_dir, config_hash=stream_hash(loaded),
-                    loggers=["jsonl"]) as other:
+                    loggers=["jsonl"], url=ledger_backend) as other:
             assert other.release(20, owner="other-holder")  # handed back: evaluated again, once
         code = watcher.wait_exit(timeout=120)
     assert code == 0, watcher.tail()
@@ -184,7 +188,7 @@ def test_a_watcher_that_lost_its_claim_drops_that_result_with_one_warning_and_go
     assert_exactly_once(out, stored_metrics(out))
 
 
-def test_unwritable_output_dir_is_one_line_exit_2(tmp_path):
+def test_unwritable_output_dir_is_one_line_exit_2(tmp_path, ledger_backend):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a directory should be\n")
     config = write_config(tmp_path, output_dir=blocker / "out", watch={"idle_timeout_s": 5})
@@ -197,8 +201,26 @@ def test_unwritable_output_dir_is_one_line_exit_2(tmp_path):
     assert lines[0].startswith("tracker-eval: error:") and "output_dir" in lines[0] and str(blocker) in lines[0]
 
 
+def test_an_unreachable_ledger_database_is_one_line_exit_2(tmp_path):
+    from fixtures_postgres import free_port
+
+    secret = "Watch-pw-9173"
+    config = write_config(tmp_path, watch={"idle_timeout_s": 5})
+    (tmp_path / "ckpts").mkdir()
+    url = f"postgresql://evaluator:{secret}@127.0.0.1:{free_port()}/evals"
+    proc = subprocess.run([EXE, "watch", "--config", str(config), f"ledger.url={url}"], capture_output=True,
+                          text=True, timeout=120, env=child_env())
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("tracker-eval: error: cannot reach the ledger database postgresql://***@127.0.0.1:")
+    assert "start the server" in lines[0] and secret not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out" / "ledger.sqlite").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path, source_checkpoints, signum):
+def test_sigterm_abandons_evaluation_flushes_and_next_run_evaluates_it(tmp_path, source_checkpoints, signum,
+                                                                       ledger_backend):
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     config = write_config(tmp_path, loggers=[{"type": "jsonl"}, {"type": "wandb"}], delay_s=0.5,
                           watch={"poll_interval_s": 0.3, "idle_timeout_s": 4})

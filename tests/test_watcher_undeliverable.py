@@ -26,7 +26,7 @@ from watcher_harness import (
     write_config,
 )
 
-pytest_plugins = ["fixtures_mlflow", "watcher_harness"]
+pytest_plugins = ["fixtures_mlflow", "watcher_harness", "fixtures_postgres", "ledger_backends"]
 
 
 def _poison_config(tmp_path, *, name: str, loggers: list[dict], watch: dict):
@@ -42,7 +42,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_refused_and_failing_deliveries_become_undeliverable_and_retry_sends_them(
-        tmp_path, source_checkpoints, mlflow_server):
+        tmp_path, source_checkpoints, mlflow_server, ledger_backend):
     from mlflow.tracking import MlflowClient
     from reference import restored_params, validation_metrics
 

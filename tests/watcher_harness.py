@@ -246,24 +246,89 @@ def wait_for(
         time.sleep(interval)
 
 
-def ledger_rows(output_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
-    """Each known step of the (only) stream in ``output_dir/ledger.sqlite``: state, reason, attempts,
-    owner, metrics and ``deliveries`` ({logger: {"state", "delivered_at"}}); {} before the file exists."""
-    from tracker_eval.ledger.files import decoded_metrics  # noqa: PLC0415
+def _ledger_tables(output_dir: pathlib.Path) -> tuple[list[Any], list[Any]] | None:
+    """(steps, outbox) rows of the ledger: ``output_dir/ledger.sqlite``, or the PostgreSQL database that
+    TRACKER_EVAL_LEDGER_URL names (`ledger_backends.ledger_backend`); None before it has a schema."""
+    queries = ("SELECT step, state, reason, attempts, owner, result_json FROM steps ORDER BY step",
+               "SELECT step, logger, state, delivered_at FROM outbox")
+    url = os.environ.get("TRACKER_EVAL_LEDGER_URL")
+    if url:
+        assert not (output_dir / "ledger.sqlite").exists(), "a SQLite ledger beside a PostgreSQL one"
+        from tracker_eval.ledger.postgres import PostgresConnection, open_connection  # noqa: PLC0415
+        from tracker_eval.ledger.postgres_schema import schema_version  # noqa: PLC0415
 
+        database = PostgresConnection(open_connection(url, read_only=True))
+        try:
+            if schema_version(database) == 0:
+                return None
+            with database.read_snapshot():
+                steps, outbox = (database.execute(query).fetchall() for query in queries)
+                return list(steps), list(outbox)
+        finally:
+            database.close()
     path = output_dir / "ledger.sqlite"
     if not path.exists():
-        return {}
+        return None
     conn = sqlite3.connect(str(path), timeout=30)
     try:
-        try:
-            steps = conn.execute(
-                "SELECT step, state, reason, attempts, owner, result_json FROM steps ORDER BY step").fetchall()
-            outbox = conn.execute("SELECT step, logger, state, delivered_at FROM outbox").fetchall()
-        except sqlite3.OperationalError:  # the schema is being created right now
-            return {}
+        return conn.execute(queries[0]).fetchall(), conn.execute(queries[1]).fetchall()
+    except sqlite3.OperationalError:  # the schema is being created right now
+        return None
     finally:
         conn.close()
+
+
+class LedgerBusy(Exception):
+    """Another process holds the ledger's write lock (e.g. one stopped in the middle of a write)."""
+
+
+def ledger_execute(output_dir: pathlib.Path, sql: str, *, timeout_s: float = 30.0) -> list[Any]:
+    """Runs one statement on the ledger of either backend as one write transaction, as the ledger's
+    own writes run (SQLite's BEGIN IMMEDIATE, PostgreSQL's write lock); returns its rows, if any.
+
+    Raises:
+      LedgerBusy: the write lock was not had within `timeout_s`.
+    """
+    url = os.environ.get("TRACKER_EVAL_LEDGER_URL")
+    if url:
+        import psycopg  # noqa: PLC0415
+
+        from tracker_eval.ledger.postgres import PostgresConnection, open_connection  # noqa: PLC0415
+
+        database = PostgresConnection(open_connection(url, read_only=False))
+        try:
+            database.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
+            with database.write_transaction():
+                cursor = database.execute(sql)
+                return list(cursor.fetchall()) if cursor.description is not None else []
+        except psycopg.errors.LockNotAvailable as error:
+            raise LedgerBusy(str(error)) from None
+        finally:
+            database.close()
+    conn = sqlite3.connect(str(output_dir / "ledger.sqlite"), timeout=timeout_s, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(sql).fetchall()
+        conn.execute("COMMIT")
+        return rows
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        raise LedgerBusy(str(error)) from None
+    finally:
+        conn.close()
+
+
+def ledger_rows(output_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
+    """Each known step of the (only) stream of the ledger (``output_dir/ledger.sqlite``, or the
+    PostgreSQL database TRACKER_EVAL_LEDGER_URL names): state, reason, attempts, owner, metrics and
+    ``deliveries`` ({logger: {"state", "delivered_at"}}); {} before the ledger exists."""
+    from tracker_eval.ledger.files import decoded_metrics  # noqa: PLC0415
+
+    tables = _ledger_tables(output_dir)
+    if tables is None:
+        return {}
+    steps, outbox = tables
     rows = {
         step: {"state": state, "reason": reason, "attempts": attempts, "owner": owner,
                "metrics": {} if payload is None else decoded_metrics(payload), "deliveries": {}}

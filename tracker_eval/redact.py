@@ -19,7 +19,7 @@ log handler of `tracker_eval.logs`, the ledger's failure reasons):
 It masks user info in URLs, ``Authorization``-style credentials (``Bearer ...``, ``Basic ...``),
 secret query parameters (``?token=...``), and wherever they appear literally: the values of
 environment variables with secret-looking names (``WANDB_API_KEY``, ``MLFLOW_TRACKING_TOKEN``,
-``*_PASSWORD``, ...) and the secrets a loaded config holds (`remember_secrets`).
+``*_PASSWORD``, ``PGPASSWORD``, ...) and the secrets a loaded config holds (`remember_secrets`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ _SECRET_PARAM = re.compile(
     r"(?i)(?P<name>\b(?:[a-z0-9]+[_-])*(?:token|api[_-]?key|(?:access|secret|private)[_-]?key|password|passwd|secret)=)[^&\s'\"]+")
 # Shorter values are too likely to occur by chance ("1", "true") to be masked wherever they appear.
 _MIN_LITERAL = 6
+_DATABASE_SCHEMES = ("postgresql://", "postgres://")
+# Secret variables whose names hide the word: libpq's password of a PostgreSQL ledger.
+_SECRET_VARIABLES = {"PGPASSWORD"}
 _remembered: set[str] = set()
 _remembered_lock = threading.Lock()
 
@@ -111,8 +114,12 @@ def _collect(value: Any, *, key: str, into: set[str]) -> None:
             into.add(value)
         for match in _URL_USERINFO.finditer(value):
             userinfo = value[match.end("scheme") : match.end() - 1]
-            into.add(userinfo)
             _, _, password = userinfo.partition(":")
+            # A database URL's user is a role name (often a common word), not a secret: masking it
+            # wherever it appears would garble unrelated text. Elsewhere a lone user info may be a token.
+            if match.group("scheme").lower() in _DATABASE_SCHEMES and not password:
+                continue
+            into.add(userinfo)
             into.update(p for p in (password, urllib.parse.unquote(password)) if p)
 
 
@@ -120,5 +127,6 @@ def _literal_secrets() -> list[str]:
     """Secrets to mask wherever they appear, longest first (so that no part of one is left)."""
     with _remembered_lock:
         found = set(_remembered)
-    found.update(v for k, v in os.environ.items() if len(v) >= _MIN_LITERAL and _is_secret_key(k))
+    found.update(v for k, v in os.environ.items()
+                 if len(v) >= _MIN_LITERAL and (_is_secret_key(k) or k in _SECRET_VARIABLES))
     return sorted(found, key=len, reverse=True)

@@ -1,5 +1,6 @@
 """The run configuration: typed, frozen dataclasses (`schema`), named evaluation suites (`suites`),
-their strict YAML loader (`load`) and the valid range of every numeric setting (`ranges`).
+their strict YAML loader (`load`), the valid range of every numeric setting (`ranges`) and where the
+ledger lives (`ledger`: the SQLite file, or a PostgreSQL URL).
 
 Shared by every stage.
 
@@ -9,9 +10,10 @@ May import: the shared top level only (errors, redact).
     config = load_config("configs/watch.yaml", overrides=["mesh.data=4"])
 
 Public names: EvalConfig, SuiteConfig, CheckpointConfig, MeshConfig, BestConfig, WatchConfig, DistributedConfig,
-load_config, validate, policy_name, policy_text, off_cadence.
+LedgerConfig, load_config, validate, policy_name, policy_text, off_cadence, resolve_ledger_url.
 """
 
+from tracker_eval.config.ledger import LedgerConfig, resolve_ledger_url
 from tracker_eval.config.load import load_config, validate
 from tracker_eval.config.policy import off_cadence, policy_name, policy_text
 from tracker_eval.config.schema import (
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointConfig",
     "DistributedConfig",
     "EvalConfig",
+    "LedgerConfig",
     "MeshConfig",
     "SuiteConfig",
     "WatchConfig",
@@ -36,5 +39,6 @@ __all__ = [
     "off_cadence",
     "policy_name",
     "policy_text",
+    "resolve_ledger_url",
     "validate",
 ]

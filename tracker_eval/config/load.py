@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tracker_eval.config.ledger import check_ledger_url
 from tracker_eval.config.policy import policy_name
 from tracker_eval.config.ranges import RANGES, check_ranges
 from tracker_eval.config.schema import CACHE_MODES, CheckpointConfig, EvalConfig, MeshConfig
@@ -126,6 +127,8 @@ def validate(config: EvalConfig) -> None:
     if config.cache not in CACHE_MODES:
         raise ConfigError(f"cache {config.cache!r} is not one of {', '.join(CACHE_MODES)}")
     _validate_suites(config)
+    if config.ledger.url is not None:
+        check_ledger_url(config.ledger.url, where="ledger.url")
     policy_name(config.watch.policy)
     if config.watch.order not in ORDERS:
         raise ConfigError(f"watch.order {config.watch.order!r} is not one of {', '.join(ORDERS)}")

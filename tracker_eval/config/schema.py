@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from tracker_eval.config.ledger import LedgerConfig
 from tracker_eval.config.policy import policy_name
 from tracker_eval.config.suites import EVAL_KIND, SuiteConfig
 
@@ -185,6 +186,9 @@ class EvalConfig:
     """Seed of the eval rng (folded with the batch index, so every batch gets its own key)."""
     output_dir: str = "runs/eval"
     """Where tracker-eval writes its own files (ledger, JSONL, results)."""
+    ledger: LedgerConfig = LedgerConfig()
+    """Where the ledger lives: the SQLite file in output_dir by default, or a PostgreSQL database
+    (`tracker_eval.config.ledger`) that watchers on several machines share."""
     loggers: tuple[Mapping[str, Any], ...] = ({"type": "console"},)
     """Logger specs {type: NAME, ...options}; see README's logger reference."""
     metric_prefix: str = "eval"
@@ -256,6 +260,8 @@ class EvalConfig:
                                            **s["options"]} for s in suites}
             for key in ("eval_function", "data", "batch_size", *_SUITE_ONLY):
                 plain.pop(key, None)
+        if self.ledger == LedgerConfig():  # the default: run configs recorded before stay as they were
+            del plain["ledger"]
         if plain["watch"]["best"] is not None and plain["watch"]["best"]["suite"] is None:
             del plain["watch"]["best"]["suite"]
         return redact(plain)

@@ -11,8 +11,8 @@ counts; a tie goes to the lower step, so the answer does not depend on evaluatio
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from tracker_eval.ledger.files import decoded_metrics
 
@@ -37,7 +37,7 @@ def best_of(results: Iterable[tuple[int, Mapping[str, float]]], *, metric: str, 
     return best
 
 
-def offer_best(conn: sqlite3.Connection, stream: int, *, step: int, value: float, mode: str) -> None:
+def offer_best(conn: Any, stream: int, *, step: int, value: float, mode: str) -> None:
     """Makes `step` the best of `stream` if `value` beats the current best (call inside a write)."""
     best_step, best_value = conn.execute(
         "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (stream,)
@@ -47,7 +47,7 @@ def offer_best(conn: sqlite3.Connection, stream: int, *, step: int, value: float
         conn.execute("UPDATE streams SET best_step = ?, best_value = ? WHERE stream_id = ?", (step, value, stream))
 
 
-def reconcile_best(conn: sqlite3.Connection, stream: int, *, metric: str | None, mode: str) -> None:
+def reconcile_best(conn: Any, stream: int, *, metric: str | None, mode: str) -> None:
     """Records which metric is tracked; when it changed since the last run, recomputes the best
     from every stored result (call inside a write)."""
     wanted = (metric, mode if metric else None)
@@ -70,12 +70,12 @@ def reconcile_best(conn: sqlite3.Connection, stream: int, *, metric: str | None,
             offer_best(conn, stream, step=step, value=metrics[metric], mode=mode)
 
 
-def tracked_metric(conn: sqlite3.Connection, stream: int) -> tuple[str | None, str | None]:
+def tracked_metric(conn: Any, stream: int) -> tuple[str | None, str | None]:
     """The (metric, mode) whose best the ledger keeps for `stream`; (None, None) when none."""
     return tuple(conn.execute("SELECT best_metric, best_mode FROM streams WHERE stream_id = ?", (stream,)).fetchone())
 
 
-def read_best(conn: sqlite3.Connection, stream: int) -> tuple[int, float] | None:
+def read_best(conn: Any, stream: int) -> tuple[int, float] | None:
     """The best step of `stream` and its value, or None when no stored result had the metric."""
     best_step, best_value = conn.execute(
         "SELECT best_step, best_value FROM streams WHERE stream_id = ?", (stream,)

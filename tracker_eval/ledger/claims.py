@@ -10,9 +10,9 @@ dead process of this host) is taken over, and every claim counts as an attempt.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 
+from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.db import write_transaction
 from tracker_eval.ledger.lease import lease_reclaimable
 from tracker_eval.ledger.reads import _CLAIMABLE, StepReads, StepState
@@ -23,9 +23,9 @@ class Claims(StepReads):
 
     _max_attempts: int
 
-    def _insert_pending(self, conn: sqlite3.Connection, step: int) -> bool:
+    def _insert_pending(self, conn: Connection, step: int) -> bool:
         cursor = conn.execute(
-            "INSERT OR IGNORE INTO steps (stream_id, step, state, updated_at) VALUES (?, ?, 'pending', ?)",
+            "INSERT INTO steps (stream_id, step, state, updated_at) VALUES (?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
             (self._stream, int(step), self._clock()),
         )
         return cursor.rowcount == 1
@@ -40,8 +40,15 @@ class Claims(StepReads):
           The newly added steps, ascending.
         """
         conn = self._conn()
+        # A poll lists steps the ledger mostly knows: one read finds the new ones, and only they are
+        # written (one statement each; a PostgreSQL ledger is a round trip away), under the write lock,
+        # where a step another process added meanwhile is simply not added again.
+        known = {step for (step,) in conn.execute("SELECT step FROM steps WHERE stream_id = ?", (self._stream,))}
+        new = sorted({int(s) for s in steps} - known)
+        if not new:
+            return []
         with write_transaction(conn):
-            added = [step for step in sorted({int(s) for s in steps}) if self._insert_pending(conn, step)]
+            added = [step for step in new if self._insert_pending(conn, step)]
         return added
 
     def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
@@ -115,7 +122,7 @@ class Claims(StepReads):
                       attempts=max(attempts - 1, 0))
             return True
 
-    def _holds(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
+    def _holds(self, conn: Connection, step: int, owner: str) -> bool:
         # An expired lease still counts as held until someone else takes it over.
         row = self._row(conn, step)
         return row is not None and row["state"] == StepState.EVALUATING and row["owner"] == owner

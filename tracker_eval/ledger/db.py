@@ -1,12 +1,13 @@
-"""The ledger's SQLite file: connection settings, versioned schema, transactions and the stream handle.
+"""The ledger's database bound to one stream: transactions, per-thread connections and stream-level state.
 
-One file (``<output_dir>/ledger.sqlite``) may be shared by several processes. Every connection uses
-WAL mode, ``synchronous=FULL`` and a busy timeout; every write is one ``BEGIN IMMEDIATE``
-transaction, so a process killed at any instant leaves the last committed state. `LedgerStore` binds
-the file to one stream (checkpoint directory + config hash) and keeps one connection per thread;
-`tracker_eval.ledger.outbox.Outbox` and `tracker_eval.ledger.steps.Ledger` build on it.
+The database is the SQLite file ``<output_dir>/ledger.sqlite`` (`tracker_eval.ledger.sqlite`) or a
+PostgreSQL database named by URL (`tracker_eval.ledger.postgres`); `tracker_eval.ledger.backend`
+is the seam between them. Every write is one `write_transaction` that excludes every other
+writer, so a process killed at any instant leaves the last committed state. `LedgerStore` binds
+the database to one stream (checkpoint directory + config hash) and keeps one connection per
+thread; `tracker_eval.ledger.outbox.Outbox` and `tracker_eval.ledger.steps.Ledger` build on it.
 
-    conn = connect(Path("out/ledger.sqlite"), busy_timeout_s=30.0)
+    conn = SqliteBackend(Path("out/ledger.sqlite"), busy_timeout_s=30.0).connect()
     with write_transaction(conn):
         conn.execute("UPDATE steps SET ...")
 """
@@ -25,72 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from tracker_eval.errors import ConfigError
-from tracker_eval.ledger.schema import SchemaError, migrate
+from tracker_eval.ledger.backend import LEDGER_FILENAME, Connection, open_backend
+from tracker_eval.ledger.errors import IllegalTransitionError, LeaseLostError, LedgerError
 from tracker_eval.locations import normalize_checkpoint_dir
 from tracker_eval.redact import redact_text
 
-LEDGER_FILENAME = "ledger.sqlite"
+__all__ = ["LEDGER_FILENAME", "IllegalTransitionError", "LeaseLostError", "LedgerError", "LedgerStore",
+           "read_snapshot", "write_transaction"]
+
 RESULTS_DIRNAME = "results"
 
 
-class LedgerError(RuntimeError):
-    """The ledger cannot be opened or a requested change is not allowed."""
-
-
-class LeaseLostError(LedgerError):
-    """The caller acts under a claim it no longer holds (it expired and was taken over, or was never held)."""
-
-
-class IllegalTransitionError(LedgerError):
-    """The requested change does not lead from the current state (e.g. skipping an evaluated step)."""
-
-
-def connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
-    """Opens the ledger file with the settings every connection needs and brings its schema up to date.
-
-    Args:
-      path: the SQLite file; created if missing.
-      busy_timeout_s: how long a write waits for another process's write to finish.
-
-    Returns:
-      A connection in autocommit mode; writes go through `write_transaction`.
-
-    Raises:
-      LedgerError: the file cannot be opened, is not in WAL mode (e.g. a network file system), or
-        was written by a newer version.
-    """
-    try:
-        # isolation_level=None: the sqlite3 module must not open transactions behind our back;
-        # each write states BEGIN IMMEDIATE itself.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        # FULL also fsyncs the WAL at each commit, so a power cut cannot forget a "delivered" or
-        # "evaluated" commit; writes are a few per checkpoint, so the cost does not matter.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.row_factory = sqlite3.Row
-    except sqlite3.Error as error:
-        raise LedgerError(f"cannot open the ledger {path}: {error}; check that the directory is "
-                          "writable and on a local file system") from error
-    if str(mode).lower() != "wal":
-        conn.close()
-        raise LedgerError(
-            f"the ledger {path} cannot use WAL mode (got journal_mode={mode!r}); put output_dir on a "
-            "local file system (WAL needs shared memory, which network file systems lack)"
-        )
-    try:
-        migrate(conn, path)
-    except SchemaError as error:
-        conn.close()
-        raise LedgerError(str(error)) from None
-    return conn
-
-
 @contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One atomic write: ``BEGIN IMMEDIATE`` takes the write lock first, so a read-then-write inside
-    never races another process, and either everything inside commits or nothing does."""
+def write_transaction(conn: Connection) -> Iterator[Connection]:
+    """One atomic write that excludes every other writer first, so a read-then-write inside never
+    races another process, and either everything inside commits or nothing does. On SQLite that is
+    ``BEGIN IMMEDIATE`` (the file's write lock); PostgreSQL's connection brings its own
+    (`tracker_eval.ledger.postgres.PostgresConnection.write_transaction`)."""
+    if not isinstance(conn, sqlite3.Connection):
+        with conn.write_transaction():  # type: ignore[attr-defined]
+            yield conn
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -102,8 +58,12 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 @contextlib.contextmanager
-def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Several reads that see one consistent state of the file (inside an open one: that one)."""
+def read_snapshot(conn: Connection) -> Iterator[Connection]:
+    """Several reads that see one consistent state of the database (inside an open one: that one)."""
+    if not isinstance(conn, sqlite3.Connection):
+        with conn.read_snapshot():  # type: ignore[attr-defined]
+            yield conn
+        return
     if conn.in_transaction:
         yield conn
         return
@@ -116,7 +76,7 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class LedgerStore:
-    """The ledger file bound to one stream: per-thread connections and stream-level key/values.
+    """The ledger's database bound to one stream: per-thread connections and stream-level key/values.
 
     Subclasses add the outbox and the step state machine; construct `tracker_eval.ledger.steps.Ledger`.
     """
@@ -137,6 +97,7 @@ class LedgerStore:
         run_hash: str | None = None,
         suite: str = "",
         earlier_hashes: Sequence[str] = (),
+        url: str | None = None,
     ) -> None:
         if len(set(loggers)) != len(loggers) or not all(isinstance(n, str) and n for n in loggers):
             raise ConfigError(f"loggers={list(loggers)!r} must be distinct non-empty names")
@@ -148,9 +109,10 @@ class LedgerStore:
         self._clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[Connection] = []
         _check_writable(self.output_dir)
-        self._path = self.output_dir / LEDGER_FILENAME
+        self.url = url
+        self._backend = open_backend(url, output_dir=self.output_dir, busy_timeout_s=busy_timeout_s)
         key = hashlib.sha256(f"{self.checkpoint_dir}\0{config_hash}".encode()).hexdigest()[:16]
         self._results_dir = self.output_dir / RESULTS_DIRNAME / key
         self.suite = suite
@@ -180,22 +142,23 @@ class LedgerStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Connection:
         local = self._local
-        # A connection must not cross fork(): the child opens its own.
-        if getattr(local, "pid", None) != os.getpid():
-            local.conn = connect(self._path, busy_timeout_s=self._busy_timeout_s)
+        # A connection must not cross fork(): the child opens its own. A PostgreSQL session the server
+        # ended (a restart) is replaced: the call that met the end failed, the next one goes on.
+        if getattr(local, "pid", None) != os.getpid() or not getattr(local.conn, "alive", True):
+            local.conn = self._backend.connect()
             local.pid = os.getpid()
             with self._lock:
                 self._connections.append(local.conn)
         return local.conn
 
-    def _row(self, conn: sqlite3.Connection, step: int) -> sqlite3.Row | None:
+    def _row(self, conn: Connection, step: int) -> Any:
         return conn.execute(
             "SELECT * FROM steps WHERE stream_id = ? AND step = ?", (self._stream, int(step))
         ).fetchone()
 
-    def _set(self, conn: sqlite3.Connection, step: int, **fields: Any) -> None:
+    def _set(self, conn: Connection, step: int, **fields: Any) -> None:
         if isinstance(fields.get("reason"), str):
             fields["reason"] = redact_text(fields["reason"])  # an error text may quote a credential
         fields["updated_at"] = self._clock()
@@ -217,7 +180,8 @@ class LedgerStore:
         conn = self._conn()
         with write_transaction(conn):
             conn.execute(
-                "INSERT OR REPLACE INTO run_state (stream_id, logger, state_json) VALUES (?, ?, ?)",
+                "INSERT INTO run_state (stream_id, logger, state_json) VALUES (?, ?, ?) "
+                "ON CONFLICT (stream_id, logger) DO UPDATE SET state_json = excluded.state_json",
                 (self._run_stream, logger, json.dumps(dict(state))),
             )
 
@@ -226,7 +190,8 @@ class LedgerStore:
         conn = self._conn()
         with write_transaction(conn):
             conn.execute(
-                "INSERT OR REPLACE INTO meta (stream_id, key, value, updated_at) VALUES (?, 'heartbeat', ?, ?)",
+                "INSERT INTO meta (stream_id, key, value, updated_at) VALUES (?, 'heartbeat', ?, ?) "
+                "ON CONFLICT (stream_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 (self._run_stream, owner, self._clock()),
             )
 
@@ -238,15 +203,15 @@ class LedgerStore:
         return None if row is None else (row[0], row[1])
 
 
-def _stream_id(conn: sqlite3.Connection, checkpoint_dir: str, config_hash: str) -> int:
-    conn.execute("INSERT OR IGNORE INTO streams (checkpoint_dir, config_hash) VALUES (?, ?)",
+def _stream_id(conn: Connection, checkpoint_dir: str, config_hash: str) -> int:
+    conn.execute("INSERT INTO streams (checkpoint_dir, config_hash) VALUES (?, ?) ON CONFLICT DO NOTHING",
                  (checkpoint_dir, config_hash))
     (stream,) = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",
                              (checkpoint_dir, config_hash)).fetchone()
     return int(stream)
 
 
-def _adopt_earlier(conn: sqlite3.Connection, checkpoint_dir: str, config_hash: str, earlier: Sequence[str]) -> None:
+def _adopt_earlier(conn: Connection, checkpoint_dir: str, config_hash: str, earlier: Sequence[str]) -> None:
     # A stream an earlier release hashed otherwise (e.g. a plug-in suite's raw options) becomes this
     # one's when it has none yet: its steps, deliveries and best stay, nothing is evaluated again.
     if not earlier or conn.execute("SELECT 1 FROM streams WHERE checkpoint_dir = ? AND config_hash = ?",

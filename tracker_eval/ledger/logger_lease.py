@@ -15,8 +15,7 @@ from the ledger, never an older one that arrived late. `LoggerLeases` is a base 
 
 from __future__ import annotations
 
-import sqlite3
-
+from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.db import LeaseLostError, LedgerStore, write_transaction
 from tracker_eval.ledger.lease import LeaseClaim, lease_reclaimable
 
@@ -54,7 +53,8 @@ class LoggerLeases(LedgerStore):
             if row is not None and row[0] != owner and not lease_reclaimable(row[0], expires_at=row[1], now=now):
                 return LeaseClaim.REFUSED
             conn.execute(
-                "INSERT OR REPLACE INTO leases (stream_id, name, owner, expires_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO leases (stream_id, name, owner, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (stream_id, name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
                 (self._run_stream, _lease_name(logger), owner, now + ttl_s),
             )
             # An expired lease still counts as held until someone else takes it over: nobody sent.
@@ -87,11 +87,12 @@ class LoggerLeases(LedgerStore):
         with write_transaction(conn):
             self._check_lease(conn, logger, owner)
             conn.execute(
-                "INSERT OR REPLACE INTO meta (stream_id, key, value, updated_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO meta (stream_id, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (stream_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 (self._run_stream, _summary_key(logger), text, self._clock()),
             )
 
-    def _check_lease(self, conn: sqlite3.Connection, logger: str, owner: str) -> None:
+    def _check_lease(self, conn: Connection, logger: str, owner: str) -> None:
         lease = conn.execute(
             "SELECT owner FROM leases WHERE stream_id = ? AND name = ?", (self._run_stream, _lease_name(logger))
         ).fetchone()

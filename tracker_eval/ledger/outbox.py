@@ -22,9 +22,9 @@ has it. `Outbox` is a base of `tracker_eval.ledger.steps.Ledger`, which is what 
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Sequence
 
+from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.db import IllegalTransitionError, write_transaction
 from tracker_eval.ledger.logger_lease import LoggerLeases
 from tracker_eval.redact import redact_text
@@ -39,21 +39,22 @@ class Outbox(LoggerLeases):
     def _pending_outbox_sql(self) -> str:
         # Correlated on the outer `steps` row; only configured loggers count toward "delivered",
         # and an undeliverable row keeps its step "evaluated" (stored, not everywhere).
-        marks = ", ".join("?" * len(self.loggers))
+        # PostgreSQL refuses an empty IN (), which SQLite reads as false: without loggers, say false.
+        among = f"o.logger IN ({', '.join('?' * len(self.loggers))})" if self.loggers else "1 = 0"
         return (
             "SELECT 1 FROM outbox o WHERE o.stream_id = steps.stream_id AND o.step = steps.step "
-            f"AND o.state != 'delivered' AND o.logger IN ({marks})"
+            f"AND o.state != 'delivered' AND {among}"
         )
 
-    def _reconcile_loggers(self, conn: sqlite3.Connection) -> None:
+    def _reconcile_loggers(self, conn: Connection) -> None:
         # Loggers new since the last run get every stored result; a removed logger no longer holds
         # steps back from "delivered", and a new one moves delivered steps back to "evaluated".
         now = self._clock()
         for logger in self.loggers:
             conn.execute(
-                "INSERT OR IGNORE INTO outbox (stream_id, step, logger, state, next_attempt_at) "
+                "INSERT INTO outbox (stream_id, step, logger, state, next_attempt_at) "
                 "SELECT stream_id, step, ?, 'pending', ? FROM steps "
-                "WHERE stream_id = ? AND state IN ('evaluated', 'delivered')",
+                "WHERE stream_id = ? AND state IN ('evaluated', 'delivered') ON CONFLICT DO NOTHING",
                 (logger, now, self._stream),
             )
         pending = self._pending_outbox_sql()
@@ -68,10 +69,13 @@ class Outbox(LoggerLeases):
             (now, self._stream, *self.loggers),
         )
 
-    def _queue(self, conn: sqlite3.Connection, step: int) -> None:
+    def _queue(self, conn: Connection, step: int) -> None:
+        # A row already there starts afresh, every other column back at its default.
         conn.executemany(
-            "INSERT OR REPLACE INTO outbox (stream_id, step, logger, state, next_attempt_at) "
-            "VALUES (?, ?, ?, 'pending', ?)",
+            "INSERT INTO outbox (stream_id, step, logger, state, next_attempt_at) VALUES (?, ?, ?, 'pending', ?) "
+            "ON CONFLICT (stream_id, step, logger) DO UPDATE SET state = 'pending', "
+            "next_attempt_at = excluded.next_attempt_at, attempts = 0, failures = 0, last_error = NULL, "
+            "delivered_at = NULL, sending_since = NULL",
             [(self._stream, int(step), logger, self._clock()) for logger in self.loggers],
         )
 
@@ -264,7 +268,7 @@ class Outbox(LoggerLeases):
             )
         return found
 
-    def _outbox_state(self, conn: sqlite3.Connection, step: int, logger: str, owner: str) -> str:
+    def _outbox_state(self, conn: Connection, step: int, logger: str, owner: str) -> str:
         self._check_lease(conn, logger, owner)
         row = conn.execute(
             "SELECT state FROM outbox WHERE stream_id = ? AND step = ? AND logger = ?",

@@ -1,7 +1,11 @@
-"""Reading a ledger file without writing anything beside it: one snapshot of one stream.
+"""Reading a ledger without writing anything: one snapshot of one stream.
 
     found = read_stream("out", checkpoint_dir="/ckpt", config_hash="ab12", read=lambda conn, stream: ...,
                         busy_timeout_s=30.0)     # None: no ledger, no schema yet, no such stream
+
+A PostgreSQL ledger (``url``) is read in one read-only, repeatable-read transaction of a session
+whose transactions are read-only by default (`tracker_eval.ledger.postgres.read_database`), so a
+role that may only SELECT suffices. The rest of this docstring is about the SQLite file.
 
 A `tracker_eval.ledger.steps.Ledger` writes as it opens (a write probe, the stream row, logger and
 best reconciliation), so reading through one would change what it reads. SQLite in WAL mode writes
@@ -28,7 +32,7 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tracker_eval.ledger.db import LEDGER_FILENAME, LedgerError
 from tracker_eval.ledger.schema import SCHEMA_VERSION
@@ -39,24 +43,25 @@ T = TypeVar("T")
 
 def read_stream(
     output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], config_hash: str,
-    read: Callable[[sqlite3.Connection, int], T], busy_timeout_s: float,
+    read: Callable[[Any, int], T], busy_timeout_s: float, url: str | None = None,
 ) -> T | None:
     """`read(conn, stream_id)` of one stream, in one snapshot, without writing; None when there is
-    no ledger, no schema yet or no such stream."""
+    no ledger, no schema yet or no such stream. `url`: a PostgreSQL ledger instead of the file in `output_dir`."""
+    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
+    if url is not None:
+        from tracker_eval.ledger.postgres import read_database  # noqa: PLC0415
+
+        return read_database(url, lambda conn: _lookup(conn, key, read))
     path = Path(output_dir) / LEDGER_FILENAME
     if not path.exists():
         return None
-    key = (normalize_checkpoint_dir(checkpoint_dir), config_hash)
 
     def snapshot(conn: sqlite3.Connection) -> T | None:
         if not _schema_ready(conn, path):
             return None
         conn.execute("BEGIN")  # one snapshot for every query of `read`
         try:
-            found = conn.execute(
-                "SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key
-            ).fetchone()
-            return None if found is None else read(conn, found[0])
+            return _lookup(conn, key, read)
         finally:
             conn.execute("COMMIT")
 
@@ -64,6 +69,11 @@ def read_stream(
         return _read_without_writing(path, snapshot, busy_timeout_s=busy_timeout_s)
     except sqlite3.Error as error:
         raise LedgerError(f"cannot read the ledger {path}: {error}") from error
+
+
+def _lookup(conn: Any, key: tuple[str, str], read: Callable[[Any, int], T]) -> T | None:
+    found = conn.execute("SELECT stream_id FROM streams WHERE checkpoint_dir = ? AND config_hash = ?", key).fetchone()
+    return None if found is None else read(conn, found[0])
 
 
 def _read_without_writing(path: Path, read: Callable[[sqlite3.Connection], T], *, busy_timeout_s: float) -> T:

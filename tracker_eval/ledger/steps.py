@@ -27,12 +27,12 @@ Usage:
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
+from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.best import offer_best, reconcile_best
 from tracker_eval.ledger.claims import Claims
 from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
@@ -50,8 +50,8 @@ ASKED_FOR = "asked for by tracker-eval retry"
 class Ledger(Outbox, Claims):
     """Durable per-step state, stored results and per-logger outbox of one evaluation stream.
 
-    Safe to share between threads (one SQLite connection per thread) and between processes (SQLite
-    locking; claims decide who evaluates or delivers what). Delivery methods (`claim_logger`,
+    Safe to share between threads (one database connection per thread) and between processes (one
+    writer at a time; claims decide who evaluates or delivers what). Delivery methods (`claim_logger`,
     `due_deliveries`, `mark_delivered`, ...) come from `tracker_eval.ledger.outbox.Outbox`, claims
     (`register`, `claim`, `renew`, `release`) from `tracker_eval.ledger.claims.Claims`; run state and
     heartbeat from `tracker_eval.ledger.db.LedgerStore`.
@@ -75,8 +75,9 @@ class Ledger(Outbox, Claims):
         run_hash: str | None = None,
         suite: str = "",
         earlier_hashes: Sequence[str] = (),
+        url: str | None = None,
     ) -> None:
-        """Opens (creating if needed) the ledger in `output_dir` and binds it to one stream.
+        """Opens (creating if needed) the ledger and binds it to one stream.
 
         Opening adds outbox rows for loggers that are new since the last run (for steps already
         evaluated), and moves steps between evaluated and delivered to match the logger set.
@@ -101,9 +102,12 @@ class Ledger(Outbox, Claims):
           suite: the suite's name (recorded so `status` lists every suite the run ever had).
           earlier_hashes: hashes earlier releases gave this stream; one found is adopted as this
             stream (`tracker_eval.identity.earlier_suite_hashes`).
+          url: a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``) holding the ledger; None
+            for the SQLite file ``<output_dir>/ledger.sqlite``. Per-example results stay in `output_dir`.
 
         Raises:
-          LedgerError: `output_dir` is not writable, or the ledger file cannot be opened.
+          LedgerError: `output_dir` is not writable, or the ledger's database cannot be opened or
+            written (the message names the fix).
           ConfigError: an argument is out of range.
         """
         if best_mode not in _BEST_MODES:
@@ -117,7 +121,7 @@ class Ledger(Outbox, Claims):
             )
         super().__init__(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, loggers=loggers,
                          busy_timeout_s=busy_timeout_s, clock=clock, run_hash=run_hash, suite=suite,
-                         earlier_hashes=earlier_hashes)
+                         earlier_hashes=earlier_hashes, url=url)
         self._best = (best_metric, best_mode)
         self._max_attempts = max_attempts
         self._max_delivery_attempts = max_delivery_attempts
@@ -169,7 +173,7 @@ class Ledger(Outbox, Claims):
             files.discard()
         return stored
 
-    def _may_record(self, conn: sqlite3.Connection, step: int, owner: str) -> bool:
+    def _may_record(self, conn: Connection, step: int, owner: str) -> bool:
         row = self._row(conn, step)
         if row is not None and row["state"] in _STORED:
             return False
@@ -181,7 +185,7 @@ class Ledger(Outbox, Claims):
             )
         return True
 
-    def _store(self, conn: sqlite3.Connection, result: EvalResult, payload: str, files: ResultFiles) -> None:
+    def _store(self, conn: Connection, result: EvalResult, payload: str, files: ResultFiles) -> None:
         step = int(result.step)
         relative = {key: None if path is None else os.path.relpath(path, self.output_dir)
                     for key, path in (("arrays_path", files.arrays), ("samples_path", files.samples))}

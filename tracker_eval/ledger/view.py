@@ -1,4 +1,5 @@
-"""The ledger opened read-only, for `tracker-eval status`: nothing under ``output_dir`` is written.
+"""The ledger opened read-only, for `tracker-eval status`: nothing under ``output_dir``, nor in a
+PostgreSQL ledger, is written.
 
     status = read_ledger("out", checkpoint_dir="/ckpt", config_hash="ab12", best=("loss", "min"))
     status.rows, status.best, status.heartbeat       # None instead when there is no ledger yet
@@ -73,6 +74,7 @@ def read_ledger(
     config_hash: str,
     best: tuple[str, str] | None = None,
     busy_timeout_s: float = 30.0,
+    url: str | None = None,
 ) -> LedgerStatus | None:
     """Reads one stream's steps, best step and heartbeat without writing anything.
 
@@ -82,6 +84,7 @@ def read_ledger(
       config_hash: the stream's eval-config hash.
       best: (metric, mode) whose best step to report, or None.
       busy_timeout_s: how long a read waits while a writer recovers the file.
+      url: a PostgreSQL ledger instead of the file in `output_dir` (`tracker_eval.config.ledger`).
 
     Returns:
       The status, or None when there is no ledger (or no such stream in it) yet.
@@ -95,7 +98,7 @@ def read_ledger(
                             heartbeat=view.last_heartbeat())
 
     return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=config_hash, read=read,
-                        busy_timeout_s=busy_timeout_s)
+                        busy_timeout_s=busy_timeout_s, url=url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,7 @@ def read_run(
     suites: dict[str, str],
     best: tuple[str, str, str] | None = None,
     busy_timeout_s: float = 30.0,
+    url: str | None = None,
 ) -> RunStatus | None:
     """Reads every suite stream of a run (a config with suites) without writing anything.
 
@@ -133,6 +137,7 @@ def read_run(
       suites: configured suite name -> its stream hash (`tracker_eval.identity.suite_hash`), config order.
       best: (suite, metric, mode) whose best step to report, or None.
       busy_timeout_s: how long a read waits while a writer recovers the file.
+      url: a PostgreSQL ledger instead of the file in `output_dir` (`tracker_eval.config.ledger`).
 
     Returns:
       The status, or None when there is no ledger (or no such run in it) yet.
@@ -168,12 +173,12 @@ def read_run(
                          heartbeat=heartbeat)
 
     return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
-                        busy_timeout_s=busy_timeout_s)
+                        busy_timeout_s=busy_timeout_s, url=url)
 
 
 def read_suite_versions(
     output_dir: str | os.PathLike[str], *, checkpoint_dir: str | os.PathLike[str], run_hash: str,
-    suites: dict[str, tuple[str, ...]], busy_timeout_s: float = 30.0,
+    suites: dict[str, tuple[str, ...]], busy_timeout_s: float = 30.0, url: str | None = None,
 ) -> dict[str, int]:
     """Which version each suite is (`tracker_eval.ledger.db.LedgerStore.suite_version`), without writing.
 
@@ -197,7 +202,7 @@ def read_suite_versions(
         return versions
 
     versions = read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=run_hash, read=read,
-                            busy_timeout_s=busy_timeout_s)
+                            busy_timeout_s=busy_timeout_s, url=url)
     return versions if versions is not None else dict.fromkeys(suites, 1)
 
 
@@ -209,6 +214,7 @@ def read_results(
     steps: Sequence[int],
     suite: tuple[str, str] | None = None,
     busy_timeout_s: float = 30.0,
+    url: str | None = None,
 ) -> dict[int, EvalResult | None] | None:
     """The stored results of `steps` of one stream (or one suite of a run), per-example values and
     samples included, without writing anything. Only those steps' rows and files are read, however
@@ -221,6 +227,7 @@ def read_results(
       steps: the steps wanted.
       suite: (suite name, its stream hash) for a config with suites.
       busy_timeout_s: how long a read waits while a writer recovers the file.
+      url: a PostgreSQL ledger instead of the file in `output_dir` (`tracker_eval.config.ledger`).
 
     Returns:
       step -> its result (None where the step has none stored), or None when the ledger has no such
@@ -240,4 +247,4 @@ def read_results(
         return {step: view.result(step) for step in steps}
 
     return read_stream(output_dir, checkpoint_dir=checkpoint_dir, config_hash=stream_hash, read=read,
-                        busy_timeout_s=busy_timeout_s)
+                        busy_timeout_s=busy_timeout_s, url=url)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.config.ledger import ledger_error, resolve_ledger_url
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import run_hash, stream_hash, suite_hash
@@ -88,14 +89,16 @@ def best_step(config: EvalConfig, *, suite: str, metric: str, mode: str) -> int 
 
     try:
         if config.has_suites:
-            status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir, run_hash=run_hash(config),
+            status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                              url=resolve_ledger_url(config.ledger), run_hash=run_hash(config),
                               suites={s.name: suite_hash(config, s.name) for s in config.suites},
                               best=(suite, metric, mode))
         else:
             status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                                 url=resolve_ledger_url(config.ledger),
                                  config_hash=stream_hash(config), best=(metric, mode))
     except LedgerError as error:
-        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+        raise ConfigError(ledger_error(config, error)) from None
     return None if status is None or status.best is None else status.best[0]
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tracker_eval.config import EvalConfig, load_config
+from tracker_eval.config.ledger import ledger_error, resolve_ledger_url
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import run_hash, suite_hash
@@ -81,10 +82,11 @@ def stored_results(config: EvalConfig, suite: str, steps: Sequence[int]) -> dict
                           if config.has_suites else f"--suite {suite!r}: this config has one evaluation and no suites")
     keyed = (suite, suite_hash(config, suite)) if config.has_suites else None
     try:
-        found = read_results(config.output_dir, checkpoint_dir=config.checkpoint_dir, stream_hash=run_hash(config),
+        found = read_results(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                             url=resolve_ledger_url(config.ledger), stream_hash=run_hash(config),
                              steps=list(steps), suite=keyed)
     except LedgerError as error:
-        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+        raise ConfigError(ledger_error(config, error)) from None
     where = f"suite {suite!r}" if suite else "this config's evaluation"
     if found is None:
         raise ConfigError(f"the ledger in output_dir={config.output_dir!r} has no results of {where}; "

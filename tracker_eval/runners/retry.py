@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tracker_eval.config import load_config
+from tracker_eval.config.ledger import resolve_ledger_url
 from tracker_eval.errors import ConfigError
 
 
@@ -44,7 +45,8 @@ def run_retry(
     names = logger_names(config)
     if logger is not None and logger not in names:
         raise ConfigError(f"--logger {logger!r} is not a configured logger; configured: {', '.join(names) or 'none'}")
-    if not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
+    in_file = resolve_ledger_url(config.ledger) is None
+    if in_file and not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
         raise ConfigError(f"no ledger in output_dir={config.output_dir!r}: nothing was evaluated there yet; "
                           "check --config (and its output_dir)")
     ledgers = open_ledgers(config, loggers=names)
@@ -81,7 +83,8 @@ def run_ask_for_skipped(
     if suite is not None and suite not in names:
         valid = f"suites: {', '.join(names)}" if names else "this config has no suites; leave --suite out"
         raise ConfigError(f"--suite {suite!r} is not a suite of this config; {valid}")
-    if not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
+    in_file = resolve_ledger_url(config.ledger) is None
+    if in_file and not os.path.exists(os.path.join(config.output_dir, "ledger.sqlite")):
         raise ConfigError(f"no ledger in output_dir={config.output_dir!r}: nothing was evaluated there yet; "
                           "check --config (and its output_dir)")
     ledgers = open_ledgers(config, loggers=logger_names(config))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tracker_eval.config import EvalConfig, load_config, policy_text
+from tracker_eval.config.ledger import ledger_error, resolve_ledger_url
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.identity import run_hash, stream_hash, suite_hash
 
@@ -75,10 +76,11 @@ def _collect_single(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
     best_config = config.watch.best
     try:
         status = read_ledger(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                             url=resolve_ledger_url(config.ledger),
                              config_hash=stream_hash(config),
                              best=(best_config.metric, best_config.mode) if best_config else None)
     except LedgerError as error:
-        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+        raise ConfigError(ledger_error(config, error)) from None
     if status is None:
         return {"steps": [], "newest_step": newest, "lag_steps": newest, "newest_evaluated_step": None,
                 "best": None, "heartbeat": None}
@@ -143,10 +145,11 @@ def _collect_suites(config: EvalConfig, listed: list[int]) -> dict[str, Any]:
     best_config = config.watch.best
     best = (config.best_suite(), best_config.metric, best_config.mode) if best_config else None
     try:
-        status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir, run_hash=run_hash(config),
+        status = read_run(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                          url=resolve_ledger_url(config.ledger), run_hash=run_hash(config),
                           suites={name: suite_hash(config, name) for name in names}, best=best)
     except LedgerError as error:
-        raise ConfigError(f"output_dir={config.output_dir!r}: {error}") from None
+        raise ConfigError(ledger_error(config, error)) from None
     policies = {name: policy_text(*config.suite_policy(name)) for name in names}
     if status is None:
         return {"steps": [], "suites": names, "policies": policies, "newest_step": newest, "lag_steps": newest,

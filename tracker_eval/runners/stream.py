@@ -23,6 +23,7 @@ import sqlite3
 from typing import Any
 
 from tracker_eval.config import EvalConfig
+from tracker_eval.config.ledger import resolve_ledger_url
 from tracker_eval.errors import ConfigError, one_line
 from tracker_eval.locations import join_path
 
@@ -32,17 +33,19 @@ _UNDRAINED_CLOSE_S = 5.0
 
 
 def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = None) -> Any:
-    """The ledger of one suite's stream in `output_dir` (by default the config's first suite; the
-    only one of a config without suites).
+    """The ledger of one suite's stream (by default the config's first suite; the only one of a
+    config without suites): in `output_dir`, or in the PostgreSQL database of ``ledger.url``.
 
     Raises:
-      ConfigError: `output_dir` cannot hold it (not writable, not a local file system).
+      ConfigError: `output_dir` cannot hold it (not writable, not a local file system), or the
+        PostgreSQL ledger cannot be reached or used; one line naming the fix (exit code 2).
     """
     from tracker_eval.identity import earlier_suite_hashes, run_hash, suite_hash  # noqa: PLC0415
     from tracker_eval.ledger.steps import Ledger, LedgerError  # noqa: PLC0415
 
     name = config.suite_list()[0].name if suite is None else suite
     best = config.watch.best if config.best_suite() == name else None
+    url = resolve_ledger_url(config.ledger)
     try:
         return Ledger(
             config.output_dir,
@@ -56,8 +59,11 @@ def open_ledger(config: EvalConfig, *, loggers: list[str], suite: str | None = N
             max_delivery_attempts=config.watch.max_delivery_attempts,
             run_hash=run_hash(config) if config.has_suites else None,
             suite=name,
+            url=url,
         )
     except LedgerError as error:
+        if url is not None:
+            raise ConfigError(str(error)) from None
         raise ConfigError(f"output_dir={config.output_dir!r} cannot hold the ledger: {error}") from None
 
 
@@ -74,6 +80,7 @@ def suite_versions(config: EvalConfig) -> dict[str, int]:
     hashes = {s.name: (suite_hash(config, s.name), *earlier_suite_hashes(config, s.name)) for s in config.suites}
     try:
         return read_suite_versions(config.output_dir, checkpoint_dir=config.checkpoint_dir,
+                                   url=resolve_ledger_url(config.ledger),
                                    run_hash=run_hash(config), suites=hashes)
     except LedgerError as error:
         LOG.warning("tracker-eval: warning: suite versions unknown, delivering as version 1: %s", error)
