@@ -252,7 +252,7 @@ def test_a_version_4_ledger_sends_a_changed_suite_s_results_again_under_its_vers
     with Ledger(tmp_path, checkpoint_dir="/c", config_hash="plain", loggers=["jsonl"]) as ledger:
         assert ledger.rows()[0]["state"] == "delivered"
     with sqlite3.connect(path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 

@@ -206,8 +206,29 @@ def test_samples_are_stored_beside_the_ledger_and_come_back_exactly(tmp_path: Pa
     assert back is not None and back.suite == "harness"
     assert back.samples == SAMPLES and list(back.samples) == list(SAMPLES)
     assert back.per_example == {} and not list((tmp_path / "results").rglob("*.npz"))
-    assert [p.name for p in (tmp_path / "results").rglob("*.samples")] != []
+    # SQLite: a folder beside the ledger; PostgreSQL: in the database, no file at all.
+    folders = [p.name for p in (tmp_path / "results").rglob("*.samples")]
+    assert folders == [] if ledger.data_in_database else folders != []
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_result_in_a_shared_database_is_read_back_from_another_machine_s_output_dir(
+        tmp_path: Path, postgres_url: str) -> None:
+    # Two evaluators on two machines: their own output_dirs, one database. What one stores, the other reads.
+    arrays = {"loss": np.linspace(0, 1, 5), "file": np.arange(3), "label": np.asarray(["a", "bc"])}
+    original = EvalResult(step=9, checkpoint="/ckpt/9", metrics={"loss": 0.5}, per_example=arrays,
+                          suite="harness", samples=SAMPLES)
+    here = new_ledger(tmp_path / "a", url=postgres_url)
+    assert here.claim(9, owner="a")
+    assert here.record_metrics(original, owner="a")
+    elsewhere = new_ledger(tmp_path / "b", url=postgres_url)
+    back = elsewhere.result(9)
+    assert back is not None and back.samples == SAMPLES and list(back.samples) == list(SAMPLES)
+    assert list(back.per_example) == list(arrays)
+    for name, want in arrays.items():
+        assert back.per_example[name].dtype == want.dtype
+        np.testing.assert_array_equal(back.per_example[name], want)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "ledger.sqlite"] == []
 
 
 def test_samples_that_are_not_plain_json_are_refused_and_leave_no_files(
@@ -244,7 +265,9 @@ def test_record_by_non_holder_is_refused_and_stored_result_is_kept(tmp_path: Pat
     assert not ledger.record_metrics(result_of(5, loss=2.0), owner="w")
     assert not ledger.record_metrics(result_of(5, loss=3.0), owner="intruder")
     assert ledger.result(5).metrics == {"loss": 1.0}  # type: ignore[union-attr]
-    assert len(list((tmp_path / "results").rglob("*.npz"))) == 1  # refused writes left no files
+    np.testing.assert_array_equal(ledger.result(5).per_example["loss"], np.full(3, 5, np.float32))  # type: ignore[union-attr]
+    # Refused writes left no files (PostgreSQL keeps even the stored one in the database).
+    assert len(list((tmp_path / "results").rglob("*.npz"))) == (0 if ledger.data_in_database else 1)
 
 
 def test_unstorable_result_is_refused_and_claim_kept(tmp_path: Path, make_ledger: MakeLedger) -> None:
@@ -440,7 +463,7 @@ def test_file_is_wal_with_versioned_schema_and_newer_versions_refused(tmp_path: 
     new_ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         new_ledger(tmp_path)

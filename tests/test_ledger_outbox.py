@@ -194,7 +194,7 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
 
     ledger = new_ledger(tmp_path)
     with sqlite3.connect(path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert check.execute("PRAGMA foreign_key_check").fetchall() == []
         indexes = {row[1] for row in check.execute("PRAGMA index_list(outbox)")}

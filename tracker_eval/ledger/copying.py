@@ -9,7 +9,9 @@ kept (a suite's stream names its run's stream by id), so each step's state, atte
 result, deliveries (made, pending, undeliverable, in flight) and the best step go on where the file
 left them. Copying again changes nothing. A database that holds any other history is refused
 rather than merged: two histories of one run could each say that a different process holds or
-delivered a step. Per-example arrays and samples stay where they are, under ``output_dir``.
+delivered a step. Stored results' per-example arrays and samples, files under the file's
+``output_dir``, are copied into the database (``result_data``, byte for byte), as a PostgreSQL
+ledger keeps them: any evaluator of the run can then deliver them, on any machine.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tracker_eval.ledger.errors import LedgerError
+from tracker_eval.ledger.files import folder_data
 from tracker_eval.ledger.postgres import PostgresBackend, PostgresConnection
 from tracker_eval.ledger.postgres_schema import TABLES
 from tracker_eval.ledger.sqlite import connect as connect_sqlite
@@ -60,15 +63,16 @@ def copy_ledger(source: Path, url: str, *, busy_timeout_s: float = 30.0) -> Copi
     file = connect_sqlite(source, busy_timeout_s=busy_timeout_s)
     try:
         file.execute("BEGIN")  # one snapshot of the file, even with a writer beside
-        history = {table: _rows(file, table) for table in TABLES}
+        history = {table: _rows(file, table) for table in COPIED}
         file.execute("COMMIT")
     finally:
         file.close()
+    history = _files_into_rows(history, source.parent)
     backend = PostgresBackend(url, busy_timeout_s=busy_timeout_s)
     database = backend.connect()
     try:
         with database.write_transaction():
-            held = {table: _rows(database, table) for table in TABLES}
+            held = {table: _rows(database, table) for table in COPIED}
             counts = {table: len(rows) for table, (_, rows) in history.items()}
             if all(Counter(rows) == Counter(held[table][1]) for table, (_, rows) in history.items()):
                 return CopiedLedger(rows=counts, already=True)
@@ -85,16 +89,45 @@ def copy_ledger(source: Path, url: str, *, busy_timeout_s: float = 30.0) -> Copi
         database.close()
 
 
+COPIED = tuple(table for table in TABLES if table != "write_tokens")
+"""What a copy moves: everything but the tokens of the file's own writes (a PostgreSQL ledger's only)."""
+
+
+def _files_into_rows(history: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    # The steps' arrays_path and samples_path become result_data rows (and NULL paths), as
+    # `Ledger.record_metrics` stores a result on PostgreSQL. A missing file is the user's to find.
+    columns, rows = history["steps"]
+    at = {name: columns.index(name) for name in ("stream_id", "step", "arrays_path", "samples_path")}
+    data_columns, data_rows = history["result_data"]
+    data_rows = list(data_rows)
+    steps = []
+    for row in rows:
+        try:
+            data = folder_data(output_dir, row[at["arrays_path"]], row[at["samples_path"]])
+        except OSError as error:
+            raise LedgerError(
+                f"step {row[at['step']]}'s stored result names a file that cannot be read ({error}); copy the "
+                f"ledger from the output_dir that holds its results/ folder") from None
+        for kind, body in data.items():
+            named = {"stream_id": row[at["stream_id"]], "step": row[at["step"]], "kind": kind, "body": body}
+            data_rows.append(tuple(named[name] for name in data_columns))
+        steps.append(tuple(None if i in (at["arrays_path"], at["samples_path"]) else value
+                           for i, value in enumerate(row)))
+    return {**history, "steps": (columns, steps), "result_data": (data_columns, data_rows)}
+
+
 def _rows(conn: Any, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     cursor = conn.execute(f"SELECT * FROM {table}")
     columns = [column[0] for column in cursor.description]
     # By name, so that the two backends' column orders (ALTER TABLE appends on SQLite) compare alike.
     order = sorted(range(len(columns)), key=lambda i: columns[i])
-    return sorted(columns), [tuple(row[i] for i in order) for row in cursor.fetchall()]
+    # bytes, whichever buffer type the driver returns, so that the two backends' bodies compare alike.
+    return sorted(columns), [tuple(bytes(row[i]) if isinstance(row[i], memoryview) else row[i] for i in order)
+                             for row in cursor.fetchall()]
 
 
 def _insert(database: PostgresConnection, history: dict[str, tuple[list[str], list[tuple[Any, ...]]]]) -> None:
-    for table in TABLES:  # parents first: streams, steps, then what refers to them
+    for table in COPIED:  # parents first: streams, steps, then what refers to them
         columns, rows = history[table]
         if table == "streams":
             # A run's stream may have a higher id than its suites' streams: parents are set after.

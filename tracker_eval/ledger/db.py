@@ -112,6 +112,9 @@ class LedgerStore:
         self._connections: list[Connection] = []
         _check_writable(self.output_dir)
         self.url = url
+        self.data_in_database = url is not None
+        """Whether stored results' arrays and samples live in the database (PostgreSQL: shared
+        between machines) rather than in files under `output_dir` (SQLite)."""
         self._backend = open_backend(url, output_dir=self.output_dir, busy_timeout_s=busy_timeout_s)
         key = hashlib.sha256(f"{self.checkpoint_dir}\0{config_hash}".encode()).hexdigest()[:16]
         self._results_dir = self.output_dir / RESULTS_DIRNAME / key

@@ -1,5 +1,6 @@
 """Durable files beside the ledger: per-example arrays in `.npz` files, per-sample records in JSONL
-files, and exact JSON for results.
+files, and exact JSON for results; and the same data as bytes for a ledger that keeps it in its
+database (PostgreSQL, shared between machines that share no disk: `result_data`).
 
 Arrays are written by `tracker_eval.npz` (temporary file, fsync, rename, directory fsync) before
 the ledger commit that names them, so a committed path always points at a complete file. Samples
@@ -11,6 +12,8 @@ claim never overwrites a stored file.
     read_arrays(path)   # {"loss": array([1., 1., 1., 1.], dtype=float32)}
     folder = write_samples(results_dir, stem="000300", samples={"my_mc": [{"doc_id": 0, "acc": 1.0}]})
     read_samples(folder)   # {"my_mc": [{"doc_id": 0, "acc": 1.0}]}
+    data = result_data(result)            # {"arrays": b"PK...", "samples": b"[...]"}: what the result has
+    read_result_data(data)                # ({"loss": ...}, {"my_mc": [...]})
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tracker_eval.evaluation.result import EvalResult, sample_file_name, samples_jsonl
-from tracker_eval.npz import read_npz, write_npz
+from tracker_eval.npz import npz_bytes, read_npz, write_npz
 
 # JSON has no NaN or infinities; these spellings keep them exact instead of turning them into null.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -133,6 +136,52 @@ def read_samples(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Reads every task's records of a folder written by `write_samples`, in the order written."""
     manifest = json.loads((path / _SAMPLES_MANIFEST).read_text())
     return {task: [json.loads(line) for line in (path / name).read_text().splitlines()] for task, name in manifest}
+
+
+def result_data(result: EvalResult) -> dict[str, bytes]:
+    """A result's per-example arrays (an `.npz` archive) and per-sample records as bytes, by kind
+    (``arrays``, ``samples``; a kind the result lacks is left out); equal data give equal bytes.
+
+    Raises:
+      ValueError: an object array, or a sample that is not plain JSON.
+    """
+    data = {}
+    if result.per_example:
+        data["arrays"] = npz_bytes(result.per_example)
+    if result.samples:
+        data["samples"] = _samples_bytes([(str(task), samples_jsonl(task, records))
+                                          for task, records in result.samples.items()])
+    return data
+
+
+def folder_data(output_dir: Path, arrays_path: str | None, samples_path: str | None) -> dict[str, bytes]:
+    """`result_data` of a result stored as files (paths relative to `output_dir`), read back
+    byte for byte (`tracker-eval ledger copy` moves a SQLite ledger's results into a database)."""
+    data = {}
+    if arrays_path is not None:
+        data["arrays"] = (output_dir / arrays_path).read_bytes()
+    if samples_path is not None:
+        folder = output_dir / samples_path
+        manifest = json.loads((folder / _SAMPLES_MANIFEST).read_text())
+        data["samples"] = _samples_bytes([(task, (folder / name).read_text()) for task, name in manifest])
+    return data
+
+
+def read_result_data(
+    data: Mapping[str, bytes],
+) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, Any]]]]:
+    """(per-example arrays, per-sample records) of `result_data`'s bytes."""
+    arrays = read_npz(bytes(data["arrays"])) if "arrays" in data else {}
+    samples = {}
+    if "samples" in data:
+        for task, text in json.loads(bytes(data["samples"]).decode("utf-8")):
+            samples[task] = [json.loads(line) for line in text.splitlines()]
+    return arrays, samples
+
+
+def _samples_bytes(tasks: list[tuple[str, str]]) -> bytes:
+    # [[task, its JSONL text], ...]: the tasks' order kept, each record spelled as on disk.
+    return json.dumps(tasks, ensure_ascii=True).encode("ascii")
 
 
 def _write_durably(path: Path, text: str) -> None:

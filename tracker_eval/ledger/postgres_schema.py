@@ -17,7 +17,7 @@ from tracker_eval.ledger.errors import LedgerError
 from tracker_eval.ledger.schema import SCHEMA_VERSION
 
 BASELINE_VERSION = 5
-TABLES = ("streams", "steps", "outbox", "leases", "run_state", "meta")
+TABLES = ("streams", "steps", "outbox", "leases", "run_state", "meta", "result_data", "write_tokens")
 """The ledger's tables; a user needs SELECT, INSERT, UPDATE and DELETE on each to write the ledger."""
 
 _BASELINE = """
@@ -90,7 +90,24 @@ CREATE TABLE schema_version (version INTEGER NOT NULL)
 """
 
 # Version N's statements turn a version N-1 database into version N (N > BASELINE_VERSION).
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # Results' data in the database, and the tokens of committed writes (`tracker_eval.ledger.schema`, version 6).
+    6: """
+    CREATE TABLE result_data (
+      stream_id BIGINT NOT NULL,
+      step BIGINT NOT NULL,
+      kind TEXT NOT NULL CHECK (kind IN ('arrays', 'samples')),
+      body BYTEA NOT NULL,
+      PRIMARY KEY (stream_id, step, kind),
+      FOREIGN KEY (stream_id, step) REFERENCES steps (stream_id, step)
+    );
+    CREATE TABLE write_tokens (
+      token TEXT PRIMARY KEY,
+      committed_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX write_tokens_age ON write_tokens (committed_at)
+    """,
+}
 
 
 def schema_version(conn: Any) -> int:

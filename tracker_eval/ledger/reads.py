@@ -16,7 +16,7 @@ from typing import Any
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import read_best
 from tracker_eval.ledger.db import LedgerStore, read_snapshot
-from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays, read_samples
+from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays, read_result_data, read_samples
 from tracker_eval.redact import redact_text
 
 
@@ -67,8 +67,12 @@ class StepReads(LedgerStore):
         row = self._row(self._conn(), step)
         if row is None or row["result_json"] is None:
             return None
-        arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
-        samples = {} if row["samples_path"] is None else read_samples(self.output_dir / row["samples_path"])
+        if row["arrays_path"] is None and row["samples_path"] is None:  # in the database (PostgreSQL), or none
+            arrays, samples = read_result_data({kind: body for kind, body in self._conn().execute(
+                "SELECT kind, body FROM result_data WHERE stream_id = ? AND step = ?", (self._stream, int(step)))})
+        else:  # files under output_dir (SQLite)
+            arrays = {} if row["arrays_path"] is None else read_arrays(self.output_dir / row["arrays_path"])
+            samples = {} if row["samples_path"] is None else read_samples(self.output_dir / row["samples_path"])
         result = decode_result(row["result_json"], per_example=arrays, samples=samples)
         # The version is the stream's (the ledger counts it), not the evaluating process's.
         return dataclasses.replace(result, suite_version=self.suite_version)

@@ -16,7 +16,7 @@ class SchemaError(RuntimeError):
     """The ledger file was written by a newer tracker-eval."""
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Version N's statements turn a version N-1 file into version N; a new version appends here so
 # that an existing ledger file is migrated in place when it is opened.
@@ -139,6 +139,26 @@ _MIGRATIONS: dict[int, str] = {
       SELECT later.stream_id FROM streams later JOIN streams earlier
         ON earlier.parent_id = later.parent_id AND earlier.suite = later.suite AND earlier.stream_id < later.stream_id
       WHERE later.parent_id IS NOT NULL)
+    """,
+    # Version 6: ledgers shared between machines (PostgreSQL). `result_data` holds a stored
+    # result's per-example arrays (an .npz archive) and per-sample records, so that any evaluator
+    # can deliver what another evaluated without a shared disk; a SQLite ledger keeps them as files
+    # in output_dir and leaves the table empty. `write_tokens` names each committed write
+    # transaction of a PostgreSQL ledger, so that a write whose COMMIT went unanswered (the
+    # connection dropped) is known to have happened or not, and is never applied twice.
+    6: """
+    CREATE TABLE result_data (
+      stream_id INTEGER NOT NULL,
+      step INTEGER NOT NULL,
+      kind TEXT NOT NULL CHECK (kind IN ('arrays', 'samples')),
+      body BLOB NOT NULL,
+      PRIMARY KEY (stream_id, step, kind),
+      FOREIGN KEY (stream_id, step) REFERENCES steps (stream_id, step)
+    );
+    CREATE TABLE write_tokens (
+      token TEXT PRIMARY KEY,
+      committed_at REAL NOT NULL
+    )
     """,
 }
 

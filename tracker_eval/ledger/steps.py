@@ -36,7 +36,7 @@ from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.best import offer_best, reconcile_best
 from tracker_eval.ledger.claims import Claims
 from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
-from tracker_eval.ledger.files import ResultFiles, encode_result, write_result_files
+from tracker_eval.ledger.files import ResultFiles, encode_result, result_data, write_result_files
 from tracker_eval.ledger.outbox import Outbox
 from tracker_eval.ledger.reads import _STORED, StepState
 
@@ -103,7 +103,8 @@ class Ledger(Outbox, Claims):
           earlier_hashes: hashes earlier releases gave this stream; one found is adopted as this
             stream (`tracker_eval.identity.earlier_suite_hashes`).
           url: a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``) holding the ledger; None
-            for the SQLite file ``<output_dir>/ledger.sqlite``. Per-example results stay in `output_dir`.
+            for the SQLite file ``<output_dir>/ledger.sqlite``. A PostgreSQL ledger also holds the
+            results' arrays and samples (`record_metrics`).
 
         Raises:
           LedgerError: `output_dir` is not writable, or the ledger's database cannot be opened or
@@ -139,8 +140,10 @@ class Ledger(Outbox, Claims):
     def record_metrics(self, result: EvalResult, *, owner: str) -> bool:
         """Stores a step's result and queues it for every configured logger, exactly once.
 
-        The per-example arrays and per-sample records are written durably to ``results/`` before
-        the ledger commit.
+        The per-example arrays and per-sample records go where every process of the run can read
+        them: a SQLite ledger writes them durably to ``results/`` in `output_dir` before its commit;
+        a PostgreSQL ledger stores them in the database (``result_data``) in the same transaction,
+        so that an evaluator on another machine can deliver them.
 
         Args:
           result: the finalized result; `result.step` names the step.
@@ -160,12 +163,15 @@ class Ledger(Outbox, Claims):
         if not self._may_record(conn, step, owner):  # saves writing arrays that would be dropped
             return False
         payload = encode_result(result)
-        files = write_result_files(self._results_dir, stem=f"{step:012d}", result=result)
+        data = result_data(result) if self.data_in_database else {}
+        files = ResultFiles() if self.data_in_database else write_result_files(
+            self._results_dir, stem=f"{step:012d}", result=result)
         try:
             with write_transaction(conn):
                 stored = self._may_record(conn, step, owner)
                 if stored:
                     self._store(conn, result, payload, files)
+                    self._store_data(conn, step, data)
         except BaseException:
             files.discard()
             raise
@@ -196,6 +202,13 @@ class Ledger(Outbox, Claims):
         metric, mode = self._best
         if metric is not None and metric in result.metrics:
             offer_best(conn, self._stream, step=step, value=float(result.metrics[metric]), mode=mode)
+
+    def _store_data(self, conn: Connection, step: int, data: dict[str, bytes]) -> None:
+        if data:
+            conn.executemany(
+                "INSERT INTO result_data (stream_id, step, kind, body) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (stream_id, step, kind) DO UPDATE SET body = excluded.body",
+                [(self._stream, step, kind, body) for kind, body in data.items()])
 
     def mark_failed(self, step: int, reason: str, *, owner: str, max_attempts: int | None = None) -> StepState:
         """Ends `owner`'s evaluation attempt in failure: failed (retryable) or, out of attempts, given_up.

@@ -76,6 +76,9 @@ class LoggerContext:
       run_state: tracker state remembered across restarts (e.g. ``{"run_id": "abc"}``), loaded
         from the ledger; a logger returns its updated state from ``run_state()`` if it has one.
       is_primary: False on processes other than 0; loggers are only created where True.
+      ledger_url: the run's PostgreSQL ledger, or None for the SQLite file in `output_dir`: where a
+        logger takes a lock that every process of the run shares
+        (`tracker_eval.ledger.mutex.run_mutex`), such as the one that creates a tracker run once.
     """
 
     output_dir: str
@@ -83,3 +86,4 @@ class LoggerContext:
     run_key: str = ""
     run_state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     is_primary: bool = True
+    ledger_url: str | None = None

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from tracker_eval.config import EvalConfig
+from tracker_eval.config import EvalConfig, resolve_ledger_url
 from tracker_eval.errors import ConfigError
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.identity import tracker_run_key
@@ -108,6 +108,7 @@ class LoggerSession:
                 prefix=config.metric_prefix,
                 run_key=key,
                 run_state=dict((run_state or {}).get(spec.name, {})),
+                ledger_url=resolve_ledger_url(config.ledger),
             )
             construct = functools.partial(spec.cls, spec.config, context=context, name=spec.name)
             try:

@@ -237,7 +237,8 @@ class MlflowLogger:
             if self._client is not None and self._run_id is not None and self._experiment_id is not None:
                 return self._client, self._run_id
             # Constructing the client already opens (and creates) an embedded store.
-            with run_lock(self.tracking_uri, self.context.output_dir):
+            with run_lock(self.tracking_uri, run_key=self.run_key, ledger_url=self.context.ledger_url,
+                          output_dir=self.context.output_dir):
                 if self._client is None:
                     from mlflow.tracking import MlflowClient
 

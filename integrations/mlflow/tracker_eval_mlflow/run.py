@@ -1,11 +1,12 @@
 """The stream's one MLflow run: found by its run-key tag or created, once, between processes.
 
-    with run_lock(tracking_uri, output_dir):
+    with run_lock(tracking_uri, run_key=key, ledger_url=None, output_dir="out"):
         run_id, experiment_id = find_or_create_run(client, experiment="eval", run_key=key,
                                                    run_name=None, tags={}, tracking_uri=tracking_uri)
 
 MLflow has no "create if absent", so the lock is what keeps two processes of one stream (training's
-`InTrainingEvaluation` beside a watcher) from creating a run each.
+`InTrainingEvaluation` beside a watcher, or watchers on several machines sharing a PostgreSQL
+ledger) from creating a run each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tracker_eval.identity import tracker_run_name
+from tracker_eval.ledger.mutex import run_mutex
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -25,28 +27,26 @@ RUN_KEY_TAG = "tracker_eval.run_key"
 
 
 @contextlib.contextmanager
-def run_lock(tracking_uri: str, output_dir: str) -> Iterator[None]:
+def run_lock(tracking_uri: str, *, run_key: str, ledger_url: str | None, output_dir: str) -> Iterator[None]:
     """Serializes finding or creating the stream's run between processes that share it.
 
     Two processes that search for the run's tag at once, find nothing and both create a run split
-    one stream over two runs. Processes of one stream share `output_dir` (the ledger is SQLite on
-    a local disk), so an exclusive lock there orders them: the first creates the run and the next
-    one finds it. For an embedded ``sqlite:///`` store the lock sits beside the database instead:
-    its first use also creates and migrates the store, and two processes doing that at once break
-    each other's migration ("duplicate column name", alembic version mismatches), whatever their
-    output_dir.
+    one stream over two runs. The processes of a stream share its ledger, so the ledger's run-wide
+    lock (`tracker_eval.ledger.mutex.run_mutex`: a file beside a SQLite ledger, an advisory lock in
+    a PostgreSQL one, for processes on machines that share no disk) orders them: the first creates
+    the run and the next one finds it. For an embedded ``sqlite:///`` store a file lock beside the
+    database is taken too: its first use also creates and migrates the store, and two processes
+    doing that at once break each other's migration ("duplicate column name", alembic version
+    mismatches), whatever their output_dir.
     """
-    if tracking_uri.startswith("sqlite:///"):
-        path = pathlib.Path(f"{tracking_uri[len('sqlite:///'):]}.lock")
-    else:
-        path = pathlib.Path(output_dir) / "mlflow-run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with contextlib.ExitStack() as stack:
+        if tracking_uri.startswith("sqlite:///"):
+            path = pathlib.Path(f"{tracking_uri[len('sqlite:///'):]}.lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(path, "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        stack.enter_context(run_mutex(f"mlflow-run {tracking_uri} {run_key}", url=ledger_url, output_dir=output_dir))
+        yield
 
 
 def find_or_create_run(
