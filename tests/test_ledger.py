@@ -601,23 +601,6 @@ def test_a_write_that_timed_out_waiting_for_the_lock_leaves_the_connection_usabl
     assert waiter.register([1]) == [1] and holder.steps() == [1]
 
 
-def test_a_session_the_server_ended_is_replaced_by_the_next_call(tmp_path: Path, postgres_server: PostgresServer,
-                                                                 postgres_url: str) -> None:
-    import psycopg
-
-    ledger = new_ledger(tmp_path, url=postgres_url)
-    assert ledger.register([1]) == [1]
-    database = postgres_url.rsplit("/", 1)[1]
-    ended = postgres_server.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                f"WHERE application_name = 'tracker-eval' AND datname = '{database}'")
-    assert ended == "1"
-    # The call that meets the ended session fails (nothing of it committed); the next one reconnects.
-    with pytest.raises(psycopg.OperationalError):
-        ledger.register([2])
-    assert ledger.register([2]) == [2]
-    assert ledger.steps() == [1, 2]
-
-
 def test_both_backends_hold_the_same_tables_and_columns(tmp_path: Path, postgres_server: PostgresServer,
                                                          postgres_url: str) -> None:
     assert postgres_schema.BASELINE_VERSION + len(postgres_schema._MIGRATIONS) == SCHEMA_VERSION

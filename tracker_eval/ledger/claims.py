@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tracker_eval.ledger.backend import Connection
-from tracker_eval.ledger.db import write_transaction
+from tracker_eval.ledger.db import retried, write_transaction
 from tracker_eval.ledger.lease import lease_reclaimable
 from tracker_eval.ledger.reads import _CLAIMABLE, StepReads, StepState
 
@@ -30,6 +30,7 @@ class Claims(StepReads):
         )
         return cursor.rowcount == 1
 
+    @retried
     def register(self, steps: Iterable[int]) -> list[int]:
         """Adds steps not yet known as pending; known steps keep their state.
 
@@ -51,6 +52,7 @@ class Claims(StepReads):
             added = [step for step in new if self._insert_pending(conn, step)]
         return added
 
+    @retried
     def claim(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
         """Takes the step for evaluation: pending, retryable-failed or stale-evaluating -> evaluating.
 
@@ -92,6 +94,7 @@ class Claims(StepReads):
                       lease_expires_at=now + ttl_s, attempts=attempts + 1, reason=reason)
             return True
 
+    @retried
     def renew(self, step: int, *, owner: str, ttl_s: float = 30.0) -> bool:
         """Extends `owner`'s evaluation lease by `ttl_s` from now.
 
@@ -105,6 +108,7 @@ class Claims(StepReads):
             self._set(conn, step, lease_expires_at=self._clock() + ttl_s)
             return True
 
+    @retried
     def release(self, step: int, *, owner: str) -> bool:
         """Gives an unfinished evaluation back (e.g. on SIGTERM): evaluating -> pending.
 

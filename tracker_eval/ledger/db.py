@@ -15,6 +15,7 @@ thread; `tracker_eval.ledger.outbox.Outbox` and `tracker_eval.ledger.steps.Ledge
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,11 +24,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tracker_eval.errors import ConfigError
 from tracker_eval.ledger.backend import LEDGER_FILENAME, Connection, open_backend
-from tracker_eval.ledger.errors import IllegalTransitionError, LeaseLostError, LedgerError
+from tracker_eval.ledger.errors import IllegalTransitionError, LeaseLostError, LedgerError, TransactionLostError
 from tracker_eval.locations import normalize_checkpoint_dir
 from tracker_eval.redact import redact_text
 
@@ -35,6 +36,32 @@ __all__ = ["LEDGER_FILENAME", "IllegalTransitionError", "LeaseLostError", "Ledge
            "read_snapshot", "write_transaction"]
 
 RESULTS_DIRNAME = "results"
+
+
+_RETRIES = 20
+"""Lost sessions one write may meet in a row before its error is raised (each waits for the server first)."""
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retried(method: F) -> F:
+    """Runs a ledger method again, whole, when its write transaction was lost before it committed.
+
+    A method's read-then-write decides on what it reads inside its transaction, so running it again
+    after a lost session (`TransactionLostError`: nothing committed, the server answers again)
+    decides afresh and applies its effect once. On SQLite a transaction is never lost this way.
+    """
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(_RETRIES):
+            try:
+                return method(self, *args, **kwargs)
+            except TransactionLostError:
+                if attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    return run  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -178,6 +205,7 @@ class LedgerStore:
         ).fetchone()
         return {} if row is None else json.loads(row[0])
 
+    @retried
     def set_run_state(self, logger: str, state: Mapping[str, Any]) -> None:
         """Replaces `logger`'s run state (JSON-serializable, e.g. ``{"run_id": "abc"}``)."""
         conn = self._conn()
@@ -188,6 +216,7 @@ class LedgerStore:
                 (self._run_stream, logger, json.dumps(dict(state))),
             )
 
+    @retried
     def touch_heartbeat(self, owner: str) -> None:
         """Records that `owner` (the watcher) is alive now; a health check reads `last_heartbeat`."""
         conn = self._conn()

@@ -19,3 +19,13 @@ class LeaseLostError(LedgerError):
 
 class IllegalTransitionError(LedgerError):
     """The requested change does not lead from the current state (e.g. skipping an evaluated step)."""
+
+
+class DatabaseUnreachableError(LedgerError):
+    """The ledger's database server does not answer (stopped, unreachable); at start a usage error,
+    mid-run an outage to wait out (`tracker_eval.ledger.postgres`)."""
+
+
+class TransactionLostError(LedgerError):
+    """A write transaction's session was lost before it committed; nothing of it happened, and the
+    server answers again: run the whole read-then-write again (`tracker_eval.ledger.db.retried`)."""

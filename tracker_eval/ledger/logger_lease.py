@@ -16,13 +16,14 @@ from the ledger, never an older one that arrived late. `LoggerLeases` is a base 
 from __future__ import annotations
 
 from tracker_eval.ledger.backend import Connection
-from tracker_eval.ledger.db import LeaseLostError, LedgerStore, write_transaction
+from tracker_eval.ledger.db import LeaseLostError, LedgerStore, retried, write_transaction
 from tracker_eval.ledger.lease import LeaseClaim, lease_reclaimable
 
 
 class LoggerLeases(LedgerStore):
     """Per-logger delivery leases and summary marks of one stream; see the module docstring."""
 
+    @retried
     def claim_logger(self, logger: str, *, owner: str, ttl_s: float = 30.0) -> LeaseClaim:
         """Takes (or renews) the right to deliver to `logger` for this stream.
 
@@ -60,6 +61,7 @@ class LoggerLeases(LedgerStore):
             # An expired lease still counts as held until someone else takes it over: nobody sent.
             return LeaseClaim.RENEWED if row is not None and row[0] == owner else LeaseClaim.ACQUIRED
 
+    @retried
     def release_logger(self, logger: str, *, owner: str) -> bool:
         """Gives up the delivery lease of `logger`; returns False when `owner` did not hold it."""
         conn = self._conn()
@@ -77,6 +79,7 @@ class LoggerLeases(LedgerStore):
         ).fetchone()
         return None if row is None else row[0]
 
+    @retried
     def mark_summary_sent(self, logger: str, text: str, *, owner: str) -> None:
         """Records that `logger`'s tracker durably holds the summary `text`.
 

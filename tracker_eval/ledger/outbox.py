@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from tracker_eval.ledger.backend import Connection
-from tracker_eval.ledger.db import IllegalTransitionError, write_transaction
+from tracker_eval.ledger.db import IllegalTransitionError, retried, write_transaction
 from tracker_eval.ledger.logger_lease import LoggerLeases
 from tracker_eval.redact import redact_text
 
@@ -114,6 +114,7 @@ class Outbox(LoggerLeases):
         ).fetchone()
         return when
 
+    @retried
     def mark_delivered(self, step: int, logger: str, *, owner: str) -> bool:
         """Records that `logger` durably holds the step's result (after its flush returned).
 
@@ -146,6 +147,7 @@ class Outbox(LoggerLeases):
             )
             return True
 
+    @retried
     def begin_delivery(self, step: int, logger: str, *, owner: str) -> None:
         """Marks that an attempt to send the step to `logger` starts now (call just before sending).
 
@@ -179,6 +181,7 @@ class Outbox(LoggerLeases):
         )
         return {int(step): float(since) for step, since in rows}
 
+    @retried
     def mark_delivery_failed(
         self, step: int, logger: str, reason: str, *, owner: str, counted: bool = True, permanent: bool = False
     ) -> float:
@@ -230,6 +233,7 @@ class Outbox(LoggerLeases):
             )
             return delay
 
+    @retried
     def requeue_undeliverable(self, *, step: int | None = None, logger: str | None = None) -> list[tuple[int, str]]:
         """Makes undeliverable deliveries pending again, due now, with fresh attempt counts.
 

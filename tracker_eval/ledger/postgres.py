@@ -14,6 +14,16 @@ SQLite, and no transaction fails for serialization and needs replaying. Writes a
 ones per checkpoint, while an evaluation takes seconds to hours, so one lock per database does not
 limit how many evaluators share the work.
 
+A lost session (the server restarted or stopped a while, `pg_terminate_backend`, a network cut)
+costs no work and never applies a write twice. A read outside a transaction waits for the server
+and is asked again. A write transaction is all or nothing: when its session is lost before the
+COMMIT was answered, nothing of it committed, or all of it did; each write inserts a random token
+in the same transaction (``write_tokens``), so once the server answers again the token says which,
+and `TransactionLostError` asks the caller to run the whole read-then-write again
+(`tracker_eval.ledger.db.retried`) only when it did not commit. While the server does not answer,
+every thread waits with a backoff (one warning a process, and one when it answers again), up to
+`OUTAGE_LIMIT_S`, after which `DatabaseUnreachableError` ends the wait.
+
 psycopg 3 is imported here only, and this module only for a postgresql:// ledger URL
 (`tracker_eval.ledger.backend.open_backend`): a SQLite user's start does not pay for it.
 """
@@ -22,12 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
+import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tracker_eval.config.ledger import ENV_VAR
-from tracker_eval.ledger.errors import LedgerError
+from tracker_eval.ledger.errors import DatabaseUnreachableError, LedgerError, TransactionLostError
 from tracker_eval.ledger.postgres_schema import migrate_postgres, schema_version
 from tracker_eval.ledger.schema import SCHEMA_VERSION
 from tracker_eval.redact import redact_text
@@ -35,6 +49,11 @@ from tracker_eval.redact import redact_text
 _WRITE_LOCK = 0x7472_6B65_7631
 """The advisory lock every write transaction holds (any constant: one ledger per database)."""
 _CONNECT_TIMEOUT_S = 10
+OUTAGE_LIMIT_S = 600.0
+"""How long a process waits for a ledger database that stopped answering before it gives up."""
+_BACKOFF_S = (0.2, 5.0)  # first and longest wait between attempts to reach the server again
+_TOKEN_AGE_S = 86400.0  # tokens of writes older than this are pruned; a lost COMMIT is resolved within seconds
+LOG = logging.getLogger("tracker_eval")
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|%")
 T = TypeVar("T")
 
@@ -48,28 +67,49 @@ class PostgresBackend:
       busy_timeout_s: how long a write waits for another process's write (``lock_timeout``).
     """
 
-    def __init__(self, url: str, *, busy_timeout_s: float) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float, outage_limit_s: float = OUTAGE_LIMIT_S) -> None:
         self.url = url
         self._busy_timeout_s = busy_timeout_s
+        self._outage_limit_s = outage_limit_s
+        self._migrated = False
 
     @property
     def where(self) -> str:
         return redact_text(self.url)
 
     def connect(self) -> PostgresConnection:
-        conn = PostgresConnection(open_connection(self.url, read_only=False))
-        wait_ms = int(self._busy_timeout_s * 1000)
+        # Once this process has used the database, a new session (a new thread's) waits out an
+        # outage like a lost one; the first one fails at once: a wrong URL is the user's to fix now.
+        if self._migrated:
+            raw = open_waiting(self._session, where=self.where, limit_s=self._outage_limit_s)
+        else:
+            raw = self._session()
+        conn = PostgresConnection(raw, reopen=self._session, where=self.where, outage_limit_s=self._outage_limit_s)
+        if self._migrated:
+            return conn
         try:
-            conn.execute(f"SET lock_timeout = '{wait_ms}ms'")
-            # A process stalled inside a write (SIGSTOP, a paused VM) would hold the write lock for
-            # ever; the server ends such a session well before the others' wait runs out, and the
-            # stalled process finds its write rolled back when it goes on.
-            conn.execute(f"SET idle_in_transaction_session_timeout = '{max(wait_ms // 2, 1)}ms'")
             migrate_postgres(conn, where=self.where)
+            conn.execute("DELETE FROM write_tokens WHERE committed_at < extract(epoch FROM clock_timestamp()) - ?",
+                         (_TOKEN_AGE_S,))
         except BaseException:
             conn.close()
             raise
+        self._migrated = True
         return conn
+
+    def _session(self) -> Any:
+        raw = open_connection(self.url, read_only=False)
+        wait_ms = int(self._busy_timeout_s * 1000)
+        try:
+            raw.execute(f"SET lock_timeout = '{wait_ms}ms'")
+            # A process stalled inside a write (SIGSTOP, a paused VM) would hold the write lock for
+            # ever; the server ends such a session well before the others' wait runs out, and the
+            # stalled process finds its write rolled back when it goes on.
+            raw.execute(f"SET idle_in_transaction_session_timeout = '{max(wait_ms // 2, 1)}ms'")
+        except BaseException:
+            raw.close()
+            raise
+        return raw
 
 
 def read_database(url: str, read: Callable[[PostgresConnection], T]) -> T | None:
@@ -128,7 +168,9 @@ def open_connection(url: str, *, read_only: bool) -> Any:
             options["options"] = " ".join(filter(None, (given.get("options"), "-c default_transaction_read_only=on")))
         return psycopg.connect(url, **options)
     except psycopg.Error as error:
-        raise LedgerError(explain_connect_error(error, url)) from None
+        said = explain_connect_error(error, url)
+        unreachable = said.startswith("cannot reach")
+        raise (DatabaseUnreachableError if unreachable else LedgerError)(said) from None
 
 
 def explain_connect_error(error: Exception, url: str) -> str:
@@ -195,17 +237,96 @@ def pyformat(sql: str) -> str:
     return _TOKEN.sub(one, sql)
 
 
+class _Outage:
+    """One warning a process when the database stops answering, one when it answers again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._waiting = 0
+
+    def begin(self, where: str, error: BaseException) -> None:
+        with self._lock:
+            self._waiting += 1
+            if self._since is None:
+                self._since = time.monotonic()
+                LOG.warning("tracker-eval: the ledger database %s does not answer (%s); waiting for it (nothing is "
+                            "lost: unfinished writes are made again)", where, _said(error))
+
+    def end(self, where: str, *, reached: bool) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if reached and self._since is not None:
+                LOG.warning("tracker-eval: the ledger database %s answers again (after %.1f s)", where,
+                            time.monotonic() - self._since)
+                self._since = None
+            elif self._waiting == 0:
+                self._since = None
+
+
+_OUTAGE = _Outage()
+
+
+def _said(error: BaseException) -> str:
+    return redact_text(" ".join(str(error).split()))[:200] or type(error).__name__
+
+
+def open_waiting(open_session: Callable[[], T], *, where: str, limit_s: float, error: BaseException | None = None) -> T:
+    """`open_session()`, tried again with a backoff while the server does not answer.
+
+    Raises:
+      DatabaseUnreachableError: it did not answer within `limit_s`.
+    """
+    deadline = time.monotonic() + limit_s
+    wait_s = _BACKOFF_S[0]
+    reached, began = False, error is not None
+    if began:
+        _OUTAGE.begin(where, error)
+    try:
+        while True:
+            try:
+                session = open_session()
+                reached = True
+                return session
+            except DatabaseUnreachableError as failure:
+                if not began:
+                    _OUTAGE.begin(where, failure)
+                    began = True
+                if time.monotonic() + wait_s > deadline:
+                    raise DatabaseUnreachableError(
+                        f"the ledger database {where} did not answer for {limit_s:.0f} s ({_said(failure)}); "
+                        "start it again, then restart tracker-eval") from None
+                time.sleep(wait_s)
+                wait_s = min(wait_s * 2, _BACKOFF_S[1])
+    finally:
+        if began:
+            _OUTAGE.end(where, reached=reached)
+
+
 class PostgresConnection:
     """A psycopg connection that takes the ledger's SQL as a `sqlite3.Connection` does
-    (`tracker_eval.ledger.backend.Connection`), plus its transactions."""
+    (`tracker_eval.ledger.backend.Connection`), plus its transactions; it opens a new session in
+    place of one the server ended (module docstring).
 
-    def __init__(self, raw: Any) -> None:
+    Args:
+      raw: an open psycopg connection (autocommit).
+      reopen: opens a new one, with the same session settings; None: a lost session is an error.
+      where: the database for messages (password masked).
+      outage_limit_s: the longest wait for the server to answer again.
+    """
+
+    def __init__(self, raw: Any, *, reopen: Callable[[], Any] | None = None, where: str = "",
+                 outage_limit_s: float = OUTAGE_LIMIT_S) -> None:
         self.raw = raw
+        self._reopen = reopen
+        self._where = where
+        self._outage_limit_s = outage_limit_s
+        self._transaction: str | None = None  # "write" or "read" while one is open
 
     @property
     def alive(self) -> bool:
-        """False once the server ended the session (restart, `pg_terminate_backend`): open a new one."""
-        return not (self.raw.closed or self.raw.broken)
+        """False once the server ended the session and no new one can be opened in its place."""
+        return self._reopen is not None or not self._lost()
 
     @property
     def in_transaction(self) -> bool:
@@ -216,45 +337,111 @@ class PostgresConnection:
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         # Always with a parameter list, so that psycopg reads the doubled % back as one.
-        return self.raw.execute(pyformat(sql), tuple(parameters))
+        return self._run(lambda: self.raw.execute(pyformat(sql), tuple(parameters)))
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
-        cursor = self.raw.cursor()
-        cursor.executemany(pyformat(sql), [tuple(p) for p in parameters])
-        return cursor
+        rows = [tuple(p) for p in parameters]
+
+        def run() -> Any:
+            cursor = self.raw.cursor()
+            cursor.executemany(pyformat(sql), rows)
+            return cursor
+
+        return self._run(run)
 
     def close(self) -> None:
         self.raw.close()
 
     @contextlib.contextmanager
-    def write_transaction(self) -> Iterator[PostgresConnection]:
-        """One atomic write, serialized with every other writer of the database (module docstring)."""
+    def write_transaction(self, *, token: bool = True) -> Iterator[PostgresConnection]:
+        """One atomic write, serialized with every other writer of the database (module docstring).
+
+        Args:
+          token: record the write's token (False only while ``write_tokens`` may not exist yet: migrations).
+
+        Raises:
+          TransactionLostError: the session was lost and the write did not commit; the server
+            answers again, run the whole read-then-write again.
+        """
+        import psycopg  # noqa: PLC0415
+
+        mark = secrets.token_hex(12)
+        record = (f"; INSERT INTO write_tokens (token, committed_at) VALUES ('{mark}', "
+                  "extract(epoch FROM clock_timestamp()))") if token else ""
+        self._transaction = "write"
         try:
-            # One round trip for both (a constant, so no parameters: the simple protocol takes two
-            # statements). A lock wait that times out leaves an aborted transaction: rolled back below.
-            self.raw.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
+            # One round trip (a constant and a random hex token, so no parameters: the simple protocol
+            # takes several statements). A lock wait that times out leaves an aborted transaction.
+            self._run(lambda: self.raw.execute(
+                f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({_WRITE_LOCK}){record}"))
             yield self
-            self.raw.execute("COMMIT")
+            try:
+                self.raw.execute("COMMIT")
+            except psycopg.Error as error:
+                if not self._lost() or not token:
+                    raise
+                # Sent, never answered: it committed or not. The token, written in the same transaction, says which.
+                self._wait_for_server(error)
+                if self.raw.execute("SELECT 1 FROM write_tokens WHERE token = %s", (mark,)).fetchone() is None:
+                    raise TransactionLostError(self._lost_message(error)) from None
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self._transaction = None
 
     @contextlib.contextmanager
     def read_snapshot(self) -> Iterator[PostgresConnection]:
-        """Several reads that see one consistent state (inside an open transaction: that one)."""
-        if self.in_transaction:
+        """Several reads that see one consistent state (inside an open transaction: that one).
+
+        Raises:
+          TransactionLostError: the session was lost; read again.
+        """
+        if self._transaction is not None:
             yield self
             return
-        self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._run(lambda: self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        self._transaction = "read"
         try:
             yield self
         finally:
+            self._transaction = None
             if self.in_transaction:
                 self.raw.execute("COMMIT")
+
+    def _run(self, statement: Callable[[], T]) -> T:
+        # Outside a transaction a statement is run again once the server answers (it is one read, or
+        # a write that is its own transaction: `BEGIN`); inside one, the transaction is gone: say so.
+        import psycopg  # noqa: PLC0415
+
+        while True:
+            try:
+                return statement()
+            except psycopg.Error as error:
+                if not self._lost() or self._reopen is None:
+                    raise
+                self._wait_for_server(error)
+                if self._transaction is not None:
+                    raise TransactionLostError(self._lost_message(error)) from None
+
+    def _lost(self) -> bool:
+        return bool(self.raw.closed or self.raw.broken)
+
+    def _lost_message(self, error: BaseException) -> str:
+        return (f"the ledger database {self._where} ended the session mid-transaction ({_said(error)}); "
+                "nothing of it committed")
+
+    def _wait_for_server(self, error: BaseException) -> None:
+        """Opens a new session in place of the lost one, waiting while the server does not answer (`open_waiting`)."""
+        if self._reopen is None:
+            raise TransactionLostError(self._lost_message(error)) from None
+        with contextlib.suppress(Exception):
+            self.raw.close()
+        self.raw = open_waiting(self._reopen, where=self._where, limit_s=self._outage_limit_s, error=error)
 
     def _rollback(self) -> None:
         import psycopg  # noqa: PLC0415
 
-        if self.in_transaction:
+        if not self._lost() and self.in_transaction:
             with contextlib.suppress(psycopg.Error):  # a lost connection has nothing left to roll back
                 self.raw.execute("ROLLBACK")

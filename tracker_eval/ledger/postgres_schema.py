@@ -138,7 +138,7 @@ def migrate_postgres(conn: Any, *, where: str) -> None:
 
     try:
         if schema_version(conn) != SCHEMA_VERSION:
-            with conn.write_transaction():  # under the write lock: another process may be migrating too
+            with conn.write_transaction(token=False):  # under the write lock: another process may be migrating too
                 _upgrade(conn, schema_version(conn), where=where)
         missing = conn.execute(
             "SELECT name FROM unnest(?::text[]) AS name "

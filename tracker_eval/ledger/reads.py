@@ -15,7 +15,7 @@ from typing import Any
 
 from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.best import read_best
-from tracker_eval.ledger.db import LedgerStore, read_snapshot
+from tracker_eval.ledger.db import LedgerStore, read_snapshot, retried
 from tracker_eval.ledger.files import decode_result, decoded_metrics, read_arrays, read_result_data, read_samples
 from tracker_eval.redact import redact_text
 
@@ -83,6 +83,7 @@ class StepReads(LedgerStore):
 
     # Status.
 
+    @retried
     def rows(self) -> list[dict[str, Any]]:
         """One dict per known step, ascending: step, state, reason, attempts, owner, metrics (scalars),
         deliveries (``{logger: "pending" | "delivered" | "undeliverable"}``) and delivery_errors

@@ -35,7 +35,7 @@ from tracker_eval.evaluation.result import EvalResult
 from tracker_eval.ledger.backend import Connection
 from tracker_eval.ledger.best import offer_best, reconcile_best
 from tracker_eval.ledger.claims import Claims
-from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, write_transaction
+from tracker_eval.ledger.db import IllegalTransitionError, LeaseLostError, LedgerError, retried, write_transaction
 from tracker_eval.ledger.files import ResultFiles, encode_result, result_data, write_result_files
 from tracker_eval.ledger.outbox import Outbox
 from tracker_eval.ledger.reads import _STORED, StepState
@@ -137,6 +137,7 @@ class Ledger(Outbox, Claims):
 
     # Evaluation: register, claim, renew and release come from `Claims`; record, fail, skip.
 
+    @retried
     def record_metrics(self, result: EvalResult, *, owner: str) -> bool:
         """Stores a step's result and queues it for every configured logger, exactly once.
 
@@ -210,6 +211,7 @@ class Ledger(Outbox, Claims):
                 "ON CONFLICT (stream_id, step, kind) DO UPDATE SET body = excluded.body",
                 [(self._stream, step, kind, body) for kind, body in data.items()])
 
+    @retried
     def mark_failed(self, step: int, reason: str, *, owner: str, max_attempts: int | None = None) -> StepState:
         """Ends `owner`'s evaluation attempt in failure: failed (retryable) or, out of attempts, given_up.
 
@@ -235,6 +237,7 @@ class Ledger(Outbox, Claims):
             self._set(conn, step, state=state.value, owner=None, lease_expires_at=None, reason=reason)
             return state
 
+    @retried
     def mark_skipped(self, step: int, reason: str, *, owner: str | None = None) -> None:
         """Marks a step not to be evaluated (registering it if unknown).
 
@@ -263,6 +266,7 @@ class Ledger(Outbox, Claims):
                       reason=reason)
 
 
+    @retried
     def ask_for_skipped(self, step: int | None = None) -> list[int]:
         """Skipped steps (every one, or just `step`) -> pending, marked as asked for (`ASKED_FOR`), so
         that no policy skips them again; the next watcher evaluates them.
