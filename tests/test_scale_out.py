@@ -112,7 +112,8 @@ def test_three_watchers_on_three_machines_share_the_work_and_deliver_each_result
     assert {s: (r["state"], r["attempts"]) for s, r in rows.items()} == {s: ("delivered", 1) for s in SOURCE_STEPS}
     # JSONL: each step once over all machines, values and arrays right, also where another machine evaluated it.
     where = assert_each_step_once_with_reference_values(configs, reference)
-    delivered_by = {config.parent / "out" / "metrics.jsonl": watcher.pid for config, watcher in zip(configs, watchers)}
+    delivered_by = {config.parent / "out" / "metrics.jsonl": watcher.pid
+                    for config, watcher in zip(configs, watchers, strict=True)}
     crossed = [step for step, path in where.items() if step not in evaluators[delivered_by[path]]]
     assert crossed, f"every step was delivered where it was evaluated: {where}, {evaluators}"
     # MLflow: one run for the stream (three processes that share no disk), one point per step and metric.
