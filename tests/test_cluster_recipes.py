@@ -349,3 +349,55 @@ def test_slurm_srun_command_runs_two_processes_on_loopback(tmp_path, checkpoints
     health = [word if word != IMAGE_CONFIG else str(WATCH_CONFIG) for word in HEALTH_COMMAND]
     healthy = subprocess.run([*health, *overrides], env=status_env, capture_output=True, text=True, timeout=120)
     assert healthy.returncode == 0, f"a watcher that just ran should be healthy: {healthy.stdout}{healthy.stderr}"
+
+
+def test_k8s_postgres_watchers_are_three_replicas_with_the_ledger_url_from_a_secret_and_no_volume(monkeypatch):
+    from tracker_eval.config import load_config, resolve_ledger_url
+
+    docs = _documents("k8s_watchers_postgres.yaml")
+    deployment = _one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    [(where, template)] = list(_pod_templates(deployment))
+    container = _check_pod_template(where, template, checkpoint_volume=False)
+    spec = template["spec"]
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v], "no pod may need a disk of its own"
+    assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == "output")
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRACKER_EVAL_LEDGER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "TRACKER_EVAL_LEDGER_URL"
+    assert container["livenessProbe"]["exec"]["command"] == HEALTH_COMMAND
+    # The pods and their probes load the shipped config onto the PostgreSQL ledger the Secret names.
+    monkeypatch.setenv("CHECKPOINT_DIR", env["CHECKPOINT_DIR"]["value"])
+    monkeypatch.setenv("TRACKER_EVAL_LEDGER_URL", "postgresql://evals:hunter2@db:5432/evals?sslmode=require")
+    config = load_config(WATCH_CONFIG, overrides=container["args"][3:])
+    assert resolve_ledger_url(config.ledger).startswith("postgresql://")
+
+
+def test_slurm_job_array_runs_one_watcher_per_task_on_the_shared_ledger(tmp_path):
+    path = CLUSTER / "slurm_watch_array.sbatch"
+    options = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line.removeprefix("#SBATCH ").strip().partition("=")
+            options[key] = value
+    assert re.fullmatch(r"\d+-\d+", options["--array"]) and options["--ntasks"] == "1"
+    assert options["--signal"].startswith("TERM@")
+    # Without the ledger URL the script stops at once with a line naming it (no watcher on a private SQLite file).
+    env = {"PATH": os.environ["PATH"], "CHECKPOINT_DIR": str(tmp_path), "SLURM_SUBMIT_DIR": str(ROOT)}
+    done = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode != 0 and "TRACKER_EVAL_LEDGER_URL" in done.stderr, done.stderr
+    # With it, srun gets one watcher whose output_dir is the task's own.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$SRUN_ARGS\"\n")
+    (fake / "srun").chmod(0o755)
+    args_file = tmp_path / "srun-args"
+    env.update(PATH=f"{fake}:{os.environ['PATH']}", SRUN_ARGS=str(args_file), SLURM_ARRAY_JOB_ID="77",
+               SLURM_ARRAY_TASK_ID="2", TMPDIR=str(tmp_path), TRACKER_EVAL_LEDGER_URL="postgresql://evals@db:5432/e")
+    done = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    argv = args_file.read_text().splitlines()
+    assert argv[argv.index("tracker-eval"):argv.index("tracker-eval") + 2] == ["tracker-eval", "watch"]
+    assert f"output_dir={tmp_path}/tracker-eval-77-2" in argv and f"checkpoint_dir={tmp_path}" in argv
