@@ -66,8 +66,11 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, led
     evaluation = InTrainingEvaluation.from_config(str(config_path))
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    watcher = subprocess.Popen([EXE, "watch", "--config", str(config_path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # On PostgreSQL the watcher runs as on another machine: its own working directory and output_dir.
+    elsewhere = out if ledger_backend is None else tmp_path / "eval-machine" / "out"
+    elsewhere.mkdir(parents=True, exist_ok=True)
+    watcher = subprocess.Popen([EXE, "watch", "--config", str(config_path), f"output_dir={elsewhere}"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=elsewhere.parent)
     in_process: dict[int, tuple[float, float]] = {}
 
     def after_save(step, state):
@@ -109,10 +112,14 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, led
         sources = {step: ledger.result(step).provenance.get("source") for step in STEPS}
     assert [(r["step"], str(r["state"]), r["attempts"]) for r in rows] == [(s, "delivered", 1) for s in STEPS]
     assert (out / "ledger.sqlite").exists() == (ledger_backend is None)  # training and watcher used the backend
+    assert not (elsewhere / "ledger.sqlite").exists() or elsewhere == out
     # The ledger stores whose result each is: training's for the steps it evaluated, the watcher's otherwise.
     assert {step for step, source in sources.items() if source == "in-training"} == set(in_process)
 
-    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Each process delivers to its own output_dir's JSONL and W&B files: together they hold each step once.
+    outs = sorted({out, elsewhere})
+    jsonl = [json.loads(line) for o in outs if (o / "metrics.jsonl").exists()
+             for line in (o / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in jsonl) == STEPS
     in_training_steps = {r["step"] for r in jsonl if r["provenance"].get("source") == "in-training"}
     assert in_training_steps == set(in_process)
@@ -127,7 +134,8 @@ def test_training_loop_and_watcher_share_one_record(tmp_path, mlflow_server, led
     assert sorted(m.step for m in history) == STEPS
     assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
 
-    rows = reader.read_history(out / "wandb", derive_run_id(tracker_run_key(config)))
+    rows = [row for o in outs if (o / "wandb").exists()
+            for row in reader.read_history(o / "wandb", derive_run_id(tracker_run_key(config)))]
     points = sorted((int(r["checkpoint_step"]), r["eval/loss"]) for r in rows if "eval/loss" in r)
     assert [s for s, _ in points] == STEPS
     assert dict(points) == pytest.approx(expected, rel=1e-6)
