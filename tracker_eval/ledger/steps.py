@@ -1,8 +1,8 @@
 """The durable ledger: what happened to each checkpoint step, and which logger has seen its result.
 
-One SQLite file in ``output_dir`` holds, for each evaluation stream (checkpoint directory + eval
-config hash), every step's state, its stored result, one outbox row per logger, leases, tracker run
-state and a heartbeat. Every change is one transaction, so a process killed at any instant leaves a
+One database (the SQLite file in ``output_dir``, or a PostgreSQL database that processes on many
+machines share) holds, for each evaluation stream (checkpoint directory + eval config hash), every
+step's state, its stored result, one outbox row per logger, leases, tracker run state and a heartbeat. Every change is one transaction, so a process killed at any instant leaves a
 consistent ledger; a crash replays delivery or (for an unfinished step) evaluation, never a stored
 result. States of a step::
 
