@@ -12,11 +12,12 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 from watcher_harness import child_env, wait_for
 
-pytest_plugins = ["fixtures_mlflow"]
+pytest_plugins = ["fixtures_mlflow", "fixtures_postgres"]
 
 CHILD = textwrap.dedent("""
     import os, pathlib, sys, time
@@ -32,8 +33,11 @@ CHILD = textwrap.dedent("""
     (out / f"ready-{step}").touch()
     while not (out / "go").exists():  # every process imported mlflow: start together
         time.sleep(0.01)
+    own = os.environ.get("OWN_OUTPUT_DIR")  # a machine of its own: no output_dir shared with the others
+    context = LoggerContext(output_dir=str(out / f"machine-{step}") if own else str(out), run_key="ckpts@shared",
+                            ledger_url=os.environ.get("LEDGER_URL"))
     logger = MlflowLogger(MlflowConfig(experiment=os.environ["EXPERIMENT"], tracking_uri=uri), name="mlflow",
-                          context=LoggerContext(output_dir=str(out), run_key="ckpts@shared"))
+                          context=context)
     logger.log_result(EvalResult(step=step, checkpoint=f"/ckpts/{step}", metrics={"loss": step / 100}))
     logger.close()
     print("done", logger.run_state()["run_id"], flush=True)
@@ -72,10 +76,27 @@ def test_processes_of_one_stream_starting_together_on_a_server_share_one_run(tmp
     assert history == [(step, step / 100) for step in steps]
 
 
-def _start_together(out: pathlib.Path, *, steps: list[int], experiment: str, uri: str | None = None) -> str:
+def test_processes_on_machines_that_share_no_disk_share_one_run_through_the_postgresql_ledger(
+        tmp_path, mlflow_server, postgres_url):
+    from mlflow.tracking import MlflowClient
+
+    steps = [10, 20, 30, 40]
+    experiment = f"shared-no-disk-{uuid.uuid4().hex[:8]}"
+    run_id = _start_together(tmp_path / "out", steps=steps, experiment=experiment, uri=mlflow_server.url,
+                             env={"OWN_OUTPUT_DIR": "1", "LEDGER_URL": postgres_url})
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [run.info.run_id for run in runs] == [run_id]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss"))
+    assert history == [(step, step / 100) for step in steps]
+    assert not list((tmp_path / "out").rglob("*.lock*")), "the lock is in the database, not a file"
+
+
+def _start_together(out: pathlib.Path, *, steps: list[int], experiment: str, uri: str | None = None,
+                    env: dict[str, str] | None = None) -> str:
     """Runs one logger process per step, released at one moment; the one run id they all used."""
     out.mkdir()
-    env = {**child_env(devices=1), "EXPERIMENT": experiment}
+    env = {**child_env(devices=1), "EXPERIMENT": experiment, **(env or {})}
     children = [subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(step), *([uri] if uri else [])],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                 for step in steps]
