@@ -2,9 +2,10 @@
 
 One database (the SQLite file in ``output_dir``, or a PostgreSQL database that processes on many
 machines share) holds, for each evaluation stream (checkpoint directory + eval config hash), every
-step's state, its stored result, one outbox row per logger, leases, tracker run state and a heartbeat. Every change is one transaction, so a process killed at any instant leaves a
-consistent ledger; a crash replays delivery or (for an unfinished step) evaluation, never a stored
-result. States of a step::
+step's state, its stored result, one outbox row per logger, leases, tracker run state and a
+heartbeat. Every change is one transaction, so a process killed at any instant leaves a
+consistent ledger; a crash replays delivery or (for an unfinished step) evaluation, never a
+stored result. States of a step::
 
     pending -> evaluating -> evaluated -> delivered      (delivered: every logger has it; see outbox)
                         \\-> failed -> (claimed again) ... -> given_up      skipped (from any unfinished)
