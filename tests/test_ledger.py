@@ -535,7 +535,7 @@ def test_database_has_versioned_schema_and_newer_versions_refused(tmp_path: Path
     ("SELECT 'what?', 'it''s ?', 5 % 2, ?", "SELECT 'what?', 'it''s ?', 5 %% 2, %s"),
 ])
 def test_placeholders_become_psycopgs_and_quoted_text_keeps_its_question_marks(sql: str, expected: str) -> None:
-    from tracker_eval.ledger.postgres import pyformat
+    from tracker_eval.ledger.postgres_session import pyformat
 
     assert pyformat(sql) == expected
 
