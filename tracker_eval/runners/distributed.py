@@ -113,6 +113,24 @@ class PeerMonitor:
         os._exit(1)
 
 
+def leave() -> None:
+    """Leaves JAX's distributed runtime at the end of a run, while the interpreter is still whole.
+
+    Left to JAX's exit hook, the leaving happens during interpreter shutdown: on a busy machine,
+    process 0 (the coordination service) could be gone before a peer's client disconnected, and
+    that peer aborted from C++ ("exception not rethrown", exit -6) after finishing its work. Here
+    every process meets at the runtime's shutdown barrier first. A no-op without the runtime.
+    """
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415 - whether initialize() ran
+
+    if jax_distributed.global_state.client is None:
+        return
+    try:
+        jax.distributed.shutdown()
+    except Exception as error:  # noqa: BLE001 - the run's work is done; say so and exit as planned
+        LOG.warning("tracker-eval: leaving the distributed runtime failed: %s", one_line(error, limit=200))
+
+
 def is_primary() -> bool:
     """True on process 0, the one that decides, records and reports."""
     return jax.process_index() == 0

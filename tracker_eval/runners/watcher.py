@@ -49,6 +49,7 @@ def run_watch(config_path: str, *, overrides: Sequence[str] = ()) -> int:
     watcher = Watcher(config, components=components)
     watcher.install_signal_handlers()
     code = watcher.run()
+    distributed.leave()
     # Everything is closed and written. The interpreter's last garbage collection at exit took ~6 s
     # of a 2-process harness job's stop on 2 cores (8 s from SIGTERM to exit, 1.6 s with this):
     # what is still allocated is freed with the process instead.
