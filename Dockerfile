@@ -2,6 +2,7 @@
 #
 #   docker build -t tracker-eval:cpu .                                       # CPU jaxlib (default)
 #   docker build --build-arg ACCELERATOR=cuda12 -t tracker-eval:cuda12 .     # + CUDA 12 plugin of the same jax
+#   make image                                     # any OCI builder (docker, podman/buildah), offline from wheelhouse/
 #
 # The Python environment comes from requirements.lock, the same file `make install` reads; the
 # build stage fills a venv that the runtime stage copies, so compilers and pip caches stay behind.
@@ -19,7 +20,14 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.lock ./
-RUN pip install --no-cache-dir -r requirements.lock
+# wheelhouse/ is empty in the repository, and pip then installs from the package index. Filled by
+# `make wheelhouse`, it is the only source: the build needs no index (air-gapped hosts, sandboxed
+# builders whose network or pip settings are not the host's). The setting lives in the build stage only.
+COPY wheelhouse/ /wheelhouse/
+RUN if ls /wheelhouse/*.whl >/dev/null 2>&1; then \
+      printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > /etc/pip.conf; \
+    fi \
+    && pip install --no-cache-dir -r requirements.lock
 # The CUDA plugin must match the locked jax exactly; the lock also constrains everything else.
 RUN if [ "$ACCELERATOR" = cuda12 ]; then \
       jax_version="$(sed -n 's/^jax==//p' requirements.lock)" \

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 XLA8 := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install demo test bench lint clean system-deps
+.PHONY: install demo test bench lint clean system-deps wheelhouse image test-image
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ system-deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 	      || echo "warning: could not install postgresql; the ledger's PostgreSQL tests will say what is missing"; \
 	  else echo "note: PostgreSQL missing; install the Debian package 'postgresql' for the ledger's tests"; fi; }
+
+# A wheel of every locked package and of the build backend, for installs that reach no index: the
+# image build (container/build.sh), air-gapped hosts (README, "Installing without internet").
+WHEELHOUSE_STAMP := wheelhouse/.complete
+wheelhouse: $(WHEELHOUSE_STAMP)
+
+$(WHEELHOUSE_STAMP): requirements.lock pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip wheel -q --wheel-dir wheelhouse -r requirements.lock 'setuptools>=68' wheel
+	touch $@
+
+# The image from the Dockerfile as shipped, with docker or podman/buildah: localhost/tracker-eval:cpu
+# and build/tracker-eval-cpu.oci.tar (ACCELERATOR=cuda12 for the CUDA variant).
+image: wheelhouse
+	ACCELERATOR=$(or $(ACCELERATOR),cpu) container/build.sh
 
 demo: install
 	$(BIN)/tracker-eval demo

@@ -113,6 +113,7 @@ def test_config_hash_ignores_mesh_and_batch_but_not_the_model(tmp_path):
         ("watch.delivery_deadline_s=0", "watch.delivery_deadline_s", "(0, 86400]"),
         ("watch.delivery_deadline_s=.inf", "watch.delivery_deadline_s", "(0, 86400]"),
         ("watch.outbox_wait_s=-1", "watch.outbox_wait_s", "[0, 86400]"),
+        ("watch.health_stale_s=0", "watch.health_stale_s", "(0, 86400] or null"),
         ("watch.idle_timeout_s=0", "watch.idle_timeout_s", "(0, 2592000] or null"),
         ("watch.until_step=-5", "watch.until_step", f"[0, {2**63 - 1}] or null"),
         ("watch.max_attempts=0", "watch.max_attempts", "[1, 1000]"),

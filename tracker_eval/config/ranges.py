@@ -56,6 +56,7 @@ RANGES: dict[str, Range] = {
     "watch.lease_ttl_s": Range(1, _DAY_S),
     "watch.delivery_deadline_s": Range(0, _DAY_S, low_open=True),
     "watch.outbox_wait_s": Range(0, _DAY_S),
+    "watch.health_stale_s": Range(0, _DAY_S, low_open=True, nullable=True),
     # JAX takes whole seconds: at least 1, so no value rounds down to "no timeout".
     "distributed.heartbeat_timeout_s": Range(1, _DAY_S),
     "distributed.initialization_timeout_s": Range(1, _DAY_S),

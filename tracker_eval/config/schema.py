@@ -125,6 +125,9 @@ class WatchConfig:
     outbox_wait_s: float = 60.0
     """When stopping on until_step or idle_timeout_s: how long results that trackers have not taken
     yet are waited for before they are left in the outbox for the next run."""
+    health_stale_s: float | None = None
+    """`status --health` reports unhealthy once the watcher's heartbeat is older than this; null =
+    max(120 s, 3 * poll_interval_s). Below that a watcher between two slow polls would look dead."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -191,7 +191,7 @@ def run_status(config_path: str, *, overrides: Sequence[str] = (), as_json: bool
     doc = collect_status(config, list_checkpoints=not health)
     if health:
         beat = doc["heartbeat"]
-        limit = max(_HEALTHY_WITHIN_S, 3 * config.watch.poll_interval_s)
+        limit = config.watch.health_stale_s or max(_HEALTHY_WITHIN_S, 3 * config.watch.poll_interval_s)
         healthy = beat is not None and beat["age_s"] <= limit
         print(f"{'healthy' if healthy else 'unhealthy'}: last watcher heartbeat "
               + ("never" if beat is None else f"{beat['age_s']:.0f} s ago"))
