@@ -27,20 +27,24 @@ COPY wheelhouse/ /wheelhouse/
 RUN if ls /wheelhouse/*.whl >/dev/null 2>&1; then \
       printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > /etc/pip.conf; \
     fi \
-    && pip install --no-cache-dir -r requirements.lock
+    && pip install --no-cache-dir --no-compile -r requirements.lock
 # The CUDA plugin must match the locked jax exactly; the lock also constrains everything else.
 RUN if [ "$ACCELERATOR" = cuda12 ]; then \
       jax_version="$(sed -n 's/^jax==//p' requirements.lock)" \
       && test -n "$jax_version" \
-      && pip install --no-cache-dir -c requirements.lock "jax[cuda12]==${jax_version}"; \
+      && pip install --no-cache-dir --no-compile -c requirements.lock "jax[cuda12]==${jax_version}"; \
     elif [ "$ACCELERATOR" != cpu ]; then \
       echo "ACCELERATOR must be cpu or cuda12, got '$ACCELERATOR'" >&2 && exit 1; \
     fi
 COPY pyproject.toml ./
 COPY tracker_eval ./tracker_eval
 COPY integrations ./integrations
-RUN pip install --no-cache-dir --no-deps . ./integrations/wandb ./integrations/mlflow ./integrations/tensorboard ./integrations/lm_harness \
-    && pip check
+COPY container/slim_venv.py ./
+# Bytecode only for what a container imports, no bundled test suites: container/slim_venv.py says why.
+RUN pip install --no-cache-dir --no-compile --no-deps . ./integrations/wandb ./integrations/mlflow \
+      ./integrations/tensorboard ./integrations/lm_harness \
+    && pip check \
+    && python slim_venv.py
 
 FROM ${PYTHON_IMAGE}
 ARG APP_UID=10001

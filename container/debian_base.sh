@@ -13,6 +13,7 @@ debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3 \
   bookworm "$root" ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"} >/dev/null
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
   "$root"/usr/share/man/* "$root"/usr/share/locale/* "$root"/usr/share/info/*
+chmod 755 "$root"  # mktemp made it 0700: the image's / would shut out every user but root
 tar -C "$root" -c . | podman --storage-driver "${STORAGE_DRIVER:-vfs}" import -q \
   --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' - "$tag" >/dev/null
 echo "make image: base $tag: Debian 12 minbase with $(chroot "$root" python3 --version)" >&2

@@ -32,6 +32,7 @@ from typing import Any
 
 STORAGE = ("--storage-driver", os.environ.get("STORAGE_DRIVER", "vfs"))
 UID = 10001
+RUNNER_FILES = ("etc/hosts", "etc/resolv.conf", "etc/hostname", "run/.containerenv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,10 @@ class Image:
         proc = subprocess.run(inspect, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"no image {name} in local storage: run `make image` first\n{proc.stderr}"
         found = json.loads(proc.stdout)[0]
-        return cls(name, runner, found.get("Config") or {})
+        config = dict(found.get("Config") or {})
+        if "Healthcheck" not in config:  # podman keeps it beside the OCI config
+            config["Healthcheck"] = found.get("Healthcheck") or found.get("HealthCheck")
+        return cls(name, runner, config)
 
     @property
     def entrypoint(self) -> list[str]:
@@ -167,10 +171,11 @@ class Container:
         changed = []
         for path in root.rglob("*"):
             rel = path.relative_to(root).as_posix()
-            if any(rel == s or rel.startswith(f"{s}/") for s in skip) or rel in ("etc/hosts", "etc/resolv.conf"):
-                continue  # mount points, and the two files the runner writes for every container
+            if any(rel == s or rel.startswith(f"{s}/") for s in skip) or rel in RUNNER_FILES:
+                continue  # mount points, and the files the runner writes for every container
             with contextlib.suppress(FileNotFoundError):
-                if path.lstat().st_mtime > since:
+                # Files and links only: the runner makes its mount points (directories) itself.
+                if not path.is_dir() and path.lstat().st_mtime > since:
                     changed.append(rel)
         subprocess.run(["buildah", *STORAGE, "umount", self.name], capture_output=True, timeout=120)
         return sorted(changed)

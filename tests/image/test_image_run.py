@@ -152,7 +152,7 @@ def test_container_watches_delivers_reports_health_and_stops_on_sigterm(
         reader.join(10)
         assert code == 0, tail()
         # Before anything on the host opens the ledger (SQLite would make its -shm file as root).
-        owned = {p.stat().st_uid for p in out.rglob("*")}
+        owned = {p.lstat().st_uid for p in out.rglob("*")}
         assert owned == {UID}, f"files in the output mount not owned by uid {UID}: {owned}"
         if box.image.runner == "buildah":
             changed = box.changed_files(started)
