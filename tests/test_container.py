@@ -180,7 +180,8 @@ def _dockerignore() -> list[str]:
                                   "test-artifacts/a.png", "mlruns/0/meta.yaml", "tests/test_container.py",
                                   "tracker_eval/__pycache__/cli.cpython-311.pyc", "tracker_eval.egg-info/PKG-INFO",
                                   "integrations/wandb/tracker_eval_wandb.egg-info/PKG-INFO", ".pytest_cache/v",
-                                  "configs/watch.yaml", "build/lib/x.py"])
+                                  "configs/watch.yaml", "build/lib/x.py",
+                                  "wheelhouse/.complete-cpu"])
 def test_dockerignore_keeps_out(path):
     assert dockerignore_excludes(path, _dockerignore())
 

@@ -5,6 +5,11 @@
                                     made from the image (podman run cannot set RLIMIT_NOFILE in an
                                     unprivileged sandbox; buildah's chroot isolation needs no runtime)
 
+buildah has no `--read-only`. As root, the container's file system is bind-mounted read-only onto
+itself instead, so the root is read-only as with `docker run --read-only`. buildah 1.28 then fails
+its own cleanup after every command (a nil-pointer panic, exit 2) and loses the command's exit
+status, so each command runs under `sh`, which prints the status on a line of its own.
+
 Both share the host's network, so a server on the host's loopback answers in the container. The
 image's own configuration (ENTRYPOINT, CMD, HEALTHCHECK, ENV, USER) is read from the image, never
 copied here, so the test runs what the image says.
@@ -32,6 +37,7 @@ from typing import Any
 
 STORAGE = ("--storage-driver", os.environ.get("STORAGE_DRIVER", "vfs"))
 UID = 10001
+STATUS = "container command exit status: "
 RUNNER_FILES = ("etc/hosts", "etc/resolv.conf", "etc/hostname", "run/.containerenv")
 
 
@@ -111,11 +117,24 @@ class Container:
         self.env = env
         self.name = f"tracker-eval-test-{uuid.uuid4().hex[:8]}"
         self.read_only_root = image.runner == "docker"
+        self.root: pathlib.Path | None = None
         self.main: subprocess.Popen[str] | None = None
         if image.runner == "buildah":
             made = subprocess.run(["buildah", *STORAGE, "from", "--name", self.name, image.name],
                                   capture_output=True, text=True, timeout=600)
             assert made.returncode == 0, made.stderr
+            if os.geteuid() == 0:
+                self._make_root_read_only()
+
+    def _make_root_read_only(self) -> None:
+        mounted = subprocess.run(["buildah", *STORAGE, "mount", self.name], capture_output=True, text=True,
+                                 timeout=120)
+        assert mounted.returncode == 0, mounted.stderr
+        root = pathlib.Path(mounted.stdout.strip())
+        (root / "run" / ".containerenv").touch()  # buildah mounts onto it: it must exist beforehand
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True, timeout=60)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True, timeout=60)
+        self.root, self.read_only_root = root, True
 
     def _command(self, argv: Sequence[str], *, detached_name: str | None = None) -> list[str]:
         envs = [w for k, v in self.env.items() for w in ("-e", f"{k}={v}")]
@@ -126,8 +145,18 @@ class Container:
             return ["docker", "run", "--rm", *name, "--read-only", "--network", "host", *volumes, *envs,
                     "--entrypoint", argv[0], self.image.name, *argv[1:]]
         volumes = [w for m in self.mounts for w in ("-v", m.spec())]
+        if self.root is not None:
+            argv = ["sh", "-c", f'"$@"; echo "{STATUS}$?"', "sh", *argv]
         return ["buildah", *STORAGE, "run", "--isolation", "chroot", "--user", self.image.user or str(UID),
                 "--network", "host", *volumes, *envs, self.name, "--", *argv]
+
+    def exit_status(self, returncode: int, output: str) -> int:
+        """The command's own exit status (see the module's docstring for the read-only root)."""
+        if self.root is None:
+            return returncode
+        found = [line for line in output.splitlines() if line.startswith(STATUS)]
+        assert found, f"no exit status from the container (runner exit {returncode}):\n{output[-3000:]}"
+        return int(found[-1][len(STATUS):])
 
     def start(self, argv: Sequence[str]) -> subprocess.Popen[str]:
         """Starts the container's main process; its output is a pipe of lines."""
@@ -141,7 +170,10 @@ class Container:
             command = ["docker", "exec", self.name, *argv]
         else:
             command = self._command(argv)
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        code = self.exit_status(proc.returncode, proc.stdout)
+        stdout = "".join(line for line in proc.stdout.splitlines(keepends=True) if not line.startswith(STATUS))
+        return subprocess.CompletedProcess(command, code, stdout, proc.stderr)
 
     def main_pid(self, marker: str, *, timeout: float = 120) -> int:
         """Host pid of the container's main process: the descendant of the runner whose command line
@@ -154,11 +186,16 @@ class Container:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pid in _descendants(self.main.pid):
-                if marker in _cmdline(pid) and "buildah" not in _cmdline(pid):
+                if _runs(pid, marker):
                     return pid
             assert self.main.poll() is None, f"the container exited with {self.main.returncode}"
             time.sleep(0.1)
         raise AssertionError(f"no process with {marker!r} in the container after {timeout:g} s")
+
+    def unmount_root(self) -> None:
+        if self.root is not None:
+            subprocess.run(["umount", str(self.root)], capture_output=True, timeout=60)
+            self.root = None
 
     def changed_files(self, since: float) -> list[str]:
         """Files of the container's own root file system modified after `since` (mounts excluded)."""
@@ -188,6 +225,7 @@ class Container:
         if self.image.runner == "docker":
             subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, timeout=120)
         else:
+            self.unmount_root()
             subprocess.run(["buildah", *STORAGE, "rm", self.name], capture_output=True, timeout=300)
 
 
@@ -208,8 +246,12 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _cmdline(pid: int) -> str:
+def _runs(pid: int, program: str) -> bool:
+    """Whether `pid` is `program` itself (or a python running its script), not a shell or runner
+    whose arguments name it."""
     try:
-        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        return ""
+        return False
+    names = [os.path.basename(a) for a in args[:2]]
+    return names[0] == program or (names[0].startswith("python") and names[1:] == [program])

@@ -1,11 +1,11 @@
 """The image that `make image` built, run as a container (`make test` runs this after `make image`).
 
-As a user runs it: uid 10001 from the image's USER, the checkpoints and the config mounted read-only,
-an output folder mounted writable, the shipped `configs/cluster/watch.yaml`, the image's own CMD and
-HEALTHCHECK. The container evaluates every checkpoint once, with values equal to a float64 numpy
-reference, delivers them to JSONL, to offline W&B and to an MLflow server on the host's loopback,
-turns unhealthy while its process is stopped and healthy again when it goes on, and ends in order
-on SIGTERM.
+As a user runs it: uid 10001 from the image's USER, a read-only root file system, the checkpoints
+and the config mounted read-only, an output folder (and /tmp, the home) mounted writable, the
+shipped `configs/cluster/watch.yaml`, the image's own CMD and HEALTHCHECK. The container evaluates
+every checkpoint once, with values equal to a float64 numpy reference, delivers them to JSONL, to
+offline W&B and to an MLflow server on the host's loopback, turns unhealthy while its process is
+stopped and healthy again when it goes on, and ends in order on SIGTERM.
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ def test_container_watches_delivers_reports_health_and_stops_on_sigterm(
 
         code, said = _health(box, image)
         assert code == 0 and said.startswith("healthy"), said
+        if box.read_only_root:  # as `docker run --read-only` and readOnlyRootFilesystem: true
+            probe = box.run(["sh", "-c", "touch /opt/venv/probe || touch /home/probe"])
+            assert probe.returncode != 0 and "Read-only file system" in probe.stderr + probe.stdout, probe
         os.kill(watcher, signal.SIGSTOP)  # wedged: alive, but no heartbeat
         try:
             wait_for(lambda: _health(box, image)[0] == 1, timeout=180, what="HEALTHCHECK exit 1 when stale")
@@ -148,8 +151,9 @@ def test_container_watches_delivers_reports_health_and_stops_on_sigterm(
         publish(source_checkpoints, ckpts, SOURCE_STEPS[3])  # a new checkpoint while it runs
         wait_for(lambda: delivered(SOURCE_STEPS[:4]), timeout=300, what="the new step delivered")
         os.kill(watcher, signal.SIGTERM)
-        code = main.wait(timeout=180)
+        main.wait(timeout=180)
         reader.join(10)
+        code = box.exit_status(main.returncode, "".join(line for _, line in lines))
         assert code == 0, tail()
         # Before anything on the host opens the ledger (SQLite would make its -shm file as root).
         owned = {p.lstat().st_uid for p in out.rglob("*")}
