@@ -28,21 +28,24 @@ fail() { say "$*"; exit 2; }
 if [ "$ACCELERATOR" != cpu ] && [ "$ACCELERATOR" != cuda12 ]; then
   fail "ACCELERATOR=$ACCELERATOR is not an image variant; use ACCELERATOR=cpu or ACCELERATOR=cuda12"
 fi
-if ! ls wheelhouse/*.whl >/dev/null 2>&1; then
-  fail "wheelhouse/ holds no wheels; run 'make wheelhouse' first (make image does)"
-fi
-mkdir -p build
 start=$(date +%s)
 
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   builder=docker
-elif command -v podman >/dev/null 2>&1 && podman --storage-driver "$STORAGE_DRIVER" info >/dev/null 2>&1; then
+elif command -v podman >/dev/null 2>&1 && why=$(podman --storage-driver "$STORAGE_DRIVER" info 2>&1 >/dev/null); then
   builder=podman
+elif command -v podman >/dev/null 2>&1 && [ "$(id -u)" != 0 ]; then
+  fail "podman cannot start as $(id -un) (rootless podman needs entries for this user in /etc/subuid and /etc/subgid); run as root, set up rootless podman, or use a host with a Docker engine"
 elif command -v podman >/dev/null 2>&1; then
-  fail "podman cannot start here (not root, and rootless podman needs /etc/subuid and /etc/subgid entries for $(id -un)); run as root, or set up rootless podman, or use a host with a Docker engine"
+  fail "podman cannot start: $(printf '%s' "$why" | tail -n 1); fix that, or use a host with a Docker engine"
 else
   fail "no OCI builder: install docker (with a running engine) or podman and buildah (Debian: apt-get install podman buildah debootstrap)"
 fi
+
+if ! ls wheelhouse/*.whl >/dev/null 2>&1; then
+  fail "wheelhouse/ holds no wheels; run 'make wheelhouse' first (make image does)"
+fi
+mkdir -p build
 
 podman_() { podman --storage-driver "$STORAGE_DRIVER" "$@"; }
 

@@ -236,3 +236,43 @@ def test_the_build_installs_from_a_filled_wheelhouse_alone():
     tracked = subprocess.run(["git", "ls-files", "wheelhouse"], cwd=ROOT, capture_output=True, text=True,
                              timeout=60).stdout.split()
     assert tracked == ["wheelhouse/README.md"], f"only the README of wheelhouse/ is in the repository: {tracked}"
+
+
+def _tools_without_builders(tmp_path: pathlib.Path, *, podman_fails: bool) -> dict[str, str]:
+    """PATH with the basic tools build.sh uses and no docker or podman (or a podman that cannot start)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sh", "env", "id", "date", "ls", "mkdir", "printf", "tail", "cat", "dirname"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    if podman_fails:
+        fake = bin_dir / "podman"
+        fake.write_text("#!/bin/sh\necho 'Error: cannot set up namespace: permission denied' >&2\nexit 125\n")
+        fake.chmod(0o755)
+    return {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+
+
+@pytest.mark.parametrize("podman_fails", [False, True])
+def test_make_image_without_a_usable_builder_is_one_line_and_exit_2(tmp_path, podman_fails):
+    env = _tools_without_builders(tmp_path, podman_fails=podman_fails)
+    proc = subprocess.run(["bash", str(ROOT / "container" / "build.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make image: "), lines
+    if not podman_fails:
+        assert "no OCI builder: install docker" in lines[0] and "podman and buildah" in lines[0], lines
+    elif os.geteuid() == 0:
+        assert "podman cannot start: Error: cannot set up namespace: permission denied" in lines[0], lines
+    else:
+        assert "rootless podman needs entries for this user in /etc/subuid" in lines[0], lines
+
+
+def test_make_image_names_a_wrong_accelerator(tmp_path):
+    env = {**_tools_without_builders(tmp_path, podman_fails=False), "ACCELERATOR": "rocm"}
+    proc = subprocess.run(["bash", str(ROOT / "container" / "build.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("make image: ACCELERATOR=rocm is not an image variant; use ACCELERATOR=cpu or "
+                                   "ACCELERATOR=cuda12"), proc.stderr

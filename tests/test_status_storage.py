@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 
 import numpy as np
 from fixtures_gcs import free_port
@@ -110,3 +111,20 @@ def test_status_into_a_pipe_whose_reader_is_gone_ends_quietly(tmp_path):
     finally:
         os.close(write_end)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_health_turns_unhealthy_after_watch_health_stale_s(tmp_path):
+    """The image's HEALTHCHECK and the Kubernetes probes read the config's `watch.health_stale_s`."""
+    (tmp_path / "ckpts").mkdir()
+    config = _config(tmp_path, str(tmp_path / "ckpts"))
+    _ledger_with_a_result_and_a_heartbeat(config)
+    beat = time.time()
+    healthy = _run("status", "--config", str(config), "--health", env=child_env())  # default: 120 s
+    assert healthy.returncode == 0 and healthy.stdout.startswith("healthy"), healthy.stdout + healthy.stderr
+    deadline = beat + 60
+    while time.time() < deadline:
+        shown = _run("status", "--config", str(config), "--health", "watch.health_stale_s=1", env=child_env())
+        if shown.returncode == 1:
+            break
+    assert shown.returncode == 1 and shown.stdout.startswith("unhealthy: last watcher heartbeat"), shown.stdout
+    assert time.time() - beat > 1  # never before the heartbeat was a second old
