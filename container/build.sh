@@ -5,8 +5,9 @@
 #
 #   docker (with a running engine)  docker build; the archive from `docker save`.
 #   podman + buildah                podman build. Storage driver and isolation default to what works
-#                                   in an unprivileged sandbox (vfs, chroot); set STORAGE_DRIVER=overlay
-#                                   and BUILD_ISOLATION=oci on a normal host for faster builds.
+#                                   in an unprivileged sandbox (vfs, chroot, no layer cache); set
+#                                   STORAGE_DRIVER=overlay and BUILD_ISOLATION=oci on a normal host for
+#                                   faster builds with a layer cache (BUILD_LAYERS=true|false).
 #
 # The base image is $PYTHON_IMAGE when set, else python:3.11-slim when it is in local storage or a
 # registry answers, else a Debian base built here with debootstrap (container/debian_base.sh).
@@ -21,6 +22,9 @@ UPSTREAM_BASE="docker.io/library/python:3.11-slim"
 LOCAL_BASE="localhost/tracker-eval-base:bookworm"
 export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"
 BUILD_ISOLATION="${BUILD_ISOLATION:-chroot}"
+# vfs copies the whole file system for every step it caches (26 of them): a build with nothing
+# changed took 289 s, a cold one 414 s. Without layers it commits each stage once (cold: 252 s).
+BUILD_LAYERS="${BUILD_LAYERS:-$([ "$STORAGE_DRIVER" = vfs ] && echo false || echo true)}"
 
 say() { printf 'make image: %s\n' "$*" >&2; }
 fail() { say "$*"; exit 2; }
@@ -71,7 +75,7 @@ if [ "$builder" = docker ]; then
   bytes=$(docker image inspect --format '{{.Size}}' "$TAG")
 else
   # --format docker keeps HEALTHCHECK, which the OCI image format has no field for.
-  podman_ build --isolation "$BUILD_ISOLATION" --format docker --layers "${args[@]}"
+  podman_ build --isolation "$BUILD_ISOLATION" --format docker --layers="$BUILD_LAYERS" "${args[@]}"
   rm -f "$ARCHIVE"
   podman_ save --format oci-archive -o "$ARCHIVE" "$TAG"
   bytes=$(podman_ image inspect --format '{{.Size}}' "$TAG")
