@@ -127,7 +127,8 @@ class WatchConfig:
     yet are waited for before they are left in the outbox for the next run."""
     health_stale_s: float | None = None
     """`status --health` reports unhealthy once the watcher's heartbeat is older than this; null =
-    max(120 s, 3 * poll_interval_s). Below that a watcher between two slow polls would look dead."""
+    max(120 s, 3 * poll_interval_s). The heartbeat is renewed at each poll and, during an evaluation,
+    at each claim renewal (lease_ttl_s / 3): a smaller value makes a busy watcher look dead."""
 
 
 @dataclasses.dataclass(frozen=True)
