@@ -62,7 +62,7 @@ demo: install
 
 # Lint first: it takes a second and fails before the suite starts. Two pytest-xdist workers, one
 # test module each at a time (module-scoped servers stay in one worker): CI machines have 2 cores.
-# Then the image: built from the Dockerfile (layers cached between runs) and run as a container.
+# Then the image: built from the Dockerfile (`make image`) and run as a container (tests/image/).
 test: install system-deps lint
 	$(XLA8) $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 \
 		--ignore=tests/image tests
