@@ -14,9 +14,9 @@ from test_suites import write_suites_config
 from watcher_harness import (
     METRICS,
     WatcherProcess,
+    assert_equal_to_reference,
     assert_exactly_once,
     publish,
-    reference_metrics,
     stored_metrics,
     wait_for,
     write_config,
@@ -94,10 +94,7 @@ def test_newest_first_watcher_every_tracker_plots_each_step_at_its_place(tmp_pat
     assert watcher.evaluated_steps() == [60, 80, 40, 20], watcher.tail()
 
     stored = stored_metrics(out)
-    for step in (20, 40, 60, 80):
-        want = reference_metrics(ckpts, step)
-        assert stored[step]["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert stored[step]["accuracy"] == pytest.approx(want["accuracy"], rel=1e-9)
+    assert_equal_to_reference(stored, ckpts, (20, 40, 60, 80))
     assert_exactly_once(out, stored, mlflow=(mlflow_server.url, experiment), wandb=True)
     (run_dir,) = (out / "tensorboard").iterdir()
     events = event_accumulator.EventAccumulator(str(run_dir)).Reload()

@@ -13,13 +13,13 @@ import pytest
 from watcher_harness import (
     EXE,
     WatcherProcess,
+    assert_equal_to_reference,
     assert_exactly_once,
     child_env,
     jsonl_points,
     ledger_rows,
     mlflow_run,
     publish,
-    reference_metrics,
     start_writer,
     states,
     stored_metrics,
@@ -57,10 +57,7 @@ def test_writer_and_watcher_every_checkpoint_once_until_step_status_and_best(tmp
     assert {s: r["state"] for s, r in rows.items()} == {s: "delivered" for s in save_steps}
     assert {s: r["attempts"] for s, r in rows.items()} == {s: 1 for s in save_steps}
     expected = stored_metrics(out)
-    for step in save_steps:
-        reference = reference_metrics(ckpts, step)
-        assert expected[step]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-        assert expected[step]["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-9)
+    assert_equal_to_reference(expected, ckpts, save_steps)
     assert_exactly_once(out, expected, mlflow=(mlflow_server.url, experiment), wandb=True)
 
     status = subprocess.run([EXE, "status", "--config", str(config), "--json"], capture_output=True, text=True,

@@ -398,6 +398,17 @@ def reference_metrics(checkpoint_dir: pathlib.Path, step: int) -> dict[str, floa
     return {"loss": float(losses.mean()), "accuracy": accuracy}
 
 
+def assert_equal_to_reference(stored: Mapping[int, Mapping[str, float]], checkpoint_dir: pathlib.Path,
+                              steps: Sequence[int]) -> None:
+    """Each step's stored loss and accuracy equal the float64 reference (`reference_metrics`)."""
+    import pytest as _pytest  # noqa: PLC0415
+
+    for step in steps:
+        want = reference_metrics(checkpoint_dir, step)
+        assert stored[step]["loss"] == _pytest.approx(want["loss"], rel=1e-5), step
+        assert stored[step]["accuracy"] == _pytest.approx(want["accuracy"], rel=1e-9), step
+
+
 def jsonl_points(output_dir: pathlib.Path) -> dict[int, list[dict[str, float]]]:
     """{step: [metrics of each line for that step]} from the JSONL logger's file."""
     from tracker_eval.loggers.jsonl import read_jsonl  # noqa: PLC0415

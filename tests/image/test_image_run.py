@@ -24,11 +24,11 @@ import yaml
 from runtime import UID, Image, Mount
 from watcher_harness import (
     SOURCE_STEPS,
+    assert_equal_to_reference,
     assert_exactly_once,
     ledger_execute,
     ledger_rows,
     publish,
-    reference_metrics,
     stored_metrics,
     wait_for,
 )
@@ -170,10 +170,7 @@ def test_container_watches_delivers_reports_health_and_stops_on_sigterm(
     pending = ledger_execute(out, "SELECT COUNT(*) FROM outbox WHERE state = 'pending'")
     assert pending[0][0] == 0, "SIGTERM left deliveries in the outbox"
     stored = stored_metrics(out)
-    for step in steps:
-        reference = reference_metrics(ckpts, step)
-        assert stored[step]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-        assert stored[step]["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-9)
+    assert_equal_to_reference(stored, ckpts, steps)
     assert_exactly_once(out, stored, mlflow=(mlflow_server.url, experiment), wandb=True)
     if first_poll is not None:
         print(f"\ncontainer start to first poll: {first_poll - started:.1f} s")
