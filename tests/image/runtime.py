@@ -138,13 +138,12 @@ class Container:
 
     def _command(self, argv: Sequence[str], *, detached_name: str | None = None) -> list[str]:
         envs = [w for k, v in self.env.items() for w in ("-e", f"{k}={v}")]
+        volumes = [w for m in self.mounts for w in ("-v", m.spec())]
         if self.image.runner == "docker":
-            volumes = [w for m in self.mounts for w in ("-v", m.spec())]
             name = ["--name", detached_name] if detached_name else []
             # The image's own USER is what runs; the writable places are the mounts only.
             return ["docker", "run", "--rm", *name, "--read-only", "--network", "host", *volumes, *envs,
                     "--entrypoint", argv[0], self.image.name, *argv[1:]]
-        volumes = [w for m in self.mounts for w in ("-v", m.spec())]
         if self.root is not None:
             argv = ["sh", "-c", f'"$@"; echo "{STATUS}$?"', "sh", *argv]
         return ["buildah", *STORAGE, "run", "--isolation", "chroot", "--user", self.image.user or str(UID),
